@@ -1,0 +1,65 @@
+"""What the engine hands back: streamed deltas while a request runs, and its final result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token and, if asked, its most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class RequestDelta:
+    """What one engine step produced for one request.
+
+    ``text`` never ends in half a multi-byte character: bytes are held back until complete.
+    ``finish_reason`` is set on the last delta of a request: ``"stop"`` (end-of-sequence token, stop
+    token or stop string), ``"length"`` (``max_new_tokens`` or the context limit), ``"abort"`` or
+    ``"error"`` (then ``error`` says why).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CompletionOutput:
+    """The whole result of one request, as returned by ``LLM.generate``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
+
+    def add(self, delta: RequestDelta) -> None:
+        """Fold one streamed delta into this result."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(delta.logprobs)
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+            self.num_cached_tokens = delta.num_cached_tokens

@@ -1,0 +1,119 @@
+"""Which requests run in the next step, and how many of their tokens.
+
+Each step has a token budget (``max_num_batched_tokens``) shared by at most ``max_num_seqs`` running
+requests. Running requests are served first, in admission order: a decoding request needs one token,
+a request in chunked prefill needs the rest of its prompt (capped by what is left of the budget).
+Then waiting requests are admitted while budget, sequence slots and KV blocks last; a prefix-cache hit
+simply starts a request with some tokens already computed. When KV blocks run out, the most recently
+admitted running request is preempted: its blocks are freed and it waits, at the head of the queue,
+to recompute everything later (prompt and generated tokens alike).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: requests and how many new tokens each computes, in execution order."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    """Continuous batching over the paged KV cache."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        budget = self._schedule_running(batch, budget)
+        if not batch.preempted:  # no point admitting new work while memory is short
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.blocks.allocate(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                batch.requests.append(request)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing after it is scheduled either
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            prefix = self.blocks.find_cached_prefix(request) if not request.block_ids else []
+            computed = request.num_computed_tokens + len(prefix) * self.blocks.block_size
+            num_new = min(request.num_tokens - computed, budget)
+            if not self.blocks.allocate(request, num_new, prefix):
+                break
+            self.waiting.popleft()
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = len(prefix) * self.blocks.block_size
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.requests.append(request)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues for good and free its blocks."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        self.blocks.free(request)

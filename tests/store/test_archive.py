@@ -1,0 +1,139 @@
+"""Model archives: extracted once into the cache, safely."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lmserve.errors import UnsupportedModelError
+from lmserve.store import resolve_model
+from lmserve.store.archive import extract_archive
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LMSERVE_CACHE", str(root))
+    return root
+
+
+def make_model_dir(parent: Path, name: str = "mymodel") -> Path:
+    model = parent / name
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "serving.properties").write_text("engine=Python\noption.dtype=fp32\n")
+    return model
+
+
+def tar_with(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_gz_with_one_top_level_directory_resolves_to_that_directory(tmp_path: Path, cache: Path) -> None:
+    make_model_dir(tmp_path / "src")
+    archive = tmp_path / "mymodel.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:  # like `tar czvf mymodel.tar.gz mymodel/`
+        tf.add(tmp_path / "src" / "mymodel", arcname="mymodel")
+
+    model = resolve_model(str(archive), progress=False)
+
+    assert model.kind == "archive"
+    assert model.path.name == "mymodel"
+    assert model.path.is_relative_to(cache / "archives")
+    assert (model.path / "config.json").read_text() == '{"model_type": "llama"}'
+    assert model.properties == model.path / "serving.properties"
+    assert not model.has_custom_handler
+
+
+@pytest.mark.parametrize("suffix, mode", [(".tgz", "w:gz"), (".tar", "w")])
+def test_flat_tar_resolves_to_the_extraction_root(tmp_path: Path, suffix: str, mode: str) -> None:
+    members = {"config.json": b"{}", "model.py": b"def handle(inputs):\n    return None\n"}
+    archive = tar_with(tmp_path / f"flat{suffix}", members, mode)
+
+    model = resolve_model(str(archive), progress=False)
+
+    assert sorted(p.name for p in model.path.iterdir()) == ["config.json", "model.py"]
+    assert model.has_custom_handler
+
+
+def test_zip_is_extracted(tmp_path: Path) -> None:
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("weights/config.json", "{}")
+        zf.writestr("weights/serving.properties", "option.dtype=fp16\n")
+
+    model = resolve_model(str(archive), progress=False)
+
+    assert model.path.name == "weights"
+    assert model.properties is not None
+    assert model.properties.read_text() == "option.dtype=fp16\n"
+
+
+def test_second_resolve_reuses_the_extraction(tmp_path: Path) -> None:
+    archive = tar_with(tmp_path / "m.tar.gz", {"m/config.json": b"{}"})
+    first = resolve_model(str(archive), progress=False)
+    (first.path / "touched-after-extraction").write_text("x")  # would vanish on a re-extraction
+
+    second = resolve_model(str(archive), progress=False)
+
+    assert second.path == first.path
+    assert (second.path / "touched-after-extraction").exists()
+
+
+def test_a_changed_archive_is_extracted_again(tmp_path: Path) -> None:
+    archive = tmp_path / "m.tar.gz"
+    first = resolve_model(str(tar_with(archive, {"m/config.json": b"{}"})), progress=False)
+    second = resolve_model(str(tar_with(archive, {"m/config.json": b'{"v": 2}'})), progress=False)
+
+    assert second.path != first.path
+    assert (second.path / "config.json").read_text() == '{"v": 2}'
+
+
+@pytest.mark.parametrize("evil", ["../escaped.txt", "m/../../escaped.txt", "/tmp/escaped.txt"])
+def test_tar_path_traversal_is_refused(tmp_path: Path, cache: Path, evil: str) -> None:
+    archive = tar_with(tmp_path / "evil.tar.gz", {"m/config.json": b"{}", evil: b"pwned"})
+
+    with pytest.raises(UnsupportedModelError, match="outside the extraction directory") as err:
+        extract_archive(archive, progress=False)
+
+    assert repr(evil) in str(err.value)
+    assert not (cache / "escaped.txt").exists() and not (cache / "archives" / "escaped.txt").exists()
+    assert [p.name for p in (cache / "archives").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_zip_path_traversal_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("../../escaped.txt", "pwned")
+
+    with pytest.raises(UnsupportedModelError, match=r"'\.\./\.\./escaped\.txt'"):
+        resolve_model(str(archive), progress=False)
+
+
+def test_tar_symlink_out_of_the_archive_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "link.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        link = tarfile.TarInfo("m/config.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+
+    with pytest.raises(UnsupportedModelError, match="cannot extract"):
+        resolve_model(str(archive), progress=False)
+
+
+def test_damaged_archive_gives_a_clear_error(tmp_path: Path) -> None:
+    archive = tmp_path / "broken.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not really gzip")
+
+    with pytest.raises(UnsupportedModelError, match=r"broken\.tar\.gz.*re-create or re-download"):
+        resolve_model(str(archive), progress=False)

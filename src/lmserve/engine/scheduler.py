@@ -11,6 +11,7 @@ to recompute everything later (prompt and generated tokens alike).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -112,8 +113,6 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(request)
-            except ValueError:
-                pass
         self.blocks.free(request)

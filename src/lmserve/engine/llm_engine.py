@@ -1,0 +1,183 @@
+"""The engine: one step is schedule, run, sample, and hand back what each request produced."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from lmserve.config.settings import EngineConfig
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.outputs import RequestDelta, TokenLogprob
+from lmserve.engine.protocol import EngineStats, ModelInfo
+from lmserve.engine.request import Request, RequestStatus
+from lmserve.engine.sampler import Sampler
+from lmserve.engine.sampling_params import SamplingParams
+from lmserve.engine.scheduler import ScheduledBatch, Scheduler
+from lmserve.engine.tokenizer import Tokenizer
+from lmserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_BATCHED_TOKENS = 512
+DEFAULT_CUDA_BATCHED_TOKENS = 4096
+
+
+@dataclass
+class _Live:
+    """Engine-side companions of a request that the scheduler does not need."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache for one model replica (implements ``EngineCore``)."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        self.runner = runner or ModelRunner(config)
+        mc = self.runner.model_config
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # A request must fit the cache alone, or it could preempt itself forever.
+        self.max_model_len = min(mc.max_model_len, self.runner.num_blocks * config.block_size)
+        budget = config.max_num_batched_tokens or (
+            DEFAULT_CUDA_BATCHED_TOKENS if self.runner.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max(budget, config.max_num_seqs))
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self._live: dict[str, _Live] = {}
+        self._aborted: list[RequestDelta] = []
+        self._prompt_tokens = self._generated_tokens = self._steps = 0
+        kv_tokens = self.runner.num_blocks * config.block_size
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); fits %.1f requests of %d tokens",
+                 self.runner.num_blocks, config.block_size, kv_tokens,
+                 kv_tokens * self.runner.kv_spec.bytes_per_token / 2**30, kv_tokens / self.max_model_len,
+                 self.max_model_len)
+
+    # -- EngineCore ------------------------------------------------------------------------------
+    @property
+    def model_info(self) -> ModelInfo:
+        mc = self.runner.model_config
+        return ModelInfo(
+            name=self.config.served_name or mc.path.name, max_model_len=self.max_model_len,
+            vocab_size=mc.vocab_size, dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=str(self.runner.device), tensor_parallel_degree=self.config.tensor_parallel_degree,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)), max_num_seqs=self.scheduler.max_num_seqs,
+            max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+            kv_cache_tokens=self.runner.num_blocks * self.config.block_size)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self._live:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids)
+        request = Request(request_id, token_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens,
+                                       params.include_stop_str_in_output)
+        self._live[request_id] = _Live(request, detok)
+        self.scheduler.add(request)
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("inputs", "the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "inputs", f"the prompt has {len(token_ids)} tokens; at most {self.max_model_len - 1} fit "
+                          f"(max_model_len {self.max_model_len} includes at least one new token)")
+        vocab = self.runner.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("inputs", f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def abort_request(self, request_id: str) -> None:
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return
+        self.scheduler.finish(live.request, RequestStatus.FINISHED_ABORTED)
+        self.sampler.release(request_id)
+        self._aborted.append(self._delta(live, [], None, "abort"))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def step(self) -> list[RequestDelta]:
+        batch = self.scheduler.schedule()
+        deltas = self._run(batch) if batch.requests else []
+        self._steps += 1
+        if self._aborted:
+            deltas, self._aborted = self._aborted + deltas, []
+        return deltas
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_preempted_total=self.scheduler.num_preemptions, kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_free=self.block_manager.num_free_blocks, prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generated_tokens,
+            prefix_cache_hit_tokens_total=self.block_manager.prefix_hit_tokens, steps_total=self._steps)
+
+    # -- one step --------------------------------------------------------------------------------
+    def _run(self, batch: ScheduledBatch) -> list[RequestDelta]:
+        inputs = self.runner.prepare(batch.requests, batch.num_new_tokens)
+        logits = self.runner.execute(inputs)
+        sampling = []
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            if req.num_output_tokens == 0 and req.num_computed_tokens < req.num_prompt_tokens:
+                self._prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed_tokens)
+            req.num_computed_tokens += n
+            self.block_manager.cache_computed_blocks(req)
+            if req.num_computed_tokens == req.num_tokens:
+                sampling.append(req)
+        if not sampling:
+            return []
+        assert logits is not None and logits.shape[0] == len(sampling)
+        result = self.sampler(logits, sampling)
+        deltas = []
+        for req, token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
+            deltas.append(self._append_token(self._live[req.request_id], token, logprob))
+        return deltas
+
+    def _append_token(self, live: _Live, token: int, logprob: TokenLogprob | None) -> RequestDelta:
+        req, detok = live.request, live.detok
+        req.output_token_ids.append(token)
+        self._generated_tokens += 1
+        detok.add_tokens([token])
+        reason = self._stop_reason(req, token, detok)
+        if reason is not None:
+            detok.flush()
+            status = RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish(req, status)
+            self.sampler.release(req.request_id)
+            del self._live[req.request_id]
+        return self._delta(live, [token], [logprob] if logprob is not None else None, reason)
+
+    def _stop_reason(self, req: Request, token: int, detok: IncrementalDetokenizer) -> str | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_new_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                req.stop_reason = None
+                return "stop"
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return "stop"
+            if detok.stop_string is not None:
+                req.stop_reason = detok.stop_string
+                return "stop"
+        if req.num_output_tokens >= p.max_new_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _delta(self, live: _Live, tokens: list[int], logprobs: list[TokenLogprob] | None,
+               finish_reason: str | None) -> RequestDelta:
+        req = live.request
+        return RequestDelta(
+            request_id=req.request_id, token_ids=tokens,
+            text=live.detok.take_new_text(finished=finish_reason is not None), logprobs=logprobs,
+            finish_reason=finish_reason, stop_reason=req.stop_reason if finish_reason == "stop" else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens)
+
+

@@ -1,0 +1,123 @@
+"""Turns a scheduled batch into tensors, runs the model, and returns the logits to sample from."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmserve.config.settings import EngineConfig
+from lmserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
+from lmserve.engine.request import Request
+from lmserve.kernels import get_ops
+from lmserve.models.config import DTYPES
+from lmserve.models.layers import ForwardContext
+from lmserve.models.loader import load_model
+from lmserve.parallel.state import SINGLE, ParallelState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward pass reads; what rank 0 would broadcast to the other ranks."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 where the device computes with it well (CUDA with bf16, CPUs with our kernels)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if get_ops(device).fast_bf16 else torch.float32
+
+
+class ModelRunner:
+    """Owns the model weights and the KV cache of one rank."""
+
+    def __init__(self, config: EngineConfig, state: ParallelState = SINGLE, progress: bool = True) -> None:
+        self.config, self.state = config, state
+        self.device = resolve_device(config.device)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.ops = get_ops(self.device)
+        start = time.perf_counter()
+        self.model, self.model_config = load_model(Path(config.model), self.dtype, self.device, self.ops,
+                                                   config.max_model_len, state, progress=progress and state.is_first)
+        log.info("loaded %s (%s, %s) in %.1fs", self.model_config.architecture, str(self.dtype).split(".")[-1],
+                 self.device, time.perf_counter() - start)
+        self.block_size = config.block_size
+        cfg = self.model_config
+        heads = self.model.model.layers[0].self_attn.kv_heads if hasattr(self.model, "model") else cfg.num_kv_heads
+        self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
+        self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
+                                          config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len)
+        self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks, self.device)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def prepare(self, requests: Sequence[Request], num_new_tokens: Sequence[int]) -> StepInputs:
+        """The step's flat token batch: every request's next ``n`` uncomputed tokens, in order."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions, slots = [], []
+        starts = np.zeros(len(requests) + 1, dtype=np.int32)
+        context = np.empty(len(requests), dtype=np.int32)
+        logits_rows = []
+        max_blocks = max(len(r.block_ids) for r in requests)
+        tables = np.zeros((len(requests), max_blocks), dtype=np.int32)
+        for i, (req, n) in enumerate(zip(requests, num_new_tokens, strict=True)):
+            first = req.num_computed_tokens
+            ids.extend(req.token_slice(first, first + n))
+            pos = np.arange(first, first + n, dtype=np.int64)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            tables[i, :len(blocks)] = blocks
+            starts[i + 1] = starts[i] + n
+            context[i] = first + n
+            if first + n == req.num_tokens:
+                logits_rows.append(starts[i + 1] - 1)
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.from_numpy(np.concatenate(positions)),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)),
+            block_tables=torch.from_numpy(tables),
+            context_lens=torch.from_numpy(context),
+            query_start_loc=torch.from_numpy(starts),
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        )
+
+    # -- execution -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run the forward pass; returns float32 logits [rows to sample, vocab] on the CPU (rank 0)."""
+        dev = self.device
+        ctx = ForwardContext(
+            slot_mapping=inputs.slot_mapping.to(dev), block_tables=inputs.block_tables.to(dev),
+            context_lens=inputs.context_lens.to(dev), query_start_loc=inputs.query_start_loc.to(dev),
+            kv_caches=self.kv_caches, ops=self.ops)
+        hidden = self.model(inputs.input_ids.to(dev), inputs.positions.to(dev), ctx)
+        if inputs.logits_indices.numel() == 0:
+            return None
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
+        return logits.float().cpu() if self.state.is_first else None

@@ -1,0 +1,138 @@
+"""Blocks shared by model families: norms, activations, rotary embeddings and paged attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.errors import UnsupportedModelError
+
+
+@dataclass
+class ForwardContext:
+    """What one forward pass needs besides token ids and positions (built by the model runner).
+
+    ``slot_mapping[t]`` is the KV-cache slot (block * block_size + offset) of new token ``t``;
+    sequence ``s`` owns new tokens ``query_start_loc[s]:query_start_loc[s+1]`` and has
+    ``context_lens[s]`` tokens in all, including these; ``block_tables[s]`` lists its blocks.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ops: Any
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm in float32; with ``residual`` it first adds it (fused pre-norm step)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        residual = x
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype), residual
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, returning the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up, where ``x`` is gate|up concatenated on the last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the first ``rotary_dim`` features of each head.
+
+    ``neox_style`` rotates the two halves of the rotary features (Llama, GPT-NeoX); otherwise
+    interleaved pairs are rotated (GPT-J).
+    """
+
+    def __init__(self, head_dim: int, rotary_dim: int, max_position: int, base: float,
+                 neox_style: bool = True, scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.head_dim, self.rotary_dim, self.neox_style = head_dim, rotary_dim, neox_style
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+        positions = torch.arange(max_position, dtype=torch.float64)
+        inv_freq, positions = _apply_rope_scaling(inv_freq, positions, scaling)
+        freqs = torch.outer(positions, inv_freq)
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q``: [T, Hq, D], ``k``: [T, Hk, D]; returns rotated copies."""
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., :self.rotary_dim].float(), x[..., self.rotary_dim:]
+        if self.neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        out = out.to(x.dtype)
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def _apply_rope_scaling(inv_freq: torch.Tensor, positions: torch.Tensor,
+                        scaling: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return inv_freq, positions
+    assert scaling is not None
+    if kind == "linear":
+        return inv_freq, positions / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled), positions
+    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys and values into the paged cache, then attends over each sequence."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_index: int,
+                 scale: float | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_index = layer_index
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.alibi_slopes = alibi_slopes
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = q.shape[0]
+        k_cache, v_cache = ctx.kv_caches[self.layer_index]
+        ctx.ops.write_kv(k.reshape(n, self.num_kv_heads, self.head_dim), v.reshape(n, self.num_kv_heads, self.head_dim),
+                         k_cache, v_cache, ctx.slot_mapping)
+        out = ctx.ops.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache, v_cache, ctx.block_tables,
+                                      ctx.context_lens, ctx.query_start_loc, self.scale, self.alibi_slopes)
+        return out.reshape(n, self.num_heads * self.head_dim)

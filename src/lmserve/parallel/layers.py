@@ -1,0 +1,183 @@
+"""Tensor-parallel building blocks: each layer holds its rank's slice and does its own communication.
+
+Every parameter carries a ``weight_loader(param, full_tensor, part)`` that cuts the rank's slice out
+of a full checkpoint tensor with ``sharding.shard`` and places it (for merged layers, at the offset of
+``part``). After loading, ``finalize`` lets a layer repack its weight for the device's kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.parallel.sharding import HeadLayout, Split, heads_per_rank, pad_vocab, shard
+from lmserve.parallel.state import SINGLE, ParallelState
+
+
+def _param(shape: Sequence[int], dtype: torch.dtype, loader: Any) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    p.weight_loader = loader  # type: ignore[attr-defined]
+    return p
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b) on this rank's slice; ``finalize`` may swap in a packed kernel weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 state: ParallelState) -> None:
+        super().__init__()
+        self.state = state
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param((out_features, in_features), dtype, self.load_weight)
+        self.bias = _param((out_features,), dtype, self.load_bias) if bias else None
+        self._ops: Any = None
+        self._packed: Any = None
+
+    def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        raise NotImplementedError
+
+    def load_bias(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        raise NotImplementedError
+
+    def finalize(self, ops: Any) -> None:
+        """Repack the weight for ``ops`` (the device's kernels) when they have a faster form."""
+        self._ops = ops
+        packed = ops.pack_linear_weight(self.weight.data)
+        if packed is not None:
+            self._packed = packed
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._packed is not None:
+            return self._ops.linear(x, self._packed, bias)
+        w = self.weight
+        return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over ranks. ``output_sizes`` lists merged sub-matrices (gate|up)."""
+
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False,
+                 dtype: torch.dtype = torch.float32, state: ParallelState = SINGLE) -> None:
+        self.local_sizes = [size // state.world_size for size in output_sizes]
+        for size in output_sizes:
+            if size % state.world_size:
+                raise ValueError(f"{size} output features cannot be split over {state.world_size} ranks")
+        super().__init__(in_features, sum(self.local_sizes), bias, dtype, state)
+
+    def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any) -> None:
+        index = 0 if part is None else int(part)
+        offset = sum(self.local_sizes[:index])
+        local = shard(full, Split.COLUMN, self.state.rank, self.state.world_size)
+        param.data.narrow(0, offset, self.local_sizes[index]).copy_(local)
+
+    load_weight = _place
+    load_bias = _place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+class QKVParallelLinear(LinearBase):
+    """The merged q|k|v projection, split by attention heads (KV heads replicated when too few)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, state: ParallelState = SINGLE) -> None:
+        self.head_dim = head_dim
+        self.total_heads = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
+        self.num_heads = heads_per_rank(num_heads, state.world_size)
+        if num_heads < state.world_size:
+            raise ValueError(f"{num_heads} query heads cannot be split over {state.world_size} ranks")
+        self.num_kv_heads = heads_per_rank(num_kv_heads, state.world_size)
+        self.local_sizes = {"q": self.num_heads * head_dim, "k": self.num_kv_heads * head_dim,
+                            "v": self.num_kv_heads * head_dim}
+        super().__init__(hidden_size, sum(self.local_sizes.values()), bias, dtype, state)
+
+    def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any) -> None:
+        offset = {"q": 0, "k": self.local_sizes["q"], "v": self.local_sizes["q"] + self.local_sizes["k"]}[part]
+        layout = HeadLayout(self.total_heads[part], self.head_dim)
+        local = shard(full, Split.HEADS, self.state.rank, self.state.world_size, layout)
+        param.data.narrow(0, offset, self.local_sizes[part]).copy_(local)
+
+    load_weight = _place
+    load_bias = _place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over ranks; partial sums are all-reduced here, then the bias added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, state: ParallelState = SINGLE,
+                 in_split: HeadLayout | None = None) -> None:
+        # ``in_split`` splits the input by whole heads (o_proj after attention heads were split).
+        self.in_split = in_split
+        if in_split is not None:
+            local_in = heads_per_rank(in_split.num_heads, state.world_size) * in_split.head_dim
+        else:
+            if in_features % state.world_size:
+                raise ValueError(f"{in_features} input features cannot be split over {state.world_size} ranks")
+            local_in = in_features // state.world_size
+        super().__init__(local_in, out_features, bias, dtype, state)
+
+    def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        if self.in_split is not None:
+            local = shard(full.t(), Split.HEADS, self.state.rank, self.state.world_size, self.in_split).t()
+        else:
+            local = shard(full, Split.ROW, self.state.rank, self.state.world_size)
+        param.data.copy_(local)
+
+    def load_bias(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        param.data.copy_(full)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.state.all_reduce(self.matmul(x, None))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by (padded) vocabulary; each rank looks up its own ids, then all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 state: ParallelState = SINGLE) -> None:
+        super().__init__()
+        self.state = state
+        self.vocab_size = vocab_size
+        self.local_rows = pad_vocab(vocab_size, state.world_size) // state.world_size
+        self.start = state.rank * self.local_rows
+        self.weight = _param((self.local_rows, hidden_size), dtype, self.load_weight)
+
+    def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        param.data.copy_(shard(full, Split.VOCAB, self.state.rank, self.state.world_size))
+
+    def forward(self, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.state.world_size == 1:
+            return F.embedding(ids, self.weight).to(out_dtype)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.local_rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).to(out_dtype)
+        x.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.state.all_reduce(x)
+
+
+class ParallelLMHead(LinearBase):
+    """Logits over a vocabulary split by rows; gathered to full width on every rank."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 state: ParallelState = SINGLE) -> None:
+        self.vocab_size = vocab_size
+        local_rows = pad_vocab(vocab_size, state.world_size) // state.world_size
+        super().__init__(hidden_size, local_rows, False, dtype, state)
+
+    def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        param.data.copy_(shard(full, Split.VOCAB, self.state.rank, self.state.world_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.state.all_gather_last_dim(self.matmul(x, None))
+        return logits[..., :self.vocab_size]

@@ -1,0 +1,212 @@
+"""The one table of configuration keys.
+
+Every key lmserve reads, from ``serving.properties``, the environment or the command line, is a
+``Key`` in ``KEYS``: its DJL/LMI name, aliases, value type, the ``ServingConfig`` field it sets, its
+CLI flag and environment shortcut. Parsing, validation, error messages, the CLI and the key
+reference (``lmserve.config.reference``) are all built from it; nothing else lists keys.
+
+Keys that only mean something on other hardware or engines (Neuron compiler options, DeepSpeed,
+TensorRT-LLM, quantisation) are accepted and ignored with one warning line each, so LMI
+configurations run unchanged. Any other unknown key is an error that suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Literal
+
+from lmserve.config import values as v
+
+Scope = Literal["model", "server"]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key and everything lmserve knows about it."""
+
+    name: str  # canonical DJL/LMI spelling, e.g. "option.dtype"
+    type: v.ValueType
+    field: str | None  # "<section>.<attribute>" of ServingConfig; None: checked, not stored
+    doc: str
+    aliases: tuple[str, ...] = ()  # other spellings; the canonical name wins when both are given
+    flag: str | None = None  # CLI flag of `lmserve serve`; "--no-..." flags set a bool key to false
+    shortcut: str | None = None  # environment variable read at the OPTION_* level
+    scope: Scope = "model"  # "server" keys come only from SERVING_* env or the CLI, never a model file
+    ignored: str | None = None  # why lmserve ignores it: accepted with one warning line
+    warn_on: tuple[str, ...] = ()  # values that are accepted but worth one warning line
+    warn_text: str = ""
+    default_text: str | None = None  # for the reference when the field default does not say it
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The canonical name followed by the aliases, in the order they win within one source."""
+        return (self.name, *self.aliases)
+
+
+_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "auto": "auto",
+           "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # fmt: skip
+_ROLLING = {"auto": "auto", "disable": "disable", **{name: "auto" for name in v.LMI_ROLLING_BATCH}}
+
+_MODEL_KEYS = (
+    Key("engine", v.choice({"Python": "Python", "MPI": "MPI", "DeepSpeed": "DeepSpeed"}), None,
+        "DJL engine name. lmserve has one engine, so the value is only checked.",
+        default_text="Python"),
+    Key("option.entryPoint", v.ENTRY_POINT, "model.entry_point",
+        "Handler: LMI built-in entry points map to the default text-generation handler; a .py file "
+        "is a custom handler.", flag="--entry-point"),
+    Key("option.model_id", v.TEXT, "model.model_id",
+        "Model location: local directory, .tar.gz, s3:// prefix, Hub id or GGUF file.",
+        aliases=("option.s3url", "option.model_dir"), shortcut="HF_MODEL_ID",
+        default_text="required (or the positional model argument)"),
+    Key("served_name", v.TEXT, "model.name", "The model's name in routes and API responses.",
+        flag="--served-name", default_text="last component of the model id"),
+    Key("option.revision", v.TEXT, "model.revision", "Hub revision (branch, tag or commit).",
+        shortcut="HF_REVISION"),
+    Key("option.rolling_batch", v.choice(_ROLLING), "model.rolling_batch",
+        "Continuous batching. LMI backend names all mean auto: lmserve batches itself.",
+        warn_on=v.LMI_ROLLING_BATCH, warn_text="lmserve's own continuous batching is used (auto)"),
+    Key("option.trust_remote_code", v.BOOL, "engine.trust_remote_code",
+        "Allow model code from the Hub.", flag="--trust-remote-code", shortcut="HF_TRUST_REMOTE_CODE"),
+)
+
+_ENGINE_KEYS = (
+    Key("option.tensor_parallel_degree", v.TENSOR_PARALLEL, "engine.tensor_parallel_degree",
+        f"Devices one replica is sharded across; 'max' is stored as {v.TENSOR_PARALLEL_MAX}.",
+        flag="--tensor-parallel-degree", shortcut="TENSOR_PARALLEL_DEGREE"),
+    Key("option.dtype", v.choice(_DTYPES), "engine.dtype", "Weight and activation dtype.",
+        flag="--dtype"),
+    Key("option.device", v.choice({"auto": "auto", "cpu": "cpu", "cuda": "cuda"}), "engine.device",
+        "Device kind; auto picks cuda when available.", flag="--device"),
+    Key("option.n_positions", v.integer(1), "engine.max_model_len",
+        "Max prompt + output tokens per request; unset means the model's own limit.",
+        aliases=("option.max_model_len", "option.max_tokens"), flag="--n-positions"),
+    Key("option.max_rolling_batch_size", v.integer(1), "engine.max_num_seqs",
+        "Requests decoded together by one replica.", flag="--max-batch-size",
+        shortcut="MAX_BATCH_SIZE"),
+    Key("option.max_rolling_batch_prefill_tokens", v.integer(1), "engine.max_num_batched_tokens",
+        "Tokens one engine step may process (prefill chunk budget).", flag="--max-batched-tokens"),
+    Key("option.batch_size", v.integer(1), None,
+        "Neuron-LMI static batch size: sets option.max_rolling_batch_size when rolling batching, "
+        "else batch_size (the key of that field wins when both are given at one level).",
+        default_text="unset"),
+    Key("option.block_size", v.integer(1), "engine.block_size", "Tokens per KV-cache block.",
+        flag="--block-size"),
+    Key("option.kv_cache_tokens", v.integer(1), "engine.kv_cache_tokens",
+        "KV-cache capacity in tokens; unset sizes it from free memory.", flag="--kv-cache-tokens"),
+    Key("option.gpu_memory_utilization", v.number(0.0, 1.0, low_open=True),
+        "engine.kv_cache_memory_fraction", "Share of free device memory the KV cache may use.",
+        aliases=("option.kv_cache_free_gpu_mem_fraction",)),
+    Key("option.enable_prefix_caching", v.BOOL, "engine.enable_prefix_caching",
+        "Share KV blocks of common prompt prefixes.", flag="--no-prefix-caching"),
+    Key("option.seed", v.integer(0), "engine.seed", "Seed of sampling requests that give none."),
+    Key("option.num_threads", v.integer(1), "engine.num_threads",
+        "CPU threads per rank; unset uses the cores this process may use."),
+)
+
+_BATCHING_WORKER_KEYS = (
+    Key("batch_size", v.integer(1), "batching.batch_size",
+        "Dynamic (request-level) batch size for non-generative handlers.", flag="--batch-size"),
+    Key("max_batch_delay", v.number(0.0), "batching.max_batch_delay_ms",
+        "Milliseconds to wait for a dynamic batch to fill.", aliases=("option.max_batch_delay",),
+        flag="--max-batch-delay"),
+    Key("minWorkers", v.integer(1), "workers.min_workers", "Fewest replicas.",
+        flag="--min-workers"),
+    Key("maxWorkers", v.integer(1), "workers.max_workers", "Most replicas.", flag="--max-workers"),
+    Key("option.cpu_devices", v.integer(1), "workers.cpu_devices",
+        "CPU 'devices' split among replicas.", flag="--cpu-devices"),
+    Key("job_queue_size", v.integer(1), "workers.job_queue_size",
+        "Requests waiting per model before the server answers over capacity.",
+        flag="--job-queue-size", shortcut="MAX_CONCURRENT_REQUESTS"),
+    Key("retry_threshold", v.integer(0), "workers.retry_threshold",
+        "Failed restarts before the model is marked failed."),
+    Key("option.parallel_loading", v.BOOL, "workers.parallel_loading",
+        "Load replicas at the same time."),
+    Key("option.model_loading_timeout", v.number(0.0, low_open=True),
+        "workers.model_loading_timeout_s", "Seconds a replica may take to load.",
+        flag="--model-loading-timeout"),
+    Key("option.predict_timeout", v.number(0.0, low_open=True), "workers.predict_timeout_s",
+        "Seconds one request may take.", flag="--predict-timeout"),
+)
+
+_SERVER_KEYS = (
+    Key("host", v.TEXT, "server.host", "Address to listen on.", flag="--host", scope="server"),
+    Key("port", v.integer(0, 65535), "server.port", "Port to listen on.", flag="--port",
+        scope="server"),
+    Key("api_key", v.TEXT, "server.api_key", "Bearer token for the management API.",
+        flag="--api-key", scope="server"),
+    Key("protect_inference", v.BOOL, "server.protect_inference",
+        "Require the api key on inference routes too.", flag="--protect-inference", scope="server"),
+    Key("max_request_bytes", v.integer(1), "server.max_request_bytes", "Largest request body.",
+        aliases=("max_request_size",), scope="server"),
+    Key("queue_full_status", v.choice({"429": 429, "503": 503}), "server.queue_full_status",
+        "HTTP status when the queue is full (503 for DJL compatibility).", scope="server"),
+    Key("graceful_shutdown_s", v.number(0.0), "server.graceful_shutdown_s",
+        "Seconds in-flight requests get to finish on shutdown.", scope="server"),
+)
+
+_NEURON = "only means something on AWS Neuron (Inferentia/Trainium) hardware"
+_QUANT = "lmserve does not quantise; weights load in option.dtype"
+_OTHER_ENGINE = "an option of another LMI engine (DeepSpeed, HF Accelerate, vLLM, TensorRT-LLM)"
+_IGNORED: dict[str, tuple[str, ...]] = {
+    _NEURON: ("neuron_optimize_level", "compiled_graph_path", "context_length_estimate",
+              "load_split_model", "enable_mixed_precision_accumulation", "enable_saturate_infinity",
+              "amp", "unroll", "save_mp_checkpoint_path", "group_query_attention", "model_loader",
+              "rolling_batch_strategy", "fuse_qkv", "on_device_embedding", "attention_layout",
+              "collectives_layout", "cache_layout", "partition_schema", "all_reduce_dtype",
+              "cast_logits_dtype", "draft_model_compiled_path"),
+    _QUANT: ("quantize", "load_in_8bit", "load_in_4bit", "smoothquant_alpha"),
+    _OTHER_ENGINE: ("mpi_mode", "low_cpu_mem_usage", "enable_cuda_graph", "triangular_masking",
+                    "return_tuple", "training_mp_size", "checkpoint", "device_map",
+                    "decoding_strategy", "max_sparsity", "max_splits", "disable_flash_attn",
+                    "load_format", "enforce_eager", "max_input_len", "max_output_len",
+                    "use_custom_all_reduce", "tokens_per_block", "batch_scheduler_policy",
+                    "max_num_sequences", "enable_trt_overlap", "enable_kv_cache_reuse",
+                    "baichuan_model_version", "chatglm_model_version", "multi_block_mode",
+                    "use_fused_mlp", "draft_model_id", "speculative_draft_model",
+                    "speculative_length", "draft_model_tp_size", "task"),
+    "deprecated in LMI; lmserve always streams when a request asks": ("enable_streaming",),
+    "lmserve's HTTP dialects format output; custom formatters need a model.py handler":
+        ("output_formatter",),
+    "lmserve keeps replicas up while the model is registered": ("max_idle_time",),
+}
+IGNORED_KEYS = tuple(
+    Key(f"option.{name}", v.ANY, None, reason, ignored=reason)
+    for reason, names in _IGNORED.items()
+    for name in names
+)
+
+KEYS: tuple[Key, ...] = (
+    *_MODEL_KEYS, *_ENGINE_KEYS, *_BATCHING_WORKER_KEYS, *_SERVER_KEYS, *IGNORED_KEYS
+)
+
+# lowercase spelling -> (key, rank); rank 0 is the canonical name, then the aliases in order.
+_BY_NAME: dict[str, tuple[Key, int]] = {
+    name.lower(): (key, rank) for key in KEYS for rank, name in enumerate(key.names)
+}
+assert len(_BY_NAME) == sum(len(key.names) for key in KEYS), "two keys share a spelling"
+
+
+def find_key(name: str) -> tuple[Key, int] | None:
+    """The key spelled ``name`` (any case) and the rank of that spelling, or None when unknown."""
+    return _BY_NAME.get(name.strip().lower())
+
+
+def key_by_name(name: str) -> Key:
+    """The key whose canonical or alias spelling is ``name``; KeyError for a programming mistake."""
+    found = find_key(name)
+    if found is None:
+        raise KeyError(name)
+    return found[0]
+
+
+def closest_key(name: str, candidates: tuple[str, ...] | None = None) -> str | None:
+    """The known spelling most like ``name`` (difflib), or None when nothing is close."""
+    pool = candidates if candidates is not None else tuple(_BY_NAME)
+    lowered = {spelling.lower(): spelling for spelling in pool}
+    match = difflib.get_close_matches(name.strip().lower(), list(lowered), n=1, cutoff=0.6)
+    if not match:
+        return None
+    spelling = lowered[match[0]]
+    found = find_key(spelling)
+    return found[0].names[found[1]] if found else spelling

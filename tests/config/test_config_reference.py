@@ -1,0 +1,35 @@
+"""The key reference rendered from the key table."""
+
+from __future__ import annotations
+
+import re
+
+from lmserve.config import KEYS, render_keys_markdown
+
+
+def test_reference_lists_every_key_with_its_flag_and_env_names() -> None:
+    text = render_keys_markdown()
+    for key in KEYS:
+        assert f"`{key.name}`" in text
+        if key.flag:
+            assert f"`{key.flag}`" in text
+    assert "`OPTION_TENSOR_PARALLEL_DEGREE`" in text and "`TENSOR_PARALLEL_DEGREE`" in text
+    assert "`SERVING_API_KEY`" in text
+
+
+def test_reference_shows_dataclass_defaults() -> None:
+    rows = {line.split(" | ")[0]: line for line in render_keys_markdown().splitlines()}
+    assert "`8080`" in rows["| `port`"]
+    assert "`1000`" in rows["| `job_queue_size`"]
+    assert "`true`" in rows["| `option.enable_prefix_caching`"]
+
+
+def test_reference_tables_have_the_same_cell_count_in_every_row() -> None:
+    tables: list[list[int]] = [[]]
+    for line in render_keys_markdown().splitlines():
+        if line.startswith("|"):
+            cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]  # split on pipes not escaped
+            tables[-1].append(len(cells))
+        elif tables[-1]:
+            tables.append([])
+    assert [set(table) for table in tables if table] == [{7}, {2}]

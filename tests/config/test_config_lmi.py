@@ -121,6 +121,10 @@ def test_lmi_entry_points_map_to_the_default_handler(entry: str) -> None:
     assert config.model.entry_point == DEFAULT_ENTRY_POINT
 
 
+def test_empty_entry_point_means_the_default_handler() -> None:
+    assert load_serving_config("org/m", env={"OPTION_ENTRYPOINT": ""}).model.entry_point == DEFAULT_ENTRY_POINT
+
+
 @pytest.mark.parametrize("entry", ["model.py", "handlers/my_handler.py", "/opt/ml/model/code.py"])
 def test_python_file_entry_points_are_custom_handlers(entry: str) -> None:
     assert load_serving_config("org/m", env={"OPTION_ENTRYPOINT": entry}).model.entry_point == entry

@@ -66,6 +66,8 @@ def test_every_typed_field_is_reachable() -> None:
         ({"SERVING_QUEUE_FULL_STATUS": "500"}, "queue_full_status", "500", "429, 503"),
         ({"SERVING_MAX_BATCH_DELAY": "-1"}, "max_batch_delay", "-1", ">= 0"),
         ({"OPTION_PREDICT_TIMEOUT": "0"}, "option.predict_timeout", "0", "> 0"),
+        ({"OPTION_PREDICT_TIMEOUT": "inf"}, "option.predict_timeout", "inf", "> 0"),
+        ({"OPTION_MAX_ROLLING_BATCH_SIZE": "4.5"}, "option.max_rolling_batch_size", "4.5", "integer"),
         ({"MAX_CONCURRENT_REQUESTS": "lots"}, "job_queue_size", "lots", ">= 1"),
     ],
 )

@@ -18,7 +18,7 @@ Device = Literal["auto", "cpu", "cuda"]
 class EngineConfig:
     """What one engine (one replica, all its tensor-parallel ranks) needs to load and run a model."""
 
-    model: str  # a local model directory (already resolved and fetched)
+    model: str  # the model as configured; the store replaces it with the fetched local directory
     dtype: Dtype = "auto"  # option.dtype; auto = bf16 where the device runs it well, else fp32
     device: Device = "auto"  # option.device; auto = cuda when available, else cpu
     tensor_parallel_degree: int = 1  # option.tensor_parallel_degree
@@ -90,4 +90,4 @@ class ServingConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     workers: WorkerConfig = field(default_factory=WorkerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    warnings: tuple[str, ...] = ()  # one line per accepted-but-ignored key
+    warnings: tuple[str, ...] = ()  # one line each: ignored keys, LMI values mapped, keys given twice

@@ -7,6 +7,7 @@ parser's ``ValueError`` into a ``ConfigError`` that names key, value, source and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -109,7 +110,7 @@ def number(low: float, high: float | None = None, *, low_open: bool = False) -> 
     def parse(raw: object) -> float:
         value = _to_float(raw)
         too_low = value <= low if low_open else value < low
-        if too_low or (high is not None and value > high) or value != value:  # NaN
+        if too_low or (high is not None and value > high) or not math.isfinite(value):
             raise ValueError(value)
         return value
 
@@ -147,7 +148,7 @@ TENSOR_PARALLEL = ValueType(
 
 def _entry_point(raw: object) -> str:
     text = _text(raw)
-    if text in LMI_ENTRY_POINTS or text == DEFAULT_ENTRY_POINT:
+    if not text or text in LMI_ENTRY_POINTS or text == DEFAULT_ENTRY_POINT:
         return DEFAULT_ENTRY_POINT
     if text.endswith(".py") and len(text) > len(".py"):
         return text  # a custom handler file, relative to the model directory or absolute

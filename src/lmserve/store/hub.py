@@ -21,6 +21,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub.utils import (
     GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -37,6 +38,12 @@ _HUB_ID = re.compile(r"^(?P<repo>[\w.-]{1,96}/[\w.-]{1,96})(?:@(?P<rev>[\w./-]+)
 SAFETENSORS_PATTERNS = ["*.safetensors"]
 PYTORCH_PATTERNS = ["*.bin", "*.pt"]
 # Configs (incl. weight index files), tokenizers, chat templates, remote code, DJL files.
+# What fetching can raise for reasons outside lmserve: the Hub's errors are OSErrors, and so are the
+# HTTP client's in older huggingface_hub versions; newer ones raise the client's own HTTPError, a base
+# of HfHubHTTPError that we take from there rather than importing a particular HTTP library.
+_FETCH_ERRORS: tuple[type[BaseException], ...] = (HFValidationError, OSError) + tuple(
+    base for base in HfHubHTTPError.__mro__[1:] if base not in (OSError, Exception, BaseException, object)
+)
 SUPPORT_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "serving.properties"]
 
 
@@ -74,14 +81,15 @@ def fetch_hub_model(repo_id: str, *, revision: str | None = None, progress: bool
 
     Raises:
         ModelNotFoundError: the repo or revision does not exist, is gated or private without a token,
-            or offline mode is on and the cache does not hold it. The message names the id and says
-            whether offline mode was on.
+            or the Hub cannot be reached (or offline mode is on) and the cache does not hold it. The
+            message names the id and says whether offline mode was on.
     """
     offline, cache_dir = hub_offline(), hub_cache_dir()
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
-        weights = SAFETENSORS_PATTERNS + PYTORCH_PATTERNS
-        if not offline:
-            weights = weight_patterns(huggingface_hub.list_repo_files(repo_id, revision=revision))
+        files = None if offline else _repo_files(repo_id, revision, endpoint)
+        # Unknown listing (offline, or the Hub unreachable): the cached snapshot is used as it is.
+        weights = SAFETENSORS_PATTERNS + PYTORCH_PATTERNS if files is None else weight_patterns(files)
         with _progress_bars(progress):
             path = huggingface_hub.snapshot_download(
                 repo_id,
@@ -89,8 +97,9 @@ def fetch_hub_model(repo_id: str, *, revision: str | None = None, progress: bool
                 cache_dir=cache_dir,
                 local_files_only=offline,
                 allow_patterns=SUPPORT_PATTERNS + weights,
+                endpoint=endpoint,
             )
-    except (HFValidationError, OSError) as exc:  # the Hub's HTTP and cache errors are OSErrors
+    except _FETCH_ERRORS as exc:
         raise ModelNotFoundError(_not_found_message(repo_id, revision, offline, cache_dir, exc)) from exc
     return Path(path)
 
@@ -99,6 +108,21 @@ def weight_patterns(repo_files: list[str]) -> list[str]:
     """The weight files to fetch: safetensors when the repo has any, else PyTorch pickles."""
     has_safetensors = any(fnmatch(name, pattern) for name in repo_files for pattern in SAFETENSORS_PATTERNS)
     return SAFETENSORS_PATTERNS if has_safetensors else PYTORCH_PATTERNS
+
+
+def _repo_files(repo_id: str, revision: str | None, endpoint: str | None) -> list[str] | None:
+    """The repo's file names, or None when the Hub cannot be reached (the cache may still serve).
+
+    One ``model_info`` call: unlike the tree listing it is not retried with back-off, so a machine
+    without network fails over to the cache at once.
+    """
+    try:
+        info = huggingface_hub.HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except _FETCH_ERRORS:
+        return None
+    return [sibling.rfilename for sibling in info.siblings or []]
 
 
 def _not_found_message(
@@ -112,6 +136,8 @@ def _not_found_message(
         reason = f"the repo has no revision {revision!r}"
     elif isinstance(exc, LocalEntryNotFoundError):
         reason = f"it is not in the local Hub cache {cache_dir}"
+        if not offline and exc.__cause__ is not None:
+            reason = f"the Hub could not be reached ({type(exc.__cause__).__name__}) and {reason}"
     else:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if offline:

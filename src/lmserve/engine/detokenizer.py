@@ -34,7 +34,10 @@ class IncrementalDetokenizer:
         self.stop_string: str | None = None
 
     def add_tokens(self, token_ids: Sequence[int]) -> None:
-        """Decode newly generated tokens into ``text``; sets ``stop_string`` if one appeared."""
+        """Decode newly generated tokens into ``text``; sets ``stop_string`` if one appeared.
+        Once a stop string is found the text is final and later tokens are ignored."""
+        if self.stop_string is not None:
+            return
         self._ids.extend(token_ids)
         decode = self._tok.decode
         prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], self._skip_special)

@@ -1,0 +1,111 @@
+"""Engine behaviour a user sees: stopping, aborting, limits, prefix caching, chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmserve import LLM, SamplingParams
+from lmserve.errors import InvalidRequestError
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> LLM:
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_model(path, "llama", tokenizer_dir)
+    return LLM(str(path), dtype="fp32", max_model_len=128, block_size=4)
+
+
+def test_max_new_tokens_ends_with_length(llm: LLM) -> None:
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_stop_token_ids_and_eos(llm: LLM) -> None:
+    (free,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=12, stop_token_ids=[stop_at], ignore_eos=True))
+    assert out.token_ids == free.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_stop_string_truncates_text(llm: LLM) -> None:
+    (free,) = llm.generate(["hello"], SamplingParams(max_new_tokens=20, ignore_eos=True, skip_special_tokens=False))
+    needle = free.text[4:7]
+    (out,) = llm.generate(["hello"], SamplingParams(max_new_tokens=20, ignore_eos=True, stop=[needle],
+                                                    skip_special_tokens=False))
+    assert out.finish_reason == "stop" and out.stop_reason == needle
+    assert out.text == free.text[:free.text.index(needle)]
+
+
+def test_generation_stops_at_the_context_limit(llm: LLM) -> None:
+    (out,) = llm.generate([list(range(3, 123))], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt, field", [([], "inputs"), (list(range(3, 131)), "inputs"), ([99999], "inputs")])
+def test_bad_prompts_are_refused_with_the_field(llm: LLM, prompt: list[int], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        llm.generate([prompt])
+    assert err.value.field == field
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_abort_frees_blocks_and_reports_abort(llm: LLM) -> None:
+    engine = llm.engine
+    engine.add_request("x", [5, 6, 7, 8, 9], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.stats().kv_blocks_free < engine.stats().kv_blocks_total
+    engine.abort_request("x")
+    deltas = engine.step()
+    assert [(d.request_id, d.finish_reason) for d in deltas] == [("x", "abort")]
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert not engine.has_unfinished_requests()
+
+
+def test_shared_prefix_is_served_from_cache(llm: LLM) -> None:
+    prefix = list(range(10, 42))
+    before = llm.engine.stats().prefix_cache_hit_tokens_total
+    first = llm.generate([prefix + [50]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    second = llm.generate([prefix + [50]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert llm.engine.stats().prefix_cache_hit_tokens_total - before >= 28
+    assert second[0].num_cached_tokens >= 28 and first[0].token_ids == second[0].token_ids
+
+
+def test_logprobs_come_with_each_token(llm: LLM) -> None:
+    (out,) = llm.generate([[5, 6]], SamplingParams(max_new_tokens=3, logprobs=2, ignore_eos=True))
+    assert out.logprobs is not None and [lp.token_id for lp in out.logprobs] == out.token_ids
+    assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in out.logprobs)
+
+
+def test_chat_applies_the_template(llm: LLM) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    (via_chat,) = llm.chat(messages, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    ids = llm.tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert via_chat.prompt_token_ids == ids
+    (via_ids,) = llm.generate([ids], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert via_chat.token_ids == via_ids.token_ids
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm: LLM) -> None:
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    (alone,) = llm.generate([[5, 6, 7]], p)
+    crowd = llm.generate([[9, 9], [5, 6, 7], [4]], [SamplingParams(max_new_tokens=8, temperature=1.0), p,
+                                                    SamplingParams(max_new_tokens=3)])
+    assert crowd[1].token_ids == alone.token_ids
+
+
+def test_streaming_deltas_add_up(llm: LLM) -> None:
+    import asyncio
+
+    async def collect() -> list:
+        return [d async for d in llm.stream([5, 6, 7], SamplingParams(max_new_tokens=6, ignore_eos=True))]
+
+    deltas = asyncio.run(collect())
+    (whole,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    assert "".join(d.text for d in deltas) == whole.text and deltas[-1].finish_reason == "length"

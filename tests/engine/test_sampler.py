@@ -1,0 +1,84 @@
+"""Token choice: greedy, filters, seeds, repetition penalty and log-probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.engine.request import Request
+from lmserve.engine.sampler import Sampler
+from lmserve.engine.sampling_params import SamplingParams
+from lmserve.errors import InvalidRequestError
+
+
+def req(rid: str, tokens: list[int] | None = None, **params) -> Request:
+    return Request(rid, tokens or [1, 2, 3], SamplingParams(**params))
+
+
+def draws(sampler: Sampler, logits: torch.Tensor, requests: list[Request], steps: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in requests]
+    for _ in range(steps):
+        for i, t in enumerate(sampler(logits.clone(), requests).token_ids):
+            out[i].append(t)
+    return out
+
+
+def test_greedy_takes_the_argmax() -> None:
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0]])
+    assert Sampler()(logits, [req("a"), req("b")]).token_ids == [1, 0]
+
+
+def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
+    logits = torch.randn(1, 50)
+    alone = draws(Sampler(), logits, [req("a", temperature=1.0, seed=42)], 20)[0]
+    crowd_logits = torch.cat([torch.randn(3, 50), logits])
+    crowd = [req("x", temperature=1.0), req("y", temperature=0.7, seed=1), req("z"),
+             req("a", temperature=1.0, seed=42)]
+    in_crowd = draws(Sampler(seed=123), crowd_logits, crowd, 20)[3]
+    assert alone == in_crowd
+    other_seed = draws(Sampler(), logits, [req("a", temperature=1.0, seed=43)], 20)[0]
+    assert other_seed != alone
+
+
+def test_top_k_one_is_greedy_and_top_k_limits_choices() -> None:
+    logits = torch.randn(1, 100)
+    assert set(draws(Sampler(), logits, [req("a", temperature=1.0, top_k=1, seed=0)], 10)[0]) == {
+        int(logits.argmax())}
+    allowed = set(logits[0].topk(3).indices.tolist())
+    assert set(draws(Sampler(), logits, [req("a", temperature=5.0, top_k=3, seed=0)], 50)[0]) <= allowed
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = set(draws(Sampler(), probs.log(), [req("a", temperature=1.0, top_p=0.7, seed=0)], 200)[0])
+    assert seen == {0, 1}
+
+
+def test_repetition_penalty_matches_hugging_face() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 20)
+    history = [3, 7, 7, 11]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([history]), logits.clone())
+    ours = logits.clone()
+    Sampler()(ours, [req("a", tokens=history, repetition_penalty=1.3)])
+    assert torch.allclose(ours, expected)
+
+
+def test_logprobs_are_log_softmax_with_sorted_alternatives() -> None:
+    logits = torch.randn(2, 30)
+    result = Sampler()(logits.clone(), [req("a", logprobs=3), req("b")])
+    lp = torch.log_softmax(logits[0], -1)
+    entry = result.logprobs[0]
+    assert entry is not None and entry.token_id == result.token_ids[0]
+    assert entry.logprob == pytest.approx(float(lp[entry.token_id]), abs=1e-5)
+    assert [t for t, _ in entry.top] == lp.topk(3).indices.tolist()
+    assert result.logprobs[1] is None
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0),
+                                 dict(logprobs=99), dict(repetition_penalty=0), dict(stop=[""]), dict(seed="x")])
+def test_invalid_params_name_the_field(bad: dict) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**bad)
+    assert err.value.field == next(iter(bad))

@@ -183,7 +183,7 @@ def _build(reader: Any, gguf_path: Path, out: Path, progress: bool) -> None:
     """Write every file of the import except the import record into ``out``."""
     meta = _read_metadata(reader)
     arch = _architecture(meta)
-    config = _model_config(meta, reader)
+    config = _model_config(meta, arch, reader)
     _write_weights(reader, config, arch, out / "model.safetensors", progress)
     _write_json(out / "config.json", config)
     _write_tokenizer(gguf_path, meta, out)
@@ -210,11 +210,23 @@ def _architecture(meta: dict[str, Any]) -> _Architecture:
     return ARCHITECTURES[name]
 
 
-def _model_config(meta: dict[str, Any], reader: Any) -> dict[str, Any]:
+def _model_config(meta: dict[str, Any], arch: _Architecture, reader: Any) -> dict[str, Any]:
     """config.json for the model this GGUF holds."""
-    arch = _architecture(meta)
     arch_name = meta["general.architecture"]
     config: dict[str, Any] = {"architectures": [arch.hf_class], "model_type": arch.model_type}
+    config.update(_shape_config(meta, arch_name))
+    config.update(_tensor_config(reader))
+    config.update(_special_token_ids(meta))
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    rope_scaling = _rope_scaling(meta, arch_name, config, rope_freqs)
+    if rope_scaling:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _shape_config(meta: dict[str, Any], arch_name: str) -> dict[str, Any]:
+    """The config fields the ``<arch>.*`` metadata states."""
+    config: dict[str, Any] = {}
     for key, (field, default) in _CONFIG_KEYS.items():
         value = meta.get(f"{arch_name}.{key}", default)
         if value is None:
@@ -223,22 +235,22 @@ def _model_config(meta: dict[str, Any], reader: Any) -> dict[str, Any]:
     heads = config["num_attention_heads"]
     config["num_key_value_heads"] = meta.get(f"{arch_name}.attention.head_count_kv", heads)
     config["head_dim"] = meta.get(f"{arch_name}.attention.key_length", config["hidden_size"] // heads)
+    return config
+
+
+def _tensor_config(reader: Any) -> dict[str, Any]:
+    """The config fields the tensor list implies; fails on an unknown tensor before any heavy work."""
     names = {t.name: t for t in reader.tensors}
     for name in names:
-        _hf_tensor_name(name)  # fail on an unknown tensor before any heavy work
+        _hf_tensor_name(name)
     if "token_embd.weight" not in names:
         raise UnsupportedModelError("GGUF tensor 'token_embd.weight' is missing; every model needs one")
-    config["vocab_size"] = int(names["token_embd.weight"].shape[-1])  # GGUF lists shapes reversed
-    config["tie_word_embeddings"] = "output.weight" not in names
-    config["attention_bias"] = "blk.0.attn_q.bias" in names
-    config["torch_dtype"] = _torch_dtype_name({t.tensor_type.name for t in reader.tensors})
-    for field, key in _TOKEN_ID_KEYS.items():
-        if f"tokenizer.ggml.{key}" in meta:
-            config[field] = meta[f"tokenizer.ggml.{key}"]
-    rope_scaling = _rope_scaling(meta, arch_name, config, names.get("rope_freqs.weight"))
-    if rope_scaling:
-        config["rope_scaling"] = rope_scaling
-    return config
+    return {
+        "vocab_size": int(names["token_embd.weight"].shape[-1]),  # GGUF lists shapes innermost first
+        "tie_word_embeddings": "output.weight" not in names,  # llama.cpp writes no copy of a tied head
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "torch_dtype": _torch_dtype_name({t.tensor_type.name for t in reader.tensors}),
+    }
 
 
 def _plain_number(value: Any) -> Any:
@@ -373,12 +385,12 @@ def _write_tokenizer(gguf_path: Path, meta: dict[str, Any], out: Path) -> None:
 
 def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
     """generation_config.json: eos is a list, the file's eos plus the chat template's end of turn."""
-    config: dict[str, Any] = {}
-    for field, key in _TOKEN_ID_KEYS.items():
-        if f"tokenizer.ggml.{key}" in meta:
-            config[field] = meta[f"tokenizer.ggml.{key}"]
-    config["eos_token_id"] = end_token_ids(meta)
-    return config
+    return {**_special_token_ids(meta), "eos_token_id": end_token_ids(meta)}
+
+
+def _special_token_ids(meta: dict[str, Any]) -> dict[str, int]:
+    return {field: meta[f"tokenizer.ggml.{key}"] for field, key in _TOKEN_ID_KEYS.items()
+            if f"tokenizer.ggml.{key}" in meta}
 
 
 def end_token_ids(meta: dict[str, Any]) -> list[int]:

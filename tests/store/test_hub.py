@@ -151,8 +151,9 @@ def test_online_fetch_takes_one_weight_format_and_the_serving_files(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     serving_files = [
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-        "merges.txt", "vocab.json", "serving.properties", "model.py", "requirements.txt", "chat_template.jinja",
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "tokenizer.model", "merges.txt", "vocab.json", "serving.properties", "model.py",
+        "requirements.txt", "chat_template.jinja",
     ]  # fmt: skip
     repo = [*repo_files, *serving_files, "README.md", ".gitattributes", "images/logo.png", "model.onnx"]
     asked: dict[str, Any] = {}

@@ -106,7 +106,7 @@ def test_unknown_form_lists_the_accepted_ones(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "does-not-exist"), progress=False)
 
     message = str(err.value)
-    assert "does-not-exist" in message
+    assert "does-not-exist" in message and "nothing exists at that path" in message
     for form in accepted_forms():
         assert form in message
     assert "s3://" in message and "Hub" in message and ".gguf" in message

@@ -188,6 +188,16 @@ def test_seed_tarball_naming_an_s3url_resolves_to_the_synced_weights(bucket: str
     assert model.properties.parent.name == "mymodel"
 
 
+def test_serving_properties_naming_its_own_prefix_is_not_a_cycle(bucket: str) -> None:
+    put(bucket, "self/config.json", b"{}")
+    put(bucket, "self/serving.properties", f"option.s3url=s3://{bucket}/self/\n".encode())
+
+    model = resolve_model(f"s3://{bucket}/self", progress=False)
+
+    assert model.kind == "s3"
+    assert model.properties == model.path / "serving.properties"
+
+
 def test_s3_tarball_is_downloaded_and_extracted(bucket: str, tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tf:

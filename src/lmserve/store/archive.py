@@ -94,8 +94,8 @@ def _extract_into(archive: Path, dest: Path, *, progress: bool) -> None:
                     tf.extract(member, dest, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise UnsupportedModelError(
-            f"cannot extract model archive {archive}: {' '.join(str(exc).split())}. Check that the file is a complete "
-            f"{', '.join(ARCHIVE_SUFFIXES)} archive (re-create or re-download it)."
+            f"cannot extract model archive {archive}: {' '.join(str(exc).split())}. Check that the file "
+            f"is a complete {', '.join(ARCHIVE_SUFFIXES)} archive (re-create or re-download it)."
         ) from exc
 
 

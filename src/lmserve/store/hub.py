@@ -41,7 +41,7 @@ PYTORCH_PATTERNS = ["*.bin", "*.pt"]
 # What fetching can raise for reasons outside lmserve: the Hub's errors are OSErrors, and so are the
 # HTTP client's in older huggingface_hub versions; newer ones raise the client's own HTTPError, a base
 # of HfHubHTTPError that we take from there rather than importing a particular HTTP library.
-_FETCH_ERRORS: tuple[type[BaseException], ...] = (HFValidationError, OSError) + tuple(
+_FETCH_ERRORS: tuple[type[Exception], ...] = (HFValidationError, OSError) + tuple(
     base for base in HfHubHTTPError.__mro__[1:] if base not in (OSError, Exception, BaseException, object)
 )
 SUPPORT_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "serving.properties"]

@@ -94,8 +94,10 @@ def _fetch(uri: str, revision: str | None, progress: bool) -> tuple[Path, Kind, 
     for form in _FORMS:
         if form.matches(uri):
             return form.fetch(uri, revision, progress), form.kind, _identity(uri)
+    exists = "a file exists there" if _local(uri).exists() else "nothing exists at that path"
     raise ModelNotFoundError(
-        f"cannot find a model at {uri!r}: it is none of the accepted forms: " + "; ".join(accepted_forms())
+        f"cannot find a model at {uri!r}: {exists}, and it is none of the accepted forms: "
+        + "; ".join(accepted_forms())
     )
 
 
@@ -108,6 +110,8 @@ def _local(uri: str) -> Path:
 
 def _identity(uri: str) -> str:
     """A stable name for a location: the absolute path of a local one, else the URI itself."""
+    if is_s3_uri(uri):
+        return uri.rstrip("/")
     local = _local(uri)
     return str(local.resolve()) if local.exists() else uri
 

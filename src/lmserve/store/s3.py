@@ -144,7 +144,8 @@ def _sync(
         for rel, obj in sorted(stale.items()):
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            part = target.with_name(f".{target.name}.part")
+            # A temporary name per process, since two processes may sync the same prefix at once.
+            part = target.with_name(f".{target.name}.{os.getpid()}.part")
             client.download_file(bucket, obj.key, str(part), Callback=bar.update)
             os.replace(part, target)
             recorded[rel] = {"size": obj.size, "etag": obj.etag}

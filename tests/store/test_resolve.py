@@ -163,3 +163,18 @@ def test_gguf_file_is_imported_into_the_cache_by_content(
     assert fake_import_gguf[0] == (gguf.resolve(), first.path, False)
     assert same_bytes.path == first.path  # so the import is reused, not redone
     assert different.path != first.path
+
+
+def test_real_gguf_import_through_resolve(tmp_path: Path, cache: Path) -> None:
+    from .gguf_fixtures import write_tiny_gguf  # torch and transformers: only this test pays for them
+
+    gguf = write_tiny_gguf(tmp_path / "tiny-llama.gguf").path
+
+    first = resolve_model(str(gguf), progress=False)
+    weights_mtime = (first.path / "model.safetensors").stat().st_mtime_ns
+    second = resolve_model(str(gguf), progress=False)
+
+    assert first.kind == "gguf" and first.path.parent == cache / "gguf"
+    assert '"llama"' in (first.path / "config.json").read_text()
+    assert second.path == first.path
+    assert (second.path / "model.safetensors").stat().st_mtime_ns == weights_mtime  # reused, not redone

@@ -45,7 +45,7 @@ def test_local_directory_resolves_to_itself(tmp_path: Path) -> None:
 
 
 def test_directory_without_serving_properties_or_handler(tmp_path: Path) -> None:
-    model = resolve_model(str(model_dir(tmp_path / "m")), progress=False)
+    model = resolve_model(model_dir(tmp_path / "m"), progress=False)  # a Path works too
 
     assert model.properties is None
     assert not model.has_custom_handler

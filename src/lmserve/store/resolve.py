@@ -12,6 +12,7 @@ point at weights on S3 or the Hub. The result's ``path`` is then the weights dir
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,16 +59,19 @@ class _Form:
     fetch: Callable[[str, str | None, bool], Path]  # (uri, revision, progress) -> directory
 
 
-def resolve_model(uri: str, *, revision: str | None = None, progress: bool = True) -> ResolvedModel:
+def resolve_model(
+    uri: str | os.PathLike[str], *, revision: str | None = None, progress: bool = True
+) -> ResolvedModel:
     """Fetch the model named by ``uri`` (if it is not local) and return where it lies.
 
-    ``revision`` applies to a Hub id (a branch, tag or commit); ``progress`` shows download bars.
+    ``uri`` is any of ``accepted_forms()`` (a ``Path`` is taken as a local path). ``revision`` applies
+    to a Hub id (a branch, tag or commit); ``progress`` shows download bars.
 
     Raises:
         ModelNotFoundError: ``uri`` has none of the accepted forms, or fetching it failed.
         ConfigError: ``option.model_id`` chains lead back to a location already visited.
     """
-    first_path, kind, source = _fetch(uri, revision, progress)
+    first_path, kind, source = _fetch(os.fspath(uri), revision, progress)
     properties = first_path / PROPERTIES if (first_path / PROPERTIES).is_file() else None
     has_handler = (first_path / HANDLER).is_file()
     path, visited = first_path, [source]

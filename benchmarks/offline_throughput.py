@@ -1,0 +1,174 @@
+"""Offline throughput: lmserve against Hugging Face static and continuous batching, one workload.
+
+Workload (default): the default model, 64 requests, prompts of 64-512 random tokens, 128 new tokens
+each with end-of-sequence ignored. Prints output tokens/s per system and the ratios, then single-stream
+decode speed (one request, 128 new tokens). All systems run in this one process, one after another,
+so they share the machine's state; rerun to see the noise.
+
+    python benchmarks/offline_throughput.py [--systems lmserve,hf-static,hf-batch] [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def make_workload(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    # Skip the first ids: tokenizers keep special tokens there.
+    return [torch.randint(100, vocab, (length,), generator=gen).tolist() for length in lengths]
+
+
+def run_lmserve(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
+    from lmserve import SamplingParams
+
+    llm = _lmserve(model_dir, args)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    return sum(len(o.token_ids) for o in outputs), time.perf_counter() - start
+
+
+_LLM_CACHE: dict[str, object] = {}
+
+
+def _lmserve(model_dir: str, args: argparse.Namespace):  # noqa: ANN202
+    from lmserve import LLM
+
+    if "llm" not in _LLM_CACHE:
+        _LLM_CACHE["llm"] = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_batched_tokens)
+    return _LLM_CACHE["llm"]
+
+
+def _hf_model(model_dir: str, dtype: str):  # noqa: ANN202
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+
+
+def run_hf_static(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
+    model = _hf_model(model_dir, args.dtype)
+    pad = 0
+    produced = 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), args.hf_batch):
+        chunk = prompts[i:i + args.hf_batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        produced += (out.shape[1] - width) * len(chunk)
+    return produced, time.perf_counter() - start
+
+
+def run_hf_batch(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
+    from transformers import GenerationConfig
+
+    model = _hf_model(model_dir, args.dtype)
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        results = model.generate_batch(inputs=prompts, generation_config=config)
+    elapsed = time.perf_counter() - start
+    return sum(len(r.generated_tokens) for r in results.values()), elapsed
+
+
+Runner = Callable[[str, list[list[int]], int, argparse.Namespace], tuple[int, float]]
+SYSTEMS: dict[str, Runner] = {
+    "lmserve": run_lmserve,
+    "hf-static": run_hf_static,
+    "hf-batch": run_hf_batch,
+}
+
+
+def single_stream(model_dir: str, args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Decode speed of one request: new tokens / time after the first token."""
+    from lmserve import SamplingParams
+
+    rows = []
+    prompt = make_workload(49152, 1, 16, 16, seed=1)[0]
+    llm = _lmserve(model_dir, args)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        first = None
+        llm.engine.add_request("single", prompt, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
+        n = 0
+        while llm.engine.has_unfinished_requests():
+            for d in llm.engine.step():
+                n += len(d.token_ids)
+                if first is None and d.token_ids:
+                    first = time.perf_counter()
+        times.append((n - 1) / (time.perf_counter() - first))
+    rows.append(("lmserve", sorted(times)[1]))
+    if "hf-static" in args.systems:
+        model = _hf_model(model_dir, args.dtype)
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                           pad_token_id=0)
+        rows.append(("hf generate (batch 1)", args.new_tokens / (time.perf_counter() - t0)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the default model)")
+    parser.add_argument("--systems", default="lmserve,hf-static,hf-batch")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--min-prompt", type=int, default=64)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-batched-tokens", type=int, default=None)
+    parser.add_argument("--no-single-stream", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.model is None:
+        from lmserve.store.default_model import pull_default_model
+
+        args.model = str(pull_default_model())
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    prompts = make_workload(vocab, args.num_requests, args.min_prompt, args.max_prompt, args.seed)
+    print(f"workload: {len(prompts)} requests, prompts {args.min_prompt}-{args.max_prompt} tokens "
+          f"({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    table = []
+    for name in args.systems:
+        tokens, seconds = SYSTEMS[name](args.model, prompts, args.new_tokens, args)
+        table.append((name, tokens, seconds, tokens / seconds))
+        print(f"  {name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s", flush=True)
+    base = {name: tps for name, _, _, tps in table}
+    print("\n| system | output tokens | seconds | output tok/s | lmserve / system |")
+    print("|---|---:|---:|---:|---:|")
+    for name, tokens, seconds, tps in table:
+        ratio = base["lmserve"] / tps if "lmserve" in base else float("nan")
+        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio:.2f}x |")
+    if not args.no_single_stream and "lmserve" in args.systems:
+        print("\n| single stream (1 request, decode) | tok/s |")
+        print("|---|---:|")
+        for name, tps in single_stream(args.model, args):
+            print(f"| {name} | {tps:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -109,3 +109,13 @@ def test_streaming_deltas_add_up(llm: LLM) -> None:
     (whole,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))
     assert [t for d in deltas for t in d.token_ids] == whole.token_ids
     assert "".join(d.text for d in deltas) == whole.text and deltas[-1].finish_reason == "length"
+
+
+def test_kv_cache_is_sized_in_tokens_or_bytes(tmp_path: Path, tokenizer_dir: Path) -> None:
+    make_tiny_model(tmp_path, "llama", tokenizer_dir)
+    by_tokens = LLM(str(tmp_path), dtype="fp32", kv_cache_tokens=256, block_size=16)
+    assert by_tokens.engine.model_info.kv_cache_tokens == 256
+    per_token = by_tokens.engine.runner.kv_spec.bytes_per_token  # 2 layers x K,V x 2 heads x 16 x 4 bytes
+    assert per_token == 2 * 2 * 2 * 16 * 4
+    by_bytes = LLM(str(tmp_path), dtype="fp32", kv_cache_bytes=per_token * 512, block_size=16)
+    assert by_bytes.engine.model_info.kv_cache_tokens == 512

@@ -27,6 +27,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # option.max_rolling_batch_prefill_tokens: step budget
     block_size: int = 16  # option.block_size: tokens per KV block
     kv_cache_tokens: int | None = None  # option.kv_cache_tokens; None = sized from free memory
+    kv_cache_bytes: int | None = None  # option.kv_cache_bytes; used when kv_cache_tokens is unset
     kv_cache_memory_fraction: float = 0.9  # option.gpu_memory_utilization / share of free memory
     enable_prefix_caching: bool = True  # option.enable_prefix_caching
     trust_remote_code: bool = False  # option.trust_remote_code

@@ -43,9 +43,11 @@ def available_memory(device: torch.device) -> int:
 
 
 def plan_num_blocks(spec: KVCacheSpec, device: torch.device, tokens: int | None, memory_fraction: float,
-                    wanted_tokens: int) -> int:
-    """Blocks to allocate: ``tokens`` if given; else what fits the memory budget, capped at what
-    ``wanted_tokens`` (max_num_seqs x max_model_len) could ever use."""
+                    wanted_tokens: int, nbytes: int | None = None) -> int:
+    """Blocks to allocate: ``tokens`` if given, else ``nbytes`` worth; else what fits the memory
+    budget, capped at what ``wanted_tokens`` (max_num_seqs x max_model_len) could ever use."""
+    if tokens is None and nbytes is not None:
+        tokens = nbytes // spec.bytes_per_token
     if tokens is None:
         share = memory_fraction if device.type == "cuda" else min(memory_fraction, _CPU_SHARE_OF_AVAILABLE)
         budget = int(available_memory(device) * share)

@@ -71,7 +71,8 @@ class ModelRunner:
         heads = self.model.model.layers[0].self_attn.kv_heads if hasattr(self.model, "model") else cfg.num_kv_heads
         self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
         self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
-                                          config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len)
+                                          config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
+                                          config.kv_cache_bytes)
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks, self.device)
 
     # -- inputs ----------------------------------------------------------------------------------

@@ -79,10 +79,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q``: [T, Hq, D], ``k``: [T, Hk, D]; returns rotated copies."""
-        cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        # Every layer rotates at the same positions in a step: gather cos/sin once per positions tensor.
+        if self._step is None or self._step[0] is not positions:
+            cos = self.cos.index_select(0, positions).unsqueeze(1)
+            sin = self.sin.index_select(0, positions).unsqueeze(1)
+            self._step = (positions, cos, sin)
+        _, cos, sin = self._step
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -95,6 +101,19 @@ class RotaryEmbedding(nn.Module):
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
         out = out.to(x.dtype)
         return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+_SHARED_ROPE: dict[tuple[Any, ...], RotaryEmbedding] = {}
+
+
+def get_rope(head_dim: int, rotary_dim: int, max_position: int, base: float, neox_style: bool = True,
+             scaling: dict[str, Any] | None = None) -> RotaryEmbedding:
+    """A rotary embedding shared by every layer with the same settings (one table, one gather per step)."""
+    key = (head_dim, rotary_dim, max_position, base, neox_style, repr(sorted((scaling or {}).items())))
+    rope = _SHARED_ROPE.get(key)
+    if rope is None:
+        rope = _SHARED_ROPE[key] = RotaryEmbedding(head_dim, rotary_dim, max_position, base, neox_style, scaling)
+    return rope
 
 
 def _apply_rope_scaling(inv_freq: torch.Tensor, positions: torch.Tensor,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
+from lmserve.models.layers import ForwardContext, PagedAttention, RMSNorm, get_rope, silu_and_mul
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -34,9 +34,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
                                         bias=bool(cfg.get("attention_bias", default=False)), dtype=cfg.dtype,
                                         state=state, in_split=HeadLayout(cfg.num_heads, cfg.head_dim))
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.head_dim, cfg.max_model_len,
-                                      float(cfg.get("rope_theta", default=10000.0)),
-                                      scaling=cfg.get("rope_scaling"))
+        self.rotary = get_rope(cfg.head_dim, cfg.head_dim, cfg.max_model_len,
+                               float(cfg.get("rope_theta", default=10000.0)), scaling=cfg.get("rope_scaling"))
         self.heads, self.kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, index)
 

@@ -1,0 +1,172 @@
+"""The engine process: builds one engine and serves it over two ZMQ sockets until told to stop.
+
+Loop, in order: take every waiting message (blocking with a timeout only while the engine is idle),
+apply them, run one ``step()``, and send all of its output as one ``Deltas`` message. Anything the
+engine raises from ``step()`` is fatal: the process reports ``EngineFailed`` and exits non-zero, and
+the frontend fails the requests in flight. ``add_request`` errors fail only that request.
+
+This module is the only place the engine is imported, so torch loads in this process, never in the
+frontend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from lmserve.engine.protocol import EngineCore
+from lmserve.workers.messages import (
+    Abort,
+    AddRequest,
+    Deltas,
+    EngineFailed,
+    ErrorInfo,
+    Message,
+    Ready,
+    RequestFailed,
+    Shutdown,
+    Stats,
+    StatsQuery,
+    decode,
+    decode_spec,
+    encode,
+)
+
+logger = logging.getLogger("lmserve.engine_process")
+_IDLE_POLL_MS = 500  # how long an idle engine blocks before looking at its parent again
+_PARENT_CHECK_S = 1.0  # an orphaned engine (frontend killed) stops within about this long
+
+
+def load_factory(path: str) -> Callable[..., EngineCore]:
+    """The callable named by ``"package.module:attribute"``."""
+    module_name, _, attribute = path.partition(":")
+    if not attribute:
+        raise ValueError(f"engine factory must look like 'package.module:attribute', got {path!r}")
+    return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+
+
+def run_engine_process(spec_bytes: bytes, input_address: str, output_address: str) -> None:
+    """Entry point of the spawned process. Exits 0 after ``Shutdown``, 1 after a failure."""
+    # Ctrl+C reaches the whole process group; the frontend decides when this process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.bind(input_address)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)  # never drop or block on output; the frontend drains it
+    outbox.connect(output_address)
+    code = 1
+    try:
+        engine = _build_engine(spec_bytes, outbox)
+        if engine is not None:
+            outbox.send(encode(Ready(engine.model_info, os.getpid())))
+            code = 0 if EngineLoop(engine, inbox, outbox).run() else 1
+    finally:
+        outbox.close(linger=2000)  # let the last message (Deltas, EngineFailed) reach the frontend
+        inbox.close(linger=0)
+        ctx.term()
+    sys.exit(code)
+
+
+def _build_engine(spec_bytes: bytes, outbox: zmq.Socket[Any]) -> EngineCore | None:
+    try:
+        spec = decode_spec(spec_bytes)
+        started = time.perf_counter()
+        engine = load_factory(spec.factory)(spec.config, **spec.options)
+        logger.info("engine loaded in %.2fs (%s)", time.perf_counter() - started, spec.factory)
+        return engine
+    except BaseException as exc:  # report every load failure, then exit
+        logger.exception("engine failed to load")
+        outbox.send(encode(EngineFailed(ErrorInfo.of(exc))))
+        return None
+
+
+class EngineLoop:
+    """Drives one ``EngineCore`` from the messages on ``inbox``; see the module docstring."""
+
+    def __init__(self, engine: EngineCore, inbox: zmq.Socket[Any], outbox: zmq.Socket[Any]) -> None:
+        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self._parent = os.getppid()
+        self._parent_checked = time.monotonic()
+        self._added_at: dict[str, float] = {}  # request id -> when it was added, until its first output
+
+    def run(self) -> bool:
+        """Serve until ``Shutdown`` (returns True) or a fatal engine error (returns False)."""
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            for message in self._receive(block=not busy):
+                if isinstance(message, Shutdown):
+                    return True
+                self._apply(message)
+            if self._orphaned():
+                logger.error("the frontend process is gone; stopping")
+                return True
+            if self.engine.has_unfinished_requests() and not self._step():
+                return False
+
+    def _orphaned(self) -> bool:
+        now = time.monotonic()
+        if now - self._parent_checked < _PARENT_CHECK_S:
+            return False
+        self._parent_checked = now
+        return os.getppid() != self._parent
+
+    def _receive(self, block: bool) -> list[Message]:
+        if block and not self.inbox.poll(_IDLE_POLL_MS):
+            return []
+        messages = []
+        while True:
+            try:
+                data = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
+            try:
+                messages.append(decode(data))
+            except ValueError:
+                logger.exception("dropping a malformed message")
+
+    def _apply(self, message: Message) -> None:
+        match message:
+            case AddRequest(request_id=rid, prompt_token_ids=prompt, params=params):
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                    self._added_at[rid] = time.monotonic()
+                except Exception as exc:  # refuse this request only; the engine is still sound
+                    self._send(RequestFailed(rid, ErrorInfo.of(exc)))
+            case Abort(request_ids=ids):
+                for rid in ids:
+                    self.engine.abort_request(rid)
+                    self._added_at.pop(rid, None)
+            case StatsQuery(query_id=qid):
+                self._send(Stats(qid, self.engine.stats()))
+            case _:
+                logger.error("unexpected message in the engine: %r", message)
+
+    def _step(self) -> bool:
+        started = time.monotonic()
+        try:
+            deltas = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed")
+            self._send(EngineFailed(ErrorInfo.of(exc)))
+            return False
+        if deltas:
+            queue_time = {}
+            for delta in deltas:
+                added = self._added_at.pop(delta.request_id, None)
+                if added is not None:
+                    queue_time[delta.request_id] = max(0.0, started - added)
+            self._send(Deltas(deltas, queue_time))
+        return True
+
+    def _send(self, message: Message) -> None:
+        self.outbox.send(encode(message))

@@ -1,0 +1,74 @@
+"""``Router``: spreads one model's requests over its replicas, and bounds how many each takes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from lmserve.engine.protocol import EngineStats
+from lmserve.engine.sampling_params import SamplingParams
+from lmserve.errors import CapacityError, EngineDeadError
+from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.request_stream import RequestStream
+
+
+class Router:
+    """Picks the ready replica with the fewest outstanding requests.
+
+    Each replica takes at most ``max_outstanding`` requests (``job_queue_size``): running and waiting
+    in its engine together, since continuous batching admits every request to the engine at once.
+    When the least-loaded replica is full, all are, and ``submit`` raises ``CapacityError``.
+    """
+
+    def __init__(self, replicas: Sequence[EngineClient], max_outstanding: int,
+                 retry_after_s: float = 1.0) -> None:
+        if max_outstanding < 1:
+            raise ValueError(f"max_outstanding must be >= 1, got {max_outstanding}")
+        self.replicas = list(replicas)
+        self.max_outstanding = max_outstanding
+        self.retry_after_s = retry_after_s
+
+    @property
+    def outstanding(self) -> int:
+        return sum(replica.outstanding for replica in self.replicas)
+
+    def ready_replicas(self) -> list[EngineClient]:
+        return [replica for replica in self.replicas if replica.state is ReplicaState.READY]
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+               deadline: float | None = None) -> RequestStream:
+        """Send a request to the least-loaded ready replica. Raises ``EngineDeadError`` when none is
+        ready and ``CapacityError`` when every ready replica is full."""
+        ready = self.ready_replicas()
+        if not ready:
+            raise EngineDeadError(self._why_none_ready())
+        replica = min(ready, key=lambda r: r.outstanding)
+        if replica.outstanding >= self.max_outstanding:
+            raise CapacityError(
+                f"the server is at capacity ({self.max_outstanding} requests per replica, job_queue_size); "
+                "retry later", retry_after_s=self.retry_after_s,
+            )  # fmt: skip
+        return replica.submit(prompt_token_ids, params, request_id, deadline)
+
+    def abort_all(self, error: BaseException) -> None:
+        """Abort every request in flight on every replica; each one's consumer receives ``error``."""
+        for replica in self.replicas:
+            replica.abort_all(error)
+
+    async def stats(self) -> EngineStats:
+        """The engines' counters, summed over ready replicas."""
+        snapshots = await asyncio.gather(*(r.stats() for r in self.ready_replicas()))
+        total: dict[str, int] = {}
+        for snapshot in snapshots:
+            for name, value in vars(snapshot).items():
+                total[name] = total.get(name, 0) + value
+        return EngineStats(**total)
+
+    def _why_none_ready(self) -> str:
+        states = {replica.state for replica in self.replicas}
+        if ReplicaState.LOADING in states:
+            return "the model is still loading"
+        if ReplicaState.STOPPED in states:
+            return "the server is shutting down"
+        errors = "; ".join(str(r.error) for r in self.replicas if r.error is not None)
+        return f"no engine replica is running: {errors or 'all failed'}"

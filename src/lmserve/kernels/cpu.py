@@ -1,0 +1,80 @@
+"""The compiled AVX-512 CPU kernels behind the ``Ops`` interface.
+
+Anything the compiled library does not cover (other devices, head sizes without a compiled kernel)
+is handed to the pure-torch ops this class inherits, so callers never need to know which path ran.
+The wrappers stay thin on purpose: reshaping and dtype conversion happen in C++, because at decode
+batch sizes a few microseconds of Python per call are a visible share of a layer.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from lmserve.kernels.packed import PackedLinear, interleave_gate_up, pack_panels
+from lmserve.kernels.reference import ReferenceOps
+
+_PLAIN, _SILU_MUL = 0, 1  # lmserve::Epilogue in csrc/kernels.h
+_CACHE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class CpuOps(ReferenceOps):
+    """Kernels from the compiled extension ``ext``; threads follow ``torch.get_num_threads()``."""
+
+    name = "cpu-avx512"
+
+    def __init__(self, ext: ModuleType) -> None:
+        super().__init__("cpu")
+        self.ext = ext
+
+    @property
+    def fast_bf16(self) -> bool:
+        return True
+
+    # -- linear layers -----------------------------------------------------------------------
+    def pack_linear_weight(self, w: torch.Tensor) -> PackedLinear:
+        if w.device.type != "cpu" or w.dim() != 2:
+            return super().pack_linear_weight(w)
+        return PackedLinear(pack_panels(w), w.shape[0], w.shape[1], layout="panel32")
+
+    def pack_gate_up_weight(self, gate: torch.Tensor, up: torch.Tensor) -> PackedLinear:
+        if gate.device.type != "cpu" or gate.dim() != 2:
+            return super().pack_gate_up_weight(gate, up)
+        return PackedLinear(pack_panels(interleave_gate_up(gate, up)), gate.shape[0], gate.shape[1],
+                            layout="panel32", gate_up=True)
+
+    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        if w.layout != "panel32" or w.gate_up:
+            return super().linear(x, w, bias, residual)
+        return self.ext.linear(x, w.data, w.out_features, bias, residual, _PLAIN, torch.get_num_threads())
+
+    def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor:
+        if w.layout != "panel32" or not w.gate_up:
+            return super().linear_silu_mul(x, w)
+        return self.ext.linear(x, w.data, w.out_features, None, None, _SILU_MUL, torch.get_num_threads())
+
+    # -- elementwise -------------------------------------------------------------------------
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().silu_and_mul(x)
+        return self.ext.silu_and_mul(x, torch.get_num_threads())
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.device.type != "cpu":
+            return super().rms_norm(x, weight, eps, residual)
+        return self.ext.rms_norm(x, weight, eps, residual, torch.get_num_threads())
+
+    # -- attention ---------------------------------------------------------------------------
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                        scale: float, alibi_slopes: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        if (q.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES
+                or not self.ext.attention_supports_head_dim(q.shape[-1])):
+            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                           scale, alibi_slopes, out)
+        return self.ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                        float(scale), alibi_slopes, out, torch.get_num_threads())

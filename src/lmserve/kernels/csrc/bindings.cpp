@@ -1,0 +1,197 @@
+// Python bindings: argument checks, output allocation, and the GIL released around each kernel.
+// The only translation unit that includes torch, so the kernels themselves compile quickly.
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+namespace {
+
+using torch::Tensor;
+
+void check_rows(const Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU");
+    TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+    TORCH_CHECK_VALUE(t.stride(dim - 1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// fp32 [rows, features] with a contiguous last dimension; a view of t when it already is one.
+Tensor as_rows(const Tensor& t) {
+    Tensor r = t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
+    if (r.scalar_type() != at::kFloat) r = r.to(at::kFloat);
+    return r.stride(1) == 1 ? r : r.contiguous();
+}
+
+std::vector<int64_t> out_shape(const Tensor& x, int64_t n) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = n;
+    return shape;
+}
+
+// Accepts x of any leading shape and float dtype; returns x's leading shape and dtype.
+Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optional<Tensor>& bias_in,
+              const std::optional<Tensor>& residual_in, int64_t epilogue, int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
+    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(2) == lmserve::kPanel && w.scalar_type() == at::kBFloat16 &&
+                          w.is_contiguous(), "packed weight must be contiguous bf16 [panels, K, 32]");
+    TORCH_CHECK_VALUE(x_in.size(-1) == w.size(1), "x has ", x_in.size(-1), " features, the weight expects ", w.size(1));
+    const auto ep = static_cast<lmserve::Epilogue>(epilogue);
+    const int64_t cover = ep == lmserve::Epilogue::kSiluMul ? w.size(0) / 2 : w.size(0);
+    TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
+                      "output width ", n, " does not match ", w.size(0), " packed panels");
+    TORCH_CHECK_VALUE(ep == lmserve::Epilogue::kNone || (!bias_in && !residual_in), "silu_mul takes no bias or residual");
+    const Tensor x = as_rows(x_in);
+    Tensor y = torch::empty({x.size(0), n}, x.options());
+    lmserve::LinearArgs a{};
+    a.x = x.data_ptr<float>();
+    a.ldx = x.stride(0);
+    a.w = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    Tensor bias, residual;
+    if (bias_in) {
+        bias = bias_in->to(at::kFloat).contiguous();
+        TORCH_CHECK_VALUE(bias.numel() == n, "bias must have ", n, " elements, got ", bias.numel());
+        a.bias = bias.data_ptr<float>();
+    }
+    if (residual_in) {
+        residual = as_rows(*residual_in);
+        TORCH_CHECK_VALUE(residual.size(0) == x.size(0) && residual.size(1) == n, "residual must be [..., ", n, "]");
+        a.residual = residual.data_ptr<float>();
+        a.ldr = residual.stride(0);
+    }
+    a.y = y.data_ptr<float>();
+    a.ldy = y.stride(0);
+    a.M = x.size(0);
+    a.N = n;
+    a.K = w.size(1);
+    a.panels = w.size(0);
+    a.epilogue = ep;
+    a.nthreads = static_cast<int>(nthreads);
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::linear_bf16(a);
+    }
+    if (x_in.dim() != 2) y = y.view(out_shape(x_in, n));
+    return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+Tensor int32_rows(const Tensor& t) {
+    Tensor r = t.scalar_type() == at::kInt ? t : t.to(at::kInt);
+    return r.is_contiguous() ? r : r.contiguous();
+}
+
+Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& v_cache, const Tensor& bt_in,
+                       const Tensor& cl_in, const Tensor& qsl_in, double scale, const std::optional<Tensor>& alibi_in,
+                       const std::optional<Tensor>& out, int64_t nthreads) {
+    Tensor q = q_in.scalar_type() == at::kFloat ? q_in : q_in.to(at::kFloat);
+    if (q.dim() == 3 && q.stride(2) != 1) q = q.contiguous();
+    check_rows(q, "q", at::kFloat, 3);
+    const Tensor block_tables = int32_rows(bt_in), context_lens = int32_rows(cl_in),
+                 query_start_loc = int32_rows(qsl_in);
+    const auto cache_type = k_cache.scalar_type();
+    TORCH_CHECK_VALUE(cache_type == at::kBFloat16 || cache_type == at::kFloat, "KV cache must be bf16 or float32");
+    check_rows(k_cache, "k_cache", cache_type, 4);
+    check_rows(v_cache, "v_cache", cache_type, 4);
+    TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
+    TORCH_CHECK_VALUE(k_cache.size(3) == q.size(2), "head_dim of q and the cache differ");
+    check_rows(block_tables, "block_tables", at::kInt, 2);
+    TORCH_CHECK_VALUE(query_start_loc.numel() == context_lens.numel() + 1, "query_start_loc must have S + 1 entries");
+    TORCH_CHECK_VALUE(block_tables.size(0) >= context_lens.numel(), "block_tables has fewer rows than sequences");
+    // Kernel output goes straight into out when out is fp32 with contiguous rows, else it is copied.
+    const bool direct = out && out->scalar_type() == at::kFloat && out->stride(-1) == 1;
+    Tensor o = direct ? *out : torch::empty(q.sizes(), q.options());
+    check_rows(o, "out", at::kFloat, 3);
+    TORCH_CHECK_VALUE(o.sizes() == q.sizes(), "out must have q's shape");
+    lmserve::AttentionArgs a{};
+    a.q = q.data_ptr<float>();
+    a.q_st = q.stride(0);
+    a.q_sh = q.stride(1);
+    a.out = o.data_ptr<float>();
+    a.o_st = o.stride(0);
+    a.o_sh = o.stride(1);
+    a.k_cache = k_cache.data_ptr();
+    a.v_cache = v_cache.data_ptr();
+    a.k_sb = k_cache.stride(0), a.k_st = k_cache.stride(1), a.k_sh = k_cache.stride(2);
+    a.v_sb = v_cache.stride(0), a.v_st = v_cache.stride(1), a.v_sh = v_cache.stride(2);
+    a.bf16 = cache_type == at::kBFloat16;
+    a.block_tables = block_tables.data_ptr<int32_t>();
+    a.bt_stride = block_tables.stride(0);
+    a.max_blocks = block_tables.size(1);
+    a.num_blocks = k_cache.size(0);
+    a.context_lens = context_lens.data_ptr<int32_t>();
+    a.query_start_loc = query_start_loc.data_ptr<int32_t>();
+    a.S = context_lens.numel();
+    a.T = q.size(0);
+    a.Hq = q.size(1);
+    a.Hkv = k_cache.size(2);
+    a.D = q.size(2);
+    a.block_size = k_cache.size(1);
+    a.scale = static_cast<float>(scale);
+    Tensor alibi;
+    if (alibi_in) {
+        alibi = alibi_in->to(at::kFloat).contiguous();
+        TORCH_CHECK_VALUE(alibi.numel() == a.Hq, "alibi_slopes must have one slope per query head");
+        a.alibi = alibi.data_ptr<float>();
+    }
+    a.nthreads = static_cast<int>(nthreads);
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::paged_attention(a);
+    }
+    if (out && !direct) return out->copy_(o);
+    return q_in.scalar_type() == at::kFloat ? o : o.to(q_in.scalar_type());
+}
+
+// Accepts x of any leading shape and float dtype; both results have x's shape and dtype.
+std::tuple<Tensor, Tensor> rms_norm(const Tensor& x_in, const Tensor& weight_in, double eps,
+                                    const std::optional<Tensor>& residual_in, int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
+    const Tensor x = as_rows(x_in);
+    const Tensor weight = weight_in.to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(weight.numel() == x.size(1), "weight must have ", x.size(1), " elements");
+    Tensor out = torch::empty({x.size(0), x.size(1)}, x.options());
+    Tensor sum, residual;
+    if (residual_in) {
+        residual = as_rows(*residual_in);
+        TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "residual must have x's shape");
+        sum = torch::empty_like(out);
+    }
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::rms_norm(x.data_ptr<float>(), x.stride(0), residual_in ? residual.data_ptr<float>() : nullptr,
+                          residual_in ? residual.stride(0) : 0, weight.data_ptr<float>(), out.data_ptr<float>(),
+                          out.stride(0), residual_in ? sum.data_ptr<float>() : nullptr, out.stride(0), x.size(0),
+                          x.size(1), static_cast<float>(eps), static_cast<int>(nthreads));
+    }
+    const auto dtype = x_in.scalar_type();
+    out = out.view(x_in.sizes());
+    if (!residual_in) return {dtype == at::kFloat ? out : out.to(dtype), x_in};
+    sum = sum.view(x_in.sizes());
+    if (dtype == at::kFloat) return {out, sum};
+    return {out.to(dtype), sum.to(dtype)};
+}
+
+Tensor silu_and_mul(const Tensor& x_in, int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
+    TORCH_CHECK_VALUE(x_in.size(-1) % 2 == 0, "silu_and_mul needs an even last dimension");
+    const Tensor x = as_rows(x_in);
+    const int64_t inter = x.size(1) / 2;
+    Tensor out = torch::empty({x.size(0), inter}, x.options());
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::silu_and_mul(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), out.stride(0), x.size(0), inter,
+                              static_cast<int>(nthreads));
+    }
+    if (x_in.dim() != 2) out = out.view(out_shape(x_in, inter));
+    return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("linear", &linear, "y = x W^T (+ bias + residual) with a packed bf16 weight");
+    m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
+    m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
+    m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+    m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
+    m.attr("PANEL") = lmserve::kPanel;
+}

@@ -1,0 +1,62 @@
+// Row-wise ops that sit between the GEMMs: RMS norm (with the residual add fused) and SwiGLU.
+// Each saves torch several passes over the activations and several op dispatches per layer.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace lmserve {
+
+void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, const float* weight, float* out,
+              int64_t ldo, float* sum_out, int64_t lds, int64_t M, int64_t H, float eps, int nthreads) {
+    // Rows are short (hundreds to a few thousand features): only many rows are worth threads.
+    const int threads = M >= 16 ? std::max(1, nthreads) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        const float* rr = residual ? residual + m * ldr : nullptr;
+        // Without a residual the sum is x itself and is not written anywhere.
+        float* sr = rr ? sum_out + m * lds : nullptr;
+        const float* src = rr ? sr : xr;
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < H; i += 16) {
+            const __mmask16 k = tail_mask(static_cast<int>(std::min<int64_t>(16, H - i)));
+            __m512 v = _mm512_maskz_loadu_ps(k, xr + i);
+            if (rr) {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, rr + i));
+                _mm512_mask_storeu_ps(sr + i, k, v);
+            }
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(H) + eps));
+        float* orow = out + m * ldo;
+        for (int64_t i = 0; i < H; i += 16) {
+            const __mmask16 k = tail_mask(static_cast<int>(std::min<int64_t>(16, H - i)));
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + i), inv);
+            _mm512_mask_storeu_ps(orow + i, k, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, weight + i)));
+        }
+    }
+}
+
+void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t M, int64_t I, int nthreads) {
+    const int threads = M * I >= (1 << 16) ? std::max(1, nthreads) : 1;
+    const __m512 neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* g = x + m * ldx;
+        const float* u = g + I;
+        float* o = out + m * ldo;
+        for (int64_t i = 0; i < I; i += 16) {
+            const __mmask16 k = tail_mask(static_cast<int>(std::min<int64_t>(16, I - i)));
+            const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+            const __m512 e = exp2_ps(_mm512_mul_ps(gv, neg_log2e));
+            const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u + i)));
+        }
+    }
+}
+
+}  // namespace lmserve

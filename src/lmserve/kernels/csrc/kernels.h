@@ -1,0 +1,66 @@
+// Torch-free interfaces of the CPU kernels. Only bindings.cpp includes torch; the kernels take raw
+// pointers and strides so their translation units compile in a second or two.
+#pragma once
+
+#include <cstdint>
+
+namespace lmserve {
+
+// Packed linear weight: ceil(N / 32) panels, each [K][32] bf16 with the pair interleave of vec.h
+// (element 2j = column j, element 2j+1 = column 16 + j of the panel). Padding columns are zero.
+constexpr int kPanel = 32;
+
+enum class Epilogue : int {
+    kNone = 0,     // y = x W^T + bias + residual
+    kSiluMul = 1,  // panels alternate gate/up; y[:, c] = silu(gate[:, c]) * up[:, c]
+};
+
+struct LinearArgs {
+    const float* x;          // [M, K], row stride ldx
+    int64_t ldx;
+    const uint16_t* w;       // packed panels
+    const float* bias;       // [N] or null (not with kSiluMul)
+    const float* residual;   // [M, N] with row stride ldr, or null (not with kSiluMul)
+    int64_t ldr;
+    float* y;                // [M, N_out], row stride ldy
+    int64_t ldy;
+    int64_t M, N, K;         // N: output columns (for kSiluMul the gate width); K: input features
+    int64_t panels;          // number of packed panels
+    Epilogue epilogue;
+    int nthreads;
+};
+
+void linear_bf16(const LinearArgs& a);
+
+struct AttentionArgs {
+    const float* q;          // [T, Hq, D] with strides (q_st, q_sh), last dim contiguous
+    int64_t q_st, q_sh;
+    float* out;              // [T, Hq, D] with strides (o_st, o_sh)
+    int64_t o_st, o_sh;
+    const void* k_cache;     // [blocks, block_size, Hkv, D], strides (kb, kt, kh)
+    const void* v_cache;
+    int64_t k_sb, k_st, k_sh, v_sb, v_st, v_sh;
+    bool bf16;               // cache dtype: bf16 if true, else fp32
+    const int32_t* block_tables;  // [S, max_blocks] row stride bt_stride
+    int64_t bt_stride, max_blocks, num_blocks;
+    const int32_t* context_lens;     // [S]
+    const int32_t* query_start_loc;  // [S + 1]
+    int64_t S, T, Hq, Hkv, D, block_size;
+    float scale;
+    const float* alibi;      // [Hq] or null
+    int nthreads;
+};
+
+// Throws std::invalid_argument on inconsistent metadata (bad block ids, too many new tokens).
+void paged_attention(const AttentionArgs& a);
+bool attention_supports_head_dim(int64_t d);
+
+// out = rms_norm(x + residual) * weight; sum_out receives x + residual (untouched without residual).
+void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, const float* weight,
+              float* out, int64_t ldo, float* sum_out, int64_t lds, int64_t M, int64_t H, float eps,
+              int nthreads);
+
+// out[:, c] = silu(x[:, c]) * x[:, I + c] for x [M, 2I].
+void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t M, int64_t I, int nthreads);
+
+}  // namespace lmserve

@@ -1,0 +1,83 @@
+"""The kernel interface the model layers call, and the one place that picks an implementation."""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import torch
+
+from lmserve.kernels.build import load_cpu_kernels
+from lmserve.kernels.packed import PackedLinear
+from lmserve.kernels.reference import ReferenceOps
+
+
+class Ops(Protocol):
+    """What a model needs from its device's kernels. Activations are fp32 on the CPU.
+
+    - ``pack_linear_weight(w[N, K]) -> PackedLinear``: once at load time.
+    - ``pack_gate_up_weight(gate[I, K], up[I, K]) -> PackedLinear``: for ``linear_silu_mul``.
+    - ``linear(x[..., K], w, bias=None, residual=None) -> [..., N]``: ``x W^T + bias + residual``.
+    - ``linear_silu_mul(x[..., K], w) -> [..., I]``: ``silu(x G^T) * (x U^T)`` in one pass.
+    - ``silu_and_mul(x[..., 2I]) -> [..., I]``.
+    - ``rms_norm(x, weight, eps, residual=None) -> (normed, x + residual)``.
+    - ``write_kv(k[T, Hkv, D], v, k_cache, v_cache, slot_mapping[T])``: in place.
+    - ``paged_attention(q[T, Hq, D], k_cache, v_cache, block_tables[S, B] int32, context_lens[S]
+      int32, query_start_loc[S + 1] int32, scale, alibi_slopes=None, out=None) -> [T, Hq, D]``.
+
+    Caches are ``[num_blocks, block_size, Hkv, D]`` (bf16 or fp32, block_size a power of two).
+    ``ReferenceOps`` documents each op's exact semantics.
+    """
+
+    name: str
+
+    @property
+    def fast_bf16(self) -> bool: ...
+
+    def pack_linear_weight(self, w: torch.Tensor) -> PackedLinear: ...
+
+    def pack_gate_up_weight(self, gate: torch.Tensor, up: torch.Tensor) -> PackedLinear: ...
+
+    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor: ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None: ...
+
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                        scale: float, alibi_slopes: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+_lock = threading.Lock()
+_by_device_type: dict[str, Ops] = {}
+
+
+def get_ops(device: torch.device | str = "cpu") -> Ops:
+    """The kernels for ``device``: compiled AVX-512 ones on capable CPUs (built on first call, cached
+    on disk; ``LMSERVE_CPU_KERNELS=0`` turns them off), the pure-torch ones everywhere else."""
+    kind = torch.device(device).type
+    with _lock:
+        ops = _by_device_type.get(kind)
+        if ops is None:
+            ops = _choose(kind)
+            _by_device_type[kind] = ops
+        return ops
+
+
+def _choose(kind: str) -> Ops:
+    if kind == "cpu":
+        ext = load_cpu_kernels()
+        if ext is not None:
+            from lmserve.kernels.cpu import CpuOps
+
+            return CpuOps(ext)
+    return ReferenceOps(kind)

@@ -1,0 +1,122 @@
+"""The ``lmserve`` command: ``lmserve serve [MODEL]``, ``lmserve pull``.
+
+Each subcommand is a ``Command`` in ``COMMANDS``: its name, one help line, a function adding its
+arguments and a function running it. New subcommands (``convert``, ``bench``) join that list; their
+modules are imported only when they run, so ``lmserve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmserve import __version__
+from lmserve.errors import LMServeError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- lmserve serve -------------------------------------------------------------------------------
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmserve.config import add_serve_arguments
+
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory, .tar.gz, s3:// prefix, Hub id or .gguf file; default: "
+                             "option.model_id, else the default model (pulled on first use)")  # fmt: skip
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_serve_arguments(parser)
+    # For development and tests: another EngineCore implementation, e.g. a fake engine.
+    parser.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-options", default=None, help=argparse.SUPPRESS)
+
+
+def _run_serve(ns: argparse.Namespace) -> int:
+    from lmserve.config import cli_overrides, load_serving_config
+    from lmserve.errors import ConfigError
+    from lmserve.server.runtime import DEFAULT_ENGINE_FACTORY, LoadPlan
+    from lmserve.server.serve import run_server
+
+    _configure_logging(ns.log_level)
+    overrides = cli_overrides(ns)
+    properties = Path(ns.properties) if ns.properties else None
+    default_model = False
+    try:
+        config = load_serving_config(ns.model, cli=overrides, properties=properties)
+    except ConfigError as exc:
+        if ns.model is not None or exc.key != "option.model_id":
+            raise
+        from lmserve.store.default_model import default_model_dir
+
+        logging.getLogger("lmserve").info("no model given: serving the default model")
+        config = load_serving_config(str(default_model_dir()), cli=overrides, properties=properties)
+        default_model = True
+    plan = LoadPlan(config, model_arg=ns.model, cli=overrides, properties=properties, resolve=True,
+                    default_model=default_model, engine_factory=ns.engine_factory or DEFAULT_ENGINE_FACTORY,
+                    engine_options=json.loads(ns.engine_options) if ns.engine_options else {})  # fmt: skip
+    return run_server(plan, log_level=ns.log_level)
+
+
+# ---- lmserve pull --------------------------------------------------------------------------------
+
+
+def _pull_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_pull(ns: argparse.Namespace) -> int:
+    from lmserve.store.default_model import pull_default_model
+
+    _configure_logging("info")
+    print(pull_default_model(progress=not ns.quiet))
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("serve", "serve a model over HTTP (SageMaker/LMI, TGI and OpenAI routes)", _serve_arguments, _run_serve),
+    Command("pull", "fetch the default model into the lmserve cache", _pull_arguments, _run_pull),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmserve", description="An open inference server for LLMs.")
+    parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lmserve`` script; returns the exit code."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.run(ns))
+    except (LMServeError, json.JSONDecodeError) as exc:  # the user's errors: one line, no traceback
+        print(f"lmserve {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""ASGI middleware: the request-body size limit, and HTTP responses counted by route and status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmserve.metrics import ServerMetrics
+from lmserve.server.errors import error_response
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes()`` with 413: at once when ``Content-Length`` says so, else as
+    soon as the streamed body passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            problem = _check_length(declared, limit)
+            if problem is not None:
+                await error_response(problem)(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"the request body is larger than max_request_bytes ({limit})")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _check_length(declared: bytes, limit: int) -> HTTPException | None:
+    try:
+        length = int(declared)
+    except ValueError:
+        return HTTPException(400, "the Content-Length header is not a number")
+    if length > limit:
+        return HTTPException(413, f"the request body ({length} bytes) is larger than max_request_bytes ({limit})")
+    return None
+
+
+class MetricsMiddleware:
+    """Count every HTTP response by route template (``unmatched`` for unknown paths) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def remember_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, remember_status)
+        finally:
+            route: Any = scope.get("route")
+            self.metrics.count_response(getattr(route, "path", "unmatched"), status)

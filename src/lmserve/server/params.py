@@ -1,0 +1,111 @@
+"""Dialect parameters into ``SamplingParams``, with errors that name the parameter as the client sent it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lmserve.engine.sampling_params import SamplingParams
+from lmserve.errors import InvalidRequestError
+from lmserve.server.protocol.lmi import GenerationParameters
+from lmserve.server.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+LMI_DEFAULT_MAX_NEW_TOKENS = 30  # as LMI's rolling-batch handlers
+TGI_DEFAULT_MAX_NEW_TOKENS = 100  # as TGI
+OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions API
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+
+_LMI_NAMES = {"stop": "parameters.stop_sequences", "logprobs": "parameters.top_n_tokens"}
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop": "stop",
+                 "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                 "repetition_penalty": "repetition_penalty", "logprobs": "logprobs"}  # fmt: skip
+
+
+def check_text(field: str, text: str) -> str:
+    """``text`` itself, if it can be encoded (JSON allows lone surrogates; tokenizers do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(field, "is not valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
+def _build(names: Mapping[str, str], prefix: str, **kwargs: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(names.get(exc.field, prefix + exc.field), exc.message) from None
+
+
+def _refuse(checks: Iterable[tuple[bool, str, str]]) -> None:
+    for bad, name, why in checks:
+        if bad:
+            raise InvalidRequestError(name, why)
+
+
+def lmi_sampling_params(p: GenerationParameters, *, default_max_new_tokens: int, logprobs: bool) -> SamplingParams:
+    """LMI/TGI parameters; ``logprobs`` asks for the chosen token's log-probability (details, streams)."""
+    _refuse([
+        (p.decoder_input_details, "parameters.decoder_input_details", "prompt log-probabilities are not supported"),
+        (p.best_of not in (None, 1), "parameters.best_of", "only best_of=1 is supported"),
+        (p.typical_p is not None, "parameters.typical_p", "typical decoding is not supported"),
+        (p.watermark, "parameters.watermark", "watermarking is not supported"),
+        (p.frequency_penalty not in (None, 0.0), "parameters.frequency_penalty",
+         "is not supported; use repetition_penalty"),
+        (p.grammar is not None, "parameters.grammar", "constrained decoding is not supported"),
+        (p.adapter_id is not None, "parameters.adapter_id", "no adapters are loaded"),
+    ])  # fmt: skip
+    if p.do_sample is False:
+        temperature = 0.0
+    elif p.do_sample is True:
+        temperature = 1.0 if p.temperature is None else p.temperature
+    else:
+        temperature = p.temperature or 0.0
+    stop = [*(p.stop_sequences or ()), *([p.stop] if isinstance(p.stop, str) else p.stop or ())]
+    for i, s in enumerate(stop):
+        check_text(f"parameters.stop_sequences[{i}]", s)
+    top_n = p.top_n_tokens or None
+    return _build(
+        _LMI_NAMES, "parameters.",
+        max_new_tokens=default_max_new_tokens if p.max_new_tokens is None else p.max_new_tokens,
+        min_new_tokens=p.min_new_tokens or 0, temperature=temperature, top_k=p.top_k or 0,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+        seed=p.seed, stop=tuple(stop), ignore_eos=p.ignore_eos,
+        logprobs=top_n if top_n else (0 if logprobs or p.details else None),
+    )  # fmt: skip
+
+
+def _openai_refusals(req: SamplingFields) -> list[tuple[bool, str, str]]:
+    return [
+        (req.presence_penalty not in (None, 0.0), "presence_penalty", "is not supported; use repetition_penalty"),
+        (req.frequency_penalty not in (None, 0.0), "frequency_penalty", "is not supported; use repetition_penalty"),
+        (bool(req.logit_bias), "logit_bias", "is not supported"),
+    ]
+
+
+def openai_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_new_tokens: int,
+                           logprobs: int | None) -> SamplingParams:
+    """OpenAI sampling fields. The caller works out ``max_new_tokens`` (its default depends on the
+    route and the prompt) and ``logprobs`` (the fields differ between completions and chat)."""
+    checks = _openai_refusals(req)
+    if isinstance(req, CompletionRequest):
+        checks += [(req.echo, "echo", "echoing the prompt is not supported"),
+                   (req.best_of not in (None, 1), "best_of", "only best_of=1 is supported; use n"),
+                   (req.suffix is not None, "suffix", "insertion (suffix) is not supported")]  # fmt: skip
+    else:
+        checks += [(bool(req.tools), "tools", "tool calling is not supported"),
+                   (req.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported"),
+                   (req.response_format is not None and req.response_format.type != "text", "response_format",
+                    "only {'type': 'text'} is supported")]  # fmt: skip
+    _refuse(checks)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    for i, s in enumerate(stop):
+        check_text(f"stop[{i}]", s)
+    return _build(
+        _OPENAI_NAMES, "", max_new_tokens=max_new_tokens, min_new_tokens=req.min_tokens or 0,
+        temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        seed=req.seed, stop=tuple(stop), ignore_eos=req.ignore_eos, logprobs=logprobs,
+    )  # fmt: skip

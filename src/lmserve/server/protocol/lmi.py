@@ -1,0 +1,63 @@
+"""SageMaker/DJL LMI and TGI request bodies; both dialects share one parameter set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from lmserve.server.protocol.common import Count, Seed, StrictModel, TopN
+
+
+class GenerationParameters(StrictModel):
+    """LMI/TGI generation parameters. Unset ones take the dialect's defaults.
+
+    ``do_sample=false`` decodes greedily whatever ``temperature`` says; ``do_sample=true`` samples at
+    ``temperature`` (1.0 when unset); unset ``do_sample`` samples only when a ``temperature`` above 0
+    is given. ``stop`` (TGI) and ``stop_sequences`` (LMI) are merged.
+    """
+
+    max_new_tokens: Count | None = None
+    min_new_tokens: Count | None = None
+    temperature: float | None = None
+    top_k: Count | None = None
+    top_p: float | None = None
+    do_sample: bool | None = None
+    repetition_penalty: float | None = None
+    stop_sequences: list[str] | None = None
+    stop: list[str] | str | None = None
+    seed: Seed | None = None
+    details: bool = False
+    return_full_text: bool = False
+    ignore_eos: bool = False
+    decoder_input_details: bool = Field(False, description="Prompt log-probabilities; not supported.")
+    top_n_tokens: TopN | None = None
+    truncate: Count | None = Field(None, description="Keep only the last this many prompt tokens.")
+    # TGI parameters accepted only at their neutral value; anything else is refused by name.
+    best_of: Count | None = None
+    typical_p: float | None = None
+    watermark: bool = False
+    frequency_penalty: float | None = None
+    grammar: dict[str, Any] | None = None
+    adapter_id: str | None = None
+
+
+class InvocationRequest(StrictModel):
+    """``POST /invocations`` and ``POST /predictions/{model}``."""
+
+    inputs: str | list[str]
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    stream: bool = False
+
+
+class GenerateRequest(StrictModel):
+    """TGI ``POST /generate`` and ``POST /generate_stream``."""
+
+    inputs: str
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """TGI ``POST /``: streams when ``stream`` is true, else answers like ``/generate``."""
+
+    stream: bool = False

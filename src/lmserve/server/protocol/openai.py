@@ -1,0 +1,76 @@
+"""OpenAI completion and chat completion request bodies.
+
+Fields OpenAI defines but lmserve cannot honour are accepted only at their neutral values and
+refused by name otherwise (see ``lmserve.server.params``). ``top_k``, ``repetition_penalty``,
+``ignore_eos`` and ``min_tokens`` are extensions, as in other open servers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmserve.server.protocol.common import Count, Seed, StrictModel, TopN
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingFields(StrictModel):
+    model: str | None = Field(None, description="The served model's name; any other is a 404.")
+    max_tokens: Count | None = None
+    temperature: float | None = Field(None, description="Default 1.0.")
+    top_p: float | None = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: Count | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: Count | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``. ``max_tokens`` defaults to 16, as in OpenAI's API."""
+
+    prompt: str | list[str] | list[Count] | list[list[Count]]
+    logprobs: TopN | None = None
+    echo: bool = False
+    best_of: Count | None = None
+    suffix: str | None = None
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``. Without ``max_tokens`` the answer may fill the context."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: TopN | None = None
+    max_completion_tokens: Count | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None

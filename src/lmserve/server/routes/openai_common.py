@@ -1,0 +1,40 @@
+"""What the OpenAI routes share: fan-out of ``n`` choices, usage, ids, and the SSE ending."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from lmserve.engine.sampling_params import SamplingParams
+from lmserve.server.generation import Completion
+
+
+def fan_out(prompts: Sequence[list[int]], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
+    """``n`` requests per prompt, choice ``i`` of a prompt seeded ``seed + i`` (so a seeded request is
+    reproducible and its choices differ; greedy choices are identical)."""
+    jobs = []
+    for prompt in prompts:
+        for i in range(n):
+            seeded = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
+            jobs.append((prompt, seeded))
+    return jobs
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def usage_of(prompts: Sequence[list[int]], results: Sequence[Completion]) -> dict[str, int]:
+    return usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in results))
+
+
+def openai_finish_reason(finish_reason: str | None) -> str | None:
+    return "length" if finish_reason == "length" else None if finish_reason is None else "stop"
+
+
+def envelope(kind: str, model: str, prefix: str) -> dict[str, Any]:
+    """The fields every OpenAI response or chunk starts with."""
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}

@@ -1,0 +1,116 @@
+"""SageMaker / DJL LMI: ``POST /invocations`` and ``POST /predictions/{model}``.
+
+Body ``{"inputs": str | [str], "parameters": {...}, "stream": bool}``. Without streaming the answer is
+``{"generated_text": ...}`` (a list of those for a list of inputs), with ``details`` when
+``parameters.details`` is true. With streaming it is JSON lines (``application/jsonlines``): one
+``{"token": {"id", "text", "log_prob"}, "generated_text": null}`` per token; the last line carries
+``generated_text`` (and ``details`` when asked).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from lmserve.errors import InvalidRequestError
+from lmserve.server import generation as gen
+from lmserve.server.errors import jsonlines_error
+from lmserve.server.params import LMI_DEFAULT_MAX_NEW_TOKENS, lmi_sampling_params
+from lmserve.server.protocol.lmi import GenerationParameters, InvocationRequest
+from lmserve.server.routes import runtime_of
+from lmserve.server.runtime import ModelRuntime
+from lmserve.server.streaming import (
+    deltas_from,
+    guarded,
+    jsonlines_response,
+    tgi_finish_reason,
+    token_events,
+    token_text,
+)
+
+router = APIRouter(tags=["SageMaker / LMI"])
+
+
+@router.post("/invocations")
+async def invocations(body: InvocationRequest, request: Request) -> Response:
+    """Generate text for one input or a list of inputs (LMI schema)."""
+    return await invoke(runtime_of(request), request, body)
+
+
+@router.post("/predictions/{model_name}")
+async def predictions(model_name: str, body: InvocationRequest, request: Request) -> Response:
+    """``/invocations`` for a named model (DJL Serving); an unknown name is a 404."""
+    rt = runtime_of(request)
+    rt.check_model(model_name)
+    return await invoke(rt, request, body)
+
+
+def prompt_ids(rt: ModelRuntime, text: str, field: str, p: GenerationParameters) -> list[int]:
+    """Tokenized and checked; ``truncate`` keeps the last tokens (TGI)."""
+    ids = gen.tokenize(rt, text, field)
+    if p.truncate:
+        ids = ids[-p.truncate:]
+    return gen.check_prompt(rt, ids, field)
+
+
+async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) -> Response:
+    rt.ready_router()
+    single = isinstance(body.inputs, str)
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    if not texts:
+        raise InvalidRequestError("inputs", "must not be an empty list")
+    if body.stream and not single:
+        raise InvalidRequestError("inputs", "streaming takes one input; send a string, not a list")
+    params = lmi_sampling_params(body.parameters, default_max_new_tokens=LMI_DEFAULT_MAX_NEW_TOKENS,
+                                 logprobs=body.stream)  # fmt: skip
+    fields = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(texts))]
+    prompts = [prompt_ids(rt, text, f, body.parameters) for text, f in zip(texts, fields, strict=True)]
+    streams = gen.start_all(rt, [(ids, params) for ids in prompts], "lmi")
+    if body.stream:
+        first = await gen.first_delta(request, streams[0])
+        lines = _lines(rt, body.parameters, texts[0], streams[0], first)
+        return jsonlines_response(guarded(lines, jsonlines_error, streams))
+    results = await gen.complete(request, streams)
+    outputs = [_output(rt, body.parameters, text, c) for text, c in zip(texts, results, strict=True)]
+    return JSONResponse(outputs[0] if single else outputs)
+
+
+def _details(text: str, finish: str | None, stop: Any, generated: int) -> dict[str, Any]:
+    return {"finish_reason": tgi_finish_reason(finish, stop), "generated_tokens": generated, "inputs": text}
+
+
+def _output(rt: ModelRuntime, p: GenerationParameters, text: str, c: gen.Completion) -> dict[str, Any]:
+    out: dict[str, Any] = {"generated_text": text + c.text if p.return_full_text else c.text}
+    if p.details:
+        logprobs = [lp.logprob for lp in c.logprobs] if len(c.logprobs) == len(c.token_ids) else None
+        out["details"] = _details(text, c.finish_reason, c.stop_reason, len(c.token_ids)) | {"tokens": [
+            {"id": t, "text": token_text(rt, t), "log_prob": logprobs[k] if logprobs else None}
+            for k, t in enumerate(c.token_ids)
+        ]}  # fmt: skip
+    return out
+
+
+async def _lines(rt: ModelRuntime, p: GenerationParameters, text: str, stream: gen.TrackedStream,
+                 first: Any) -> AsyncIterator[str]:
+    generated, count = text if p.return_full_text else "", 0
+    async for delta in deltas_from(first, stream):
+        generated += delta.text
+        count += len(delta.token_ids)
+        events = token_events(rt, delta)
+        for k, event in enumerate(events):
+            line: dict[str, Any] = {"token": {"id": event.id, "text": event.text, "log_prob": event.logprob},
+                                    "generated_text": None}  # fmt: skip
+            if delta.finished and k == len(events) - 1:
+                line["generated_text"] = generated
+                if p.details:
+                    line["details"] = _details(text, delta.finish_reason, delta.stop_reason, count)
+            yield json.dumps(line) + "\n"
+        if delta.finished and not events:
+            line = {"token": None, "generated_text": generated}
+            if p.details:
+                line["details"] = _details(text, delta.finish_reason, delta.stop_reason, count)
+            yield json.dumps(line) + "\n"

@@ -1,0 +1,109 @@
+"""OpenAI routes, through the official ``openai`` client and raw SSE."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import MODEL_NAME, LiveServer
+from tests.server.test_lmi_routes import HELLO, greedy_words
+
+# The chat template renders "user : hello assistant : " -> ids of user, :, hello, assistant, :
+CHAT = [{"role": "user", "content": "hello"}]
+CHAT_IDS = [53, 56, 43, 54, 56]
+
+
+@pytest.fixture
+def client(live: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=3, temperature=0)
+    assert out.choices[0].text == " ".join(greedy_words(HELLO, 3))
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (2, 3, 5)
+
+
+def test_completion_defaults_to_16_tokens_and_takes_token_ids(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL_NAME, prompt=HELLO, temperature=0)
+    assert out.choices[0].text == " ".join(greedy_words(HELLO, 16))
+
+
+def test_completion_logprobs_and_stop(client: openai.OpenAI) -> None:
+    words = greedy_words(HELLO, 5)
+    out = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=5, temperature=0,
+                                    logprobs=2, stop=words[3])  # fmt: skip
+    choice = out.choices[0]
+    assert choice.text == " ".join(words[:3]) + " " and choice.finish_reason == "stop"
+    assert choice.logprobs.tokens == words[:4]
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    assert choice.logprobs.text_offset[:2] == [0, len(words[0])]
+
+
+def test_completion_n_fans_out_with_consecutive_seeds(client: openai.OpenAI) -> None:
+    sampled = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=6, n=3, seed=7)
+    texts = [c.text for c in sampled.choices]
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and len(set(texts)) == 3
+    second = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=6, seed=8)
+    assert second.choices[0].text == texts[1]
+    assert sampled.usage.prompt_tokens == 2 and sampled.usage.completion_tokens == 18
+    greedy = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=4, n=2, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text
+
+
+def test_completion_stream_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == " ".join(greedy_words(HELLO, 4))
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].usage.prompt_tokens == 2
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=3, temperature=0,
+                                         logprobs=True, top_logprobs=2)  # fmt: skip
+    message = out.choices[0].message
+    assert message.role == "assistant" and message.content == " ".join(greedy_words(CHAT_IDS, 3))
+    assert [entry.token for entry in out.choices[0].logprobs.content] == greedy_words(CHAT_IDS, 3)
+    assert all(len(entry.top_logprobs) == 2 for entry in out.choices[0].logprobs.content)
+    assert out.usage.prompt_tokens == len(CHAT_IDS)
+
+
+def test_chat_without_max_tokens_fills_the_context(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == 64
+
+
+def test_chat_stream(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=3, temperature=0,
+                                                 stream=True, n=2, stream_options={"include_usage": True}))
+    roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
+    assert roles == ["assistant", "assistant"]
+    for index in (0, 1):
+        parts = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(p.delta.content or "" for p in parts) == " ".join(greedy_words(CHAT_IDS, 3))
+        assert parts[-1].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_raw_sse_ends_with_done(http: httpx.Client) -> None:
+    with http.stream("POST", "/v1/chat/completions",
+                     json={"messages": CHAT, "max_tokens": 2, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][5:])["object"] == "chat.completion.chunk"
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hello", max_tokens=1)

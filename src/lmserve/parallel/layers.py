@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.parallel.sharding import HeadLayout, Split, heads_per_rank, pad_vocab, shard
+from lmserve.parallel.sharding import HeadLayout, Split, kv_heads, pad_vocab, query_heads, shard
 from lmserve.parallel.state import SINGLE, ParallelState
+
+FUSED_LAYOUTS = ("qkv", "per_head")
 
 
 def _param(shape: Sequence[int], dtype: torch.dtype, loader: Any) -> nn.Parameter:
@@ -83,25 +85,47 @@ class ColumnParallelLinear(LinearBase):
 
 
 class QKVParallelLinear(LinearBase):
-    """The merged q|k|v projection, split by attention heads (KV heads replicated when too few)."""
+    """The merged q|k|v projection, split by attention heads (see ``sharding`` for uneven splits).
+
+    Checkpoints store q, k and v either apart (loaded with part ``"q"``, ``"k"``, ``"v"``) or fused in
+    one tensor (part ``None``): ``fused="qkv"`` for [q | k | v] blocks (GPT-2), ``"per_head"`` for
+    [heads, (q, k, v), head_dim] rows (GPT-NeoX, BLOOM).
+    """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, state: ParallelState = SINGLE) -> None:
-        self.head_dim = head_dim
-        self.total_heads = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
-        self.num_heads = heads_per_rank(num_heads, state.world_size)
-        if num_heads < state.world_size:
-            raise ValueError(f"{num_heads} query heads cannot be split over {state.world_size} ranks")
-        self.num_kv_heads = heads_per_rank(num_kv_heads, state.world_size)
+                 dtype: torch.dtype = torch.float32, state: ParallelState = SINGLE, fused: str | None = None) -> None:
+        if fused is not None and fused not in FUSED_LAYOUTS:
+            raise ValueError(f"unknown fused q/k/v layout {fused!r}; known: {', '.join(FUSED_LAYOUTS)}")
+        if fused == "per_head" and num_kv_heads != num_heads:
+            raise ValueError(f"a per-head fused q/k/v needs as many KV heads as query heads, "
+                             f"got {num_kv_heads} and {num_heads}")
+        self.head_dim, self.fused = head_dim, fused
+        self.layout = HeadLayout(num_heads, head_dim, num_kv_heads)
+        self.num_heads = len(query_heads(num_heads, state.world_size, state.rank))
+        self.num_kv_heads = len(kv_heads(num_heads, num_kv_heads, state.world_size, state.rank))
         self.local_sizes = {"q": self.num_heads * head_dim, "k": self.num_kv_heads * head_dim,
                             "v": self.num_kv_heads * head_dim}
         super().__init__(hidden_size, sum(self.local_sizes.values()), bias, dtype, state)
 
     def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any) -> None:
+        if part is None:
+            for name, piece in zip("qkv", self._unfuse(full), strict=True):
+                self._place(param, piece, name)
+            return
         offset = {"q": 0, "k": self.local_sizes["q"], "v": self.local_sizes["q"] + self.local_sizes["k"]}[part]
-        layout = HeadLayout(self.total_heads[part], self.head_dim)
-        local = shard(full, Split.HEADS, self.state.rank, self.state.world_size, layout)
+        split = Split.HEADS if part == "q" else Split.KV_HEADS
+        local = shard(full, split, self.state.rank, self.state.world_size, self.layout)
         param.data.narrow(0, offset, self.local_sizes[part]).copy_(local)
+
+    def _unfuse(self, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q_rows = self.layout.num_heads * self.head_dim
+        kv_rows = (self.layout.num_kv_heads or self.layout.num_heads) * self.head_dim
+        if self.fused == "qkv":
+            return tuple(full.split([q_rows, kv_rows, kv_rows], dim=0))
+        if self.fused == "per_head":
+            by_head = full.reshape(self.layout.num_heads, 3, self.head_dim, *full.shape[1:])
+            return tuple(by_head[:, i].reshape(q_rows, *full.shape[1:]) for i in range(3))
+        raise ValueError("a fused q/k/v checkpoint tensor needs QKVParallelLinear(fused=...)")
 
     load_weight = _place
     load_bias = _place
@@ -119,7 +143,7 @@ class RowParallelLinear(LinearBase):
         # ``in_split`` splits the input by whole heads (o_proj after attention heads were split).
         self.in_split = in_split
         if in_split is not None:
-            local_in = heads_per_rank(in_split.num_heads, state.world_size) * in_split.head_dim
+            local_in = len(query_heads(in_split.num_heads, state.world_size, state.rank)) * in_split.head_dim
         else:
             if in_features % state.world_size:
                 raise ValueError(f"{in_features} input features cannot be split over {state.world_size} ranks")
@@ -170,14 +194,43 @@ class ParallelLMHead(LinearBase):
     """Logits over a vocabulary split by rows; gathered to full width on every rank."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
-                 state: ParallelState = SINGLE) -> None:
+                 state: ParallelState = SINGLE, bias: bool = False) -> None:
         self.vocab_size = vocab_size
         local_rows = pad_vocab(vocab_size, state.world_size) // state.world_size
-        super().__init__(hidden_size, local_rows, False, dtype, state)
+        super().__init__(hidden_size, local_rows, bias, dtype, state)
 
     def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
         param.data.copy_(shard(full, Split.VOCAB, self.state.rank, self.state.world_size))
 
+    load_bias = load_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.state.all_gather_last_dim(self.matmul(x, None))
+        logits = self.state.all_gather_last_dim(self.matmul(x, self.bias))
         return logits[..., :self.vocab_size]
+
+
+class ReplicatedLinear(LinearBase):
+    """A small projection every rank holds whole (OPT's project_in/project_out)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, state: ParallelState = SINGLE) -> None:
+        super().__init__(in_features, out_features, bias, dtype, state)
+
+    def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        param.data.copy_(full)
+
+    load_bias = load_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+def conv1d_checkpoint(layer: LinearBase) -> LinearBase:
+    """Let ``layer`` load GPT-2 style Conv1D weights, which checkpoints store [in, out], not [out, in]."""
+    load = layer.weight.weight_loader  # type: ignore[attr-defined]
+
+    def load_transposed(param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
+        load(param, full.t(), part)
+
+    layer.weight.weight_loader = load_transposed  # type: ignore[attr-defined]
+    return layer

@@ -92,3 +92,32 @@ def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def _hf(config_cls: str, model_cls: str) -> Callable[..., Any]:
+    def build(**kw: Any) -> Any:
+        import transformers
+
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw))
+
+    return build
+
+
+_GPT = dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024)
+_NEOX = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=1024, rotary_pct=0.25)
+_OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, max_position_embeddings=1024,
+            word_embed_proj_dim=64)
+
+FAMILIES.update({
+    # SmolLM's head shape (9 query heads sharing 3 KV heads): degree 2 splits heads unevenly.
+    "llama-gqa-9x3": (_llama, dict(_COMMON, hidden_size=72, num_attention_heads=9, num_key_value_heads=3)),
+    "gpt2": (_hf("GPT2Config", "GPT2LMHeadModel"), dict(_GPT)),
+    "gptj": (_hf("GPTJConfig", "GPTJForCausalLM"), dict(_GPT, rotary_dim=8)),
+    "gpt_neox": (_hf("GPTNeoXConfig", "GPTNeoXForCausalLM"), dict(_NEOX)),
+    "gpt_neox-sequential": (_hf("GPTNeoXConfig", "GPTNeoXForCausalLM"), dict(_NEOX, use_parallel_residual=False)),
+    "opt": (_hf("OPTConfig", "OPTForCausalLM"), dict(_OPT)),
+    "opt-proj-postln": (_hf("OPTConfig", "OPTForCausalLM"), dict(_OPT, word_embed_proj_dim=32,
+                                                                  do_layer_norm_before=False)),
+    "bloom": (_hf("BloomConfig", "BloomForCausalLM"), dict(hidden_size=64, n_layer=2, n_head=4)),
+})

@@ -51,7 +51,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32, returning the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+        return F.layer_norm(x.float(), self.normalized_shape, None if self.weight is None else self.weight.float(),
                             None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
 
 
@@ -59,6 +59,39 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU: silu(gate) * up, where ``x`` is gate|up concatenated on the last dimension."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Any] = {
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_new": _gelu_tanh,  # the tanh approximation, under the names checkpoints use for it
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "bloom_gelu": _gelu_tanh,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def get_activation(name: str) -> Any:
+    """The activation a config names (``hidden_act`` / ``activation_function``)."""
+    if name not in ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.), as BLOOM computes them, for any head count."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** i for i in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** i for i in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 class RotaryEmbedding(nn.Module):
@@ -145,7 +178,8 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_index = layer_index
         self.scale = head_dim ** -0.5 if scale is None else scale
-        self.alibi_slopes = alibi_slopes
+        self.alibi_slopes: torch.Tensor | None
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)  # moves with the model
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         n = q.shape[0]

@@ -13,6 +13,11 @@ _FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
+    "GPT2LMHeadModel": "lmserve.models.gpt2:GPT2LMHeadModel",
+    "GPTJForCausalLM": "lmserve.models.gptj:GPTJForCausalLM",
+    "GPTNeoXForCausalLM": "lmserve.models.gpt_neox:GPTNeoXForCausalLM",
+    "OPTForCausalLM": "lmserve.models.opt:OPTForCausalLM",
+    "BloomForCausalLM": "lmserve.models.bloom:BloomForCausalLM",
 }
 
 

@@ -278,9 +278,7 @@ class EngineClient:
                 waiter.set_exception(error)
 
     def _kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.terminate()
-            self._process.join(3)
+        # SIGKILL: the engine ignores SIGTERM (it must outlive a process-group SIGTERM while we drain).
         if self._process is not None and self._process.is_alive():
             self._process.kill()
-            self._process.join(3)
+            self._process.join(5)

@@ -55,8 +55,11 @@ def load_factory(path: str) -> Callable[..., EngineCore]:
 
 def run_engine_process(spec_bytes: bytes, input_address: str, output_address: str) -> None:
     """Entry point of the spawned process. Exits 0 after ``Shutdown``, 1 after a failure."""
-    # Ctrl+C reaches the whole process group; the frontend decides when this process stops.
+    # Ctrl+C, and SIGTERM from supervisors that signal a whole process group or cgroup, must not
+    # stop the engine while the frontend drains: the frontend decides when this process stops, and
+    # an engine whose frontend is gone stops by itself (see ``EngineLoop._orphaned``).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)

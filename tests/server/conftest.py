@@ -36,11 +36,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def serving_config(model_dir: Path, *, job_queue_size: int = 16, predict_timeout_s: float = 10.0,
                    max_request_bytes: int = 64 * 1024, queue_full_status: int = 429,
-                   model_loading_timeout_s: float = 60.0, graceful_shutdown_s: float = 5.0) -> ServingConfig:
+                   model_loading_timeout_s: float = 60.0, graceful_shutdown_s: float = 5.0,
+                   engine: dict[str, Any] | None = None) -> ServingConfig:
+    engine_fields = {"max_model_len": MAX_MODEL_LEN, "block_size": 4, "max_num_seqs": 8} | (engine or {})
     return ServingConfig(
         model=ModelSpec(model_id=str(model_dir), name=MODEL_NAME),
-        engine=EngineConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, block_size=4, max_num_seqs=8,
-                            served_name=MODEL_NAME),
+        engine=EngineConfig(model=str(model_dir), served_name=MODEL_NAME, **engine_fields),
         workers=WorkerConfig(job_queue_size=job_queue_size, predict_timeout_s=predict_timeout_s,
                              model_loading_timeout_s=model_loading_timeout_s),
         server=ServerConfig(host="127.0.0.1", port=0, max_request_bytes=max_request_bytes,
@@ -73,8 +74,8 @@ class LiveServer:
 
 
 def start_server(model_dir: Path, engine_options: dict[str, Any] | None = None, wait: bool = True,
-                 **config: Any) -> LiveServer:
-    plan = LoadPlan(serving_config(model_dir, **config), resolve=False, engine_factory=FAKE_FACTORY,
+                 engine_factory: str = FAKE_FACTORY, **config: Any) -> LiveServer:
+    plan = LoadPlan(serving_config(model_dir, **config), resolve=False, engine_factory=engine_factory,
                     engine_options=engine_options or {})  # fmt: skip
     runtime = ModelRuntime(plan)
     server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=0, log_level="warning",
@@ -88,7 +89,7 @@ def start_server(model_dir: Path, engine_options: dict[str, Any] | None = None, 
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(runtime, server, thread, f"http://127.0.0.1:{port}")
     if wait:
-        live.wait_for_ping(200)
+        live.wait_for_ping(200, timeout=config.get("model_loading_timeout_s", 60.0))
     return live
 
 

@@ -11,15 +11,21 @@
 #include <string>
 #include <vector>
 
-#include "attention_tile.h"
+#include "attention_decode.h"
+#include "attention_prefill.h"
 
 namespace lmserve {
 namespace {
 
 constexpr int kSplitMinKeys = 256;  // a key split below this costs more to merge than it saves
 
-std::vector<Item> plan_items(const AttentionArgs& a, int64_t G) {
+std::vector<Item> plan_items(const AttentionArgs& a, int64_t G, int threads) {
     std::vector<Item> items;
+    // With enough decodes to go round, one item takes all KV heads of a sequence: a token's keys
+    // for all heads are contiguous, so the item streams whole cache lines that it fully uses.
+    int64_t decodes = 0;
+    for (int64_t s = 0; s < a.S; ++s) decodes += a.query_start_loc[s + 1] - a.query_start_loc[s] == 1;
+    const bool whole_decodes = decodes >= 8LL * threads;
     const int64_t heads_per_item = std::min<int64_t>(G, kTileRows);
     for (int64_t s = 0; s < a.S; ++s) {
         const int64_t q0 = a.query_start_loc[s], q1 = a.query_start_loc[s + 1];
@@ -46,10 +52,11 @@ std::vector<Item> plan_items(const AttentionArgs& a, int64_t G) {
             for (int64_t i0 = 0; i0 < n_new; i0 += tq) {
                 const int32_t nt = static_cast<int32_t>(std::min(tq, n_new - i0));
                 const int32_t pos0 = static_cast<int32_t>(ctx - n_new + i0);
-                for (int64_t g = 0; g < a.Hkv; ++g) {
-                    Item it{q0 + i0, static_cast<int32_t>(s), static_cast<int32_t>(g), static_cast<int32_t>(h0), nh,
-                            nt, pos0, 0, pos0 + nt, -1, 0};
-                    it.cost = static_cast<int64_t>(nt) * nh * (pos0 + nt);
+                const int32_t ng = whole_decodes && n_new == 1 && nh == G ? static_cast<int32_t>(a.Hkv) : 1;
+                for (int64_t g = 0; g < a.Hkv; g += ng) {
+                    Item it{q0 + i0, static_cast<int32_t>(s), static_cast<int32_t>(g), ng, static_cast<int32_t>(h0),
+                            nh, nt, pos0, 0, pos0 + nt, -1, 0};
+                    it.cost = static_cast<int64_t>(nt) * nh * ng * (pos0 + nt);
                     items.push_back(it);
                 }
             }
@@ -68,7 +75,7 @@ int split_decodes(std::vector<Item>& items, int threads) {
     for (const Item& it : items) {
         const int64_t len = it.kv1 - it.kv0;
         const int64_t n = std::min<int64_t>(want, len / kSplitMinKeys);
-        if (it.nt != 1 || n < 2) {
+        if (it.nt != 1 || it.ng != 1 || n < 2) {
             out.push_back(it);
             continue;
         }
@@ -87,12 +94,21 @@ int split_decodes(std::vector<Item>& items, int threads) {
 }
 
 template <int D>
-void run_item(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
+void run_item(const AttentionArgs& a, const Item& whole, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
+  for (int32_t g = whole.g; g < whole.g + whole.ng; ++g) {
+    Item it = whole;
+    it.g = g;
+    it.ng = 1;
     const int R = it.nt * it.nh;
-    if (R < kLanesMinRows) return run_rowdot<D>(a, it, G, log2bs, ws, sink);
-    if (R <= 16) return run_lanes<D, 1>(a, it, G, log2bs, ws, sink);
-    if (R <= 32) return run_lanes<D, 2>(a, it, G, log2bs, ws, sink);
-    return run_lanes<D, 3>(a, it, G, log2bs, ws, sink);
+    if (R < kLanesMinRows)
+        run_rowdot<D>(a, it, G, log2bs, ws, sink);
+    else if (R <= 16)
+        run_lanes<D, 1>(a, it, G, log2bs, ws, sink);
+    else if (R <= 32)
+        run_lanes<D, 2>(a, it, G, log2bs, ws, sink);
+    else
+        run_lanes<D, 3>(a, it, G, log2bs, ws, sink);
+  }
 }
 
 // Merge the key splits of one (sequence, head slice) into normalized output rows.
@@ -123,7 +139,7 @@ void attention_d(const AttentionArgs& a) {
     int log2bs = 0;
     while ((int64_t{1} << log2bs) < a.block_size) ++log2bs;
     const int threads = std::max(1, a.nthreads);
-    std::vector<Item> items = plan_items(a, G);
+    std::vector<Item> items = plan_items(a, G, threads);
     const int parts = split_decodes(items, threads);
     std::vector<float> part_o(static_cast<size_t>(parts) * kTileRows * D);
     std::vector<float> part_ml(static_cast<size_t>(parts) * kTileRows * 2);
@@ -138,10 +154,12 @@ void attention_d(const AttentionArgs& a) {
     const int64_t n = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(threads) if (n > 1)
     {
+        // 64-byte aligned: every buffer row is read and written as whole zmm vectors, and a
+        // vector that straddles two cache lines costs two accesses.
         thread_local std::vector<float> buf;
         const size_t need = static_cast<size_t>(2 * kTileRows * D + 2 * kChunk * D + kChunk * kTileRows + 4 * kTileRows);
-        if (buf.size() < need) buf.assign(need, 0.0f);
-        float* p = buf.data();
+        if (buf.size() < need + 16) buf.assign(need + 16, 0.0f);
+        float* p = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64) / sizeof(float);
         Workspace ws{p, p + kTileRows * D, p + 2 * kTileRows * D, p + 2 * kTileRows * D + kChunk * D,
                      p + 2 * kTileRows * D + 2 * kChunk * D, p + 2 * kTileRows * D + 2 * kChunk * D + kChunk * kTileRows,
                      perm.data()};

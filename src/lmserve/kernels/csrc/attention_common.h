@@ -1,0 +1,121 @@
+// What the two attention inner loops share: work items, per-thread buffers, fetching a chunk of keys
+// and values out of the paged cache, and writing finished rows.
+//
+// One work item is one sequence, one KV head (or a slice of its query heads) and a tile of new
+// tokens, swept over its keys 32 at a time with online softmax (attention_decode.h for few rows,
+// attention_prefill.h for many). Scores are kept in log2 units (q is pre-scaled by
+// scale * log2(e)) so each exp is one exp2.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace lmserve {
+
+constexpr int kChunk = 32;     // keys per online-softmax step
+constexpr int kTileRows = 48;  // rows per prefill tile: 3 vectors of 16 lanes
+constexpr int kLanesMinRows = 12;
+
+struct Item {
+    int64_t t0;       // first q row (token index) of the tile
+    int32_t s, g;     // sequence, first KV head
+    int32_t ng;       // KV heads g .. g + ng - 1, one after the other
+    int32_t h0, nh;   // query heads g * G + h0 .. + nh
+    int32_t nt;       // tokens in the tile
+    int32_t pos0;     // position of the first token
+    int32_t kv0, kv1; // key range [kv0, kv1)
+    int32_t part;     // -1: write normalized rows to out; else index of a partial result
+    int64_t cost;
+};
+
+// Where an item's unnormalized result goes: straight to out, or to a partial for split keys.
+struct Sink {
+    float* part_o;  // [rows][D] in d order, or null
+    float* part_ml; // [rows][2] = (max, sum)
+};
+
+struct Workspace {
+    float* q;   // rowdot: [R][D]; lanes: [D][48]
+    float* o;   // rowdot: [R][D]; lanes: [D][48]
+    float* kb;  // [32][D]
+    float* vb;  // [32][D]
+    float* st;  // rowdot: [R][32]; lanes: [32][48]
+    float* ml;  // [48][4] row scratch
+    int32_t* perm;  // buffer index -> d
+};
+
+// One cache row to fp32 in buffer d order: pairs of 16 features even/odd within each 32 (vec.h),
+// a trailing 16 in order.
+template <int D>
+inline void widen_row(const uint16_t* src, float* dst) {
+    for (int i = 0; i + 32 <= D; i += 32) {
+        const __m512i w = _mm512_loadu_si512(src + i);
+        _mm512_store_ps(dst + i, bf16_even(w));
+        _mm512_store_ps(dst + i + 16, bf16_odd(w));
+    }
+    if (D % 32) _mm512_store_ps(dst + D - 16, bf16x16_load(src + D - 16));
+}
+
+template <int D>
+inline void copy_row(const float* src, float* dst) {
+    for (int i = 0; i < D; i += 16) _mm512_store_ps(dst + i, _mm512_loadu_ps(src + i));
+}
+
+// Fetch keys c0 .. c0+nk of sequence s / KV head g into fp32 chunk buffers (buffer d order).
+// Without vb, the value rows are left in the cache and vrows receives their addresses instead.
+template <int D>
+inline void fetch_chunk(const AttentionArgs& a, int log2bs, int s, int g, int c0, int nk, float* kb, float* vb,
+                        const void** vrows = nullptr) {
+    const int32_t* bt = a.block_tables + s * a.bt_stride;
+    const int64_t mask = a.block_size - 1;
+    for (int j = 0; j < nk; ++j) {
+        const int64_t pos = c0 + j, blk = bt[pos >> log2bs], off = pos & mask;
+        const int64_t ko = blk * a.k_sb + off * a.k_st + g * a.k_sh, vo = blk * a.v_sb + off * a.v_st + g * a.v_sh;
+        if (a.bf16) {
+            const uint16_t* vs = static_cast<const uint16_t*>(a.v_cache) + vo;
+            widen_row<D>(static_cast<const uint16_t*>(a.k_cache) + ko, kb + j * D);
+            if (vb) widen_row<D>(vs, vb + j * D); else vrows[j] = vs;
+        } else {
+            const float* vs = static_cast<const float*>(a.v_cache) + vo;
+            copy_row<D>(static_cast<const float*>(a.k_cache) + ko, kb + j * D);
+            if (vb) copy_row<D>(vs, vb + j * D); else vrows[j] = vs;
+        }
+    }
+}
+
+// Row r of an item: token t0 + r / nh, head g * G + h0 + r % nh.
+inline const float* q_row(const AttentionArgs& a, const Item& it, int64_t G, int r) {
+    return a.q + (it.t0 + r / it.nh) * a.q_st + (it.g * G + it.h0 + r % it.nh) * a.q_sh;
+}
+
+inline float* out_row(const AttentionArgs& a, const Item& it, int64_t G, int r) {
+    return a.out + (it.t0 + r / it.nh) * a.o_st + (it.g * G + it.h0 + r % it.nh) * a.o_sh;
+}
+
+inline float row_slope(const AttentionArgs& a, const Item& it, int64_t G, int r) {
+    return a.alibi ? a.alibi[it.g * G + it.h0 + r % it.nh] * 1.4426950408889634f : 0.0f;
+}
+
+// Finish one row from its accumulator (element i of o is feature perm[i]).
+template <int D>
+inline void emit_row(const AttentionArgs& a, const Item& it, int64_t G, int r, const Sink& sink, const float* o,
+                     int64_t o_stride, float m, float l, const int32_t* perm) {
+    if (sink.part_o) {
+        float* po = sink.part_o + r * D;
+        for (int i = 0; i < D; ++i) po[perm[i]] = o[i * o_stride];
+        sink.part_ml[2 * r] = m;
+        sink.part_ml[2 * r + 1] = l;
+        return;
+    }
+    float* dst = out_row(a, it, G, r);
+    const float inv = 1.0f / l;
+    for (int i = 0; i < D; ++i) dst[perm[i]] = o[i * o_stride] * inv;
+}
+
+
+}  // namespace lmserve

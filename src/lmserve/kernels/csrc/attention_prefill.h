@@ -1,0 +1,108 @@
+// Paged attention for tiles of 12..48 query rows (prefill, chunked prefill, wide GQA decode).
+//
+// Rows live in the vector lanes (q is transposed once per tile), so the scores, the softmax max and
+// sum and the rescale of the output are all vertical ops, and K/V values are broadcast from the
+// chunk buffer: each key and value is read once per tile, not once per row.
+#pragma once
+
+#include "attention_common.h"
+
+namespace lmserve {
+
+template <int D, int NV>
+void run_lanes(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
+    constexpr int W = NV * 16;           // row lanes
+    constexpr int JB = NV == 1 ? 16 : 8; // keys per QK register block
+    constexpr int IB = NV == 1 ? 16 : 8; // features per PV register block
+    const int R = it.nt * it.nh;
+    const float qscale = a.scale * 1.4426950408889634f;
+    alignas(64) int32_t pos[W];
+    alignas(64) float slope[W];
+    for (int r = 0; r < W; ++r) {
+        const int rr = std::min(r, R - 1);  // pad lanes repeat the last row; their q is zero
+        pos[r] = it.pos0 + rr / it.nh;
+        slope[r] = row_slope(a, it, G, rr);
+        const float* src = q_row(a, it, G, rr);
+        for (int i = 0; i < D; ++i) ws.q[i * W + r] = r < R ? src[ws.perm[i]] * qscale : 0.0f;
+    }
+    for (int i = 0; i < D * W; ++i) ws.o[i] = 0.0f;
+    __m512i posv[NV];
+    __m512 slv[NV], mv[NV], lv[NV], av[NV];
+    for (int v = 0; v < NV; ++v) {
+        posv[v] = _mm512_load_si512(pos + v * 16);
+        slv[v] = _mm512_load_ps(slope + v * 16);
+        mv[v] = _mm512_set1_ps(-FLT_MAX);
+        lv[v] = _mm512_setzero_ps();
+    }
+    const int last_pos = it.pos0 + it.nt - 1;
+    for (int c0 = it.kv0; c0 < it.kv1; c0 += kChunk) {
+        const int nk = std::min(kChunk, it.kv1 - c0);
+        fetch_chunk<D>(a, log2bs, it.s, it.g, c0, nk, ws.kb, ws.vb);
+        const int nkv = std::min(nk, last_pos - c0 + 1);
+        for (int jb = 0; jb < nkv; jb += JB) {
+            __m512 acc[JB][NV];
+            for (int jj = 0; jj < JB; ++jj)
+                for (int v = 0; v < NV; ++v) acc[jj][v] = _mm512_setzero_ps();
+            for (int i = 0; i < D; ++i) {
+                __m512 qv[NV];
+                for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(ws.q + i * W + v * 16);
+                for (int jj = 0; jj < JB; ++jj) {
+                    const __m512 kv = _mm512_set1_ps(ws.kb[(jb + jj) * D + i]);
+                    for (int v = 0; v < NV; ++v) acc[jj][v] = _mm512_fmadd_ps(kv, qv[v], acc[jj][v]);
+                }
+            }
+            for (int jj = 0; jj < JB; ++jj)
+                for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.st + (jb + jj) * W + v * 16, acc[jj][v]);
+        }
+        for (int v = 0; v < NV; ++v) {
+            __m512 mx = _mm512_set1_ps(-FLT_MAX);
+            for (int j = 0; j < nkv; ++j) {
+                float* sp = ws.st + j * W + v * 16;
+                __m512 s = _mm512_loadu_ps(sp);
+                if (a.alibi) {
+                    const __m512i rel = _mm512_sub_epi32(_mm512_set1_epi32(c0 + j), posv[v]);
+                    s = _mm512_fmadd_ps(slv[v], _mm512_cvtepi32_ps(rel), s);
+                    _mm512_storeu_ps(sp, s);
+                }
+                const __mmask16 ok = _mm512_cmple_epi32_mask(_mm512_set1_epi32(c0 + j), posv[v]);
+                mx = _mm512_mask_max_ps(mx, ok, mx, s);
+            }
+            const __m512 m_new = _mm512_max_ps(mv[v], mx);
+            av[v] = exp2_ps(_mm512_sub_ps(mv[v], m_new));
+            __m512 sum = _mm512_setzero_ps();
+            for (int j = 0; j < nkv; ++j) {
+                float* sp = ws.st + j * W + v * 16;
+                const __mmask16 ok = _mm512_cmple_epi32_mask(_mm512_set1_epi32(c0 + j), posv[v]);
+                const __m512 p = _mm512_maskz_mov_ps(ok, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sp), m_new)));
+                _mm512_storeu_ps(sp, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            lv[v] = _mm512_fmadd_ps(lv[v], av[v], sum);
+            mv[v] = m_new;
+        }
+        for (int ib = 0; ib < D; ib += IB) {
+            __m512 acc[IB][NV];
+            for (int ii = 0; ii < IB; ++ii)
+                for (int v = 0; v < NV; ++v)
+                    acc[ii][v] = _mm512_mul_ps(_mm512_loadu_ps(ws.o + (ib + ii) * W + v * 16), av[v]);
+            for (int j = 0; j < nkv; ++j) {
+                __m512 pv[NV];
+                for (int v = 0; v < NV; ++v) pv[v] = _mm512_loadu_ps(ws.st + j * W + v * 16);
+                for (int ii = 0; ii < IB; ++ii) {
+                    const __m512 x = _mm512_set1_ps(ws.vb[j * D + ib + ii]);
+                    for (int v = 0; v < NV; ++v) acc[ii][v] = _mm512_fmadd_ps(x, pv[v], acc[ii][v]);
+                }
+            }
+            for (int ii = 0; ii < IB; ++ii)
+                for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.o + (ib + ii) * W + v * 16, acc[ii][v]);
+        }
+    }
+    alignas(64) float m[W], l[W];
+    for (int v = 0; v < NV; ++v) {
+        _mm512_store_ps(m + v * 16, mv[v]);
+        _mm512_store_ps(l + v * 16, lv[v]);
+    }
+    for (int r = 0; r < R; ++r) emit_row<D>(a, it, G, r, sink, ws.o + r, W, m[r], l[r], ws.perm);
+}
+
+}  // namespace lmserve

@@ -1,0 +1,158 @@
+"""The pre-sharded form of a model: one safetensors file per tensor-parallel rank plus a manifest.
+
+A conversion directory holds ``rank{r}.safetensors`` with exactly the tensors rank ``r``'s model
+parameters hold (already sliced by ``sharding.shard`` and cast to the serving dtype), the source's
+config and tokenizer files, and ``manifest.json``, written last. Cached conversions live in
+``cache_subdir("converted")/<fingerprint>-tp<N>-<dtype>``; the fingerprint covers the source's
+config and weight files, so a changed checkpoint never matches an old conversion.
+
+The converter (``lmserve.convert``) writes this form; the model loader reads it through
+``find_conversion`` and ``load_rank``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lmserve import __version__
+from lmserve.cache import cache_subdir
+from lmserve.errors import UnsupportedModelError
+
+MANIFEST = "manifest.json"
+FORMAT = 1  # bump when what a rank file holds changes; old conversions then stop matching
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise UnsupportedModelError(f"cannot store weights as {dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
+    return DTYPE_NAMES[dtype]
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, as the live loader reads them (safetensors first, else .bin)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    return files or sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def describe_source(model_dir: Path) -> list[dict[str, Any]]:
+    """Name, size and modification time of the config and weight files: what the fingerprint covers."""
+    out = []
+    for path in [model_dir / "config.json", *weight_files(model_dir)]:
+        st = path.stat()
+        out.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A short hash of the source files (their names, sizes, mtimes; config.json by content)."""
+    h = hashlib.sha256(f"lmserve-presharded-{FORMAT}-{__version__}".encode())
+    h.update((model_dir / "config.json").read_bytes())
+    h.update(json.dumps(describe_source(model_dir), sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_entry(model_dir: Path, degree: int, dtype: torch.dtype) -> Path:
+    """Where the cached conversion of ``model_dir`` for this degree and dtype lives (or would)."""
+    return cache_subdir("converted") / f"{fingerprint(model_dir)}-tp{degree}-{dtype_name(dtype)}"
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The directory's manifest, or None when it has none (or an unreadable one)."""
+    try:
+        manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_complete(path: Path, manifest: dict[str, Any] | None = None) -> bool:
+    """True when ``path`` holds a finished conversion: a manifest of this format and every rank file
+    at the size the manifest recorded."""
+    manifest = manifest if manifest is not None else read_manifest(path)
+    if manifest is None or manifest.get("format") != FORMAT:
+        return False
+    try:
+        ranks = manifest["ranks"]
+        return len(ranks) == manifest["tensor_parallel_degree"] and all(
+            (path / r["file"]).stat().st_size == r["bytes"] for r in ranks)
+    except (KeyError, TypeError, OSError):
+        return False
+
+
+def find_conversion(model_dir: Path, degree: int, dtype: torch.dtype) -> Path | None:
+    """The conversion to load for ``model_dir`` at this degree and dtype, or None to load live.
+
+    ``model_dir`` may itself be a conversion (made with ``lmserve convert -o``); then it must match.
+    """
+    manifest = read_manifest(model_dir)
+    if manifest is not None:
+        if not is_complete(model_dir, manifest):
+            raise UnsupportedModelError(f"{model_dir} is an incomplete or outdated conversion; convert again")
+        have = (manifest["tensor_parallel_degree"], manifest["dtype"])
+        if have != (degree, dtype_name(dtype)):
+            raise UnsupportedModelError(
+                f"{model_dir} was converted for tensor_parallel_degree {have[0]} and dtype {have[1]}; "
+                f"asked for degree {degree} and dtype {dtype_name(dtype)}: serve the original model, or convert "
+                f"it for these settings")
+        return model_dir
+    if not (model_dir / "config.json").is_file() or not weight_files(model_dir):
+        return None
+    entry = cache_entry(model_dir, degree, dtype)
+    return entry if is_complete(entry) else None
+
+
+def save_rank(model: nn.Module, path: Path) -> tuple[int, int]:
+    """Write every parameter and persistent buffer of one rank's (unfinalized) model, flushed to
+    disk; returns (bytes, tensors). Tied parameters (one tensor, two names) are stored once."""
+    tensors = {name: t.detach().contiguous() for name, t in named_tensors(model)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return path.stat().st_size, len(tensors)
+
+
+def load_rank(model: nn.Module, conversion: Path, rank: int, device: torch.device | None = None) -> None:
+    """Give ``model`` rank ``rank``'s tensors from a conversion, without casting or slicing."""
+    path = conversion / rank_file(rank)
+    wanted = dict(named_tensors(model))
+    target = "cpu" if device is None or device.type == "meta" else str(device)
+    with safe_open(str(path), framework="pt", device=target) as f:
+        names = set(f.keys())
+        if names != set(wanted):
+            missing, extra = sorted(set(wanted) - names), sorted(names - set(wanted))
+            raise UnsupportedModelError(
+                f"{path} does not fit the model: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+                f"{len(extra)} unexpected (e.g. {extra[:3]}); convert again")
+        for name, tensor in wanted.items():
+            loaded = f.get_tensor(name)
+            if loaded.shape != tensor.shape or loaded.dtype != tensor.dtype:
+                raise UnsupportedModelError(
+                    f"{path}: {name} is {tuple(loaded.shape)} {loaded.dtype}, the model wants "
+                    f"{tuple(tensor.shape)} {tensor.dtype}; convert again")
+            tensor.data = loaded  # rebinding keeps tied parameters tied
+
+
+def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a rank file holds: parameters (each shared tensor once) and persistent buffers."""
+    persistent = [(name, buf) for name, buf in model.named_buffers()
+                  if name.rpartition(".")[2] not in _non_persistent(model, name)]
+    return [*model.named_parameters(), *persistent]
+
+
+def _non_persistent(model: nn.Module, buffer_name: str) -> set[str]:
+    owner = model.get_submodule(buffer_name.rpartition(".")[0]) if "." in buffer_name else model
+    return set(getattr(owner, "_non_persistent_buffers_set", ()))

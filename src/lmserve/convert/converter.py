@@ -1,0 +1,178 @@
+"""Convert a checkpoint once into its pre-sharded form (see ``lmserve.parallel.presharded``).
+
+Each rank's model is built on the CPU and filled by the family's own weight loaders, exactly as live
+loading would (the same weight map, the same ``shard``), then its parameters are saved before any
+kernel repacking. Writing happens in a temporary sibling directory renamed into place at the end,
+and the manifest is written last, so an interrupted conversion never leaves an entry that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lmserve import __version__
+from lmserve.cache import cache_subdir
+from lmserve.errors import UnsupportedModelError
+from lmserve.models.config import DTYPES, build_model_config, read_hf_config
+from lmserve.models.registry import resolve_architecture
+from lmserve.models.weights import load_weights
+from lmserve.parallel import presharded
+from lmserve.parallel.state import ParallelState
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.bfloat16`` or its lmserve name (``"bf16"``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UnsupportedModelError(f"dtype {dtype!r} cannot be converted to; supported: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: int, dtype: torch.dtype | str,
+            progress: bool = True) -> Path:
+    """Write ``rank{r}.safetensors`` for every rank, the config/tokenizer files and ``manifest.json``
+    into ``out_dir`` (which must not exist yet); returns ``out_dir``."""
+    model_dir, out_dir, dtype = Path(model_dir), Path(out_dir), as_dtype(dtype)
+    degree = tensor_parallel_degree
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+    if presharded.read_manifest(model_dir) is not None:
+        raise UnsupportedModelError(f"{model_dir} is already a conversion; convert the original model")
+    hf = read_hf_config(model_dir)
+    architecture, cls = resolve_architecture(hf.get("architectures"))
+    cfg = build_model_config(model_dir, architecture, hf, dtype, torch.device("cpu"), None)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        ranks = []
+        for rank in tqdm(range(degree), desc=f"converting to tp{degree} {presharded.dtype_name(dtype)}",
+                         unit=" rank", disable=not progress):
+            with torch.device("cpu"):
+                model = cls(cfg, ParallelState(rank, degree))
+            load_weights(model, model_dir, cls.weights)
+            nbytes, count = presharded.save_rank(model, tmp / presharded.rank_file(rank))
+            ranks.append({"file": presharded.rank_file(rank), "bytes": nbytes, "tensors": count})
+            del model
+        _copy_support_files(model_dir, tmp)
+        manifest = {
+            "format": presharded.FORMAT, "lmserve_version": __version__,
+            "fingerprint": presharded.fingerprint(model_dir),
+            "source": {"path": str(model_dir.resolve()), "files": presharded.describe_source(model_dir)},
+            "architecture": architecture, "family": f"{cls.__module__}:{cls.__qualname__}",
+            "tensor_parallel_degree": degree, "dtype": presharded.dtype_name(dtype), "ranks": ranks,
+            "created_unix": time.time(), "convert_seconds": round(time.perf_counter() - start, 3),
+        }
+        _write_json(tmp / presharded.MANIFEST, manifest)  # last: its presence marks a finished conversion
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted %s to %s (tp%d, %s) in %.1fs", model_dir, out_dir, degree,
+             presharded.dtype_name(dtype), time.perf_counter() - start)
+    return out_dir
+
+
+def conversion_pays(model_dir: Path, degree: int, dtype: torch.dtype) -> bool:
+    """Whether loading would do work a conversion saves: slicing for several ranks, casting to
+    another dtype, or reading pickled ``.bin`` weights."""
+    if presharded.read_manifest(model_dir) is not None:
+        return False  # already a conversion
+    files = presharded.weight_files(model_dir)
+    if degree > 1 or any(f.suffix != ".safetensors" for f in files):
+        return True
+    return any(stored not in (None, dtype) for f in files for stored in _stored_float_dtypes(f))
+
+
+def ensure_converted(model_dir: Path | str, degree: int, dtype: torch.dtype | str, progress: bool = True) -> Path:
+    """The cached conversion of ``model_dir`` for this degree and dtype, converting on a miss.
+
+    Concurrent callers wait on a lock, so a model is converted once; entries whose source changed
+    or disappeared are removed on the way.
+    """
+    model_dir, dtype = Path(model_dir), as_dtype(dtype)
+    entry = presharded.cache_entry(model_dir, degree, dtype)
+    if presharded.is_complete(entry):
+        return entry
+    with _locked(entry.parent / f".{entry.name}.lock"):
+        if presharded.is_complete(entry):
+            return entry
+        for leftover in [entry, *entry.parent.glob(f".{entry.name}.tmp-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # an outdated entry, or an interrupted conversion
+        convert(model_dir, entry, degree, dtype, progress=progress)
+    prune_stale(model_dir)
+    return entry
+
+
+def prune_stale(model_dir: Path) -> list[Path]:
+    """Remove cached conversions of ``model_dir`` made from other versions of its files, and those
+    whose source directory no longer exists; returns what was removed."""
+    root = cache_subdir("converted")
+    here, current = str(model_dir.resolve()), presharded.fingerprint(model_dir)
+    removed = []
+    for entry in root.iterdir():
+        manifest = presharded.read_manifest(entry) if entry.is_dir() and not entry.name.startswith(".") else None
+        if manifest is None:
+            continue
+        source = manifest.get("source", {}).get("path", "")
+        stale = (source == here and manifest.get("fingerprint") != current) or not Path(source).exists()
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _stored_float_dtypes(path: Path) -> set[torch.dtype | None]:
+    """Floating dtypes a safetensors file stores, read from its header alone."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header: dict[str, Any] = json.loads(f.read(size))
+    return {_SAFETENSORS_DTYPES.get(v["dtype"]) for k, v in header.items()
+            if k != "__metadata__" and v["dtype"] in _SAFETENSORS_DTYPES}
+
+
+def _copy_support_files(model_dir: Path, out: Path) -> None:
+    """Config, generation config, tokenizer and chat template files: everything but the weights."""
+    for item in model_dir.iterdir():
+        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and not item.name.endswith(".index.json") \
+                and item.name != presharded.MANIFEST:
+            shutil.copy2(item, out / item.name)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -111,7 +111,8 @@ _OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=
 
 FAMILIES.update({
     # SmolLM's head shape (9 query heads sharing 3 KV heads): degree 2 splits heads unevenly.
-    "llama-gqa-9x3": (_llama, dict(_COMMON, hidden_size=72, num_attention_heads=9, num_key_value_heads=3)),
+    "llama-gqa-9x3": (_llama, dict(_COMMON, hidden_size=72, intermediate_size=144, num_attention_heads=9,
+                                   num_key_value_heads=3)),
     "gpt2": (_hf("GPT2Config", "GPT2LMHeadModel"), dict(_GPT)),
     "gptj": (_hf("GPTJConfig", "GPTJForCausalLM"), dict(_GPT, rotary_dim=8)),
     "gpt_neox": (_hf("GPTNeoXConfig", "GPTNeoXForCausalLM"), dict(_NEOX)),

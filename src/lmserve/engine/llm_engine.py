@@ -24,6 +24,14 @@ DEFAULT_CPU_BATCHED_TOKENS = 512
 DEFAULT_CUDA_BATCHED_TOKENS = 4096
 
 
+def make_runner(config: EngineConfig) -> ModelRunner:
+    """The engine's runner: a ``ModelRunner``, or at tensor_parallel_degree > 1 rank 0 of a group of
+    processes behind the same interface (``lmserve.engine.tp_group``)."""
+    from lmserve.engine.tp_group import start_runner
+
+    return start_runner(config)  # type: ignore[return-value]
+
+
 @dataclass
 class _Live:
     """Engine-side companions of a request that the scheduler does not need."""
@@ -38,7 +46,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        self.runner = runner or ModelRunner(config)
+        self.runner = runner or make_runner(config)
         mc = self.runner.model_config
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A request must fit the cache alone, or it could preempt itself forever.

@@ -1,0 +1,109 @@
+"""Paged attention (decode, prefill, chunked prefill, mixed) against a float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.kernels import Ops
+
+from .paged import PagedBatch, make_batch, naive_attention
+
+
+def check(ops: Ops, b: PagedBatch, alibi: torch.Tensor | None = None) -> None:
+    scale = b.q.shape[-1] ** -0.5
+    got = ops.paged_attention(*b.args(), scale, alibi)
+    torch.testing.assert_close(got, naive_attention(b, scale, alibi), rtol=1e-4, atol=2e-5)
+
+
+# (new tokens, context) per sequence: decode at and around block edges, prefill, prefill over a
+# cached prefix, and all of them in one call.
+BATCHES = {
+    "decode": ([1, 1, 1, 1, 1], [1, 15, 16, 17, 100]),
+    "prefill": ([37], [37]),
+    "long-prefill": ([150], [150]),
+    "chunked-prefill": ([20, 64], [150, 64 + 33]),
+    "mixed": ([1, 33, 1, 7, 1, 2], [50, 33, 300, 40, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_batches(ops: Ops, batch: str, dtype: torch.dtype) -> None:
+    new, ctx = BATCHES[batch]
+    check(ops, make_batch(new, ctx, dtype=dtype))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 2), (16, 1), (64, 1)],
+                         ids=["mha", "gqa3", "gqa4", "gqa16", "mqa64"])
+def test_gqa_ratios(ops: Ops, heads: int, kv_heads: int) -> None:
+    check(ops, make_batch([1, 19, 1], [40, 60, 7], num_heads=heads, num_kv_heads=kv_heads))
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 32, 128])
+def test_block_sizes(ops: Ops, block_size: int) -> None:
+    check(ops, make_batch([1, 45, 3], [77, 45, 140], block_size=block_size))
+
+
+@pytest.mark.parametrize("head_dim", [32, 40, 80, 128, 256])
+def test_head_dims(ops: Ops, head_dim: int) -> None:
+    # 40 has no compiled kernel: the compiled ops hand it to the fallback.
+    check(ops, make_batch([1, 20], [33, 50], num_heads=4, num_kv_heads=2, head_dim=head_dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_alibi(ops: Ops, dtype: torch.dtype) -> None:
+    b = make_batch([1, 30, 5], [90, 30, 64], num_heads=8, num_kv_heads=2, dtype=dtype)
+    slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(8)])
+    check(ops, b, slopes)
+
+
+def test_many_decodes_and_thread_counts(ops: Ops, threads: int) -> None:
+    # Enough decodes for one work item per sequence, and few long ones whose keys get split.
+    check(ops, make_batch([1] * 24, [int(c) for c in torch.randint(1, 200, (24,)).tolist()], seed=threads))
+    check(ops, make_batch([1, 1], [1500, 700], seed=threads))
+    check(ops, make_batch([1], [2000], num_heads=4, num_kv_heads=4, seed=threads))
+
+
+def test_strided_q_and_out(ops: Ops) -> None:
+    b = make_batch([1, 12], [20, 12], num_heads=4, num_kv_heads=2)
+    scale = 0.125
+    want = naive_attention(b, scale)
+    fused = torch.randn(13, 4 * 64 + 2 * 2 * 64)  # q|k|v rows as a fused projection returns them
+    fused[:, :256] = b.q.reshape(13, 256)
+    q = fused[:, :256].view(13, 4, 64)
+    got = ops.paged_attention(q, *b.args()[1:], scale)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    out = torch.full((13, 4, 64), float("nan"))
+    assert ops.paged_attention(q, *b.args()[1:], scale, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5)
+    wide_out = torch.zeros(13, 4, 80)[:, :, :64]  # rows not contiguous
+    ops.paged_attention(q, *b.args()[1:], scale, out=wide_out)
+    torch.testing.assert_close(wide_out, want, rtol=1e-4, atol=2e-5)
+
+
+def test_metadata_dtypes(ops: Ops) -> None:
+    b = make_batch([3, 1], [10, 20])
+    want = naive_attention(b, 0.1)
+    got = ops.paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables.long(), b.context_lens.long(),
+                              b.query_start_loc.long(), 0.1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_context_shorter_than_new_tokens_is_refused(ops: Ops) -> None:
+    b = make_batch([5], [5])
+    b.context_lens[0] = 4
+    with pytest.raises(ValueError, match="smaller than"):
+        ops.paged_attention(*b.args(), 0.1)
+
+
+def test_bad_block_ids_are_refused(compiled_ops: Ops) -> None:
+    b = make_batch([1], [40])
+    b.block_tables[0, 1] = b.k_cache.shape[0]
+    with pytest.raises(ValueError, match="not a block"):
+        compiled_ops.paged_attention(*b.args(), 0.1)
+    b.block_tables[0, 1] = 0
+    b.context_lens[0] = 16 * b.block_tables.shape[1] + 1
+    b.q = b.q[:1]
+    with pytest.raises(ValueError, match="columns"):
+        compiled_ops.paged_attention(*b.args(), 0.1)

@@ -1,0 +1,68 @@
+"""RMS norm, SwiGLU and KV writes against plain torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmserve.kernels import Ops
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()).float()
+
+
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 576), (3, 100), (40, 17), (2, 4096)])
+def test_rms_norm(ops: Ops, rows: int, hidden: int) -> None:
+    torch.manual_seed(rows + hidden)
+    x, w, res = torch.randn(rows, hidden), torch.randn(hidden), torch.randn(rows, hidden)
+    normed, total = ops.rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(normed, rms(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    assert total is x
+    x_before, res_before = x.clone(), res.clone()
+    normed, total = ops.rms_norm(x, w, 1e-6, res)
+    torch.testing.assert_close(total, x + res)
+    torch.testing.assert_close(normed, rms(x + res, w, 1e-6), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, x_before) and torch.equal(res, res_before)
+
+
+def test_rms_norm_shapes_and_dtypes(ops: Ops) -> None:
+    x, w = torch.randn(2, 3, 64), torch.randn(64).bfloat16()
+    normed, _ = ops.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(normed, rms(x, w.float(), 1e-5), rtol=1e-5, atol=1e-5)
+    normed16, total16 = ops.rms_norm(x.bfloat16(), w, 1e-5, x.bfloat16())
+    assert normed16.dtype == total16.dtype == torch.bfloat16 and normed16.shape == (2, 3, 64)
+
+
+@pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (5, 33), (300, 256)])
+def test_silu_and_mul(ops: Ops, rows: int, inter: int) -> None:
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 2 * inter) * 4
+    want = F.silu(x[:, :inter].double()) * x[:, inter:].double()
+    torch.testing.assert_close(ops.silu_and_mul(x), want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.silu_and_mul(x.view(1, rows, -1)), want.float().view(1, rows, -1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_write_kv(ops: Ops, dtype: torch.dtype) -> None:
+    k_cache = torch.zeros(6, 16, 3, 64, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = torch.randn(5, 3, 64), torch.randn(5, 3, 64)
+    slots = torch.tensor([0, 17, 31, 95, 40])
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    for t, slot in enumerate(slots.tolist()):
+        assert torch.equal(k_cache[slot // 16, slot % 16], k[t].to(dtype))
+        assert torch.equal(v_cache[slot // 16, slot % 16], v[t].to(dtype))
+    assert int((k_cache != 0).any(-1).any(-1).sum()) == 5
+
+
+def test_write_kv_into_a_permuted_cache(ops: Ops) -> None:
+    # [blocks, heads, block_size, dim] storage viewed as [blocks, block_size, heads, dim]
+    storage = torch.zeros(4, 2, 8, 32)
+    k_cache, v_cache = storage.transpose(1, 2), torch.zeros(4, 8, 2, 32)
+    k = torch.randn(3, 2, 32)
+    ops.write_kv(k, k, k_cache, v_cache, torch.tensor([3, 9, 31]))
+    assert torch.equal(k_cache[1, 1], k[1]) and torch.equal(storage[3, :, 7], k[2])

@@ -1,0 +1,109 @@
+"""Packed-weight linear layers against fp32 matmuls of the same bf16-rounded weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmserve.kernels import Ops
+
+
+def expected(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # The kernels store weights in bf16 and compute in fp32; the oracle does the same in float64.
+    return (x.double() @ w.bfloat16().double().T).float()
+
+
+def close(actual: torch.Tensor, want: torch.Tensor, k: int) -> None:
+    # fp32 accumulation in another order: error grows with the length of the dot products.
+    torch.testing.assert_close(actual, want, rtol=1e-4, atol=2e-6 * k)
+
+
+# M: 1, a partial 12-row tile, several tasks of 192 rows; N: panels of 32 with ragged tails;
+# K: odd sizes and more than one 512-wide K block.
+SHAPES = [(1, 576, 576), (1, 192, 576), (3, 33, 100), (12, 64, 64), (13, 1, 7), (25, 100, 1536),
+          (64, 1536, 576), (200, 31, 1100), (400, 96, 64)]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_linear_matches_fp32_matmul(ops: Ops, m: int, n: int, k: int) -> None:
+    torch.manual_seed(m * 7 + n + k)
+    w = torch.randn(n, k).bfloat16()
+    x = torch.randn(m, k)
+    close(ops.linear(x, ops.pack_linear_weight(w)), expected(x, w), k)
+
+
+def test_linear_splits_work_by_thread_count(ops: Ops, threads: int) -> None:
+    torch.manual_seed(threads)
+    for m, n, k in [(1, 64, 576), (5, 1536, 576), (250, 320, 96)]:
+        w, x = torch.randn(n, k).bfloat16(), torch.randn(m, k)
+        close(ops.linear(x, ops.pack_linear_weight(w)), expected(x, w), k)
+
+
+def test_bias_and_residual(ops: Ops) -> None:
+    torch.manual_seed(1)
+    w, x = torch.randn(70, 576).bfloat16(), torch.randn(9, 576)
+    bias, residual = torch.randn(70), torch.randn(9, 70)
+    packed = ops.pack_linear_weight(w)
+    close(ops.linear(x, packed, bias), expected(x, w) + bias, 576)
+    close(ops.linear(x, packed, bias, residual), expected(x, w) + bias + residual, 576)
+    close(ops.linear(x, packed, residual=residual), expected(x, w) + residual, 576)
+    close(ops.linear(x, packed, bias.bfloat16()), expected(x, w) + bias.bfloat16().float(), 576)
+
+
+def test_leading_dims_strides_and_dtypes(ops: Ops) -> None:
+    torch.manual_seed(2)
+    w = torch.randn(48, 64).bfloat16()
+    packed = ops.pack_linear_weight(w)
+    x = torch.randn(2, 5, 64)
+    close(ops.linear(x, packed), expected(x.reshape(-1, 64), w).view(2, 5, 48), 64)
+    wide = torch.randn(7, 100)
+    view = wide[:, 10:74]  # rows with a stride longer than their length
+    close(ops.linear(view, packed), expected(view, w), 64)
+    y16 = ops.linear(x.bfloat16(), packed)
+    assert y16.dtype == torch.bfloat16 and y16.shape == (2, 5, 48)
+
+
+def test_fp32_weights(ops: Ops) -> None:
+    torch.manual_seed(3)
+    w, x = torch.randn(40, 96), torch.randn(4, 96)
+    packed = ops.pack_linear_weight(w)
+    # The compiled kernels store bf16; the fallback keeps fp32 weights as they are.
+    stored = w.to(packed.data.dtype).double()
+    close(ops.linear(x, packed), (x.double() @ stored.T).float(), 96)
+
+
+def test_fused_projections_are_one_packed_concat(ops: Ops) -> None:
+    torch.manual_seed(4)
+    wq, wk, wv = torch.randn(576, 576).bfloat16(), torch.randn(192, 576).bfloat16(), torch.randn(192, 576).bfloat16()
+    x = torch.randn(6, 576)
+    q, k, v = ops.linear(x, ops.pack_linear_weight(torch.cat([wq, wk, wv]))).split([576, 192, 192], dim=-1)
+    close(q, expected(x, wq), 576)
+    close(k, expected(x, wk), 576)
+    close(v, expected(x, wv), 576)
+
+
+@pytest.mark.parametrize(("m", "inter", "k"), [(1, 1536, 576), (7, 40, 64), (30, 33, 100), (200, 64, 48)])
+def test_linear_silu_mul(ops: Ops, m: int, inter: int, k: int) -> None:
+    torch.manual_seed(m + inter)
+    gate, up = torch.randn(inter, k).bfloat16(), torch.randn(inter, k).bfloat16()
+    x = torch.randn(m, k) / k**0.5
+    want = F.silu(expected(x, gate).double()) * expected(x, up).double()
+    got = ops.linear_silu_mul(x, ops.pack_gate_up_weight(gate, up))
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5 * k)
+
+
+def test_gate_up_weights_only_go_to_linear_silu_mul(ops: Ops) -> None:
+    w = torch.randn(32, 16)
+    with pytest.raises(ValueError, match="linear_silu_mul"):
+        ops.linear(torch.randn(2, 16), ops.pack_gate_up_weight(w, w))
+    with pytest.raises(ValueError, match="pack_gate_up_weight"):
+        ops.linear_silu_mul(torch.randn(2, 16), ops.pack_linear_weight(w))
+    with pytest.raises(ValueError, match="same shape"):
+        ops.pack_gate_up_weight(w, w[:8])
+
+
+def test_packed_weight_keeps_its_shape(ops: Ops) -> None:
+    packed = ops.pack_linear_weight(torch.randn(33, 100).bfloat16())
+    assert (packed.out_features, packed.in_features) == (33, 100)
+    assert packed.data.dtype in (torch.bfloat16, torch.float32)

@@ -8,7 +8,7 @@ of a full checkpoint tensor with ``sharding.shard`` and places it (for merged la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from lmserve.parallel.sharding import HeadLayout, Split, kv_heads, pad_vocab, qu
 from lmserve.parallel.state import SINGLE, ParallelState
 
 FUSED_LAYOUTS = ("qkv", "per_head")
+L = TypeVar("L", bound="LinearBase")
 
 
 def _param(shape: Sequence[int], dtype: torch.dtype, loader: Any) -> nn.Parameter:
@@ -71,7 +72,7 @@ class ColumnParallelLinear(LinearBase):
                 raise ValueError(f"{size} output features cannot be split over {state.world_size} ranks")
         super().__init__(in_features, sum(self.local_sizes), bias, dtype, state)
 
-    def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any) -> None:
+    def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
         index = 0 if part is None else int(part)
         offset = sum(self.local_sizes[:index])
         local = shard(full, Split.COLUMN, self.state.rank, self.state.world_size)
@@ -107,7 +108,7 @@ class QKVParallelLinear(LinearBase):
                             "v": self.num_kv_heads * head_dim}
         super().__init__(hidden_size, sum(self.local_sizes.values()), bias, dtype, state)
 
-    def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any) -> None:
+    def _place(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
         if part is None:
             for name, piece in zip("qkv", self._unfuse(full), strict=True):
                 self._place(param, piece, name)
@@ -225,7 +226,7 @@ class ReplicatedLinear(LinearBase):
         return self.matmul(x, self.bias)
 
 
-def conv1d_checkpoint(layer: LinearBase) -> LinearBase:
+def conv1d_checkpoint(layer: L) -> L:
     """Let ``layer`` load GPT-2 style Conv1D weights, which checkpoints store [in, out], not [out, in]."""
     load = layer.weight.weight_loader  # type: ignore[attr-defined]
 

@@ -66,3 +66,31 @@ def test_write_kv_into_a_permuted_cache(ops: Ops) -> None:
     k = torch.randn(3, 2, 32)
     ops.write_kv(k, k, k_cache, v_cache, torch.tensor([3, 9, 31]))
     assert torch.equal(k_cache[1, 1], k[1]) and torch.equal(storage[3, :, 7], k[2])
+
+
+def test_write_kv_rounds_like_torch(ops: Ops) -> None:
+    # Ties to even, values just above ties, NaN, inf, denormals and a bf16 input passed through.
+    values = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20, float("nan"), float("inf"),
+                           -float("inf"), 1e-40, -3.3e38, 0.0, -0.0, 65504.0, 2.0**-133] + [0.1] * 4)
+    k = values.repeat(3).view(3, 1, 16)
+    k_cache = torch.zeros(2, 2, 1, 16, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    ops.write_kv(k, k.bfloat16(), k_cache, v_cache, torch.tensor([0, 3, 1]))
+    want = k.bfloat16().view(torch.int16)
+    assert torch.equal(k_cache.view(-1, 16)[[0, 3, 1]].view(torch.int16), want.view(3, 16))
+    assert torch.equal(v_cache.view(-1, 16)[[0, 3, 1]].view(torch.int16), want.view(3, 16))
+
+
+def test_write_kv_from_bf16_into_fp32(ops: Ops) -> None:
+    k = torch.randn(4, 2, 32).bfloat16()
+    cache = torch.zeros(3, 4, 2, 32)
+    ops.write_kv(k, k, cache, cache, torch.tensor([11, 0, 5, 6]))
+    assert torch.equal(cache.view(-1, 2, 32)[[11, 0, 5, 6]], k.float())
+
+
+def test_write_kv_refuses_slots_outside_the_cache(compiled_ops: Ops) -> None:
+    cache = torch.zeros(2, 4, 1, 16)
+    k = torch.randn(1, 1, 16)
+    for slot in (-1, 8):
+        with pytest.raises(ValueError, match="outside the cache"):
+            compiled_ops.write_kv(k, k, cache, cache, torch.tensor([slot]))

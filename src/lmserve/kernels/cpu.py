@@ -68,6 +68,12 @@ class CpuOps(ReferenceOps):
         return self.ext.rms_norm(x, weight, eps, residual, torch.get_num_threads())
 
     # -- attention ---------------------------------------------------------------------------
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        if k_cache.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES:
+            return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+        self.ext.write_kv(k, v, k_cache, v_cache, slot_mapping, torch.get_num_threads())
+
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                         scale: float, alibi_slopes: torch.Tensor | None = None,

@@ -185,6 +185,46 @@ Tensor silu_and_mul(const Tensor& x_in, int64_t nthreads) {
     return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
+lmserve::KVSource kv_source(const Tensor& t, const Tensor& like_cache, const char* name) {
+    check_rows(t, name, t.scalar_type(), 3);
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+                      " must be float32 or bfloat16");
+    TORCH_CHECK_VALUE(t.size(1) == like_cache.size(2) && t.size(2) == like_cache.size(3), name,
+                      " must be [tokens, kv_heads, head_dim] like the cache");
+    return {t.data_ptr(), t.scalar_type() == at::kBFloat16, t.stride(0), t.stride(1)};
+}
+
+void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping,
+              int64_t nthreads) {
+    const auto cache_type = k_cache.scalar_type();
+    TORCH_CHECK_VALUE(cache_type == at::kBFloat16 || cache_type == at::kFloat, "KV cache must be bf16 or float32");
+    check_rows(k_cache, "k_cache", cache_type, 4);
+    check_rows(v_cache, "v_cache", cache_type, 4);
+    TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
+    const Tensor k = k_in.scalar_type() == at::kFloat || k_in.scalar_type() == at::kBFloat16 ? k_in : k_in.to(at::kFloat);
+    const Tensor v = v_in.scalar_type() == at::kFloat || v_in.scalar_type() == at::kBFloat16 ? v_in : v_in.to(at::kFloat);
+    Tensor slots = slot_mapping.scalar_type() == at::kLong ? slot_mapping : slot_mapping.to(at::kLong);
+    slots = slots.contiguous();
+    TORCH_CHECK_VALUE(slots.numel() == k.size(0) && v.size(0) == k.size(0), "one slot per new token");
+    lmserve::KVWrite a{};
+    a.k = kv_source(k, k_cache, "k");
+    a.v = kv_source(v, v_cache, "v");
+    a.k_cache = k_cache.data_ptr();
+    a.v_cache = v_cache.data_ptr();
+    a.k_sb = k_cache.stride(0), a.k_st = k_cache.stride(1), a.k_sh = k_cache.stride(2);
+    a.v_sb = v_cache.stride(0), a.v_st = v_cache.stride(1), a.v_sh = v_cache.stride(2);
+    a.cache_bf16 = cache_type == at::kBFloat16;
+    a.slots = slots.data_ptr<int64_t>();
+    a.T = k.size(0);
+    a.Hkv = k_cache.size(2);
+    a.D = k_cache.size(3);
+    a.num_blocks = k_cache.size(0);
+    a.block_size = k_cache.size(1);
+    a.nthreads = static_cast<int>(nthreads);
+    pybind11::gil_scoped_release nogil;
+    lmserve::write_kv(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -192,6 +232,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+    m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
     m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
     m.attr("PANEL") = lmserve::kPanel;
 }

@@ -10,10 +10,13 @@
 
 namespace lmserve {
 
+// Below this many elements (256 KB of fp32) a row-wise op runs on one thread: it takes a few
+// microseconds, about what waking the other threads costs.
+constexpr int64_t kParallelMinElements = 1 << 16;
+
 void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, const float* weight, float* out,
               int64_t ldo, float* sum_out, int64_t lds, int64_t M, int64_t H, float eps, int nthreads) {
-    // Rows are short (hundreds to a few thousand features): only many rows are worth threads.
-    const int threads = M >= 16 ? std::max(1, nthreads) : 1;
+    const int threads = M * H >= kParallelMinElements ? std::max(1, nthreads) : 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * ldx;
@@ -42,7 +45,7 @@ void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, c
 }
 
 void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t M, int64_t I, int nthreads) {
-    const int threads = M * I >= (1 << 16) ? std::max(1, nthreads) : 1;
+    const int threads = M * I >= kParallelMinElements ? std::max(1, nthreads) : 1;
     const __m512 neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t m = 0; m < M; ++m) {

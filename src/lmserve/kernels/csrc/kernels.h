@@ -55,6 +55,27 @@ struct AttentionArgs {
 void paged_attention(const AttentionArgs& a);
 bool attention_supports_head_dim(int64_t d);
 
+// New keys or values [T, Hkv, D], fp32 or bf16, strides (st, sh), last dimension contiguous.
+struct KVSource {
+    const void* data;
+    bool bf16;
+    int64_t st, sh;
+};
+
+struct KVWrite {
+    KVSource k, v;
+    void* k_cache;           // [blocks, block_size, Hkv, D], strides (k_sb, k_st, k_sh)
+    void* v_cache;
+    int64_t k_sb, k_st, k_sh, v_sb, v_st, v_sh;
+    bool cache_bf16;
+    const int64_t* slots;    // [T]: block * block_size + offset
+    int64_t T, Hkv, D, num_blocks, block_size;
+    int nthreads;
+};
+
+// Throws std::invalid_argument when a slot lies outside the cache.
+void write_kv(const KVWrite& a);
+
 // out = rms_norm(x + residual) * weight; sum_out receives x + residual (untouched without residual).
 void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, const float* weight,
               float* out, int64_t ldo, float* sum_out, int64_t lds, int64_t M, int64_t H, float eps,

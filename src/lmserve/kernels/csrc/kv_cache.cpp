@@ -1,0 +1,76 @@
+// Writing a step's new keys and values into their paged-cache slots.
+//
+// torch's index_copy_ costs tens of microseconds per call even for one token, and it runs twice
+// per layer per step; a direct row copy (with bf16 rounding where needed) takes about one.
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace lmserve {
+namespace {
+
+// fp32 -> bf16 rounding to nearest even, NaN to 0xFFFF: what torch's vectorized .to() does, bit
+// for bit, without requiring the AVX-512 BF16 extension.
+inline __m256i to_bf16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+void write_row(const KVSource& src, int64_t t, int64_t h, void* dst, bool dst_bf16, int64_t D) {
+    if (src.bf16) {
+        const uint16_t* s = static_cast<const uint16_t*>(src.data) + t * src.st + h * src.sh;
+        if (dst_bf16) {
+            std::copy(s, s + D, static_cast<uint16_t*>(dst));
+        } else {
+            float* d = static_cast<float*>(dst);
+            for (int64_t i = 0; i < D; i += 16) {
+                const __mmask16 m = tail_mask(static_cast<int>(std::min<int64_t>(16, D - i)));
+                const __m256i w = _mm256_maskz_loadu_epi16(m, s + i);
+                _mm512_mask_storeu_ps(d + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)));
+            }
+        }
+        return;
+    }
+    const float* s = static_cast<const float*>(src.data) + t * src.st + h * src.sh;
+    if (!dst_bf16) {
+        std::copy(s, s + D, static_cast<float*>(dst));
+        return;
+    }
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = tail_mask(static_cast<int>(std::min<int64_t>(16, D - i)));
+        _mm256_mask_storeu_epi16(d + i, m, to_bf16(_mm512_maskz_loadu_ps(m, s + i)));
+    }
+}
+
+}  // namespace
+
+void write_kv(const KVWrite& a) {
+    const int64_t capacity = a.num_blocks * a.block_size;
+    for (int64_t t = 0; t < a.T; ++t)
+        if (a.slots[t] < 0 || a.slots[t] >= capacity)
+            throw std::invalid_argument("slot_mapping[" + std::to_string(t) + "] = " + std::to_string(a.slots[t]) +
+                                        " is outside the cache's " + std::to_string(capacity) + " slots");
+    const int64_t esz = a.cache_bf16 ? 2 : 4;
+    const int threads = a.T * a.Hkv * a.D >= (1 << 16) ? std::max(1, a.nthreads) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < a.T; ++t) {
+        const int64_t blk = a.slots[t] / a.block_size, off = a.slots[t] % a.block_size;
+        for (int64_t h = 0; h < a.Hkv; ++h) {
+            char* kd = static_cast<char*>(a.k_cache) + (blk * a.k_sb + off * a.k_st + h * a.k_sh) * esz;
+            char* vd = static_cast<char*>(a.v_cache) + (blk * a.v_sb + off * a.v_st + h * a.v_sh) * esz;
+            write_row(a.k, t, h, kd, a.cache_bf16, a.D);
+            write_row(a.v, t, h, vd, a.cache_bf16, a.D);
+        }
+    }
+}
+
+}  // namespace lmserve

@@ -4,7 +4,8 @@ Tokens are deterministic: greedy requests continue ``w{(sum(prompt) + i) % 40}``
 from a ``random.Random(seed)`` of their own, so a seed reproduces a request whatever else runs.
 Each request holds "KV blocks" from a fixed pool (``ceil(tokens / block_size)``), freed when it
 finishes or is aborted, so ``stats().kv_blocks_free`` shows whether an abort really freed its memory.
-A request waits while the pool or ``max_num_seqs`` is exhausted.
+A request waits while the pool or ``max_num_seqs`` is exhausted; a running request that cannot grow
+is preempted (its blocks freed) and resumes later, as the real engine's recompute does.
 
 Options (keyword arguments, also reachable from the engine spec): ``token_delay_s`` per step,
 ``load_delay_s`` in the constructor, ``fail_load`` to raise there, ``eos_after`` (emit end of
@@ -40,6 +41,7 @@ class _Request:
     text: str = ""
     blocks: int = 0
     running: bool = False
+    admitted: bool = False
 
 
 class FakeEngine:
@@ -66,7 +68,7 @@ class FakeEngine:
         )  # fmt: skip
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []
-        self._counters = {"prompt": 0, "generated": 0, "steps": 0}
+        self._counters = {"prompt": 0, "generated": 0, "steps": 0, "preempted": 0}
 
     @property
     def model_info(self) -> ModelInfo:
@@ -96,6 +98,7 @@ class FakeEngine:
                            kv_blocks_total=self.kv_blocks_total, kv_blocks_free=self.kv_blocks_free,
                            prompt_tokens_total=self._counters["prompt"],
                            generation_tokens_total=self._counters["generated"],
+                           num_preempted_total=self._counters["preempted"],
                            steps_total=self._counters["steps"])  # fmt: skip
 
     def step(self) -> list[RequestDelta]:
@@ -108,6 +111,10 @@ class FakeEngine:
                 raise RuntimeError("fake engine told to crash on this prompt")
             if self._grow(request, len(request.prompt) + len(request.generated) + 1):
                 out.append(self._next_token(request))
+            else:  # out of blocks: preempt it (it keeps its tokens and resumes when blocks free up)
+                self._release(request)
+                request.running = False
+                self._counters["preempted"] += 1
         self._counters["steps"] += 1
         if self.token_delay_s:
             time.sleep(self.token_delay_s)
@@ -118,9 +125,11 @@ class FakeEngine:
         for request in self._requests.values():
             if running >= self._info.max_num_seqs:
                 return
-            if not request.running and self._grow(request, len(request.prompt) + 1):
+            if not request.running and self._grow(request, len(request.prompt) + len(request.generated) + 1):
                 request.running, running = True, running + 1
-                self._counters["prompt"] += len(request.prompt)
+                if not request.admitted:
+                    request.admitted = True
+                    self._counters["prompt"] += len(request.prompt)
 
     def _grow(self, request: _Request, tokens: int) -> bool:
         needed = math.ceil(tokens / self.block_size) - request.blocks

@@ -93,3 +93,19 @@ def test_queue_full_status_can_be_503(tiny_model_dir: Path) -> None:
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     finally:
         server.stop()
+
+
+def test_sse_stream_failure_is_an_error_event_clients_raise_on(slow: LiveServer, http: httpx.Client) -> None:
+    body = {"prompt": "hello world", "max_tokens": 60, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-2] == "event: error"
+    assert json.loads(lines[-1][len("data:"):])["code"] == 504
+    assert "data: [DONE]" not in lines
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{slow.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError):
+        for _ in client.completions.create(model="tiny", prompt="hello world", max_tokens=60, stream=True):
+            pass

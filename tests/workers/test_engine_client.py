@@ -138,3 +138,15 @@ async def test_load_failure_and_load_timeout_are_reported(fake_spec) -> None:
         await slow.wait_ready(timeout=0.5)
     assert not slow._process.is_alive()
     await slow.shutdown()
+
+
+async def test_requests_that_outgrow_the_kv_pool_are_preempted_and_still_finish(fake_spec) -> None:
+    client = await started(fake_spec(kv_blocks=6))  # 24 tokens of KV for three 2+18 token requests
+    try:
+        results = await asyncio.gather(*(collect(client.generate([5, 6], SamplingParams(max_new_tokens=18), f"r{i}"))
+                                         for i in range(3)))  # fmt: skip
+        assert [r[-1].num_generated_tokens for r in results] == [18, 18, 18]
+        stats = await client.stats()
+        assert stats.num_preempted_total > 0 and stats.kv_blocks_free == 6
+    finally:
+        await client.shutdown()

@@ -13,7 +13,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -27,6 +27,7 @@ from lmserve.server.runtime import ModelRuntime
 from lmserve.workers.request_stream import RequestStream
 
 T = TypeVar("T")
+_INLINE_TOKENIZE_CHARS = 20_000  # about 5k tokens: a few milliseconds of tokenizing at most
 
 
 @dataclass
@@ -76,12 +77,24 @@ class TrackedStream:
             self.timer.finish("abort")
 
 
-def tokenize(rt: ModelRuntime, text: str, field_name: str) -> list[int]:
-    """The prompt's token ids (with the model's special prefix tokens)."""
+async def tokenize(rt: ModelRuntime, text: str, field_name: str) -> list[int]:
+    """The prompt's token ids (with the model's special prefix tokens). Long texts are tokenized off
+    the event loop, so one big prompt does not stall every stream."""
     if not text:
         raise InvalidRequestError(field_name, "must not be empty")
     assert rt.tokenizer is not None, "tokenize() is called only when the model is ready"
-    return rt.tokenizer.encode(check_text(field_name, text))
+    check_text(field_name, text)
+    if len(text) > _INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(rt.tokenizer.encode, text)
+    return rt.tokenizer.encode(text)
+
+
+async def chat_prompt_ids(rt: ModelRuntime, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a conversation through the model's chat template (off the loop when long)."""
+    assert rt.tokenizer is not None, "chat_prompt_ids() is called only when the model is ready"
+    if sum(len(str(m.get("content") or "")) for m in messages) > _INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(rt.tokenizer.chat_prompt_ids, messages)
+    return rt.tokenizer.chat_prompt_ids(messages)
 
 
 def check_prompt(rt: ModelRuntime, ids: list[int], field_name: str) -> list[int]:

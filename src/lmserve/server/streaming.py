@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lmserve.engine.outputs import RequestDelta
 from lmserve.server.generation import TrackedStream, close_all
@@ -22,12 +23,26 @@ from lmserve.server.runtime import ModelRuntime
 _NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=_NO_BUFFERING)
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its requests however the response ends, even if its body was never iterated."""
+
+    def __init__(self, content: AsyncIterator[str], streams: Sequence[TrackedStream], media_type: str) -> None:
+        super().__init__(content, media_type=media_type, headers=_NO_BUFFERING)
+        self._streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close_all(self._streams)
 
 
-def jsonlines_response(lines: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(lines, media_type="application/jsonlines", headers=_NO_BUFFERING)
+def sse_response(events: AsyncIterator[str], streams: Sequence[TrackedStream]) -> StreamingResponse:
+    return _ClosingStreamingResponse(events, streams, "text/event-stream")
+
+
+def jsonlines_response(lines: AsyncIterator[str], streams: Sequence[TrackedStream]) -> StreamingResponse:
+    return _ClosingStreamingResponse(lines, streams, "application/jsonlines")
 
 
 def sse_data(payload: Any) -> str:

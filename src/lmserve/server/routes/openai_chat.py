@@ -35,7 +35,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs=true")
     assert rt.tokenizer is not None and rt.model_info is not None
-    prompt = gen.check_prompt(rt, rt.tokenizer.chat_prompt_ids(_messages(body.messages)), "messages")
+    prompt = gen.check_prompt(rt, await gen.chat_prompt_ids(rt, _messages(body.messages)), "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = rt.model_info.max_model_len - len(prompt)  # as much as the context holds
@@ -44,7 +44,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     streams = gen.start_all(rt, fan_out([prompt], params, body.n), "chatcmpl")
     if body.stream:
         firsts = await gen.first_deltas(request, streams)
-        return sse_response(guarded(_chunks(rt, body, prompt, streams, firsts), sse_error_event, streams))
+        chunks = _chunks(rt, body, prompt, streams, firsts)
+        return sse_response(guarded(chunks, sse_error_event, streams), streams)
     results = await gen.complete(request, streams)
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _logprobs(rt, c.logprobs) if body.logprobs else None,

@@ -28,13 +28,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     rt = runtime_of(request)
     rt.check_model(body.model)
     rt.ready_router()
-    prompts = _prompts(rt, body.prompt)
+    prompts = await _prompts(rt, body.prompt)
     max_tokens = OPENAI_COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     params = openai_sampling_params(body, max_new_tokens=max_tokens, logprobs=body.logprobs)
     streams = gen.start_all(rt, fan_out(prompts, params, body.n), "cmpl")
     if body.stream:
         firsts = await gen.first_deltas(request, streams)
-        return sse_response(guarded(_chunks(rt, body, prompts, streams, firsts), sse_error_event, streams))
+        chunks = _chunks(rt, body, prompts, streams, firsts)
+        return sse_response(guarded(chunks, sse_error_event, streams), streams)
     results = await gen.complete(request, streams)
     choices = [{"index": i, "text": c.text, "logprobs": _logprobs(rt, c.logprobs, 0) if body.logprobs is not None
                 else None, "finish_reason": openai_finish_reason(c.finish_reason)}
@@ -43,9 +44,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return JSONResponse(out)
 
 
-def _prompts(rt: ModelRuntime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _prompts(rt: ModelRuntime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [gen.check_prompt(rt, gen.tokenize(rt, prompt, "prompt"), "prompt")]
+        return [gen.check_prompt(rt, await gen.tokenize(rt, prompt, "prompt"), "prompt")]
     if not prompt:
         raise InvalidRequestError("prompt", "must not be empty")
     if all(isinstance(p, int) for p in prompt):
@@ -53,7 +54,7 @@ def _prompts(rt: ModelRuntime, prompt: str | list[str] | list[int] | list[list[i
     out = []
     for i, p in enumerate(prompt):
         field = f"prompt[{i}]"
-        ids = gen.tokenize(rt, p, field) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
+        ids = await gen.tokenize(rt, p, field) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
         out.append(gen.check_prompt(rt, ids, field))
     return out
 

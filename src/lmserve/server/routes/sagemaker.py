@@ -49,9 +49,9 @@ async def predictions(model_name: str, body: InvocationRequest, request: Request
     return await invoke(rt, request, body)
 
 
-def prompt_ids(rt: ModelRuntime, text: str, field: str, p: GenerationParameters) -> list[int]:
+async def prompt_ids(rt: ModelRuntime, text: str, field: str, p: GenerationParameters) -> list[int]:
     """Tokenized and checked; ``truncate`` keeps the last tokens (TGI)."""
-    ids = gen.tokenize(rt, text, field)
+    ids = await gen.tokenize(rt, text, field)
     if p.truncate:
         ids = ids[-p.truncate:]
     return gen.check_prompt(rt, ids, field)
@@ -68,12 +68,12 @@ async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) ->
     params = lmi_sampling_params(body.parameters, default_max_new_tokens=LMI_DEFAULT_MAX_NEW_TOKENS,
                                  logprobs=body.stream)  # fmt: skip
     fields = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(texts))]
-    prompts = [prompt_ids(rt, text, f, body.parameters) for text, f in zip(texts, fields, strict=True)]
+    prompts = [await prompt_ids(rt, text, f, body.parameters) for text, f in zip(texts, fields, strict=True)]
     streams = gen.start_all(rt, [(ids, params) for ids in prompts], "lmi")
     if body.stream:
         first = await gen.first_delta(request, streams[0])
         lines = _lines(rt, body.parameters, texts[0], streams[0], first)
-        return jsonlines_response(guarded(lines, jsonlines_error, streams))
+        return jsonlines_response(guarded(lines, jsonlines_error, streams), streams)
     results = await gen.complete(request, streams)
     outputs = [_output(rt, body.parameters, text, c) for text, c in zip(texts, results, strict=True)]
     return JSONResponse(outputs[0] if single else outputs)

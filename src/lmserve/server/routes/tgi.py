@@ -74,11 +74,11 @@ async def info(request: Request) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _start(rt: ModelRuntime, body: GenerateRequest) -> gen.TrackedStream:
+async def _start(rt: ModelRuntime, body: GenerateRequest) -> gen.TrackedStream:
     rt.ready_router()
     params = lmi_sampling_params(body.parameters, default_max_new_tokens=TGI_DEFAULT_MAX_NEW_TOKENS,
                                  logprobs=True)  # fmt: skip
-    return gen.start(rt, prompt_ids(rt, body.inputs, "inputs", body.parameters), params, "tgi")
+    return gen.start(rt, await prompt_ids(rt, body.inputs, "inputs", body.parameters), params, "tgi")
 
 
 def _token(rt: ModelRuntime, token_id: int, logprob: float | None, special: set[int] | frozenset[int],
@@ -89,7 +89,7 @@ def _token(rt: ModelRuntime, token_id: int, logprob: float | None, special: set[
 
 async def _generate(rt: ModelRuntime, request: Request, body: GenerateRequest) -> dict[str, Any]:
     p = body.parameters
-    [c] = await gen.complete(request, [_start(rt, body)])
+    [c] = await gen.complete(request, [await _start(rt, body)])
     out: dict[str, Any] = {"generated_text": body.inputs + c.text if p.return_full_text else c.text}
     if p.details:
         special = rt.tokenizer.all_special_ids if rt.tokenizer else frozenset()
@@ -105,9 +105,9 @@ async def _generate(rt: ModelRuntime, request: Request, body: GenerateRequest) -
 
 
 async def _stream(rt: ModelRuntime, request: Request, body: GenerateRequest) -> Response:
-    stream = _start(rt, body)
+    stream = await _start(rt, body)
     first = await gen.first_delta(request, stream)
-    return sse_response(guarded(_events(rt, body, stream, first), sse_error_event, [stream]))
+    return sse_response(guarded(_events(rt, body, stream, first), sse_error_event, [stream]), [stream])
 
 
 async def _events(rt: ModelRuntime, body: GenerateRequest, stream: gen.TrackedStream,

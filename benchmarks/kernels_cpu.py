@@ -182,11 +182,14 @@ def bench_norm(ops: Ops, rounds: int) -> None:
         t = race({"ours": partial(ops.silu_and_mul, g), "torch": partial(ref.silu_and_mul, g)}, rounds)
         rows.append(["silu_and_mul 1536", f"{m}", f"{t['ours'] * 1e6:.1f}", f"{t['torch'] * 1e6:.1f}",
                      f"{t['torch'] / t['ours']:.2f}x"])
-    k, v = torch.randn(64, 3, 64), torch.randn(64, 3, 64)
     cache = torch.zeros(1000, 16, 3, 64, dtype=torch.bfloat16)
-    slots = torch.randperm(16000)[:64]
-    t = race({"torch": partial(ops.write_kv, k, v, cache, cache, slots)}, rounds)
-    rows.append(["write_kv (index_copy_)", "64", "-", f"{t['torch'] * 1e6:.1f}", "-"])
+    for tokens in (1, 64, 512):
+        k, v = torch.randn(tokens, 3, 64), torch.randn(tokens, 3, 64)
+        slots = torch.randperm(16000)[:tokens]
+        t = race({"ours": partial(ops.write_kv, k, v, cache, cache, slots),
+                  "torch": partial(ref.write_kv, k, v, cache, cache, slots)}, rounds)
+        rows.append(["write_kv bf16 cache", f"{tokens}", f"{t['ours'] * 1e6:.1f}", f"{t['torch'] * 1e6:.1f}",
+                     f"{t['torch'] / t['ours']:.2f}x"])
     table("elementwise", ["op", "rows", "ours us", "torch us", "speedup"], rows)
 
 

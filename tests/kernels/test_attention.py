@@ -107,3 +107,10 @@ def test_bad_block_ids_are_refused(compiled_ops: Ops) -> None:
     b.q = b.q[:1]
     with pytest.raises(ValueError, match="columns"):
         compiled_ops.paged_attention(*b.args(), 0.1)
+
+
+def test_sequences_without_new_tokens_and_empty_batches(ops: Ops) -> None:
+    b = make_batch([2, 0, 1], [9, 30, 5])
+    check(ops, b)
+    empty = make_batch([0], [4])
+    assert ops.paged_attention(*empty.args(), 0.1).shape == (0, 9, 64)

@@ -107,3 +107,8 @@ def test_packed_weight_keeps_its_shape(ops: Ops) -> None:
     packed = ops.pack_linear_weight(torch.randn(33, 100).bfloat16())
     assert (packed.out_features, packed.in_features) == (33, 100)
     assert packed.data.dtype in (torch.bfloat16, torch.float32)
+
+
+def test_empty_batch(ops: Ops) -> None:
+    packed = ops.pack_linear_weight(torch.randn(40, 64).bfloat16())
+    assert ops.linear(torch.randn(0, 64), packed).shape == (0, 40)

@@ -68,7 +68,7 @@ std::vector<Item> plan_items(const AttentionArgs& a, int64_t G, int threads) {
 // Split single-token items along their keys until there are about four items per thread.
 int split_decodes(std::vector<Item>& items, int threads) {
     const int64_t target = 4LL * threads;
-    if (threads <= 1 || static_cast<int64_t>(items.size()) >= target) return 0;
+    if (threads <= 1 || items.empty() || static_cast<int64_t>(items.size()) >= target) return 0;
     const int64_t want = (target + static_cast<int64_t>(items.size()) - 1) / static_cast<int64_t>(items.size());
     std::vector<Item> out;
     int parts = 0;
@@ -93,12 +93,9 @@ int split_decodes(std::vector<Item>& items, int threads) {
     return parts;
 }
 
+// One KV head of an item: the row-dot loop for few rows, the row-lane loop (by vector count) for many.
 template <int D>
-void run_item(const AttentionArgs& a, const Item& whole, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
-  for (int32_t g = whole.g; g < whole.g + whole.ng; ++g) {
-    Item it = whole;
-    it.g = g;
-    it.ng = 1;
+void run_head(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
     const int R = it.nt * it.nh;
     if (R < kLanesMinRows)
         run_rowdot<D>(a, it, G, log2bs, ws, sink);
@@ -108,7 +105,16 @@ void run_item(const AttentionArgs& a, const Item& whole, int64_t G, int log2bs, 
         run_lanes<D, 2>(a, it, G, log2bs, ws, sink);
     else
         run_lanes<D, 3>(a, it, G, log2bs, ws, sink);
-  }
+}
+
+template <int D>
+void run_item(const AttentionArgs& a, const Item& item, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
+    for (int32_t g = item.g; g < item.g + item.ng; ++g) {
+        Item one = item;
+        one.g = g;
+        one.ng = 1;
+        run_head<D>(a, one, G, log2bs, ws, sink);
+    }
 }
 
 // Merge the key splits of one (sequence, head slice) into normalized output rows.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +57,13 @@ def test_chooser_picks_compiled_ops(compiled_ops: ReferenceOps, monkeypatch: pyt
 def test_build_key_tracks_sources() -> None:
     key = build.build_key()
     assert len(key) == 16 and key == build.build_key()
+
+
+def test_stale_build_lock_is_removed(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = lock.stat().st_mtime - build.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    build._clear_stale_lock(lock)
+    assert not lock.exists()
+    build._clear_stale_lock(lock)  # no lock: returns at once

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -25,6 +26,9 @@ SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_c
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                  "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+
+# torch's builder waits forever on the lock file of a compile that was killed; none takes this long.
+STALE_LOCK_S = 600.0
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
@@ -95,9 +99,24 @@ def _compile() -> ModuleType:
     name = f"lmserve_cpu_kernels_{key}"
     build_dir = cache_subdir("kernels") / f"cpu-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir / "lock")
     if not (build_dir / f"{name}.so").exists():
         log.info("compiling CPU kernels, once (~30 s) into %s", build_dir)
     module = load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(COMPILE_FLAGS),
                   extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     log.debug("CPU kernels loaded from %s (torch %s)", build_dir, torch.__version__)
     return module
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Wait for another process's compile to finish, but remove a lock older than any compile."""
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            log.warning("removing %s, left by an interrupted compile %.0f s ago", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(0.5)

@@ -18,9 +18,11 @@ def test_port_answers_503_while_loading_then_200(tiny_model_dir: Path) -> None:
         with server.client() as http:
             ping = http.get("/ping")
             assert ping.status_code == 503 and ping.json()["status"] == "loading"
+            assert http.get("/health").status_code == 503
             busy = http.post("/invocations", json={"inputs": "hello"})
             assert busy.status_code == 503 and "loading" in busy.json()["error"]
             server.wait_for_ping(200)
+            assert http.get("/health").status_code == 200
             assert http.post("/invocations", json={"inputs": "hello"}).status_code == 200
     finally:
         server.stop()

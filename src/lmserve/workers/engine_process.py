@@ -126,7 +126,7 @@ class EngineLoop:
     def _receive(self, block: bool) -> list[Message]:
         if block and not self.inbox.poll(_IDLE_POLL_MS):
             return []
-        messages = []
+        messages: list[Message] = []
         while True:
             try:
                 data = self.inbox.recv(zmq.NOBLOCK)

@@ -30,9 +30,9 @@ class GenerationParameters(StrictModel):
     details: bool = False
     return_full_text: bool = False
     ignore_eos: bool = False
-    decoder_input_details: bool = Field(False, description="Prompt log-probabilities; not supported.")
+    decoder_input_details: bool = Field(default=False, description="Prompt log-probabilities; not supported.")
     top_n_tokens: TopN | None = None
-    truncate: Count | None = Field(None, description="Keep only the last this many prompt tokens.")
+    truncate: Count | None = Field(default=None, description="Keep only the last this many prompt tokens.")
     # TGI parameters accepted only at their neutral value; anything else is refused by name.
     best_of: Count | None = None
     typical_p: float | None = None
@@ -46,7 +46,7 @@ class InvocationRequest(StrictModel):
     """``POST /invocations`` and ``POST /predictions/{model}``."""
 
     inputs: str | list[str]
-    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    parameters: GenerationParameters = Field(default_factory=lambda: GenerationParameters())
     stream: bool = False
 
 
@@ -54,7 +54,7 @@ class GenerateRequest(StrictModel):
     """TGI ``POST /generate`` and ``POST /generate_stream``."""
 
     inputs: str
-    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    parameters: GenerationParameters = Field(default_factory=lambda: GenerationParameters())
 
 
 class CompatGenerateRequest(GenerateRequest):

@@ -19,11 +19,11 @@ class StreamOptions(StrictModel):
 
 
 class SamplingFields(StrictModel):
-    model: str | None = Field(None, description="The served model's name; any other is a 404.")
+    model: str | None = Field(default=None, description="The served model's name; any other is a 404.")
     max_tokens: Count | None = None
-    temperature: float | None = Field(None, description="Default 1.0.")
+    temperature: float | None = Field(default=None, description="Default 1.0.")
     top_p: float | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

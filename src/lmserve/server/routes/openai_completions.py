@@ -54,7 +54,7 @@ async def _prompts(rt: ModelRuntime, prompt: str | list[str] | list[int] | list[
     out = []
     for i, p in enumerate(prompt):
         field = f"prompt[{i}]"
-        ids = await gen.tokenize(rt, p, field) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
+        ids = await gen.tokenize(rt, p, field) if isinstance(p, str) else [int(t) for t in p]  # type: ignore[attr-defined]
         out.append(gen.check_prompt(rt, ids, field))
     return out
 

@@ -185,3 +185,46 @@ def test_a_converted_directory_serves_directly_and_refuses_other_settings(
     with pytest.raises(UnsupportedModelError, match="converted for tensor_parallel_degree 2 and dtype fp32; "
                                                     "asked for degree 1 and dtype fp32"):
         LLM(str(out), dtype="fp32", kv_cache_tokens=256)
+
+
+class _PanelOps:
+    """Kernels whose packed form is the transposed weight: stands in for the CPU kernels' panels."""
+
+    name = "test-panels"
+
+    def __init__(self) -> None:
+        from lmserve.kernels import ReferenceOps
+
+        self.reference, self.packed = ReferenceOps("cpu"), 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.reference, name)
+
+    def pack_linear_weight(self, w: torch.Tensor) -> object:
+        from lmserve.kernels import PackedLinear
+
+        self.packed += 1
+        return PackedLinear(w.t().contiguous(), w.shape[0], w.shape[1], layout="transposed")
+
+    def linear(self, x: torch.Tensor, w: object, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = x @ w.data.to(x.dtype)  # type: ignore[attr-defined]
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y if residual is None else y + residual
+
+
+def test_the_first_load_keeps_packed_weights_and_later_loads_skip_packing(checkpoints: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    from lmserve.models.loader import load_model
+
+    out = convert(checkpoints["gpt2"], tmp_path / "c", 2, "fp32", progress=False)
+    x = torch.randn(3, 64)
+    results = []
+    for attempt in range(2):
+        ops = _PanelOps()
+        model, _ = load_model(out, torch.float32, torch.device("cpu"), ops, state=ParallelState(1, 2))
+        assert ops.packed == (9 if attempt == 0 else 0)  # 4 linear layers x 2 blocks + the LM head
+        assert (out / "rank1.packed-test-panels.safetensors").is_file()
+        mlp = model.model.layers[0].mlp
+        results.append(mlp.c_proj.matmul(mlp.c_fc(x), None))  # rank 1's partial sum, before all-reduce
+    assert torch.equal(results[0], results[1])

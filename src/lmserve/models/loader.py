@@ -12,7 +12,7 @@ from torch import nn
 from lmserve.models.config import ModelConfig, build_model_config, read_hf_config
 from lmserve.models.registry import resolve_architecture
 from lmserve.models.weights import load_weights
-from lmserve.parallel.presharded import find_conversion, load_rank
+from lmserve.parallel.presharded import find_conversion, load_rank, remember_packed
 from lmserve.parallel.state import SINGLE, ParallelState
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,15 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: A
     with torch.device("cpu"):
         model = cls(cfg, state)
     conversion = find_conversion(model_dir, state.world_size, dtype)
-    if conversion is not None:
-        load_rank(model, conversion, state.rank)
-    else:
+    packed = conversion is not None and load_rank(model, conversion, state.rank, ops)
+    if conversion is None:
         load_weights(model, model_dir, cls.weights, progress=progress)
     model = model.to(device)
     for module in model.modules():
         finalize = getattr(module, "finalize", None)
         if finalize is not None:
             finalize(ops)
+    if conversion is not None and not packed:
+        remember_packed(model, conversion, state.rank, ops)
     model.eval()
     return model, cfg

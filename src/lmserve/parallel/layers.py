@@ -47,12 +47,18 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def finalize(self, ops: Any) -> None:
-        """Repack the weight for ``ops`` (the device's kernels) when they have a faster form."""
+        """Repack the weight for ``ops`` (the device's kernels) when they have a faster form, unless a
+        packed form was already restored (``restore_packed``, from a pre-sharded conversion)."""
         self._ops = ops
-        packed = ops.pack_linear_weight(self.weight.data)
-        if packed is not None:
-            self._packed = packed
+        if self._packed is None:
+            self._packed = ops.pack_linear_weight(self.weight.data)
+        if self._packed is not None:
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
+    def restore_packed(self, packed: Any) -> None:
+        """Adopt a weight packed earlier for the same kernels; ``finalize`` then packs nothing."""
+        self._packed = packed
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._packed is not None:

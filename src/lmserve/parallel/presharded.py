@@ -7,13 +7,16 @@ config and tokenizer files, and ``manifest.json``, written last. Cached conversi
 config and weight files, so a changed checkpoint never matches an old conversion.
 
 The converter (``lmserve.convert``) writes this form; the model loader reads it through
-``find_conversion`` and ``load_rank``.
+``find_conversion`` and ``load_rank``. The first load on a machine also keeps the weights as its
+kernels packed them (``rank{r}.packed-<kernels>.safetensors``), so later loads skip repacking.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,9 @@ from torch import nn
 from lmserve import __version__
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.kernels.packed import PackedLinear
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when what a rank file holds changes; old conversions then stop matching
@@ -125,12 +131,15 @@ def save_rank(model: nn.Module, path: Path) -> tuple[int, int]:
     return path.stat().st_size, len(tensors)
 
 
-def load_rank(model: nn.Module, conversion: Path, rank: int, device: torch.device | None = None) -> None:
-    """Give ``model`` rank ``rank``'s tensors from a conversion, without casting or slicing."""
+def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Any = None) -> bool:
+    """Give ``model`` rank ``rank``'s tensors from a conversion, without casting or slicing; with
+    ``ops``, also the weights packed for those kernels by an earlier load (``remember_packed``).
+    Returns whether packed weights were restored."""
     path = conversion / rank_file(rank)
     wanted = dict(named_tensors(model))
-    target = "cpu" if device is None or device.type == "meta" else str(device)
-    with safe_open(str(path), framework="pt", device=target) as f:
+    packs = _read_packed(conversion / packed_file(rank, ops), model) if ops is not None else {}
+    skip = {f"{name}.weight" for name in packs}  # replaced by their packed form below
+    with safe_open(str(path), framework="pt", device="cpu") as f:
         names = set(f.keys())
         if names != set(wanted):
             missing, extra = sorted(set(wanted) - names), sorted(names - set(wanted))
@@ -138,12 +147,54 @@ def load_rank(model: nn.Module, conversion: Path, rank: int, device: torch.devic
                 f"{path} does not fit the model: {len(missing)} tensors missing (e.g. {missing[:3]}), "
                 f"{len(extra)} unexpected (e.g. {extra[:3]}); convert again")
         for name, tensor in wanted.items():
+            if name in skip:
+                continue
             loaded = f.get_tensor(name)
             if loaded.shape != tensor.shape or loaded.dtype != tensor.dtype:
                 raise UnsupportedModelError(
                     f"{path}: {name} is {tuple(loaded.shape)} {loaded.dtype}, the model wants "
                     f"{tuple(tensor.shape)} {tensor.dtype}; convert again")
             tensor.data = loaded  # rebinding keeps tied parameters tied
+    modules = dict(model.named_modules())
+    for name, packed in packs.items():
+        modules[name].restore_packed(packed)
+    return bool(packs)
+
+
+def packed_file(rank: int, ops: Any) -> str:
+    return f"rank{rank}.packed-{ops.name}.safetensors"
+
+
+def remember_packed(model: nn.Module, conversion: Path, rank: int, ops: Any) -> None:
+    """Keep the weights ``ops`` packed (after ``finalize``) next to the conversion, so later loads
+    skip packing: the kernels' half of the compiled-model cache. Plain layouts are not kept (they
+    cost nothing to rebuild); a read-only conversion just stays without them."""
+    packs = {name: m._packed for name, m in model.named_modules()
+             if isinstance(getattr(m, "_packed", None), PackedLinear) and m._packed.layout != "plain"}
+    if not packs:
+        return
+    meta = {name: {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "data"}
+            for name, p in packs.items()}
+    path = conversion / packed_file(rank, ops)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({name: p.data.contiguous() for name, p in packs.items()}, str(tmp),
+                  metadata={"packed": json.dumps(meta)})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.info("not keeping packed weights in %s: %s", conversion, exc)
+
+
+def _read_packed(path: Path, model: nn.Module) -> dict[str, PackedLinear]:
+    if not path.is_file():
+        return {}
+    modules = dict(model.named_modules())
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = json.loads((f.metadata() or {}).get("packed", "{}"))
+        if not meta or any(not hasattr(modules.get(name), "restore_packed") for name in meta):
+            return {}  # made for another model layout: ignore it, the weights get packed afresh
+        return {name: PackedLinear(data=f.get_tensor(name), **fields) for name, fields in meta.items()}
 
 
 def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

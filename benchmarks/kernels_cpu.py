@@ -4,7 +4,9 @@
 
 Shapes are SmolLM2-135M's (hidden 576, intermediate 1536, 9 query / 3 KV heads of 64, vocab 49152).
 Candidates are timed round-robin, so load from other processes hits them alike; each cell is the
-median over rounds. Ratios compare candidates measured in the same run only.
+median over rounds. Ratios compare candidates measured in the same run only. Timings are warm-cache:
+each sample first runs its candidate once untimed, so weights and KV blocks sit in the last-level
+cache when they fit (a whole model's weights and KV cache usually do not; then DRAM bandwidth rules).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def timed(fn: Callable[[], object], min_s: float = 2e-3) -> Callable[[], float]:
     calls = max(1, int(min_s / max(once, 1e-7)))
 
     def sample() -> float:
+        fn()  # untimed: the other candidates may have evicted this one's data from the caches
         t = time.perf_counter()
         for _ in range(calls):
             fn()

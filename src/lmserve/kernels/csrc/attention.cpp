@@ -109,6 +109,8 @@ void run_head(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, con
 
 template <int D>
 void run_item(const AttentionArgs& a, const Item& item, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
+    const int R = item.nt * item.nh;
+    if (R < kLanesMinRows && R * item.ng <= kTileRows) return run_rowdot<D>(a, item, G, log2bs, ws, sink);
     for (int32_t g = item.g; g < item.g + item.ng; ++g) {
         Item one = item;
         one.g = g;

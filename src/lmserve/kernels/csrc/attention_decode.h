@@ -74,67 +74,83 @@ void pv_all(float* o, const float* p, const float* alpha, int R, int nkv, const 
     }
 }
 
+// The item's KV heads one at a time within each chunk (not one after the other over all chunks):
+// a token's keys for all heads are adjacent in the cache, so the item then reads memory in order.
 template <int D>
 void run_rowdot(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, const Workspace& ws, const Sink& sink) {
-    const int R = it.nt * it.nh;
+    const int R = it.nt * it.nh;  // rows per KV head; all heads' rows fit in kTileRows
     const float qscale = a.scale * 1.4426950408889634f;
     float* m = ws.ml;
     float* l = ws.ml + kTileRows;
     float* alpha = ws.ml + 2 * kTileRows;
     float* slope = ws.ml + 3 * kTileRows;
-    for (int r = 0; r < R; ++r) {
-        const float* src = q_row(a, it, G, r);
-        for (int i = 0; i < D; ++i) ws.q[r * D + i] = src[ws.perm[i]] * qscale;
-        for (int i = 0; i < D; ++i) ws.o[r * D + i] = 0.0f;
-        m[r] = -FLT_MAX;
-        l[r] = 0.0f;
-        slope[r] = row_slope(a, it, G, r);
+    Item heads[kTileRows];
+    for (int h = 0; h < it.ng; ++h) {
+        heads[h] = it;
+        heads[h].g = it.g + h;
+        heads[h].ng = 1;
+        for (int r = 0; r < R; ++r) {
+            const int row = h * R + r;
+            const float* src = q_row(a, heads[h], G, r);
+            for (int i = 0; i < D; ++i) ws.q[row * D + i] = src[ws.perm[i]] * qscale;
+            for (int i = 0; i < D; ++i) ws.o[row * D + i] = 0.0f;
+            m[row] = -FLT_MAX;
+            l[row] = 0.0f;
+            slope[row] = row_slope(a, heads[h], G, r);
+        }
     }
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 lowest = _mm512_set1_ps(-FLT_MAX);
     const void* vrows[kChunk];
     for (int c0 = it.kv0; c0 < it.kv1; c0 += kChunk) {
         const int nk = std::min(kChunk, it.kv1 - c0);
-        fetch_chunk<D>(a, log2bs, it.s, it.g, c0, nk, ws.kb, nullptr, vrows);
-        int nkv = 0;  // keys any row still sees in this chunk
-        for (int r = 0; r < R; ++r) {
-            const int pos = it.pos0 + r / it.nh;
-            const int nvalid = std::min(nk, pos - c0 + 1);
-            float* p = ws.st + r * kChunk;
-            if (nvalid <= 0) {
-                alpha[r] = 1.0f;
-                for (int j = 0; j < kChunk; ++j) p[j] = 0.0f;
-                continue;
+        for (int h = 0; h < it.ng; ++h) {
+            fetch_chunk<D>(a, log2bs, it.s, it.g + h, c0, nk, ws.kb, nullptr, vrows);
+            int nkv = 0;  // keys any row still sees in this chunk
+            for (int r = 0; r < R; ++r) {
+                const int row = h * R + r;
+                const int pos = it.pos0 + r / it.nh;
+                const int nvalid = std::min(nk, pos - c0 + 1);
+                float* p = ws.st + row * kChunk;
+                if (nvalid <= 0) {
+                    alpha[row] = 1.0f;
+                    for (int j = 0; j < kChunk; ++j) p[j] = 0.0f;
+                    continue;
+                }
+                nkv = std::max(nkv, nvalid);
+                const __mmask16 k0 = tail_mask(nvalid), k1 = tail_mask(nvalid - 16);
+                __m512 s0 = dot16<D>(ws.q + row * D, ws.kb);
+                __m512 s1 = k1 ? dot16<D>(ws.q + row * D, ws.kb + 16 * D) : lowest;
+                if (a.alibi) {
+                    const __m512 sl = _mm512_set1_ps(slope[row]);
+                    const __m512 rel = _mm512_add_ps(iota, _mm512_set1_ps(static_cast<float>(c0 - pos)));
+                    s0 = _mm512_fmadd_ps(sl, rel, s0);
+                    s1 = _mm512_fmadd_ps(sl, _mm512_add_ps(rel, _mm512_set1_ps(16.0f)), s1);
+                }
+                s0 = _mm512_mask_mov_ps(lowest, k0, s0);
+                s1 = _mm512_mask_mov_ps(lowest, k1, s1);
+                const float m_new = std::max(m[row], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+                // Once the running max settles (most chunks of a long context) the rescale is exact 1.
+                alpha[row] = m_new == m[row] ? 1.0f : std::exp2(m[row] - m_new);
+                const __m512 mv = _mm512_set1_ps(m_new);
+                const __m512 p0 = _mm512_maskz_mov_ps(k0, exp2_ps(_mm512_sub_ps(s0, mv)));
+                const __m512 p1 = _mm512_maskz_mov_ps(k1, exp2_ps(_mm512_sub_ps(s1, mv)));
+                l[row] = l[row] * alpha[row] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+                m[row] = m_new;
+                _mm512_store_ps(p, p0);
+                _mm512_store_ps(p + 16, p1);
             }
-            nkv = std::max(nkv, nvalid);
-            const __mmask16 k0 = tail_mask(nvalid), k1 = tail_mask(nvalid - 16);
-            __m512 s0 = dot16<D>(ws.q + r * D, ws.kb);
-            __m512 s1 = k1 ? dot16<D>(ws.q + r * D, ws.kb + 16 * D) : lowest;
-            if (a.alibi) {
-                const __m512 sl = _mm512_set1_ps(slope[r]);
-                const __m512 rel = _mm512_add_ps(iota, _mm512_set1_ps(static_cast<float>(c0 - pos)));
-                s0 = _mm512_fmadd_ps(sl, rel, s0);
-                s1 = _mm512_fmadd_ps(sl, _mm512_add_ps(rel, _mm512_set1_ps(16.0f)), s1);
-            }
-            s0 = _mm512_mask_mov_ps(lowest, k0, s0);
-            s1 = _mm512_mask_mov_ps(lowest, k1, s1);
-            const float m_new = std::max(m[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-            // Once the running max settles (most chunks of a long context) the rescale is exact 1.
-            alpha[r] = m_new == m[r] ? 1.0f : std::exp2(m[r] - m_new);
-            const __m512 mv = _mm512_set1_ps(m_new);
-            const __m512 p0 = _mm512_maskz_mov_ps(k0, exp2_ps(_mm512_sub_ps(s0, mv)));
-            const __m512 p1 = _mm512_maskz_mov_ps(k1, exp2_ps(_mm512_sub_ps(s1, mv)));
-            l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-            m[r] = m_new;
-            _mm512_store_ps(p, p0);
-            _mm512_store_ps(p + 16, p1);
+            float* o = ws.o + h * R * D;
+            const float* ps = ws.st + h * R * kChunk;
+            if (a.bf16)
+                pv_all<D, true>(o, ps, alpha + h * R, R, nkv, vrows);
+            else
+                pv_all<D, false>(o, ps, alpha + h * R, R, nkv, vrows);
         }
-        if (a.bf16)
-            pv_all<D, true>(ws.o, ws.st, alpha, R, nkv, vrows);
-        else
-            pv_all<D, false>(ws.o, ws.st, alpha, R, nkv, vrows);
     }
-    for (int r = 0; r < R; ++r) emit_row<D>(a, it, G, r, sink, ws.o + r * D, 1, m[r], l[r], ws.perm);
+    for (int h = 0; h < it.ng; ++h)
+        for (int r = 0; r < R; ++r)
+            emit_row<D>(a, heads[h], G, r, sink, ws.o + (h * R + r) * D, 1, m[h * R + r], l[h * R + r], ws.perm);
 }
 
 }  // namespace lmserve

@@ -114,3 +114,11 @@ def test_sequences_without_new_tokens_and_empty_batches(ops: Ops) -> None:
     check(ops, b)
     empty = make_batch([0], [4])
     assert ops.paged_attention(*empty.args(), 0.1).shape == (0, 9, 64)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dtype"), [(4, 4, torch.float32), (8, 2, torch.bfloat16)])
+def test_many_decodes_with_alibi(ops: Ops, heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+    # 40 decodes: each sequence is one work item over all its KV heads.
+    ctx = [int(c) for c in torch.randint(1, 120, (40,), generator=torch.Generator().manual_seed(5)).tolist()]
+    b = make_batch([1] * 40, ctx, num_heads=heads, num_kv_heads=kv_heads, dtype=dtype, block_size=8)
+    check(ops, b, torch.linspace(0.05, 0.8, heads))

@@ -117,7 +117,10 @@ def find_conversion(model_dir: Path, degree: int, dtype: torch.dtype) -> Path | 
         return model_dir
     if not (model_dir / "config.json").is_file() or not weight_files(model_dir):
         return None
-    entry = cache_entry(model_dir, degree, dtype)
+    try:
+        entry = cache_entry(model_dir, degree, dtype)
+    except OSError:  # no usable cache directory (a read-only home, say): load the original
+        return None
     return entry if is_complete(entry) else None
 
 

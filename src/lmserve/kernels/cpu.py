@@ -33,13 +33,15 @@ class CpuOps(ReferenceOps):
         return True
 
     # -- linear layers -----------------------------------------------------------------------
+    # Panels hold bf16: only bf16 weights go there. fp32 weights keep their precision (MKL fp32 is
+    # as fast as these kernels at large M); fp16 weights are widened to fp32 by the fallback.
     def pack_linear_weight(self, w: torch.Tensor) -> PackedLinear:
-        if w.device.type != "cpu" or w.dim() != 2:
+        if w.device.type != "cpu" or w.dim() != 2 or w.dtype != torch.bfloat16:
             return super().pack_linear_weight(w)
         return PackedLinear(pack_panels(w), w.shape[0], w.shape[1], layout="panel32")
 
     def pack_gate_up_weight(self, gate: torch.Tensor, up: torch.Tensor) -> PackedLinear:
-        if gate.device.type != "cpu" or gate.dim() != 2:
+        if gate.device.type != "cpu" or gate.dim() != 2 or gate.dtype != torch.bfloat16:
             return super().pack_gate_up_weight(gate, up)
         return PackedLinear(pack_panels(interleave_gate_up(gate, up)), gate.shape[0], gate.shape[1],
                             layout="panel32", gate_up=True)

@@ -40,6 +40,28 @@ def default_model_dir() -> Path:
     return pull_default_model(progress=False)
 
 
+SHARED_CACHE_PARTS = ("models", "kernels")  # expensive to make, safe to share between caches
+
+
+def share_cache_parts(source_root: Path, target_root: Path) -> None:
+    """Link ``target_root``'s fetched models and compiled kernels to ``source_root``'s."""
+    target_root.mkdir(parents=True, exist_ok=True)
+    for part in SHARED_CACHE_PARTS:
+        (source_root / part).mkdir(parents=True, exist_ok=True)
+        link = target_root / part
+        if not link.exists():
+            link.symlink_to(source_root / part, target_is_directory=True)
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _quiet_tokenizers() -> None:
+def _test_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests write conversions and extracted archives into a throw-away cache, never the user's;
+    the default model and the compiled kernels are shared with the user's cache, so a second run
+    neither downloads nor compiles again. Set in os.environ so spawned processes see it too."""
+    from lmserve.cache import cache_root
+
+    user_root = cache_root()
+    test_root = tmp_path_factory.mktemp("lmserve-cache")
+    share_cache_parts(user_root, test_root)
+    os.environ["LMSERVE_CACHE"] = str(test_root)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -11,10 +11,5 @@ from tests.parallel import helpers
 
 
 @pytest.fixture(scope="module")
-def reference_kernels() -> Iterator[None]:
-    yield from helpers.reference_kernels()
-
-
-@pytest.fixture(scope="module")
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield from helpers.private_cache(tmp_path_factory.mktemp("lmserve-cache"))

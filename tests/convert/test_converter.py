@@ -26,7 +26,7 @@ from lmserve.parallel.state import ParallelState
 from tests.parallel.helpers import close
 from tests.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.usefixtures("reference_kernels", "private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 FAMILIES = ["llama-gqa-9x3", "gpt2", "gptj", "gpt_neox", "opt-proj-postln", "bloom"]
 

@@ -1,7 +1,6 @@
 """Every family generates Hugging Face's greedy tokens, on one rank and split over 2 and 4 ranks.
 
-Random tiny checkpoints in fp32, compared with ``generate``; the pure-torch kernels run (see
-``tests.parallel.helpers.reference_kernels``). Degrees are those the family's 4 query heads allow,
+Random tiny checkpoints in fp32, compared with ``generate``. Degrees are those the family's 4 query heads allow,
 plus SmolLM's head shape (9 query heads on 3 KV heads) at the uneven degree 2 and at 3.
 """
 
@@ -16,7 +15,7 @@ from lmserve import LLM, SamplingParams
 from tests.parallel.helpers import close
 from tests.tiny_models import VOCAB_SIZE, hf_greedy, make_tiny_model
 
-pytestmark = pytest.mark.usefixtures("reference_kernels", "private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 NEW_TOKENS = 12
 PROMPT_LENGTHS = (3, 11, 29, 50)

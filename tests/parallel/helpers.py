@@ -8,22 +8,15 @@ from typing import Any
 
 import pytest
 
-from lmserve.kernels import ops as kernel_ops
-
-
-def reference_kernels() -> Iterator[None]:
-    """Run on the pure-torch kernels: the compiled CPU GEMM multiplies by bf16-packed weights even
-    for fp32 models (logits differ from fp32 by ~1e-2), which random tiny models' near-ties turn into
-    different greedy tokens. Spawned ranks inherit the environment variable."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("LMSERVE_CPU_KERNELS", "0")
-    patch.setattr(kernel_ops, "_by_device_type", {})
-    yield
-    patch.undo()
+from tests.conftest import share_cache_parts
 
 
 def private_cache(path: Path) -> Iterator[Path]:
-    """Point the lmserve cache (conversions included) at ``path`` for the duration."""
+    """Point the lmserve cache (conversions included) at ``path`` for the duration, sharing the
+    current cache's compiled kernels and fetched models so nothing is built or fetched twice."""
+    from lmserve.cache import cache_root
+
+    share_cache_parts(cache_root(), path)
     patch = pytest.MonkeyPatch()
     patch.setenv("LMSERVE_CACHE", str(path))
     yield path

@@ -21,7 +21,7 @@ from lmserve.errors import ConfigError, EngineDeadError
 from tests.parallel.helpers import close
 from tests.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.usefixtures("reference_kernels", "private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 FAIL_WITHIN_S = 5.0
 

@@ -73,11 +73,13 @@ def build_key() -> str:
 
 def load_cpu_kernels() -> ModuleType | None:
     """The compiled kernel module, building it on first use; None (logged once) when unavailable."""
+    reason = disabled_reason()
+    if reason is not None and reason.startswith(ENV_SWITCH):
+        return None  # a switch, not a fact about the machine: never remembered
     with _lock:
         if "cpu" in _loaded:
             return _loaded["cpu"]
         module: ModuleType | None = None
-        reason = disabled_reason()
         if reason is None:
             try:
                 module = _compile()

@@ -1,4 +1,4 @@
-"""The ``lmserve`` command: ``lmserve serve [MODEL]``, ``lmserve pull``.
+"""The ``lmserve`` command: ``lmserve serve [MODEL]``, ``lmserve pull``, ``lmserve convert MODEL``.
 
 Each subcommand is a ``Command`` in ``COMMANDS``: its name, one help line, a function adding its
 arguments and a function running it. New subcommands (``convert``, ``bench``) join that list; their
@@ -84,9 +84,23 @@ def _run_pull(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmserve.convert.cli import add_convert_arguments
+
+    add_convert_arguments(parser)
+
+
+def _run_convert(ns: argparse.Namespace) -> int:
+    from lmserve.convert.cli import run_convert
+
+    _configure_logging("info")
+    return int(run_convert(ns) or 0)
+
+
 COMMANDS: list[Command] = [
     Command("serve", "serve a model over HTTP (SageMaker/LMI, TGI and OpenAI routes)", _serve_arguments, _run_serve),
     Command("pull", "fetch the default model into the lmserve cache", _pull_arguments, _run_pull),
+    Command("convert", "pre-shard a model for a tensor-parallel degree and dtype", _convert_arguments, _run_convert),
 ]
 
 

@@ -94,3 +94,38 @@ def test_write_kv_refuses_slots_outside_the_cache(compiled_ops: Ops) -> None:
     for slot in (-1, 8):
         with pytest.raises(ValueError, match="outside the cache"):
             compiled_ops.write_kv(k, k, cache, cache, torch.tensor([slot]))
+
+
+def rope_oracle(x: torch.Tensor, pos: torch.Tensor, rot: int, neox: bool, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding from first principles in float64 (as HF's rotate_half / GPT-J's pairs)."""
+    inv = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    ang = pos.double()[:, None] * inv[None]
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+    x = x.double().clone()
+    if neox:
+        x1, x2 = x[..., :rot // 2].clone(), x[..., rot // 2:rot].clone()
+        x[..., :rot // 2], x[..., rot // 2:rot] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    else:
+        x1, x2 = x[..., 0:rot:2].clone(), x[..., 1:rot:2].clone()
+        x[..., 0:rot:2], x[..., 1:rot:2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return x.float()
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize(("tokens", "head_dim", "rot"), [(1, 64, 64), (37, 64, 64), (5, 80, 32), (300, 128, 128),
+                                                         (3, 16, 8)])
+def test_rotary_embedding_in_place_on_strided_views(ops: Ops, neox: bool, tokens: int, head_dim: int, rot: int) -> None:
+    torch.manual_seed(tokens)
+    hq, hk, max_pos = 9, 3, 4096
+    qkv = torch.randn(tokens, (hq + 2 * hk) * head_dim)  # q and k are views into one fused output
+    q = qkv[:, :hq * head_dim].view(tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hk) * head_dim].view(tokens, hk, head_dim)
+    v_before = qkv[:, (hq + hk) * head_dim:].clone()
+    pos = torch.randint(0, max_pos, (tokens,))
+    want_q, want_k = rope_oracle(q, pos, rot, neox), rope_oracle(k, pos, rot, neox)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None]
+    ops.rotary_embedding(pos, q, k, ang.cos().float(), ang.sin().float(), rot, neox)
+    torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, (hq + hk) * head_dim:], v_before)  # v untouched

@@ -69,6 +69,12 @@ class CpuOps(ReferenceOps):
             return super().rms_norm(x, weight, eps, residual)
         return self.ext.rms_norm(x, weight, eps, residual, torch.get_num_threads())
 
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, rotary_dim: int, neox_style: bool) -> None:
+        if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
+            return super().rotary_embedding(positions, q, k, cos, sin, rotary_dim, neox_style)
+        self.ext.rotary_embedding(positions, q, k, cos, sin, rotary_dim, neox_style, torch.get_num_threads())
+
     # -- attention ---------------------------------------------------------------------------
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

@@ -21,6 +21,8 @@ class Ops(Protocol):
     - ``linear_silu_mul(x[..., K], w) -> [..., I]``: ``silu(x G^T) * (x U^T)`` in one pass.
     - ``silu_and_mul(x[..., 2I]) -> [..., I]``.
     - ``rms_norm(x, weight, eps, residual=None) -> (normed, x + residual)``.
+    - ``rotary_embedding(positions[T], q[T, Hq, D], k[T, Hk, D], cos, sin, rotary_dim, neox_style)``:
+      in place.
     - ``write_kv(k[T, Hkv, D], v, k_cache, v_cache, slot_mapping[T])``: in place.
     - ``paged_attention(q[T, Hq, D], k_cache, v_cache, block_tables[S, B] int32, context_lens[S]
       int32, query_start_loc[S + 1] int32, scale, alibi_slopes=None, out=None) -> [T, Hq, D]``.
@@ -47,6 +49,9 @@ class Ops(Protocol):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, rotary_dim: int, neox_style: bool) -> None: ...
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None: ...

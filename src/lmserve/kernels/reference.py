@@ -80,6 +80,24 @@ class ReferenceOps:
         normed = t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
         return normed.to(x.dtype), total
 
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, rotary_dim: int, neox_style: bool) -> None:
+        """Rotate the first ``rotary_dim`` features of every head of ``q[T, Hq, D]`` and ``k[T, Hk, D]``
+        in place, by the angles of ``positions`` in the ``[max_pos, rotary_dim / 2]`` tables.
+        ``neox_style`` pairs feature ``i`` with ``i + rotary_dim / 2``; otherwise ``2i`` with ``2i + 1``."""
+        c = cos.index_select(0, positions).unsqueeze(1)
+        s = sin.index_select(0, positions).unsqueeze(1)
+        for x in (q, k):
+            rot = x[..., :rotary_dim]
+            r32 = rot.float()
+            if neox_style:
+                x1, x2 = r32.chunk(2, dim=-1)
+                new = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+            else:
+                x1, x2 = r32[..., 0::2], r32[..., 1::2]
+                new = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+            rot.copy_(new)
+
     # -- attention ---------------------------------------------------------------------------
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

@@ -37,14 +37,36 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.ops: Any = None
+
+    def finalize(self, ops: Any) -> None:
+        """Run on the device's kernels from now on (the loader calls this once weights are in)."""
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ops is not None:
+            normed, total = self.ops.rms_norm(x, self.weight, self.eps, residual)
+            return normed, total
         if residual is not None:
             x = x + residual
         residual = x
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype), residual
+
+
+class SiluAndMul(nn.Module):
+    """SwiGLU on the device's kernels: silu(gate) * up, ``x`` being gate|up on the last dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Any = None
+
+    def finalize(self, ops: Any) -> None:
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x) if self.ops is None else self.ops.silu_and_mul(x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -113,9 +135,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.ops: Any = None
+
+    def finalize(self, ops: Any) -> None:
+        self.ops = ops
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q``: [T, Hq, D], ``k``: [T, Hk, D]; returns rotated copies."""
+        """``q``: [T, Hq, D], ``k``: [T, Hk, D]; returns them rotated (in place when the kernels can)."""
+        if self.ops is not None and q.dtype == torch.float32 and q.stride(-1) == 1 and k.stride(-1) == 1:
+            self.ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim, self.neox_style)
+            return q, k
         # Every layer rotates at the same positions in a step: gather cos/sin once per positions tensor.
         if self._step is None or self._step[0] is not positions:
             cos = self.cos.index_select(0, positions).unsqueeze(1)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, PagedAttention, RMSNorm, get_rope, silu_and_mul
+from lmserve.models.layers import ForwardContext, PagedAttention, RMSNorm, SiluAndMul, get_rope
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -54,9 +54,10 @@ class LlamaMLP(nn.Module):
         bias = bool(cfg.get("mlp_bias", default=False))
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, cfg.dtype, state)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, cfg.dtype, state)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

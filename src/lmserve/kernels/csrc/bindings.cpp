@@ -185,6 +185,31 @@ Tensor silu_and_mul(const Tensor& x_in, int64_t nthreads) {
     return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
+void rotary_embedding(const Tensor& positions_in, Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin,
+                      int64_t rotary_dim, bool neox, int64_t nthreads) {
+    check_rows(q, "q", at::kFloat, 3);
+    check_rows(k, "k", at::kFloat, 3);
+    check_rows(cos, "cos", at::kFloat, 2);
+    check_rows(sin, "sin", at::kFloat, 2);
+    TORCH_CHECK_VALUE(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes(),
+                      "cos and sin must be contiguous tables of one shape");
+    TORCH_CHECK_VALUE(rotary_dim % 2 == 0 && rotary_dim <= q.size(2) && rotary_dim == 2 * cos.size(1),
+                      "rotary_dim must be even, fit the head and match the tables");
+    const Tensor positions = positions_in.to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(positions.numel() == q.size(0) && positions.numel() == k.size(0), "one position per token");
+    if (positions.numel() > 0) {
+        const auto [lo, hi] = torch::aminmax(positions);
+        TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cos.size(0), "position outside the tables");
+    }
+    const int64_t half = rotary_dim / 2;
+    pybind11::gil_scoped_release nogil;
+    for (Tensor* x : {&q, &k}) {
+        lmserve::rotary(x->data_ptr<float>(), x->stride(0), x->stride(1), x->size(0), x->size(1),
+                        positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(), half, neox,
+                        static_cast<int>(nthreads));
+    }
+}
+
 lmserve::KVSource kv_source(const Tensor& t, const Tensor& like_cache, const char* name) {
     check_rows(t, name, t.scalar_type(), 3);
     TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
@@ -232,6 +257,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+    m.def("rotary_embedding", &rotary_embedding, "rotary position embedding of q and k, in place");
     m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
     m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
     m.attr("PANEL") = lmserve::kPanel;

@@ -62,4 +62,32 @@ void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t 
     }
 }
 
+void rotary(float* x, int64_t st, int64_t sh, int64_t T, int64_t H, const int64_t* positions, const float* cos,
+            const float* sin, int64_t half, bool neox, int nthreads) {
+    const int threads = T * H * half * 2 >= kParallelMinElements ? std::max(1, nthreads) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < T; ++t) {
+        const float* c = cos + positions[t] * half;
+        const float* s = sin + positions[t] * half;
+        for (int64_t h = 0; h < H; ++h) {
+            float* v = x + t * st + h * sh;
+            if (neox) {  // rotate the pair (v[i], v[i + half])
+                for (int64_t i = 0; i < half; i += 16) {
+                    const __mmask16 k = tail_mask(static_cast<int>(std::min<int64_t>(16, half - i)));
+                    const __m512 x1 = _mm512_maskz_loadu_ps(k, v + i), x2 = _mm512_maskz_loadu_ps(k, v + half + i);
+                    const __m512 cv = _mm512_maskz_loadu_ps(k, c + i), sv = _mm512_maskz_loadu_ps(k, s + i);
+                    _mm512_mask_storeu_ps(v + i, k, _mm512_fmsub_ps(x1, cv, _mm512_mul_ps(x2, sv)));
+                    _mm512_mask_storeu_ps(v + half + i, k, _mm512_fmadd_ps(x2, cv, _mm512_mul_ps(x1, sv)));
+                }
+            } else {  // rotate adjacent pairs (v[2i], v[2i + 1])
+                for (int64_t i = 0; i < half; ++i) {
+                    const float x1 = v[2 * i], x2 = v[2 * i + 1];
+                    v[2 * i] = x1 * c[i] - x2 * s[i];
+                    v[2 * i + 1] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        }
+    }
+}
+
 }  // namespace lmserve

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +65,19 @@ def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) 
     """One (key, value) pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
     shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     try:
-        cache = torch.zeros(shape, dtype=spec.dtype, device=device)
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        cache = _zeros_on_demand(shape, spec.dtype) if device.type == "cpu" else torch.zeros(shape, dtype=spec.dtype,
+                                                                                              device=device)
+    except (RuntimeError, OSError, torch.OutOfMemoryError) as exc:
         raise OutOfMemoryError(f"cannot allocate a KV cache of {num_blocks} blocks on {device}: {exc}") from exc
     return [(cache[i, 0], cache[i, 1]) for i in range(spec.num_layers)]
+
+
+def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor on anonymous memory the kernel zero-fills page by page as it is first touched.
+
+    ``torch.zeros`` writes every byte at start (seconds for a multi-GiB CPU cache) and commits memory the
+    cache may never use; these pages cost nothing until a block is written. The tensor holds the map.
+    """
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape)

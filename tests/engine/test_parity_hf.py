@@ -47,10 +47,12 @@ def test_greedy_matches_hugging_face(family_model, mode: str) -> None:
     assert stats.kv_blocks_free == stats.kv_blocks_total  # everything returned to the pool
 
 
-def test_bf16_stays_close_to_fp32(family_model) -> None:
-    """bf16 weights and cache change numerics a little; the first tokens should still agree."""
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_stays_close_to_fp32(family_model, dtype: str) -> None:
+    """16-bit weights and cache change numerics a little; the first tokens should still agree."""
     path, prompts, expected = family_model
-    llm = LLM(str(path), dtype="bf16")
+    llm = LLM(str(path), dtype=dtype)
+    assert llm.engine.runner.kv_spec.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
     agree = sum(o.token_ids[0] == e[0] for o, e in zip(outputs, expected, strict=True))
     assert agree >= len(prompts) - 1

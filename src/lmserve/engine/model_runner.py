@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from lmserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blo
 from lmserve.engine.request import Request
 from lmserve.kernels import get_ops
 from lmserve.models.config import DTYPES
-from lmserve.models.layers import ForwardContext
+from lmserve.models.layers import ForwardContext, PagedAttention
 from lmserve.models.loader import load_model
 from lmserve.parallel.state import SINGLE, ParallelState
 
@@ -68,7 +69,8 @@ class ModelRunner:
                  self.device, time.perf_counter() - start)
         self.block_size = config.block_size
         cfg = self.model_config
-        heads = self.model.model.layers[0].self_attn.kv_heads if hasattr(self.model, "model") else cfg.num_kv_heads
+        # This rank's KV heads, as its attention layers hold them (replication included).
+        heads = next(m.num_kv_heads for m in self.model.modules() if isinstance(m, PagedAttention))
         self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
         self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
                                           config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
@@ -117,8 +119,9 @@ class ModelRunner:
             slot_mapping=inputs.slot_mapping.to(dev), block_tables=inputs.block_tables.to(dev),
             context_lens=inputs.context_lens.to(dev), query_start_loc=inputs.query_start_loc.to(dev),
             kv_caches=self.kv_caches, ops=self.ops)
-        hidden = self.model(inputs.input_ids.to(dev), inputs.positions.to(dev), ctx)
+        model: Any = self.model
+        hidden = model(inputs.input_ids.to(dev), inputs.positions.to(dev), ctx)
         if inputs.logits_indices.numel() == 0:
             return None
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
+        logits = model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
         return logits.float().cpu() if self.state.is_first else None

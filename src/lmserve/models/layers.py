@@ -123,6 +123,9 @@ class RotaryEmbedding(nn.Module):
     interleaved pairs are rotated (GPT-J).
     """
 
+    cos: torch.Tensor  # [max_position, rotary_dim / 2] float32 tables (buffers)
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, base: float,
                  neox_style: bool = True, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()

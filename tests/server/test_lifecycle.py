@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+from lmserve.workers.launcher import Backoff
 from tests.server.conftest import start_server
 from tests.server.metrics_util import metric
 
@@ -51,10 +52,11 @@ def test_load_timeout_fails_the_model(tiny_model_dir: Path) -> None:
         server.stop()
 
 
-def test_killed_engine_ends_streams_with_error_and_ping_turns_500(tiny_model_dir: Path) -> None:
-    server = start_server(tiny_model_dir, {"token_delay_s": 0.02})
+def test_killed_engine_ends_streams_with_error_then_comes_back(tiny_model_dir: Path) -> None:
+    server = start_server(tiny_model_dir, {"token_delay_s": 0.02}, backoff=Backoff(first_s=0.5))
     try:
         [replica] = server.runtime.router.replicas  # type: ignore[union-attr]
+        old_pid = replica.pid
         long = {"inputs": "hello", "stream": True, "parameters": {"max_new_tokens": 60}}
         with server.client() as http, http.stream("POST", "/invocations", json=long) as r:
             lines = r.iter_lines()
@@ -65,20 +67,25 @@ def test_killed_engine_ends_streams_with_error_and_ping_turns_500(tiny_model_dir
         assert time.monotonic() - killed < 3
         assert rest[-1]["code"] == 503 and "exited unexpectedly" in rest[-1]["error"]
         with server.client() as http:
-            assert http.get("/ping").status_code == 500
+            ping = http.get("/ping")
+            assert ping.status_code == 503 and ping.json()["status"] == "recovering"
             r = http.post("/generate", json={"inputs": "hello"})
-            assert r.status_code == 503 and r.json()["error_type"] == "overloaded"
+            assert r.status_code == 503 and "restarting" in r.json()["error"]
             assert metric(http, "lmserve_request_finished_total", finish_reason="error") == 1
+            server.wait_for_ping(200, timeout=20)
+            assert replica.pid != old_pid and replica.restarts == 1
+            assert http.post("/generate", json={"inputs": "hello"}).status_code == 200
     finally:
         server.stop()
 
 
 def test_engine_step_crash_fails_in_flight_requests_with_its_reason(tiny_model_dir: Path) -> None:
-    server = start_server(tiny_model_dir, {"fail_on_word": "cat"})
+    server = start_server(tiny_model_dir, {"fail_on_word": "cat"}, backoff=Backoff(first_s=0.2))
     try:
         with server.client() as http:
             r = http.post("/invocations", json={"inputs": "the cat"})
             assert r.status_code == 503 and "crash" in r.json()["error"]
-            assert http.get("/ping").status_code == 500
+            server.wait_for_ping(200, timeout=20)  # restarted; other prompts are served
+            assert http.post("/invocations", json={"inputs": "the dog"}).status_code == 200
     finally:
         server.stop()

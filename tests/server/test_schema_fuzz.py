@@ -25,6 +25,8 @@ def test_no_generated_request_makes_the_server_fail(tiny_model_dir: Path) -> Non
         assert len(operations) >= 12
         for operation in operations:
             for mode, examples in BUDGET.items():
+                if mode is GenerationMode.POSITIVE and operation.method.upper() == "POST" and operation.path == "/models":
+                    continue  # a valid registration fetches whatever URL was generated (network, disk)
 
                 # Valid requests name the served model, so they reach the engine, not only the 404.
                 names = {"model_name": MODEL_NAME} if mode is GenerationMode.POSITIVE else None
@@ -40,6 +42,6 @@ def test_no_generated_request_makes_the_server_fail(tiny_model_dir: Path) -> Non
                 try:
                     no_server_error()
                 except Unsatisfiable:  # no invalid request exists for an operation without inputs
-                    assert mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET"
+                    assert mode is GenerationMode.NEGATIVE and operation.method.upper() in ("GET", "DELETE")
     finally:
         server.stop()

@@ -1,7 +1,7 @@
-"""The FastAPI application: every route on one app, the error table, body limit and metrics.
+"""The FastAPI application: every route on one app, the error table, token check, body limit, metrics.
 
-``create_app(runtime)`` returns the app; loading starts in the background when it starts, so the
-port answers (``/ping`` 503) while the model loads. Importing this module imports no torch.
+``create_app(registry)`` returns the app; the startup models load in the background when it starts,
+so the port answers (``/ping`` 503) while they load. Importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -14,30 +14,32 @@ from fastapi import FastAPI
 
 from lmserve import __version__
 from lmserve.server.errors import install_error_handlers
-from lmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware
-from lmserve.server.routes import health, openai_chat, openai_completions, sagemaker, tgi
-from lmserve.server.runtime import ModelRuntime
+from lmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, TokenAuthMiddleware
+from lmserve.server.registry import ModelRegistry
+from lmserve.server.routes import health, management, openai_chat, openai_completions, sagemaker, tgi
 
 
-def create_app(runtime: ModelRuntime) -> FastAPI:
-    """The HTTP app serving ``runtime``'s model; it loads the model on startup and stops it on shutdown."""
+def create_app(registry: ModelRegistry) -> FastAPI:
+    """The HTTP app serving ``registry``'s models; it loads the startup models on startup and stops
+    every model on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(runtime.load(), name="load-model")
+        loading = asyncio.create_task(registry.load_startup_models(), name="load-models")
         try:
             yield
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
-            await runtime.shutdown()
+            await registry.shutdown()
 
     app = FastAPI(title="lmserve", version=__version__, lifespan=lifespan,
                   description="LLM inference server: SageMaker/LMI, TGI and OpenAI dialects.")  # fmt: skip
-    app.state.runtime = runtime
-    install_error_handlers(app, lambda: runtime.config.server.queue_full_status)
-    for module in (health, sagemaker, tgi, openai_completions, openai_chat):
+    app.state.registry = registry
+    install_error_handlers(app, lambda: registry.server.queue_full_status)
+    for module in (health, sagemaker, tgi, openai_completions, openai_chat, management):
         app.include_router(module.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: runtime.config.server.max_request_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)  # outermost: sees 413s too
+    app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: registry.server.max_request_bytes)
+    app.add_middleware(TokenAuthMiddleware, server=lambda: registry.server)
+    app.add_middleware(MetricsMiddleware, metrics=registry.metrics)  # outermost: sees 401s and 413s too
     return app

@@ -6,8 +6,10 @@ code is decided here and nowhere else; streaming routes use the same body for th
 
 | exception | status |
 |---|---|
-| InvalidRequestError, request validation (pydantic, bad JSON), ConfigError | 400 |
+| InvalidRequestError, request validation (pydantic, bad JSON), ConfigError, UnsupportedModelError | 400 |
+| UnauthorizedError (a protected route without the right bearer token; ``WWW-Authenticate``) | 401 |
 | ModelNotFoundError | 404 |
+| ModelConflictError (registering a name already in use) | 409 |
 | RequestTooLargeError (body over ``max_request_bytes``) | 413 |
 | HandlerError (custom handler raised) | 424 |
 | CapacityError (queue full; ``Retry-After``) | 429, or 503 when ``queue_full_status=503`` |
@@ -47,6 +49,7 @@ from lmserve.errors import (
     ModelNotFoundError,
     OutOfMemoryError,
     RequestTimeoutError,
+    UnsupportedModelError,
 )
 
 logger = logging.getLogger("lmserve.server")
@@ -54,6 +57,14 @@ logger = logging.getLogger("lmserve.server")
 
 class RequestTooLargeError(LMServeError):
     """The request body is larger than ``max_request_bytes`` (HTTP 413)."""
+
+
+class UnauthorizedError(LMServeError):
+    """A protected route was called without the server's bearer token (HTTP 401)."""
+
+
+class ModelConflictError(LMServeError):
+    """A model of that name is already registered (HTTP 409)."""
 
 
 class GenerationError(LMServeError):
@@ -69,7 +80,10 @@ _TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (InvalidRequestError, 400, "validation"),
     (RequestValidationError, 400, "validation"),
     (ConfigError, 400, "validation"),
+    (UnsupportedModelError, 400, "validation"),
+    (UnauthorizedError, 401, "validation"),
     (ModelNotFoundError, 404, "validation"),
+    (ModelConflictError, 409, "validation"),
     (RequestTooLargeError, 413, "validation"),
     (HandlerError, 424, "generation"),
     (CapacityError, 429, "overloaded"),
@@ -113,6 +127,8 @@ def describe(exc: BaseException, capacity_status: int = 429) -> ErrorReply:
         return ErrorReply(status, str(exc), error_type, exc.field)
     if isinstance(exc, ConfigError):
         return ErrorReply(status, str(exc), error_type, exc.key)
+    if isinstance(exc, UnauthorizedError):
+        return ErrorReply(status, str(exc), error_type, headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, CapacityError):
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         return ErrorReply(capacity_status, str(exc), error_type, headers={"Retry-After": retry})

@@ -1,15 +1,55 @@
-"""ASGI middleware: the request-body size limit, and HTTP responses counted by route and status."""
+"""ASGI middleware: the bearer-token check, the request-body size limit, and HTTP responses counted
+by route and status."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmserve.config.settings import ServerConfig
 from lmserve.metrics import ServerMetrics
-from lmserve.server.errors import error_response
+from lmserve.server.errors import UnauthorizedError, error_response
+
+_OPEN_PATHS = frozenset({"/ping", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class TokenAuthMiddleware:
+    """With an API key configured, refuse with 401 (before the body is read or anything changes)
+    a request without ``Authorization: Bearer <key>`` to the management API (``/models...``), and
+    to the inference routes too when ``protect_inference`` is set. Health checks, metrics and the
+    API docs stay open, so load balancers and scrapers need no key."""
+
+    def __init__(self, app: ASGIApp, server: Callable[[], ServerConfig]) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        config = self.server()
+        if scope["type"] == "http" and config.api_key and _protected(scope["path"], config):
+            problem = _check_token(dict(scope["headers"]).get(b"authorization"), config.api_key)
+            if problem is not None:
+                await error_response(UnauthorizedError(problem))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _protected(path: str, config: ServerConfig) -> bool:
+    if path == "/models" or path.startswith("/models/"):
+        return True
+    return config.protect_inference and path not in _OPEN_PATHS
+
+
+def _check_token(header: bytes | None, key: str) -> str | None:
+    """None when ``header`` carries the key; else what is wrong, without revealing the key."""
+    if header is None:
+        return "this route needs the server's API key: send 'Authorization: Bearer <key>'"
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return "the API key in the Authorization header is not this server's"
+    return None
 
 
 class BodyLimitMiddleware:

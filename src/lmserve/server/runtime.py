@@ -1,10 +1,12 @@
-"""``ModelRuntime``: the served model's lifecycle, from loading through draining to shutdown.
+"""``ModelRuntime``: one served model's lifecycle, from loading through draining to shutdown.
 
 The HTTP port opens before loading starts, so health checks see 503 until the model is ready.
 Loading runs four timed phases, one log line each: resolve (fetch the model), config (rebuild the
-configuration with the model's ``serving.properties``), tokenizer, engine (spawn the replicas and
-wait for them within ``model_loading_timeout``). A failure leaves the runtime ``FAILED``: ``/ping``
-answers 500 and inference routes 503, with the reason.
+configuration with the model's ``serving.properties``), tokenizer (both within
+``model_loading_timeout``), engine (count the devices, start the replicas through a ``Launcher``,
+each within ``model_loading_timeout``). A failure leaves the runtime ``FAILED``: ``/ping`` answers
+500 and inference routes 503, with the reason. Once loaded, the launcher restarts replicas that die;
+the model is ``FAILED`` only when one of them fails ``retry_threshold`` restarts in a row.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError, ModelNotFoundError, UnsupportedModelError
+from lmserve.errors import EngineDeadError, UnsupportedModelError
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
-from lmserve.workers.engine_client import EngineClient
+from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.messages import EngineSpec
+from lmserve.workers.placement import Devices, detect_devices, replica_count
 from lmserve.workers.router import Router
 
 if TYPE_CHECKING:
@@ -59,39 +62,48 @@ class LoadPlan:
     default_model: bool = False
     engine_factory: str = DEFAULT_ENGINE_FACTORY
     engine_options: Mapping[str, Any] = field(default_factory=dict)
+    restart_backoff: Backoff = field(default_factory=Backoff)
 
 
 class ModelRuntime:
-    """One served model: its configuration, tokenizer, replicas behind a router, and metrics."""
+    """One served model: its configuration, tokenizer, replicas (launcher and router) and metrics."""
 
-    def __init__(self, plan: LoadPlan, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, plan: LoadPlan, metrics: ServerMetrics | None = None, loaded_at_startup: bool = True) -> None:
         self.plan = plan
         self.config = plan.config
         self.metrics = metrics or ServerMetrics()
+        self.loaded_at_startup = loaded_at_startup
         self.state = State.LOADING
         self.error: BaseException | None = None
         self.tokenizer: Tokenizer | None = None
-        self.router: Router | None = None
+        self.launcher: Launcher | None = None
         self.model_info: ModelInfo | None = None
         self.created = int(time.time())
+        self.min_workers, self.max_workers = plan.config.workers.min_workers, plan.config.workers.max_workers
+        self.ready_once = False  # it has served: from now on it counts for /ping (see ModelRegistry)
+        self._stopping: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
         return self.config.model.name
 
+    @property
+    def router(self) -> Router | None:
+        return self.launcher.router if self.launcher is not None else None
+
     # ---- loading ---------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load everything within ``model_loading_timeout``; never raises (a failure is recorded in
-        ``state`` and ``error``, and any engine process started is stopped)."""
+        """Load the model; never raises (a failure is recorded in ``state`` and ``error``, and any
+        engine process started is stopped)."""
         timeout = self.config.workers.model_loading_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 path = await self._resolve()
                 with _phase("tokenizer"):
                     self.tokenizer = await asyncio.to_thread(_load_tokenizer, path, self.config)
-                with _phase("engine load"):
-                    await self._start_engine(path)
+            with _phase("engine load"):
+                await self._start_engine(path)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -102,8 +114,9 @@ class ModelRuntime:
             await self._stop_replicas()
             return
         if self.state is State.LOADING:
-            self.state = State.READY
-            logger.info("model %s is ready (max_model_len %d)", self.name, self.model_info.max_model_len)  # type: ignore[union-attr]
+            self.state, self.ready_once = State.READY, True
+            logger.info("model %s is ready: %d replica(s), max_model_len %d", self.name,
+                        len(self.launcher.replicas), self.model_info.max_model_len)  # type: ignore[union-attr]
 
     async def _resolve(self) -> Path:
         """Fetch the model and rebuild the configuration with its ``serving.properties``."""
@@ -122,6 +135,7 @@ class ModelRuntime:
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,
                                               properties=plan.properties or fetched.properties)  # fmt: skip
+            self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
                 logger.warning("config: %s", warning)
         return fetched.path
@@ -130,30 +144,39 @@ class ModelRuntime:
         engine_config = dataclasses.replace(self.config.engine, model=str(path),
                                             served_name=self.config.engine.served_name or self.name)  # fmt: skip
         spec = EngineSpec(self.plan.engine_factory, engine_config, dict(self.plan.engine_options))
-        replica = EngineClient(spec, name="replica-0")
-        replica.on_failure.append(self._on_replica_failure)
-        self.router = Router([replica], max_outstanding=self.config.workers.job_queue_size)
-        await replica.start()
-        self.model_info = await replica.wait_ready()
+        devices = await asyncio.to_thread(detect_devices, engine_config.device, self.config.workers.cpu_devices)
+        count = self.target_replicas(devices)
+        logger.info("model %s: %d replica(s) at tensor_parallel_degree %d on %d %s device(s)", self.name, count,
+                    engine_config.tensor_parallel_degree, devices.count, devices.kind)  # fmt: skip
+        self.launcher = Launcher(self.name, spec, devices, self.config.workers, self.plan.restart_backoff,
+                                 on_failed=self._on_failed)  # fmt: skip
+        self.model_info = await self.launcher.start(count)
+
+    def target_replicas(self, devices: Devices | None = None) -> int:
+        """``devices // tensor_parallel_degree``, capped by ``max_workers``, at least ``min_workers``."""
+        devices = devices or (self.launcher.devices if self.launcher is not None else None)
+        assert devices is not None, "the devices are known once the engine phase began"
+        return replica_count(devices, self.config.engine.tensor_parallel_degree, self.min_workers, self.max_workers)
+
+    def _on_failed(self, error: BaseException) -> None:
+        """A replica failed ``retry_threshold`` restarts in a row: the model is failed; stop it all."""
+        if self.state is not State.READY:
+            return
+        self.state, self.error = State.FAILED, error
+        logger.error("model %s failed: %s", self.name, error)
+        if self.router is not None:
+            self.router.abort_all(EngineDeadError(f"the model failed: {error}"))
+        self._stopping = asyncio.create_task(self._stop_replicas(), name=f"stop-{self.name}")
 
     async def _stop_replicas(self) -> None:
-        if self.router is not None:
-            await asyncio.gather(*(replica.shutdown() for replica in self.router.replicas))
-
-    def _on_replica_failure(self, replica: EngineClient) -> None:
-        if self.router is not None and not self.router.ready_replicas() and self.state is State.READY:
-            self.state, self.error = State.FAILED, replica.error
-            logger.error("model %s has no running engine left: %s", self.name, replica.error)
+        if self.launcher is not None:
+            await self.launcher.stop()
 
     # ---- serving ---------------------------------------------------------------------------------
 
-    def check_model(self, name: str | None) -> None:
-        """Raise ``ModelNotFoundError`` unless ``name`` is None or the served model's name."""
-        if name is not None and name != self.name:
-            raise ModelNotFoundError(f"model '{name}' is not served here; this server serves '{self.name}'")
-
     def ready_router(self) -> Router:
-        """The router, if requests are being accepted; else ``EngineDeadError`` (503) saying why."""
+        """The router, if requests are being accepted; else ``EngineDeadError`` (503) saying why.
+        With no replica ready at the moment (all restarting) the router itself says so."""
         if self.state is State.READY and self.router is not None:
             return self.router
         reasons = {State.LOADING: "the model is still loading",
@@ -162,16 +185,29 @@ class ModelRuntime:
                    State.FAILED: f"the model failed: {self.error}"}  # fmt: skip
         raise EngineDeadError(reasons.get(self.state, "not ready"))
 
-    def ping_status(self) -> int:
-        """``/ping``: 200 ready, 500 failed, 503 loading or shutting down."""
-        return {State.READY: 200, State.FAILED: 500}.get(self.state, 503)
+    def health(self) -> tuple[int, str]:
+        """(``/ping`` status, state word): 200 ``ready`` while at least one replica is ready, 503
+        ``recovering`` while none is (they are restarting), 503 ``loading``/``draining``/``stopped``,
+        500 ``failed``."""
+        if self.state is State.READY:
+            return (200, "ready") if self.router is not None and self.router.ready_replicas() else (503, "recovering")
+        return {State.FAILED: 500}.get(self.state, 503), self.state.value
 
-    async def refresh_metrics(self) -> None:
-        """Pull the engines' counters into the metrics (best effort: a busy engine may not answer)."""
-        if self.router is None or not self.router.ready_replicas():
-            return
-        with contextlib.suppress(TimeoutError, EngineDeadError):
-            self.metrics.update_engine(await self.router.stats())
+    def plan_scale(self, min_workers: int | None, max_workers: int | None) -> int:
+        """Take new worker bounds and return the replica count they give; refuses (and keeps the old
+        bounds) while the model is not ready or when the devices cannot hold that many replicas."""
+        if self.state is not State.READY or self.launcher is None:
+            raise EngineDeadError(f"model {self.name} cannot be scaled while it is {self.state.value}")
+        count = replica_count(self.launcher.devices, self.config.engine.tensor_parallel_degree, min_workers,
+                              max_workers)  # fmt: skip
+        self.launcher.check_count(count)
+        self.min_workers, self.max_workers = min_workers, max_workers
+        return count
+
+    async def scale(self, count: int, drain_timeout: float) -> None:
+        """Start or drain and stop replicas until ``count`` run (see ``Launcher.scale``)."""
+        assert self.launcher is not None, "plan_scale() first"
+        await self.launcher.scale(count, drain_timeout)
 
     # ---- shutdown --------------------------------------------------------------------------------
 
@@ -182,13 +218,14 @@ class ModelRuntime:
         was_ready, self.state = self.state is State.READY, State.DRAINING
         if not was_ready or self.router is None:
             return
-        logger.info("draining: %d request(s) in flight, waiting up to %gs", self.router.outstanding, timeout)
+        logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.router.outstanding,
+                    timeout)  # fmt: skip
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while self.router.outstanding and loop.time() < end:
             await asyncio.sleep(0.05)
         if self.router.outstanding:
-            logger.warning("draining: aborting %d request(s) still running", self.router.outstanding)
+            logger.warning("draining %s: aborting %d request(s) still running", self.name, self.router.outstanding)
             self.router.abort_all(EngineDeadError("the server shut down before the request finished"))
 
     async def shutdown(self) -> None:

@@ -16,18 +16,19 @@ import uvicorn
 
 from lmserve.server.app import create_app
 from lmserve.server.loading import forbid_torch
-from lmserve.server.runtime import LoadPlan, ModelRuntime
+from lmserve.server.registry import ModelRegistry
+from lmserve.server.runtime import LoadPlan
 
 logger = logging.getLogger("lmserve.server")
 _CLOSE_CONNECTIONS_S = 5  # after draining, how long responses still being written may take
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose first exit signal drains the model runtime before stopping."""
+    """A uvicorn server whose first exit signal drains every model before stopping."""
 
-    def __init__(self, config: uvicorn.Config, runtime: ModelRuntime) -> None:
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.registry = registry
         self._draining: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -44,19 +45,20 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         try:
-            await self.runtime.drain(self.runtime.config.server.graceful_shutdown_s)
+            await self.registry.drain(self.registry.server.graceful_shutdown_s)
         finally:
             self.should_exit = True
 
 
 def run_server(plan: LoadPlan, log_level: str = "info") -> int:
-    """Serve ``plan``'s model over HTTP until a signal; returns the process exit code."""
+    """Serve ``plan``'s model (and those registered later) over HTTP until a signal; returns the
+    process exit code."""
     forbid_torch()
-    runtime = ModelRuntime(plan)
+    registry = ModelRegistry.serving(plan)
     server_config = plan.config.server
-    config = uvicorn.Config(create_app(runtime), host=server_config.host, port=server_config.port,
+    config = uvicorn.Config(create_app(registry), host=server_config.host, port=server_config.port,
                             log_level=log_level, timeout_graceful_shutdown=_CLOSE_CONNECTIONS_S,
                             lifespan="on")  # fmt: skip
-    server = DrainingServer(config, runtime)
+    server = DrainingServer(config, registry)
     server.run()
     return 0 if server.started else 1

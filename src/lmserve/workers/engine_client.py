@@ -44,6 +44,7 @@ from lmserve.workers.messages import (
     encode,
     encode_spec,
 )
+from lmserve.workers.placement import Placement
 from lmserve.workers.request_stream import RequestStream
 
 logger = logging.getLogger("lmserve.engine_client")
@@ -51,8 +52,13 @@ _EXIT_GRACE_S = 0.2  # after the process exits, how long its last message (Engin
 
 
 class ReplicaState(enum.Enum):
+    """An engine process's state. A supervised ``Replica`` adds ``RESTARTING`` (waiting to start a
+    new process after a failure) and ``DRAINING`` (finishing its requests before it stops)."""
+
     LOADING = "loading"
     READY = "ready"
+    RESTARTING = "restarting"
+    DRAINING = "draining"
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -65,8 +71,8 @@ class EngineClient:
     engine for an ``EngineStats`` snapshot, ``shutdown()`` stops the process.
     """
 
-    def __init__(self, spec: EngineSpec, name: str = "replica-0") -> None:
-        self.spec, self.name = spec, name
+    def __init__(self, spec: EngineSpec, name: str = "replica-0", placement: Placement | None = None) -> None:
+        self.spec, self.name, self.placement = spec, name, placement
         self.state = ReplicaState.LOADING
         self.model_info: ModelInfo | None = None
         self.error: BaseException | None = None
@@ -96,7 +102,9 @@ class EngineClient:
         self._input.setsockopt(zmq.SNDHWM, 0)  # queue, never block: sends happen on the event loop
         self._input.connect(inbox)
         spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(target=run_engine_process, args=(encode_spec(self.spec), inbox, outbox),
+        where = self.placement
+        env, cpus = (dict(where.env), list(where.cpus) if where.cpus is not None else None) if where else ({}, None)
+        self._process = spawn.Process(target=run_engine_process, args=(encode_spec(self.spec), inbox, outbox, env, cpus),
                                       name=f"lmserve-engine-{self.name}")  # fmt: skip
         self._process.start()
         loop.add_reader(self._process.sentinel, self._on_process_exit)

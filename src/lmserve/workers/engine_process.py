@@ -53,14 +53,18 @@ def load_factory(path: str) -> Callable[..., EngineCore]:
     return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
 
 
-def run_engine_process(spec_bytes: bytes, input_address: str, output_address: str) -> None:
-    """Entry point of the spawned process. Exits 0 after ``Shutdown``, 1 after a failure."""
+def run_engine_process(spec_bytes: bytes, input_address: str, output_address: str,
+                       env: dict[str, str] | None = None, cpus: list[int] | None = None) -> None:
+    """Entry point of the spawned process. Exits 0 after ``Shutdown``, 1 after a failure. ``env``
+    (e.g. ``CUDA_VISIBLE_DEVICES``) is set and the process pinned to ``cpus`` before the engine is
+    built, so the engine, its threads and its tensor-parallel ranks all inherit them."""
     # Ctrl+C, and SIGTERM from supervisors that signal a whole process group or cgroup, must not
     # stop the engine while the frontend drains: the frontend decides when this process stops, and
     # an engine whose frontend is gone stops by itself (see ``EngineLoop._orphaned``).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _take_placement(env or {}, cpus)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.bind(input_address)
@@ -78,6 +82,16 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
         inbox.close(linger=0)
         ctx.term()
     sys.exit(code)
+
+
+def _take_placement(env: dict[str, str], cpus: list[int] | None) -> None:
+    os.environ.update(env)
+    if cpus is None or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:  # e.g. a container that forbids it: run unpinned rather than not at all
+        logger.warning("could not pin the engine to cores %s: %s", cpus, exc)
 
 
 def _build_engine(spec_bytes: bytes, outbox: zmq.Socket[Any]) -> EngineCore | None:

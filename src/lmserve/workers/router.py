@@ -4,35 +4,57 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 from lmserve.engine.protocol import EngineStats
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import CapacityError, EngineDeadError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.engine_client import ReplicaState
 from lmserve.workers.request_stream import RequestStream
 
 
+class Routable(Protocol):
+    """What the router needs of a replica (an ``EngineClient`` or a supervised ``Replica``)."""
+
+    error: BaseException | None
+
+    @property
+    def state(self) -> ReplicaState: ...
+
+    @property
+    def outstanding(self) -> int: ...
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+               deadline: float | None = None) -> RequestStream: ...
+
+    def abort_all(self, error: BaseException) -> None: ...
+
+    async def stats(self) -> EngineStats: ...
+
+
 class Router:
-    """Picks the ready replica with the fewest outstanding requests.
+    """Picks the ready replica with the fewest outstanding requests; ties go round-robin, so a
+    light load still reaches every replica.
 
     Each replica takes at most ``max_outstanding`` requests (``job_queue_size``): running and waiting
     in its engine together, since continuous batching admits every request to the engine at once.
     When the least-loaded replica is full, all are, and ``submit`` raises ``CapacityError``.
     """
 
-    def __init__(self, replicas: Sequence[EngineClient], max_outstanding: int,
+    def __init__(self, replicas: Sequence[Routable], max_outstanding: int,
                  retry_after_s: float = 1.0) -> None:
         if max_outstanding < 1:
             raise ValueError(f"max_outstanding must be >= 1, got {max_outstanding}")
-        self.replicas = list(replicas)
+        self.replicas: list[Routable] = list(replicas)  # the launcher adds and removes replicas here
         self.max_outstanding = max_outstanding
         self.retry_after_s = retry_after_s
+        self._turn = 0
 
     @property
     def outstanding(self) -> int:
         return sum(replica.outstanding for replica in self.replicas)
 
-    def ready_replicas(self) -> list[EngineClient]:
+    def ready_replicas(self) -> list[Routable]:
         return [replica for replica in self.replicas if replica.state is ReplicaState.READY]
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
@@ -42,7 +64,8 @@ class Router:
         ready = self.ready_replicas()
         if not ready:
             raise EngineDeadError(self._why_none_ready())
-        replica = min(ready, key=lambda r: r.outstanding)
+        start, self._turn = self._turn % len(ready), self._turn + 1
+        replica = min(ready[start:] + ready[:start], key=lambda r: r.outstanding)
         if replica.outstanding >= self.max_outstanding:
             raise CapacityError(
                 f"the server is at capacity ({self.max_outstanding} requests per replica, job_queue_size); "
@@ -66,9 +89,11 @@ class Router:
 
     def _why_none_ready(self) -> str:
         states = {replica.state for replica in self.replicas}
+        errors = "; ".join(str(r.error) for r in self.replicas if r.error is not None)
+        if ReplicaState.RESTARTING in states or ReplicaState.LOADING in states and errors:
+            return f"no engine replica is ready; restarting after: {errors or 'a failure'}"
         if ReplicaState.LOADING in states:
             return "the model is still loading"
-        if ReplicaState.STOPPED in states:
+        if ReplicaState.STOPPED in states or ReplicaState.DRAINING in states:
             return "the server is shutting down"
-        errors = "; ".join(str(r.error) for r in self.replicas if r.error is not None)
         return f"no engine replica is running: {errors or 'all failed'}"

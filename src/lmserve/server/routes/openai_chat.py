@@ -27,10 +27,9 @@ router = APIRouter(tags=["OpenAI"])
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, model_name: str | None = None) -> Response:
     """Answer a conversation with ``n`` choices."""
-    rt = runtime_of(request)
-    rt.check_model(body.model)
+    rt = runtime_of(request, body.model or model_name)
     rt.ready_router()
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs=true")

@@ -23,10 +23,9 @@ router = APIRouter(tags=["OpenAI"])
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(body: CompletionRequest, request: Request, model_name: str | None = None) -> Response:
     """Complete one prompt or a batch of prompts (text or token ids), ``n`` choices each."""
-    rt = runtime_of(request)
-    rt.check_model(body.model)
+    rt = runtime_of(request, body.model or model_name)
     rt.ready_router()
     prompts = await _prompts(rt, body.prompt)
     max_tokens = OPENAI_COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens

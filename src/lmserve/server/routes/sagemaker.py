@@ -36,17 +36,16 @@ router = APIRouter(tags=["SageMaker / LMI"])
 
 
 @router.post("/invocations")
-async def invocations(body: InvocationRequest, request: Request) -> Response:
-    """Generate text for one input or a list of inputs (LMI schema)."""
-    return await invoke(runtime_of(request), request, body)
+async def invocations(body: InvocationRequest, request: Request, model_name: str | None = None) -> Response:
+    """Generate text for one input or a list of inputs (LMI schema); ``?model_name=`` picks the model
+    when several are loaded."""
+    return await invoke(runtime_of(request, model_name), request, body)
 
 
 @router.post("/predictions/{model_name}")
 async def predictions(model_name: str, body: InvocationRequest, request: Request) -> Response:
     """``/invocations`` for a named model (DJL Serving); an unknown name is a 404."""
-    rt = runtime_of(request)
-    rt.check_model(model_name)
-    return await invoke(rt, request, body)
+    return await invoke(runtime_of(request, model_name), request, body)
 
 
 async def prompt_ids(rt: ModelRuntime, text: str, field: str, p: GenerationParameters) -> list[int]:

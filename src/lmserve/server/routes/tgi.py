@@ -38,30 +38,30 @@ router = APIRouter(tags=["TGI"])
 
 
 @router.post("/generate")
-async def generate(body: GenerateRequest, request: Request) -> Response:
-    """Generate text for one input (TGI schema)."""
-    return JSONResponse(await _generate(runtime_of(request), request, body))
+async def generate(body: GenerateRequest, request: Request, model_name: str | None = None) -> Response:
+    """Generate text for one input (TGI schema); ``?model_name=`` picks the model."""
+    return JSONResponse(await _generate(runtime_of(request, model_name), request, body))
 
 
 @router.post("/generate_stream")
-async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+async def generate_stream(body: GenerateRequest, request: Request, model_name: str | None = None) -> Response:
     """Generate text for one input, streaming tokens as Server-Sent Events."""
-    return await _stream(runtime_of(request), request, body)
+    return await _stream(runtime_of(request, model_name), request, body)
 
 
 @router.post("/")
-async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
+async def compat_generate(body: CompatGenerateRequest, request: Request, model_name: str | None = None) -> Response:
     """TGI's compatibility route: streams when ``stream`` is true, else a one-element list."""
-    rt = runtime_of(request)
+    rt = runtime_of(request, model_name)
     if body.stream:
         return await _stream(rt, request, body)
     return JSONResponse([await _generate(rt, request, body)])
 
 
 @router.get("/info")
-async def info(request: Request) -> dict[str, Any]:
+async def info(request: Request, model_name: str | None = None) -> dict[str, Any]:
     """The model and its limits, as TGI describes them."""
-    rt = runtime_of(request)
+    rt = runtime_of(request, model_name)
     model = rt.model_info
     if model is None:
         raise EngineDeadError("the model is still loading" if rt.error is None else f"the model failed: {rt.error}")

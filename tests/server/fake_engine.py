@@ -8,7 +8,8 @@ A request waits while the pool or ``max_num_seqs`` is exhausted; a running reque
 is preempted (its blocks freed) and resumes later, as the real engine's recompute does.
 
 Options (keyword arguments, also reachable from the engine spec): ``token_delay_s`` per step,
-``load_delay_s`` in the constructor, ``fail_load`` to raise there, ``eos_after`` (emit end of
+``load_delay_s`` in the constructor, ``fail_load`` to raise there (``fail_load_if_exists``: when that
+file exists, so a test can make only later starts fail), ``eos_after`` (emit end of
 sequence after that many tokens unless ``ignore_eos``), ``kv_blocks`` in the pool, ``fail_on_word``
 (a step raises when a running prompt holds that word: a crashing engine).
 """
@@ -49,11 +50,11 @@ class FakeEngine:
 
     def __init__(self, config: EngineConfig, *, token_delay_s: float = 0.0, load_delay_s: float = 0.0,
                  fail_load: bool = False, eos_after: int | None = None, kv_blocks: int = 64,
-                 fail_on_word: str | None = None) -> None:
+                 fail_on_word: str | None = None, fail_load_if_exists: str | None = None) -> None:
         from tokenizers import Tokenizer
 
         time.sleep(load_delay_s)
-        if fail_load:
+        if fail_load or (fail_load_if_exists is not None and Path(fail_load_if_exists).exists()):
             raise RuntimeError("fake engine told to fail while loading")
         self._tok = Tokenizer.from_file(str(Path(config.model) / "tokenizer.json"))
         self.token_delay_s, self.eos_after = token_delay_s, eos_after

@@ -153,6 +153,7 @@ class Launcher:
         replica.error = client.error
         if not self._supervising or self._stopped or client is not replica.client or replica.hold is not None:
             return
+        replica.hold = ReplicaState.RESTARTING
         self._restarts[replica.index] = asyncio.create_task(self._restart(replica), name=f"restart-{replica.name}")
 
     async def _restart(self, replica: Replica) -> None:

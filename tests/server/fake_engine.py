@@ -11,12 +11,14 @@ Options (keyword arguments, also reachable from the engine spec): ``token_delay_
 ``load_delay_s`` in the constructor, ``fail_load`` to raise there (``fail_load_if_exists``: when that
 file exists, so a test can make only later starts fail), ``eos_after`` (emit end of
 sequence after that many tokens unless ``ignore_eos``), ``kv_blocks`` in the pool, ``fail_on_word``
-(a step raises when a running prompt holds that word: a crashing engine).
+(a step raises when a running prompt holds that word: a crashing engine), ``device_from_env``
+(report that environment variable's value as the device: what the engine process was given).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -50,7 +52,8 @@ class FakeEngine:
 
     def __init__(self, config: EngineConfig, *, token_delay_s: float = 0.0, load_delay_s: float = 0.0,
                  fail_load: bool = False, eos_after: int | None = None, kv_blocks: int = 64,
-                 fail_on_word: str | None = None, fail_load_if_exists: str | None = None) -> None:
+                 fail_on_word: str | None = None, fail_load_if_exists: str | None = None,
+                 device_from_env: str | None = None) -> None:
         from tokenizers import Tokenizer
 
         time.sleep(load_delay_s)
@@ -63,7 +66,8 @@ class FakeEngine:
         self._info = ModelInfo(
             name=config.served_name or Path(config.model).name,
             max_model_len=config.max_model_len or DEFAULT_MAX_MODEL_LEN,
-            vocab_size=self._tok.get_vocab_size(), dtype="fp32", device="cpu", tensor_parallel_degree=1,
+            vocab_size=self._tok.get_vocab_size(), dtype="fp32", tensor_parallel_degree=1,
+            device=os.environ.get(device_from_env, "unset") if device_from_env else "cpu",
             eos_token_ids=(2,), max_num_seqs=config.max_num_seqs, max_num_batched_tokens=256,
             kv_cache_tokens=kv_blocks * config.block_size,
         )  # fmt: skip

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,18 @@ async def test_replicas_are_pinned_to_their_cores_and_share_the_load(fake_spec) 
         for stream in streams:
             assert [d async for d in stream][-1].finish_reason == "length"
         assert first.requests_total == 2 and second.requests_total == 2  # ties go round-robin
+    finally:
+        await launcher.stop()
+
+
+async def test_each_replica_process_gets_its_gpus_through_its_environment(fake_spec) -> None:
+    devices = Devices("cuda", 4, CORES, ("4", "5", "6", "7"))  # as if this process saw GPUs 4-7
+    spec = fake_spec(device_from_env="CUDA_VISIBLE_DEVICES")
+    spec = replace(spec, config=replace(spec.config, tensor_parallel_degree=2))
+    launcher = Launcher("tiny", spec, devices, WorkerConfig(model_loading_timeout_s=30.0), FAST)
+    try:
+        await launcher.start(2)
+        assert [r.model_info.device for r in launcher.replicas] == ["4,5", "6,7"]  # type: ignore[union-attr]
     finally:
         await launcher.stop()
 

@@ -89,6 +89,8 @@ class ModelRegistry:
         until it is ready (a load failure then unregisters it and is raised)."""
         from lmserve.config import load_serving_config
 
+        if self.draining:
+            raise EngineDeadError("the server is shutting down")
         if not _MODEL_NAME.fullmatch(name):
             raise InvalidRequestError("model_name", f"{name!r} is not a usable model name: use 1 to 128 letters, "
                                       "digits, '_', '.' or '-', starting with a letter or digit")  # fmt: skip

@@ -148,8 +148,9 @@ async def test_scale_up_then_down_drains_and_aborts_only_the_removed_replica(fak
         await launcher.stop()
 
 
-async def test_a_failed_start_stops_every_replica(fake_spec, tmp_path: Path) -> None:
-    launcher = make_launcher(fake_spec(fail_load=True))
+@pytest.mark.parametrize("parallel", [False, True])
+async def test_a_failed_start_stops_every_replica(fake_spec, parallel: bool) -> None:
+    launcher = make_launcher(fake_spec(fail_load=True), parallel_loading=parallel)
     with pytest.raises(RuntimeError, match="fail while loading"):
         await launcher.start(2)
     assert {r.state for r in launcher.replicas} == {ReplicaState.STOPPED}

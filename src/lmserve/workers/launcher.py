@@ -131,11 +131,18 @@ class Launcher:
     # ---- one replica -----------------------------------------------------------------------------
 
     async def _launch_all(self, replicas: list[Replica]) -> None:
-        if self.workers.parallel_loading:
-            await asyncio.gather(*(self._launch(replica) for replica in replicas))
-        else:
+        if not self.workers.parallel_loading:
             for replica in replicas:
                 await self._launch(replica)
+            return
+        launches = [asyncio.create_task(self._launch(replica)) for replica in replicas]
+        try:
+            await asyncio.gather(*launches)
+        except BaseException:  # the first failure stops the others' waiting too
+            for launch in launches:
+                launch.cancel()
+            await asyncio.gather(*launches, return_exceptions=True)
+            raise
 
     async def _launch(self, replica: Replica) -> None:
         """Start a new engine process in ``replica`` and wait until it is ready (or raise why not)."""

@@ -91,6 +91,13 @@ def test_a_registration_that_cannot_load_is_refused_and_not_kept(served: LiveSer
         assert bad_name.status_code == 400 and bad_name.json()["field"] == "model_name"
         assert [m["model_name"] for m in http.get("/models").json()["models"]] == [MODEL_NAME]
         assert http.get("/ping").status_code == 200
+        later = http.post("/models", params={"url": str(tmp_path / "nothing-here"), "model_name": "x",
+                                             "synchronous": "false"})  # fmt: skip
+        assert later.status_code == 202
+        failed = wait_for_status(http, "x", "failed")  # kept, so that its error can be read
+        assert "cannot find a model" in failed["error"]
+        assert http.get("/ping").status_code == 200  # a registration that never loaded does not count
+        assert http.delete("/models/x").status_code == 200
 
 
 def stream_tokens(url: str, out: list[dict], started: threading.Event) -> None:

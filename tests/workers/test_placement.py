@@ -61,9 +61,9 @@ def test_cuda_replicas_get_blocks_of_gpus_through_the_environment() -> None:
         place(devices, 2, 3, 2)
 
 
-def test_cpu_device_counts_the_usable_cores_unless_configured() -> None:
+def test_cpu_is_one_device_of_every_core_unless_configured() -> None:
     import os
 
-    cores = len(os.sched_getaffinity(0))
-    assert detect_devices("cpu", None) == Devices("cpu", cores, tuple(sorted(os.sched_getaffinity(0))))
+    # One CPU device by default: a single replica on every core.
+    assert detect_devices("cpu", None) == Devices("cpu", 1, tuple(sorted(os.sched_getaffinity(0))))
     assert detect_devices("cpu", 3).count == 3

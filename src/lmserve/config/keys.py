@@ -117,7 +117,8 @@ _BATCHING_WORKER_KEYS = (
         flag="--min-workers"),
     Key("maxWorkers", v.integer(1), "workers.max_workers", "Most replicas.", flag="--max-workers"),
     Key("option.cpu_devices", v.integer(1), "workers.cpu_devices",
-        "CPU 'devices' split among replicas.", flag="--cpu-devices"),
+        "CPU 'devices': the cores are split into this many replicas (divided by the tensor-parallel "
+        "degree); 1 runs one replica on every core.", flag="--cpu-devices", default_text="1"),
     Key("job_queue_size", v.integer(1), "workers.job_queue_size",
         "Requests waiting per model before the server answers over capacity.",
         flag="--job-queue-size", shortcut="MAX_CONCURRENT_REQUESTS"),

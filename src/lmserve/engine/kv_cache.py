@@ -14,6 +14,7 @@ from lmserve.errors import OutOfMemoryError
 log = logging.getLogger(__name__)
 
 _CPU_SHARE_OF_AVAILABLE = 0.25  # the CPU cache takes at most this share of available memory by default
+_DEFAULT_MEMORY_FRACTION = 0.9  # EngineConfig.kv_cache_memory_fraction's default
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ def plan_num_blocks(spec: KVCacheSpec, device: torch.device, tokens: int | None,
     if tokens is None and nbytes is not None:
         tokens = nbytes // spec.bytes_per_token
     if tokens is None:
-        share = memory_fraction if device.type == "cuda" else min(memory_fraction, _CPU_SHARE_OF_AVAILABLE)
+        # On the CPU the fraction scales the CPU cap, so replicas that split the fraction split the cap.
+        share = memory_fraction if device.type == "cuda" else (
+            _CPU_SHARE_OF_AVAILABLE * min(1.0, memory_fraction / _DEFAULT_MEMORY_FRACTION))
         budget = int(available_memory(device) * share)
         tokens = min(budget // spec.bytes_per_token, wanted_tokens)
     num_blocks = max(tokens // spec.block_size, 0)

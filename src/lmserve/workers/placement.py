@@ -6,7 +6,8 @@ A model runs as ``replicas`` engine groups of ``tensor_parallel_degree`` ranks e
 - **CUDA**: replica ``i`` owns the contiguous block of GPUs ``[i*d, (i+1)*d)`` of those this process
   sees; its engine process gets them through ``CUDA_VISIBLE_DEVICES``, so its ranks count from 0.
   More replicas than the GPUs hold is a configuration error.
-- **CPU**: the "devices" are ``option.cpu_devices`` (default: the cores this process may use). The
+- **CPU**: the "devices" are ``option.cpu_devices`` (default 1: one replica using every core, which
+  gives the largest batches and the fastest single stream; set it to split the cores). The
   cores are split into contiguous blocks, one per replica; the engine process pins itself to its
   block (``sched_setaffinity``, inherited by its tensor-parallel ranks) and each rank runs
   ``cores_per_replica // degree`` threads, so that replicas x ranks x threads never exceeds the
@@ -121,13 +122,13 @@ def is_oversubscribed(devices: Devices, degree: int, replicas: int) -> bool:
 
 def detect_devices(device: str, cpu_devices: int | None) -> Devices:
     """The devices for ``option.device`` (auto, cpu, cuda): visible GPUs unless the device is
-    ``cpu`` or none are visible, else ``cpu_devices`` CPU devices (default: the usable cores)."""
+    ``cpu`` or none are visible, else ``cpu_devices`` CPU devices (default 1, all cores in one)."""
     cores = usable_cores()
     if device != "cpu":
         gpus = visible_gpus()
         if gpus or device == "cuda":
             return Devices("cuda", len(gpus), cores, gpus)
-    return Devices("cpu", cpu_devices or len(cores), cores)
+    return Devices("cpu", cpu_devices or 1, cores)
 
 
 def usable_cores() -> tuple[int, ...]:

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +30,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import (  # noqa: E402  (a sibling script, not a package)
-    FAKE_FACTORY,
-    FAKE_OPTIONS,
     REPO_ROOT,
     Sample,
     drive,
-    free_port,
     make_prompts,
     percentile,
+    start_server,
     stop_server,
 )
 
@@ -57,27 +53,7 @@ class Run:
 
 
 def start(model: str | None, cpu_devices: int, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "lmserve.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", "--cpu-devices", str(cpu_devices),
-               "--max-batch-size", str(args.max_num_seqs), "--n-positions", str(args.prompt_len + args.max_new_tokens + 8),
-               "--option", "option.parallel_loading=true"]  # fmt: skip
-    env = dict(os.environ, SERVING_JOB_QUEUE_SIZE=str(max(1000, args.num_requests)))
-    if args.fake:
-        command += ["--block-size", "4", "--engine-factory", FAKE_FACTORY, "--engine-options", json.dumps(FAKE_OPTIONS)]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.load_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise SystemExit("the server did not become ready")
+    return start_server(model, args, ["--cpu-devices", str(cpu_devices), "--option", "option.parallel_loading=true"])
 
 
 def measure(model: str | None, cpu_devices: int, prompts: list[list[int]], args: argparse.Namespace) -> Run:

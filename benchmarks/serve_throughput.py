@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: str | None, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(model: str | None, args: argparse.Namespace,
+                 extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``lmserve serve`` for the workload in ``args`` (plus ``extra`` flags); wait until ready."""
     port = free_port()
     command = [sys.executable, "-m", "lmserve.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--max-batch-size", str(args.max_num_seqs),
-               "--n-positions", str(args.prompt_len + args.max_new_tokens + 8)]  # fmt: skip
+               "--n-positions", str(args.prompt_len + args.max_new_tokens + 8), *extra]  # fmt: skip
     env = dict(os.environ, SERVING_JOB_QUEUE_SIZE=str(max(1000, args.num_requests)))
     if args.fake:
         command += ["--block-size", "4", "--engine-factory", FAKE_FACTORY, "--engine-options", json.dumps(FAKE_OPTIONS)]

@@ -7,7 +7,14 @@ from torch import nn
 
 from lmserve.errors import UnsupportedModelError
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, LayerNorm, PagedAttention, alibi_slopes, get_activation
+from lmserve.models.layers import (
+    CausalLM,
+    ForwardContext,
+    LayerNorm,
+    PagedAttention,
+    alibi_slopes,
+    get_activation,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -93,7 +100,7 @@ class BloomModel(nn.Module):
         return self.ln_f(x)
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(CausalLM):
     weights = WEIGHTS
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
@@ -103,9 +110,3 @@ class BloomForCausalLM(nn.Module):
         self.model = BloomModel(cfg, state)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
         self.lm_head.weight = self.model.word_embeddings.weight  # tied: one tensor, split by vocabulary alike
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -7,7 +7,7 @@ from torch import nn
 
 from lmserve.errors import UnsupportedModelError
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, LayerNorm, PagedAttention, get_activation
+from lmserve.models.layers import CausalLM, ForwardContext, LayerNorm, PagedAttention, get_activation
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -90,7 +90,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     weights = WEIGHTS
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
@@ -100,9 +100,3 @@ class GPT2LMHeadModel(nn.Module):
         self.model = GPT2Model(cfg, state)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
         self.lm_head.weight = self.model.wte.weight  # tied: one tensor, split by vocabulary alike
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

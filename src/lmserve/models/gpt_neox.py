@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, LayerNorm, PagedAttention, get_activation, get_rope
+from lmserve.models.layers import (
+    CausalLM,
+    ForwardContext,
+    LayerNorm,
+    PagedAttention,
+    get_activation,
+    get_rope,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -103,7 +110,7 @@ class GPTNeoXModel(nn.Module):
         return self.final_layer_norm(x)
 
 
-class GPTNeoXForCausalLM(nn.Module):
+class GPTNeoXForCausalLM(CausalLM):
     weights = WEIGHTS
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
@@ -111,8 +118,5 @@ class GPTNeoXForCausalLM(nn.Module):
         self.model = GPTNeoXModel(cfg, state)
         self.embed_out = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # the head keeps its checkpoint name
         return self.embed_out(hidden)

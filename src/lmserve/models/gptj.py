@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, LayerNorm, PagedAttention, get_activation, get_rope
+from lmserve.models.layers import (
+    CausalLM,
+    ForwardContext,
+    LayerNorm,
+    PagedAttention,
+    get_activation,
+    get_rope,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -83,16 +90,10 @@ class GPTJModel(nn.Module):
         return self.ln_f(x)
 
 
-class GPTJForCausalLM(nn.Module):
+class GPTJForCausalLM(CausalLM):
     weights = WEIGHTS
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.model = GPTJModel(cfg, state)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state, bias=True)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -30,6 +30,23 @@ class ForwardContext:
     ops: Any
 
 
+class CausalLM(nn.Module):
+    """A family's top module: a decoder stack ``self.model`` and a vocabulary head ``self.lm_head``.
+
+    Families build both in ``__init__`` under their checkpoint's names; the engine calls ``forward``
+    for hidden states and ``compute_logits`` for the rows it samples from.
+    """
+
+    model: nn.Module
+    lm_head: nn.Module
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm in float32; with ``residual`` it first adds it (fused pre-norm step)."""
 

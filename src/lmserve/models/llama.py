@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, PagedAttention, RMSNorm, SiluAndMul, get_rope
+from lmserve.models.layers import CausalLM, ForwardContext, PagedAttention, RMSNorm, SiluAndMul, get_rope
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -93,16 +93,10 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     weights = WEIGHTS
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.model = LlamaModel(cfg, state)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -7,7 +7,7 @@ from torch import nn
 
 from lmserve.errors import UnsupportedModelError
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import ForwardContext, LayerNorm, PagedAttention, get_activation
+from lmserve.models.layers import CausalLM, ForwardContext, LayerNorm, PagedAttention, get_activation
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -96,7 +96,7 @@ class OPTModel(nn.Module):
         return x if self.project_out is None else self.project_out(x)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
     weights = WEIGHTS
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
@@ -107,9 +107,3 @@ class OPTForCausalLM(nn.Module):
         proj = int(cfg.get("word_embed_proj_dim", default=cfg.hidden_size))
         self.lm_head = ParallelLMHead(cfg.vocab_size, proj, cfg.dtype, state)
         self.lm_head.weight = self.model.embed_tokens.weight  # tied: one tensor, split by vocabulary alike
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -1,14 +1,17 @@
 """``ModelRegistry``: the models this server serves, by name, and the server's health over them.
 
 The model given on the command line is loaded at startup; the management API registers and
-unregisters more (``register``/``unregister``). A request names its model (``model_name`` query
-parameter, the OpenAI ``model`` field, or ``/predictions/{model}``); without a name the only model
-serves, and with several loaded a name is required (400).
+unregisters more (``register``/``unregister``). A model *counts* once it can serve: it was loaded
+at startup, or it was registered later and has loaded. A registration still loading, or one that
+failed to load, stays listed (with its error) but never counts.
 
-``/ping`` (``health``) answers for every model that counts: those loaded at startup, and those
-registered later once they have loaded (a registration that is still loading, or failed to load,
-never takes the server out of service). 500 when any of them failed, else 503 when any has no
-ready replica (loading, restarting, draining), else 200.
+A request names its model (``model_name`` query parameter, the OpenAI ``model`` field, or
+``/predictions/{model}``); without a name the only model that counts and has not failed serves, and
+with several a name is required (400).
+
+``/ping`` (``health``) answers for every model that counts: 500 when any of them failed, else 503
+when any has no ready replica (loading, restarting, draining) or when none counts at all (every
+model was unregistered), else 200.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ModelRegistry:
         self.models: list[ModelRuntime] = []
         self.draining = False
         self._loads: dict[ModelRuntime, asyncio.Task[None]] = {}
+        self._claimed: set[str] = set()  # names whose registration is under way, before the runtime exists
 
     @classmethod
     def serving(cls, plan: LoadPlan) -> ModelRegistry:
@@ -66,16 +70,22 @@ class ModelRegistry:
             raise ModelNotFoundError(f"model '{name}' is not served here; loaded models: {loaded}")
         return runtime
 
+    def counted(self) -> list[ModelRuntime]:
+        """The models that count for ``/ping`` and for unnamed requests (see the module docstring)."""
+        return [rt for rt in self.models if rt.loaded_at_startup or rt.ready_once]
+
     def pick(self, name: str | None) -> ModelRuntime:
-        """The model a request names, or the only one when it names none."""
+        """The model a request names, or when it names none the only model that counts and has not
+        failed (a lone model that failed is still picked, so the caller hears its error)."""
         if name is not None:
             return self.get(name)
-        if len(self.models) == 1:
-            return self.models[0]
-        if not self.models:
+        serving = [rt for rt in self.counted() if rt.state is not State.FAILED] or self.counted()
+        if len(serving) == 1:
+            return serving[0]
+        if not serving:
             raise ModelNotFoundError("no model is registered; register one with POST /models?url=...")
-        names = ", ".join(f"'{rt.name}'" for rt in self.models)
-        raise InvalidRequestError("model_name", f"{len(self.models)} models are loaded ({names}); name one, "
+        names = ", ".join(f"'{rt.name}'" for rt in serving)
+        raise InvalidRequestError("model_name", f"{len(serving)} models are loaded ({names}); name one, "
                                   "e.g. with ?model_name=...")  # fmt: skip
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -94,15 +104,21 @@ class ModelRegistry:
         if not _MODEL_NAME.fullmatch(name):
             raise InvalidRequestError("model_name", f"{name!r} is not a usable model name: use 1 to 128 letters, "
                                       "digits, '_', '.' or '-', starting with a letter or digit")  # fmt: skip
-        if self.find(name) is not None:
+        # The name is claimed before the first await, so concurrent registrations of one name get 409.
+        if self.find(name) is not None or name in self._claimed:
             raise ModelConflictError(f"a model named '{name}' is already registered; unregister it first "
                                      "(DELETE /models/{name}) or choose another model_name")  # fmt: skip
-        cli = {"served_name": name, **overrides}
-        config = await asyncio.to_thread(load_serving_config, url, cli=cli)
-        base = self.template or LoadPlan(config)
-        plan = replace(base, config=config, model_arg=url, cli=cli, properties=None, resolve=True, default_model=False)
-        runtime = ModelRuntime(plan, self.metrics, loaded_at_startup=False)
-        self.models.append(runtime)
+        self._claimed.add(name)
+        try:
+            cli = {"served_name": name, **overrides}
+            config = await asyncio.to_thread(load_serving_config, url, cli=cli)
+            base = self.template or LoadPlan(config)
+            plan = replace(base, config=config, model_arg=url, cli=cli, properties=None, resolve=True,
+                           default_model=False)  # fmt: skip
+            runtime = ModelRuntime(plan, self.metrics, loaded_at_startup=False)
+            self.models.append(runtime)
+        finally:
+            self._claimed.discard(name)
         load = self._loads[runtime] = asyncio.create_task(self._load(runtime), name=f"load-{name}")
         if synchronous:
             await asyncio.shield(load)
@@ -152,9 +168,11 @@ class ModelRegistry:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/ping``'s status code and body (see the module docstring)."""
-        counted = [rt for rt in self.models if rt.loaded_at_startup or rt.ready_once]
+        counted = self.counted()
         models: dict[str, Any] = {}
         worst: tuple[int, str, BaseException | None] = (200, "ready", None)
+        if not counted:
+            worst = (503, "no model", ModelNotFoundError("no model is registered"))
         for rt in counted:
             code, word = rt.health()
             replicas = rt.launcher.replicas if rt.launcher is not None else []

@@ -16,7 +16,15 @@ from lmserve import __version__
 from lmserve.server.errors import install_error_handlers
 from lmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, TokenAuthMiddleware
 from lmserve.server.registry import ModelRegistry
-from lmserve.server.routes import health, management, openai_chat, openai_completions, sagemaker, tgi
+from lmserve.server.routes import (
+    health,
+    management,
+    openai_chat,
+    openai_completions,
+    sagemaker,
+    sagemaker_runtime,
+    tgi,
+)
 
 
 def create_app(registry: ModelRegistry) -> FastAPI:
@@ -37,7 +45,7 @@ def create_app(registry: ModelRegistry) -> FastAPI:
                   description="LLM inference server: SageMaker/LMI, TGI and OpenAI dialects.")  # fmt: skip
     app.state.registry = registry
     install_error_handlers(app, lambda: registry.server.queue_full_status)
-    for module in (health, sagemaker, tgi, openai_completions, openai_chat, management):
+    for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, management):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: registry.server.max_request_bytes)
     app.add_middleware(TokenAuthMiddleware, server=lambda: registry.server)

@@ -16,7 +16,7 @@ usual ``ValidationError`` / ``ModelError`` / ``ServiceUnavailable`` with lmserve
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 
 import pydantic
 from fastapi import APIRouter, Request
@@ -92,7 +92,7 @@ async def _body(request: Request) -> InvocationRequest:
         raise RequestValidationError(exc.errors()) from None
 
 
-async def _parts(chunks: AsyncIterator[str | bytes | memoryview]) -> AsyncIterator[bytes]:
+async def _parts(chunks: AsyncIterable[str | bytes | memoryview]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield eventstream.payload_part(chunk.encode() if isinstance(chunk, str) else bytes(chunk))

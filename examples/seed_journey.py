@@ -12,6 +12,7 @@ AWS_ENDPOINT_URL already names one. Run: python examples/seed_journey.py
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ def start_local_s3() -> str:
     """A loopback S3 server with dummy credentials, for this process and the servers it starts."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log of the S3 server in the output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

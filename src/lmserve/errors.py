@@ -20,6 +20,17 @@ class ConfigError(LMServeError, ValueError):
         super().__init__(f"invalid value for '{key}'{where}: {value!r}; allowed: {allowed}")
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration problems found at once (every unknown key of a file, say), so a user
+    fixes them in one edit. ``errors`` holds each; the key, value and source are the first one's."""
+
+    def __init__(self, errors: tuple[ConfigError, ...] | list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.key, first.value, first.allowed, first.source)
+        self.errors = tuple(errors)
+        self.args = (f"{len(self.errors)} configuration errors:\n" + "\n".join(f"  {e}" for e in self.errors),)
+
+
 class InvalidRequestError(LMServeError, ValueError):
     """A request cannot be served as asked (HTTP 400). ``field`` names the offending input."""
 

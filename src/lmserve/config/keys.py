@@ -288,12 +288,17 @@ def key_by_name(name: str) -> Key:
 HONOURED_NAMES = tuple(name for key in KEYS if key.honoured for name in key.names)
 
 
+def _bare(name: str) -> str:
+    return name.strip().lower().removeprefix("option.")
+
+
 def closest_key(name: str, candidates: tuple[str, ...] | None = None) -> str | None:
     """The honoured spelling (of ``candidates``, default all) most like ``name`` (difflib), or
     None when nothing is close."""
     pool = candidates if candidates is not None else HONOURED_NAMES
-    lowered = {spelling.lower(): spelling for spelling in pool}
-    match = difflib.get_close_matches(name.strip().lower(), list(lowered), n=1, cutoff=0.6)
+    # Compared without the "option." prefix they share, or every option.* key looks alike.
+    lowered = {_bare(spelling): spelling for spelling in pool}
+    match = difflib.get_close_matches(_bare(name), list(lowered), n=1, cutoff=0.6)
     if not match:
         return None
     spelling = lowered[match[0]]

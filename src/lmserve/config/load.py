@@ -60,7 +60,7 @@ from lmserve.config.sources import (
     from_serving_env,
     resolve,
 )
-from lmserve.errors import ConfigError, ConfigErrors
+from lmserve.errors import ConfigError, ConfigErrors, UnknownKeyError, UnsupportedKeyError
 
 PROPERTIES_FILE = "serving.properties"
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".gguf")
@@ -182,9 +182,7 @@ def _parse(winners: Mapping[str, Setting], warnings: list[str], errors: list[Con
             errors.append(ConfigError(setting.spelling, setting.raw, key.type.allowed, setting.source))
             continue
         if key.refused and str(value).strip().lower() not in key.accepts:
-            turn_off = f" (lmserve accepts only {' or '.join(key.accepts)})" if key.accepts else ""
-            errors.append(ConfigError(setting.spelling, setting.raw, f"nothing: {key.refused}{turn_off}",
-                                      setting.source))  # fmt: skip
+            errors.append(UnsupportedKeyError(setting.spelling, setting.raw, key.refused, key.accepts, setting.source))
         elif key.ignored:
             warnings.append(f"{shown} ignored: {key.ignored}")
         elif key.honoured:
@@ -197,9 +195,8 @@ def _unknown_keys(unknown: list[Unknown], strict: bool, warnings: list[str], err
     """Each unknown key is an error, or with ``option.strict_config=false`` a warning."""
     for entry in unknown:
         if strict:
-            allowed = f"only known keys; '{entry.name}' is unknown, {entry.hint()} (option.strict_config=false " \
-                      "makes unknown keys warnings)"
-            errors.append(ConfigError(entry.name, entry.raw, allowed, entry.source))
+            hint = f"{entry.hint()} (option.strict_config=false makes unknown keys warnings)"
+            errors.append(UnknownKeyError(entry.name, entry.raw, hint, entry.source))
         else:
             warnings.append(f"{entry.name}={entry.raw!r} (from {entry.source}) ignored: unknown key "
                             f"(option.strict_config=false), {entry.hint()}")  # fmt: skip

@@ -65,10 +65,10 @@ def activation_reserve(step_tokens: int, logit_rows: int, hidden_size: int, inte
 
 def cuda_cache_budget(free: int, total: int, memory_fraction: float, reserve: int) -> int:
     """Bytes the KV cache may take on a GPU (vLLM's meaning of gpu_memory_utilization): the
-    fraction of ``total``, less what is in use now (``total - free``: weights and all), less the
-    activation ``reserve``; never more than is free. Raises OutOfMemoryError when nothing is left."""
+    fraction of ``total``, less what is in use now (``total - free``: the weights, and whatever
+    else holds the device), less the activation ``reserve``. OutOfMemoryError when nothing is left."""
     in_use = total - free
-    budget = min(int(total * memory_fraction) - in_use - reserve, free - reserve)
+    budget = int(total * memory_fraction) - in_use - reserve
     if budget <= 0:
         gib = 1 << 30
         raise OutOfMemoryError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
+from lmserve.config.values import DEFAULT_ENTRY_POINT
 from lmserve.engine.protocol import ModelInfo
 from lmserve.errors import EngineDeadError, UnsupportedModelError
 from lmserve.metrics import ServerMetrics
@@ -138,6 +139,9 @@ class ModelRuntime:
             self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
                 logger.warning("config: %s", warning)
+        if self.config.model.entry_point != DEFAULT_ENTRY_POINT:  # model.py named, but not in the model
+            raise UnsupportedModelError(f"option.entryPoint={self.config.model.entry_point} names a custom handler; "
+                                        "custom handlers are not supported yet")  # fmt: skip
         return fetched.path
 
     async def _start_engine(self, path: Path) -> None:

@@ -3,15 +3,18 @@ fail_fast stops the server when the model fails to load."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lmserve.config import TENSOR_PARALLEL_MAX
+from lmserve.config import TENSOR_PARALLEL_MAX, load_serving_config
+from lmserve.server.runtime import LoadPlan, ModelRuntime
 from tests.server.conftest import FAKE_FACTORY, MODEL_NAME, start_server
 from tests.server.test_shutdown import free_port
 
@@ -40,3 +43,22 @@ def test_fail_fast_exits_with_status_1_when_the_model_fails_to_load(tiny_model_d
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "fail_fast" in done.stderr and "fail while loading" in done.stderr
+
+
+def test_model_py_entry_point_without_the_file_is_refused_not_served_by_the_default(tiny_model_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "serving.properties").write_text("option.entryPoint=model.py\noption.rolling_batch=auto\n")
+    config = load_serving_config(str(model), env={})
+    runtime = ModelRuntime(LoadPlan(config, model_arg=str(model), resolve=True, engine_factory=FAKE_FACTORY))
+
+    async def load_then_stop() -> None:
+        try:
+            await runtime.load()
+        finally:
+            await runtime.shutdown()
+
+    asyncio.run(load_then_stop())
+    assert runtime.error is not None
+    assert "option.entryPoint=model.py" in str(runtime.error) and "not supported yet" in str(runtime.error)

@@ -159,3 +159,14 @@ def test_bad_values_and_unknown_keys_are_reported_together(tmp_path: Path) -> No
     with pytest.raises(ConfigErrors) as err:
         load_props(tmp_path, "option.model_id=org/m\noption.dtype=fp64\noption.max_rolling_batch_size=0\noption.x=1\n")
     assert {error.key for error in err.value.errors} == {"option.dtype", "option.max_rolling_batch_size", "option.x"}
+
+
+@pytest.mark.parametrize(("typo", "hint"), [
+    ("option.batch_sise", "option.batch_size"),  # not batch_size, which differs only by the prefix
+    ("batch_sise", "batch_size"),
+    ("option.gpu_memory_utilisation", "option.gpu_memory_utilization"),
+])  # fmt: skip
+def test_typo_hint_is_the_key_written_the_same_way(tmp_path: Path, typo: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_props(tmp_path, f"option.model_id=org/m\n{typo}=4\n")
+    assert f"did you mean {hint}?" in str(err.value)

@@ -260,8 +260,8 @@ _CHECKS = (
 )
 
 KEYS: tuple[Key, ...] = (
-    *_MODEL_KEYS, *_ENGINE_KEYS, *_BATCHING_WORKER_KEYS, *_SERVER_KEYS, *_CHECKS, *IGNORED_KEYS, *_ALWAYS_IGNORED,
-    *_REFUSED,
+    *_MODEL_KEYS, *_ENGINE_KEYS, *_BATCHING_WORKER_KEYS, *_SERVER_KEYS, *_CHECKS,
+    *IGNORED_KEYS, *_ALWAYS_IGNORED, *_REFUSED,
 )
 
 # lowercase spelling -> (key, rank); rank 0 is the canonical name, then the aliases in order.
@@ -296,9 +296,12 @@ def closest_key(name: str, candidates: tuple[str, ...] | None = None) -> str | N
     """The honoured spelling (of ``candidates``, default all) most like ``name`` (difflib), or
     None when nothing is close."""
     pool = candidates if candidates is not None else HONOURED_NAMES
-    # Compared without the "option." prefix they share, or every option.* key looks alike.
-    lowered = {_bare(spelling): spelling for spelling in pool}
-    match = difflib.get_close_matches(_bare(name), list(lowered), n=1, cutoff=0.6)
+    # Compared without the "option." prefix they share, or every option.* key looks alike; where two
+    # keys differ only by it (batch_size, option.batch_size), the one written like ``name`` wins.
+    wants_option = name.strip().lower().startswith("option.")
+    ordered = sorted(pool, key=lambda spelling: spelling.lower().startswith("option.") == wants_option)
+    lowered = {_bare(spelling): spelling for spelling in ordered}
+    match = difflib.get_close_matches(_bare(name), list(lowered), n=1, cutoff=0.75)
     if not match:
         return None
     spelling = lowered[match[0]]

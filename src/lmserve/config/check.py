@@ -93,7 +93,7 @@ def _failed(setting: Setting, analysis: Analysis) -> bool:
 
 def _meaning(key: Key, value: object) -> str:
     if key.field is None:
-        return f"checked ({key.doc})"
+        return f"{value!r}: {key.doc}"
     if key.name == "option.tensor_parallel_degree" and value == TENSOR_PARALLEL_MAX:
         return f"{key.field} = max: every visible GPU on CUDA, 1 on the CPU (resolved at start)"
     return f"{key.field} = {value!r}"

@@ -116,7 +116,7 @@ def analyse_config(
     winners, lost = resolve(gathered.settings)
     warnings, errors = gathered.warnings, gathered.errors
     values = _parse(winners, warnings, errors)
-    _unknown_keys(gathered.unknown, values.pop("option.strict_config", True), warnings, errors)
+    _unknown_keys(gathered.unknown, values.get("option.strict_config", True), warnings, errors)
     warnings.extend(lost)
     _apply_static_batch_size(values, winners, warnings)
     config = None

@@ -34,3 +34,19 @@ def test_reference_tables_have_the_same_cell_count_in_every_row() -> None:
         elif tables[-1]:
             tables.append([])
     assert [set(table) for table in tables if table] == [{7}, {3}]
+
+
+def test_every_spelling_is_listed_with_what_lmserve_does_and_the_text_it_says() -> None:
+    text = render_keys_markdown()
+    lmi = text[text.index("## What lmserve does with each LMI key"):]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lmi.splitlines() if line.startswith("| `")}
+    for key in KEYS:
+        row = rows[f"`{key.name}`"]
+        if key.refused:
+            assert "| refused |" in row and key.refused in row
+        elif key.ignored:
+            assert "| ignored |" in row and key.ignored in row
+        else:
+            assert "| honoured |" in row or "| stored, not used yet |" in row
+        for alias in key.aliases:
+            assert "| mapped |" in rows[f"`{alias}`"] and f"same as `{key.name}`" in rows[f"`{alias}`"]

@@ -75,8 +75,9 @@ _MODEL_KEYS = (
         "DJL engine name. lmserve has one engine, so the value is only checked.",
         aliases=("option.engine",), default_text="Python"),
     Key("option.entryPoint", v.ENTRY_POINT, "model.entry_point",
-        "Handler: LMI built-in entry points map to the default text-generation handler; a .py file "
-        "is a custom handler.", flag="--entry-point"),
+        "Handler: LMI built-in entry points map to the default text-generation handler; custom "
+        "handlers (model.py, or any other .py file) are refused until they are supported.",
+        flag="--entry-point"),
     Key("option.model_id", v.TEXT, "model.model_id",
         "Model location: local directory, .tar.gz, s3:// prefix, Hub id or GGUF file.",
         aliases=("option.s3url", "option.model_dir"), shortcut="HF_MODEL_ID",

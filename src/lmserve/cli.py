@@ -1,5 +1,5 @@
-"""The ``lmserve`` command: ``serve [MODEL]``, ``pull``, ``convert MODEL``, and the SDK's ``package``,
-``upload``, ``endpoints``, ``predict`` and ``delete``.
+"""The ``lmserve`` command: ``serve [MODEL]``, ``pull``, ``convert MODEL``, ``config check PATH``, and the
+SDK's ``package``, ``upload``, ``endpoints``, ``predict`` and ``delete``.
 
 Each subcommand is a ``Command`` in ``COMMANDS``: its name, one help line, a function adding its
 arguments and a function running it. New subcommands (``convert``, ``bench``) join that list; their
@@ -99,6 +99,25 @@ def _run_convert(ns: argparse.Namespace) -> int:
     return int(run_convert(ns) or 0)
 
 
+# ---- lmserve config check ------------------------------------------------------------------------
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="print what each key of a configuration means to lmserve, every "
+                               "warning and every error, without loading the model")  # fmt: skip
+    check.add_argument("path", help="model directory, serving.properties file, or an environment file of "
+                                    "OPTION_*/SERVING_* lines")  # fmt: skip
+
+
+def _run_config(ns: argparse.Namespace) -> int:
+    from lmserve.config.check import check_config
+
+    report, ok = check_config(Path(ns.path))
+    print(report, end="")
+    return 0 if ok else 1
+
+
 # ---- the SDK's commands (lmserve.sdk.cli) ---------------------------------------------------------
 
 
@@ -117,6 +136,8 @@ COMMANDS: list[Command] = [
     Command("serve", "serve a model over HTTP (SageMaker/LMI, TGI and OpenAI routes)", _serve_arguments, _run_serve),
     Command("pull", "fetch the default model into the lmserve cache", _pull_arguments, _run_pull),
     Command("convert", "pre-shard a model for a tensor-parallel degree and dtype", _convert_arguments, _run_convert),
+    Command("config", "check a serving.properties or OPTION_* environment file: `lmserve config check PATH`",
+            _config_arguments, _run_config),
     Command("package", "check a model directory and pack it as a .tar.gz", _sdk("add_package"), _sdk("run_package")),
     Command("upload", "upload a file or directory to s3://", _sdk("add_upload"), _sdk("run_upload")),
     Command("endpoints", "list the endpoints the SDK started on this machine", _sdk("add_endpoints"),

@@ -19,6 +19,8 @@ DEFAULT_ENTRY_POINT = "lmserve.default"
 
 # LMI's built-in text-generation handlers; lmserve serves all of them with its default handler.
 LMI_ENTRY_POINTS = (
+    "djl_python.lmi_vllm.vllm_async_service",  # LMI's recommended vLLM setup (with async_mode)
+    "djl_python.lmi_trtllm.trtllm_async_service",
     "djl_python.transformers_neuronx",
     "djl_python.transformers-neuronx",
     "djl_python.transformersneuronx",
@@ -146,18 +148,22 @@ TENSOR_PARALLEL = ValueType(
 )
 
 
+CUSTOM_HANDLER = "model.py"
+
+
 def _entry_point(raw: object) -> str:
     text = _text(raw)
     if not text or text in LMI_ENTRY_POINTS or text == DEFAULT_ENTRY_POINT:
         return DEFAULT_ENTRY_POINT
-    if text.endswith(".py") and len(text) > len(".py"):
-        return text  # a custom handler file, relative to the model directory or absolute
-    raise ValueError(text)
+    if text == CUSTOM_HANDLER or text.endswith("/" + CUSTOM_HANDLER):
+        return text  # the model directory's own handler: the loader refuses it by name when it finds it
+    raise ValueError(text)  # any other .py would be a custom handler file: refused, never ignored
 
 
 ENTRY_POINT = ValueType(
     "str",
     f"absent or one of {', '.join(LMI_ENTRY_POINTS)} (all served by the default text-generation "
-    f"handler '{DEFAULT_ENTRY_POINT}'), or a custom handler file ending in .py such as model.py",
+    f"handler '{DEFAULT_ENTRY_POINT}'), or {CUSTOM_HANDLER}; custom handler files (any other .py) "
+    "are not supported yet",
     _entry_point,
 )

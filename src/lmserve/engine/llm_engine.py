@@ -14,14 +14,11 @@ from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sampler import Sampler
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.engine.scheduler import ScheduledBatch, Scheduler
+from lmserve.engine.scheduler import ScheduledBatch, Scheduler, step_token_budget
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CPU_BATCHED_TOKENS = 512
-DEFAULT_CUDA_BATCHED_TOKENS = 4096
 
 
 def make_runner(config: EngineConfig) -> ModelRunner:
@@ -51,9 +48,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A request must fit the cache alone, or it could preempt itself forever.
         self.max_model_len = min(mc.max_model_len, self.runner.num_blocks * config.block_size)
-        budget = config.max_num_batched_tokens or (
-            DEFAULT_CUDA_BATCHED_TOKENS if self.runner.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max(budget, config.max_num_seqs))
+        budget = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.runner.device.type)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
+from lmserve.config.values import DEFAULT_ENTRY_POINT
 from lmserve.engine.protocol import ModelInfo
 from lmserve.errors import EngineDeadError, UnsupportedModelError
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
 from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.messages import EngineSpec
-from lmserve.workers.placement import Devices, detect_devices, replica_count
+from lmserve.workers.placement import Devices, detect_devices, replica_count, resolve_degree
 from lmserve.workers.router import Router
 
 if TYPE_CHECKING:
@@ -138,19 +139,34 @@ class ModelRuntime:
             self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
                 logger.warning("config: %s", warning)
+        if self.config.model.entry_point != DEFAULT_ENTRY_POINT:  # model.py named, but not in the model
+            raise UnsupportedModelError(f"option.entryPoint={self.config.model.entry_point} names a custom handler; "
+                                        "custom handlers are not supported yet")  # fmt: skip
         return fetched.path
 
     async def _start_engine(self, path: Path) -> None:
+        devices = await asyncio.to_thread(detect_devices, self.config.engine.device, self.config.workers.cpu_devices)
+        self._settle_on(devices)
         engine_config = dataclasses.replace(self.config.engine, model=str(path),
                                             served_name=self.config.engine.served_name or self.name)  # fmt: skip
         spec = EngineSpec(self.plan.engine_factory, engine_config, dict(self.plan.engine_options))
-        devices = await asyncio.to_thread(detect_devices, engine_config.device, self.config.workers.cpu_devices)
         count = self.target_replicas(devices)
         logger.info("model %s: %d replica(s) at tensor_parallel_degree %d on %d %s device(s)", self.name, count,
                     engine_config.tensor_parallel_degree, devices.count, devices.kind)  # fmt: skip
         self.launcher = Launcher(self.name, spec, devices, self.config.workers, self.plan.restart_backoff,
                                  on_failed=self._on_failed)  # fmt: skip
         self.model_info = await self.launcher.start(count)
+
+    def _settle_on(self, devices: Devices) -> None:
+        """What depends on the devices found: tensor_parallel_degree=max, and the device's own worker
+        bounds (gpu.minWorkers, cpu.maxWorkers, ...) over minWorkers/maxWorkers."""
+        degree = resolve_degree(devices, self.config.engine.tensor_parallel_degree)
+        if degree != self.config.engine.tensor_parallel_degree:
+            why = "every visible GPU" if devices.kind == "cuda" else "one rank on all the cores is fastest on the CPU"
+            logger.info("model %s: tensor_parallel_degree=max is %d (%s)", self.name, degree, why)
+            engine = dataclasses.replace(self.config.engine, tensor_parallel_degree=degree)
+            self.config = dataclasses.replace(self.config, engine=engine)
+        self.min_workers, self.max_workers = self.config.workers.bounds(devices.kind)
 
     def target_replicas(self, devices: Devices | None = None) -> int:
         """``devices // tensor_parallel_degree``, capped by ``max_workers``, at least ``min_workers``."""

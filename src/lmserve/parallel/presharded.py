@@ -29,6 +29,7 @@ from torch import nn
 from lmserve import __version__
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.fsutil import staged_file
 from lmserve.kernels.packed import PackedLinear
 
 log = logging.getLogger(__name__)
@@ -178,14 +179,11 @@ def remember_packed(model: nn.Module, conversion: Path, rank: int, ops: Any) -> 
         return
     meta = {name: {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "data"}
             for name, p in packs.items()}
-    path = conversion / packed_file(rank, ops)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({name: p.data.contiguous() for name, p in packs.items()}, str(tmp),
-                  metadata={"packed": json.dumps(meta)})
-        os.replace(tmp, path)
+        with staged_file(conversion / packed_file(rank, ops)) as tmp:
+            save_file({name: p.data.contiguous() for name, p in packs.items()}, str(tmp),
+                      metadata={"packed": json.dumps(meta)})
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.info("not keeping packed weights in %s: %s", conversion, exc)
 
 

@@ -85,6 +85,10 @@ def test_manifest_describes_source_degree_and_dtype(checkpoints: dict[str, Path]
 
 
 def test_loading_uses_the_cached_conversion_and_converts_once(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tiny random model mostly repeats its input: the chosen tokens' log-probabilities are what
+    # tells a wrongly loaded conversion apart.
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, logprobs=0)
+    (unconverted,) = LLM(str(model_dir), dtype="fp32", kv_cache_tokens=256).generate([[5, 6, 7]], params)
     entry = ensure_converted(model_dir, 2, "fp32", progress=False)
     assert presharded.find_conversion(model_dir, 2, torch.float32) == entry
 
@@ -100,10 +104,12 @@ def test_loading_uses_the_cached_conversion_and_converts_once(model_dir: Path, m
     monkeypatch.setattr(loader_module, "load_weights", no_live_loading)
     llm = LLM(str(model_dir), dtype="fp32", kv_cache_tokens=256, tensor_parallel_degree=2)
     try:
-        (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        (out,) = llm.generate([[5, 6, 7]], params)
     finally:
         close(llm)
-    assert len(out.token_ids) == 3
+    assert out.token_ids == unconverted.token_ids
+    assert out.logprobs is not None and unconverted.logprobs is not None
+    assert [p.logprob for p in out.logprobs] == pytest.approx([p.logprob for p in unconverted.logprobs], rel=1e-4)
 
 
 def test_a_failed_conversion_leaves_nothing_behind(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

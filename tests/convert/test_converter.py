@@ -212,11 +212,9 @@ class _PanelOps:
         self.packed += 1
         return PackedLinear(w.t().contiguous(), w.shape[0], w.shape[1], layout="transposed")
 
-    def linear(self, x: torch.Tensor, w: object, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: object, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = x @ w.data.to(x.dtype)  # type: ignore[attr-defined]
-        y = y if bias is None else y + bias.to(y.dtype)
-        return y if residual is None else y + residual
+        return y if bias is None else y + bias.to(y.dtype)
 
 
 def test_the_first_load_keeps_packed_weights_and_later_loads_skip_packing(checkpoints: dict[str, Path],

@@ -17,7 +17,7 @@ class Ops(Protocol):
 
     - ``pack_linear_weight(w[N, K]) -> PackedLinear``: once at load time.
     - ``pack_gate_up_weight(gate[I, K], up[I, K]) -> PackedLinear``: for ``linear_silu_mul``.
-    - ``linear(x[..., K], w, bias=None, residual=None) -> [..., N]``: ``x W^T + bias + residual``.
+    - ``linear(x[..., K], w, bias=None) -> [..., N]``: ``x W^T + bias``.
     - ``linear_silu_mul(x[..., K], w) -> [..., I]``: ``silu(x G^T) * (x U^T)`` in one pass.
     - ``silu_and_mul(x[..., 2I]) -> [..., I]``.
     - ``rms_norm(x, weight, eps, residual=None) -> (normed, x + residual)``.
@@ -40,8 +40,7 @@ class Ops(Protocol):
 
     def pack_gate_up_weight(self, gate: torch.Tensor, up: torch.Tensor) -> PackedLinear: ...
 
-    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor: ...
+    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor: ...
 

@@ -232,3 +232,25 @@ def test_the_first_load_keeps_packed_weights_and_later_loads_skip_packing(checkp
         mlp = model.model.layers[0].mlp
         results.append(mlp.c_proj.matmul(mlp.c_fc(x), None))  # rank 1's partial sum, before all-reduce
     assert torch.equal(results[0], results[1])
+
+
+def test_kept_packed_weights_that_no_longer_fit_the_layers_are_packed_afresh(checkpoints: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lmserve.models.loader import load_model
+    from lmserve.parallel.layers import LinearBase
+
+    out = convert(checkpoints["gpt2"], tmp_path / "c", 1, "fp32", progress=False)
+    load_model(out, torch.float32, torch.device("cpu"), _PanelOps())
+    path = out / "rank0.packed-test-panels.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["packed"]), {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    for fields in meta.values():
+        fields["gate_up"] = True  # as if packed for a fused gate|up layer by another version
+    save_file(tensors, str(path), metadata={"packed": json.dumps(meta)})
+    ops = _PanelOps()
+    model, _ = load_model(out, torch.float32, torch.device("cpu"), ops)
+    assert ops.packed == 9
+    assert all(m.packed is not None and not m.packed.gate_up for m in model.modules() if isinstance(m, LinearBase))

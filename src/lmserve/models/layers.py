@@ -69,25 +69,12 @@ class RMSNorm(KernelModule):
         return (normed * self.weight.float()).to(x.dtype), residual
 
 
-class SiluAndMul(KernelModule):
-    """SwiGLU on the device's kernels: silu(gate) * up, ``x`` being gate|up on the last dimension."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x) if self.ops is None else self.ops.silu_and_mul(x)
-
-
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32, returning the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return F.layer_norm(x.float(), self.normalized_shape, None if self.weight is None else self.weight.float(),
                             None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up, where ``x`` is gate|up concatenated on the last dimension."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -114,9 +114,9 @@ class GateUpSwiGLU(ColumnParallelLinear):
     for this rank's share of the intermediate features.
 
     One pass over the weights (``Ops.linear_silu_mul``) instead of a projection and then
-    ``silu_and_mul``: 1-8% faster on the CPU kernels at decode and prefill batch sizes
-    (``benchmarks/kernels_cpu.py --only fused``), and the same arithmetic on the pure-torch ones. The
-    kernels have no fused form with a bias; then it projects and multiplies in two steps.
+    ``silu_and_mul``: a few percent faster on the CPU kernels (0-10% over M 1-512, never measurably
+    slower; ``benchmarks/kernels_cpu.py --only fused``), the same arithmetic on the pure-torch ones.
+    The kernels have no fused form with a bias; then it projects and multiplies in two steps.
     """
 
     def __init__(self, in_features: int, intermediate_size: int, bias: bool = False,

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -21,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.fsutil import staged_dir, write_text_atomic
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # Entries some archivers add next to the real content; they never make a model directory.
@@ -63,15 +61,8 @@ def extract_archive(archive: Path, *, progress: bool = True) -> Path:
     """
     final = cache_subdir("archives") / file_digest(archive)
     if not final.is_dir():
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:12]}-", dir=final.parent))
-        try:
+        with staged_dir(final, already_done=final.is_dir) as tmp:  # a concurrent extraction may win
             _extract_into(archive, tmp, progress=progress)
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # a concurrent extraction that won the rename is fine
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return _model_root(final)
 
 
@@ -126,7 +117,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))

@@ -8,15 +8,14 @@ renamed into place, so a directory under that name is always a finished install.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.fsutil import staged_dir
 
 REQUIREMENTS = "requirements.txt"
 _DONE = ".lmserve-installed"
@@ -39,17 +38,11 @@ def install_requirements(model_dir: Path) -> Path | None:
     target = cache_subdir("pydeps") / digest
     if (target / _DONE).is_file():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=target.parent))
-    try:
+    # A concurrent install that won the rename is fine.
+    with staged_dir(target, already_done=(target / _DONE).is_file) as tmp:
         _pip_install(requirements, tmp)
         (tmp / _DONE).write_text(str(requirements.resolve()) + "\n")
         shutil.rmtree(target, ignore_errors=True)  # a leftover without the marker is unfinished
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / _DONE).is_file():  # a concurrent install that won the rename is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

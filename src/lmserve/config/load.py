@@ -8,6 +8,7 @@ Precedence, highest first:
    sets the key ``<name>``. Names match keys in any case: SERVING_PORT -> port, SERVING_API_KEY ->
    api_key, SERVING_BATCH_SIZE -> batch_size, SERVING_MINWORKERS -> minWorkers,
    SERVING_OPTION_DTYPE -> option.dtype. Server keys (host, port, api_key, protect_inference,
+   enable_model_api, allowed_urls, model_store, trust_remote_code_urls, max_extracted_bytes,
    max_request_bytes, queue_full_status, graceful_shutdown_s) come only from here or the CLI.
 3. ``serving.properties``: the ``properties`` file (or a directory holding one), else the one in
    the model directory when ``model_id`` is a local directory.

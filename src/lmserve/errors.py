@@ -63,6 +63,11 @@ class ModelNotFoundError(LMServeError):
     """No model of that name or location exists (HTTP 404)."""
 
 
+class NotAllowedError(LMServeError):
+    """The server's configuration forbids what was asked (HTTP 403); the message names the setting
+    with which the operator could allow it, and only what the caller sent."""
+
+
 class UnsupportedModelError(LMServeError):
     """The checkpoint exists but lmserve cannot run it, e.g. an unknown architecture."""
 

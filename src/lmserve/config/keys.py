@@ -92,7 +92,9 @@ _MODEL_KEYS = (
                Note("not used yet: lmserve still batches continuously (dynamic batching, which disable "
                     "selects in LMI, is not built)", ("disable",)))),
     Key("option.trust_remote_code", v.BOOL, "engine.trust_remote_code",
-        "Allow model code from the Hub.", flag="--trust-remote-code", shortcut="HF_TRUST_REMOTE_CODE"),
+        "Allow the startup model's code to run (its tokenizer or model classes in .py files); models "
+        "registered through the management API need trust_remote_code_urls instead.",
+        flag="--trust-remote-code", shortcut="HF_TRUST_REMOTE_CODE"),
 )
 
 _ENGINE_KEYS = (
@@ -173,13 +175,37 @@ _BATCHING_WORKER_KEYS = (
 )
 
 _SERVER_KEYS = (
-    Key("host", v.TEXT, "server.host", "Address to listen on.", flag="--host", scope="server"),
+    Key("host", v.TEXT, "server.host",
+        "Address to listen on: 127.0.0.1 answers this machine only; 0.0.0.0 every interface (a "
+        "container must; see docs/security.md).", flag="--host", scope="server"),
     Key("port", v.integer(0, 65535), "server.port", "Port to listen on.", flag="--port",
         scope="server"),
-    Key("api_key", v.TEXT, "server.api_key", "Bearer token for the management API.",
+    Key("api_key", v.TEXT, "server.api_key",
+        "Bearer token for the management API, which it turns on (every /models route then needs it).",
         flag="--api-key", scope="server"),
     Key("protect_inference", v.BOOL, "server.protect_inference",
         "Require the api key on inference routes too.", flag="--protect-inference", scope="server"),
+    Key("enable_model_api", v.BOOL, "server.enable_model_api",
+        "Allow registering, scaling and unregistering models (POST, PUT, DELETE /models) without an "
+        "api key: anyone who reaches the port may then load any model allowed_urls allows.",
+        flag="--enable-model-api", scope="server"),
+    Key("allowed_urls", v.PATTERNS, "server.allowed_urls",
+        "Locations POST /models may load: each one it resolves (url, and every option.model_id it "
+        "leads to) must fully match one pattern; local paths are matched once made absolute, with "
+        "links resolved.", aliases=("model_url_pattern",), flag="--allowed-urls", scope="server",
+        default_text="directories and files under model_store only"),
+    Key("model_store", v.TEXT, "server.model_store",
+        "The operator's model directory: what allowed_urls allows when it is not set.",
+        flag="--model-store", scope="server",
+        default_text="<cache>/models (cache: $LMSERVE_CACHE, else ~/.cache/lmserve)"),
+    Key("trust_remote_code_urls", v.NAMES, "server.trust_remote_code_urls",
+        "Locations, exactly as given to POST /models?url= (local paths compared once resolved), "
+        "whose registration loads with trust_remote_code; no other registered model may run code "
+        "from its files.", flag="--trust-remote-code-urls", scope="server", default_text="none"),
+    Key("max_extracted_bytes", v.integer(1), "server.max_extracted_bytes",
+        "Largest total a model archive may extract to; checked on the declared sizes before "
+        "extracting (with a 100:1 compression-ratio cap past 64 MiB) and while extracting.",
+        flag="--max-extracted-bytes", scope="server"),
     Key("max_request_bytes", v.integer(1), "server.max_request_bytes", "Largest request body.",
         aliases=("max_request_size",), scope="server"),
     Key("queue_full_status", v.choice({"429": 429, "503": 503}), "server.queue_full_status",

@@ -14,7 +14,9 @@ Precedence, highest first (as in DJL Serving):
    any other ``SERVING_<NAME>`` sets the key ``<name>``. Names match keys in any case: SERVING_PORT
    -> port, SERVING_API_KEY -> api_key, SERVING_BATCH_SIZE -> batch_size, SERVING_MINWORKERS ->
    minWorkers, SERVING_GPU_MINWORKERS -> gpu.minWorkers, SERVING_OPTION_DTYPE -> option.dtype.
-   Server keys (host, port, api_key, ...: ``scope="server"``) come only from here or the CLI.
+   Server keys (``scope="server"``: host, port, api_key, enable_model_api, allowed_urls, model_store,
+   trust_remote_code_urls, max_extracted_bytes, ...) come only from here or the CLI, never from a
+   model's own files.
 5. Defaults: the dataclass field defaults in ``lmserve.config.settings``.
 
 Every problem is collected before anything is raised (``analyse_config``), so one error lists every

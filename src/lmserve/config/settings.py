@@ -74,10 +74,15 @@ class WorkerConfig:
 class ServerConfig:
     """The HTTP front door."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 (every interface) is the operator's choice
     port: int = 8080
     api_key: str | None = None  # SERVING_API_KEY: bearer token for the management API
     protect_inference: bool = False  # also require the token on inference routes
+    enable_model_api: bool = False  # POST/PUT/DELETE /models without an api key
+    allowed_urls: tuple[str, ...] | None = None  # regexes a registered location must match; None: model_store
+    model_store: str | None = None  # the operator's model directory; None: <cache>/models
+    trust_remote_code_urls: tuple[str, ...] = ()  # registrations that may run their own code
+    max_extracted_bytes: int = 256 * 1024**3  # largest total a model archive may extract to
     max_request_bytes: int = 8 * 1024 * 1024
     queue_full_status: int = 429  # 503 for DJL compatibility
     graceful_shutdown_s: float = 30.0

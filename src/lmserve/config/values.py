@@ -8,6 +8,7 @@ parser's ``ValueError`` into a ``ConfigError`` that names key, value, source and
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -85,6 +86,36 @@ BOOL = ValueType("bool", "true/false, 1/0 or yes/no (any case)", _to_bool)
 TEXT = ValueType("str", "any non-empty text", lambda raw: _nonempty(_text(raw)))
 
 ANY = ValueType("str", "any value (not used by lmserve)", lambda raw: raw)
+
+
+def _patterns(raw: object) -> tuple[str, ...]:
+    """Regular expressions separated by whitespace (a comma may be part of one, as in ``{1,3}``)."""
+    items = tuple(raw) if isinstance(raw, list | tuple) else tuple(_text(raw).split())
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+    return _nonempty_list(items)
+
+
+def _names(raw: object) -> tuple[str, ...]:
+    items = tuple(raw) if isinstance(raw, list | tuple) else tuple(_text(raw).split(","))
+    return _nonempty_list(tuple(str(item).strip() for item in items if str(item).strip()))
+
+
+def _nonempty_list(items: tuple[str, ...]) -> tuple[str, ...]:
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise ValueError("empty")
+    return items
+
+
+PATTERNS = ValueType(
+    "regexes", "one or more regular expressions separated by spaces, each matched against the whole "
+    "location (write a space inside one as \\s)", _patterns
+)
+
+NAMES = ValueType("list", "one or more entries separated by commas", _names)
 
 
 def _nonempty(text: str) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from lmserve.engine.protocol import ModelInfo
 from lmserve.errors import EngineDeadError, UnsupportedModelError
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
+from lmserve.store.policy import FetchPolicy
 from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.messages import EngineSpec
 from lmserve.workers.placement import Devices, detect_devices, replica_count, resolve_degree
@@ -53,7 +55,11 @@ class LoadPlan:
     """What to load. ``config`` is the configuration known at start; with ``resolve`` the model is
     fetched and the configuration rebuilt with its ``serving.properties`` (``cli`` and
     ``properties`` as given on the command line); without, ``config`` is final and
-    ``config.engine.model`` a local directory. ``default_model`` pulls the default model first."""
+    ``config.engine.model`` a local directory. ``default_model`` pulls the default model first.
+
+    A model registered through the management API has a ``fetch_policy`` (its allowed locations)
+    and ``remote_code_consent`` (whether the operator lets it run code from its files); both None
+    for the startup model, which is the operator's own choice."""
 
     config: ServingConfig
     model_arg: str | None = None
@@ -64,6 +70,8 @@ class LoadPlan:
     engine_factory: str = DEFAULT_ENGINE_FACTORY
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     restart_backoff: Backoff = field(default_factory=Backoff)
+    fetch_policy: FetchPolicy | None = None
+    remote_code_consent: bool | None = None
 
 
 class ModelRuntime:
@@ -83,6 +91,7 @@ class ModelRuntime:
         self.min_workers, self.max_workers = plan.config.workers.min_workers, plan.config.workers.max_workers
         self.ready_once = False  # it has served: from now on it counts for /ping (see ModelRegistry)
         self._stopping: asyncio.Task[None] | None = None
+        self._created: tuple[Path, ...] = ()  # cache directories this load's fetch made
 
     @property
     def name(self) -> str:
@@ -113,6 +122,7 @@ class ModelRuntime:
             self.state, self.error = State.FAILED, exc
             logger.error("model %s failed to load: %s", self.name, exc)
             await self._stop_replicas()
+            await asyncio.to_thread(_remove, self._created)
             return
         if self.state is State.LOADING:
             self.state, self.ready_once = State.READY, True
@@ -126,9 +136,11 @@ class ModelRuntime:
             return Path(self.config.engine.model)
         from lmserve.config import load_serving_config
 
+        policy = plan.fetch_policy or FetchPolicy(max_extracted_bytes=self.config.server.max_extracted_bytes)
         with _phase("resolve"):
             fetched = await resolve_in_child(self.config.model.model_id, self.config.model.revision,
-                                             plan.default_model)  # fmt: skip
+                                             plan.default_model, policy)  # fmt: skip
+        self._created = fetched.created
         if fetched.has_custom_handler:
             raise UnsupportedModelError(f"{fetched.path} comes with a custom model.py handler; this server "
                                         "serves only the built-in text-generation handler")  # fmt: skip
@@ -136,6 +148,10 @@ class ModelRuntime:
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,
                                               properties=plan.properties or fetched.properties)  # fmt: skip
+            if plan.remote_code_consent is not None:
+                from lmserve.server.policy import check_registered
+
+                self.config = check_registered(self.config, str(plan.model_arg), plan.remote_code_consent)
             self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
                 logger.warning("config: %s", warning)
@@ -254,6 +270,13 @@ def _load_tokenizer(path: Path, config: ServingConfig) -> Tokenizer:
     from lmserve.engine.tokenizer import Tokenizer
 
     return Tokenizer(path, trust_remote_code=config.engine.trust_remote_code)
+
+
+def _remove(directories: tuple[Path, ...]) -> None:
+    """Delete what a failed load fetched into the cache (an extracted archive), so it does not stay."""
+    for directory in directories:
+        logger.info("removing %s: the load that fetched it failed", directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import uvicorn
 
 from lmserve.server.app import create_app
 from lmserve.server.loading import forbid_torch
+from lmserve.server.policy import exposure_warnings
 from lmserve.server.registry import ModelRegistry
 from lmserve.server.runtime import LoadPlan, ModelRuntime, State
 
@@ -65,6 +66,8 @@ def run_server(plan: LoadPlan, log_level: str = "info") -> int:
     forbid_torch()
     registry = ModelRegistry.serving(plan)
     server_config = plan.config.server
+    for line in exposure_warnings(server_config):
+        logger.warning("%s", line)
     config = uvicorn.Config(create_app(registry), host=server_config.host, port=server_config.port,
                             log_level=log_level, timeout_graceful_shutdown=_CLOSE_CONNECTIONS_S,
                             lifespan="on")  # fmt: skip

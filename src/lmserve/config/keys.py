@@ -66,6 +66,10 @@ _MODEL_KEYS = (
     Key("option.rolling_batch", v.choice(_ROLLING), "model.rolling_batch",
         "Continuous batching. LMI backend names all mean auto: lmserve batches itself.",
         warn_on=v.LMI_ROLLING_BATCH, warn_text="lmserve's own continuous batching is used (auto)"),
+    Key("option.max_tokens_policy", v.choice({"error": "error", "clamp": "clamp"}), "model.max_tokens_policy",
+        "A request whose max_new_tokens (max_tokens) does not fit beside its prompt in n_positions: "
+        "error answers 400 naming both numbers; clamp generates as many tokens as fit. A limit "
+        "beyond n_positions is refused either way.", flag="--max-tokens-policy"),
     Key("option.trust_remote_code", v.BOOL, "engine.trust_remote_code",
         "Allow model code from the Hub.", flag="--trust-remote-code", shortcut="HF_TRUST_REMOTE_CODE"),
 )

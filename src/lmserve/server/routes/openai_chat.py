@@ -24,6 +24,7 @@ from lmserve.server.runtime import ModelRuntime
 from lmserve.server.streaming import guarded, merged, sse_data, sse_response, token_text
 
 router = APIRouter(tags=["OpenAI"])
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @router.post("/v1/chat/completions")
@@ -55,12 +56,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, model_
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: text content only, parts joined."""
+    """Messages as chat templates expect them: text content only, parts joined, known roles only
+    (``developer`` is OpenAI's newer name for ``system``, which is what templates know)."""
     out = []
     for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got "
+                                      f"{m.role[:40]!r} (tool messages need tool calling, which is not supported)")
         content = m.content if isinstance(m.content, str) or m.content is None else \
             "".join(part.text for part in m.content)  # fmt: skip
-        message: dict[str, Any] = {"role": check_text(f"messages[{i}].role", m.role),
+        message: dict[str, Any] = {"role": CHAT_ROLES[m.role],
                                    "content": check_text(f"messages[{i}].content", content or "")}  # fmt: skip
         if m.name is not None:
             message["name"] = check_text(f"messages[{i}].name", m.name)

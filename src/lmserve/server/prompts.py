@@ -37,7 +37,7 @@ from lmserve.server.runtime import ModelRuntime
 T = TypeVar("T")
 INLINE_TOKENIZE_CHARS = 20_000  # about 5k tokens: a few milliseconds of tokenizing on the loop
 TOKENIZE_THREADS = 2  # big texts tokenized at once: bounds the memory tokenization can take
-_TRIM_AFTER_CHARS = 1_000_000  # after a text this big, give freed heap memory back to the system
+_TRIM_AFTER_CHARS = 100_000  # after a text this big (~25k tokens), give freed heap memory back
 _pool = ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="lmserve-tokenize")
 
 

@@ -91,6 +91,10 @@ _MODEL_KEYS = (
         notes=(Note("lmserve's own continuous batching is used (auto)", v.LMI_ROLLING_BATCH),
                Note("not used yet: lmserve still batches continuously (dynamic batching, which disable "
                     "selects in LMI, is not built)", ("disable",)))),
+    Key("option.max_tokens_policy", v.choice({"error": "error", "clamp": "clamp"}), "model.max_tokens_policy",
+        "A request whose max_new_tokens (max_tokens) does not fit beside its prompt in n_positions: "
+        "error answers 400 naming both numbers; clamp generates as many tokens as fit. A limit "
+        "beyond n_positions is refused either way.", flag="--max-tokens-policy"),
     Key("option.trust_remote_code", v.BOOL, "engine.trust_remote_code",
         "Allow the startup model's code to run (its tokenizer or model classes in .py files); models "
         "registered through the management API need trust_remote_code_urls instead.",

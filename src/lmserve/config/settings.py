@@ -97,6 +97,7 @@ class ModelSpec:
     entry_point: str = "lmserve.default"  # option.entryPoint; LMI entry points map to the default
     rolling_batch: Literal["auto", "disable"] = "auto"  # option.rolling_batch
     revision: str | None = None  # option.revision (Hub)
+    max_tokens_policy: Literal["error", "clamp"] = "error"  # option.max_tokens_policy
 
 
 @dataclass(frozen=True)

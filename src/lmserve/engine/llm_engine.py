@@ -10,6 +10,7 @@ from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
+from lmserve.engine.prompt_limits import check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sampler import Sampler
@@ -77,24 +78,12 @@ class LLMEngine:
         if request_id in self._live:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids)
+        check_prompt_ids("inputs", token_ids, self.max_model_len, self.runner.model_config.vocab_size)
         request = Request(request_id, token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens,
                                        params.include_stop_str_in_output)
         self._live[request_id] = _Live(request, detok)
         self.scheduler.add(request)
-
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise InvalidRequestError("inputs", "the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "inputs", f"the prompt has {len(token_ids)} tokens; at most {self.max_model_len - 1} fit "
-                          f"(max_model_len {self.max_model_len} includes at least one new token)")
-        vocab = self.runner.model_config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError("inputs", f"token id {bad} is outside the vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
 from lmserve.models.config import DTYPES, build_model_config, read_hf_config

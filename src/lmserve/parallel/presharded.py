@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
 from lmserve.kernels.packed import PackedLinear

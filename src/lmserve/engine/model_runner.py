@@ -16,7 +16,7 @@ from lmserve.config.settings import EngineConfig
 from lmserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from lmserve.engine.request import Request
 from lmserve.kernels import get_ops
-from lmserve.models.config import DTYPES
+from lmserve.kernels.device import resolve_device, resolve_dtype
 from lmserve.models.layers import ForwardContext, PagedAttention
 from lmserve.models.loader import load_model
 from lmserve.parallel.state import SINGLE, ParallelState
@@ -35,21 +35,6 @@ class StepInputs:
     context_lens: torch.Tensor
     query_start_loc: torch.Tensor
     logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 where the device computes with it well (CUDA with bf16, CPUs with our kernels)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if get_ops(device).fast_bf16 else torch.float32
 
 
 class ModelRunner:

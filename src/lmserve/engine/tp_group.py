@@ -33,9 +33,10 @@ import torch
 
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.kv_cache import allocate_kv_cache
-from lmserve.engine.model_runner import ModelRunner, StepInputs, resolve_device, resolve_dtype
+from lmserve.engine.model_runner import ModelRunner, StepInputs
 from lmserve.engine.request import Request
 from lmserve.errors import ConfigError, EngineDeadError
+from lmserve.kernels.device import resolve_device, resolve_dtype
 from lmserve.models.config import ModelConfig, build_model_config, read_hf_config
 from lmserve.models.registry import resolve_architecture
 from lmserve.parallel.group import (

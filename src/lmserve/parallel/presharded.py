@@ -28,6 +28,7 @@ from torch import nn
 
 from lmserve._version import __version__
 from lmserve.cache import cache_subdir
+from lmserve.dtypes import dtype_name
 from lmserve.errors import UnsupportedModelError
 from lmserve.kernels.packed import PackedLinear
 
@@ -35,17 +36,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when what a rank file holds changes; old conversions then stop matching
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in DTYPE_NAMES:
-        raise UnsupportedModelError(f"cannot store weights as {dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
-    return DTYPE_NAMES[dtype]
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -29,8 +29,7 @@ from lmserve._version import __version__
 from lmserve.cache import cache_subdir
 from lmserve.dtypes import dtype_name, torch_dtype
 from lmserve.errors import UnsupportedModelError
-from lmserve.models.config import build_model_config, read_hf_config
-from lmserve.models.registry import resolve_architecture
+from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.weights import load_weights
 from lmserve.parallel import presharded
 from lmserve.parallel.state import ParallelState
@@ -51,9 +50,7 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
         raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
     if presharded.read_manifest(model_dir) is not None:
         raise UnsupportedModelError(f"{model_dir} is already a conversion; convert the original model")
-    hf = read_hf_config(model_dir)
-    architecture, cls = resolve_architecture(hf.get("architectures"))
-    cfg = build_model_config(model_dir, architecture, hf, dtype, torch.device("cpu"), None)
+    info = describe_checkpoint(model_dir, dtype, torch.device("cpu"))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -62,9 +59,8 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
         ranks = []
         for rank in tqdm(range(degree), desc=f"converting to tp{degree} {dtype_name(dtype)}",
                          unit=" rank", disable=not progress):
-            with torch.device("cpu"):
-                model = cls(cfg, ParallelState(rank, degree))
-            load_weights(model, model_dir, cls.weights)
+            model = info.empty_model(ParallelState(rank, degree))
+            load_weights(model, model_dir, info.family.weights)
             nbytes, count = presharded.save_rank(model, tmp / presharded.rank_file(rank))
             ranks.append({"file": presharded.rank_file(rank), "bytes": nbytes, "tensors": count})
             del model
@@ -73,7 +69,7 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
             "format": presharded.FORMAT, "lmserve_version": __version__,
             "fingerprint": presharded.fingerprint(model_dir),
             "source": {"path": str(model_dir.resolve()), "files": presharded.describe_source(model_dir)},
-            "architecture": architecture, "family": f"{cls.__module__}:{cls.__qualname__}",
+            "architecture": info.config.architecture, "family": info.family_name,
             "tensor_parallel_degree": degree, "dtype": dtype_name(dtype), "ranks": ranks,
             "created_unix": time.time(), "convert_seconds": round(time.perf_counter() - start, 3),
         }

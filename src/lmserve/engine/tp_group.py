@@ -37,8 +37,7 @@ from lmserve.engine.model_runner import ModelRunner, StepInputs
 from lmserve.engine.request import Request
 from lmserve.errors import ConfigError, EngineDeadError
 from lmserve.kernels.device import resolve_device, resolve_dtype
-from lmserve.models.config import ModelConfig, build_model_config, read_hf_config
-from lmserve.models.registry import resolve_architecture
+from lmserve.models.checkpoint import CheckpointInfo, describe_checkpoint
 from lmserve.parallel.group import (
     GroupSpec,
     ProcessGroup,
@@ -65,25 +64,22 @@ def start_runner(config: EngineConfig, progress: bool = True) -> ModelRunner | T
     degree = config.tensor_parallel_degree
     device = resolve_device(config.device)
     model_dir = Path(config.model)
-    hf = read_hf_config(model_dir)
-    architecture, cls = resolve_architecture(hf.get("architectures"))
     dtype = resolve_dtype(config.dtype, device)
-    cfg = build_model_config(model_dir, architecture, hf, dtype, device, config.max_model_len)
-    check_degree(degree, cfg.num_heads, device.type)
+    info = describe_checkpoint(model_dir, dtype, device, config.max_model_len)
+    check_degree(degree, info.config.num_heads, device.type)
     if degree > 1:
-        check_layers_split(cls, cfg, degree)
+        check_layers_split(info, degree)
     _convert_if_it_pays(model_dir, degree, dtype, progress)
     if degree == 1:
         return ModelRunner(config, progress=progress)
     return TPGroup(config, progress=progress)
 
 
-def check_layers_split(cls: Any, cfg: ModelConfig, degree: int) -> None:
+def check_layers_split(info: CheckpointInfo, degree: int) -> None:
     """Build rank 0's (uninitialised) model to see that every layer splits ``degree`` ways, before
     any process starts; a layer that cannot says which size does not divide."""
     try:
-        with torch.device("cpu"):
-            cls(cfg, ParallelState(0, degree))
+        info.empty_model(ParallelState(0, degree))
     except ValueError as exc:
         raise ConfigError("tensor_parallel_degree", degree, f"a degree this model's layers split into; {exc}") from exc
 

@@ -11,10 +11,10 @@ import torch
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
-from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
+from lmserve.engine.runner import Runner, make_runner
 from lmserve.engine.sampler import Sampler, SampleResult
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CPU_BATCHED_TOKENS = 512
 DEFAULT_CUDA_BATCHED_TOKENS = 4096
-
-
-def make_runner(config: EngineConfig) -> ModelRunner:
-    """The engine's runner: a ``ModelRunner``, or at tensor_parallel_degree > 1 rank 0 of a group of
-    processes behind the same interface (``lmserve.engine.tp_group``)."""
-    from lmserve.engine.tp_group import start_runner
-
-    return start_runner(config)  # type: ignore[return-value]
 
 
 @dataclass
@@ -46,7 +38,7 @@ class _Live:
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model replica (implements ``EngineCore``)."""
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.runner = runner or make_runner(config)

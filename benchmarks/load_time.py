@@ -116,10 +116,10 @@ def main() -> None:
     parser.add_argument("--tp", default="1,2", help="comma-separated degrees")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = parser.parse_args()
+    from lmserve.dtypes import torch_dtype
     from lmserve.kernels import get_ops
-    from lmserve.models.config import DTYPES
 
-    dtype, degrees = DTYPES[args.dtype], [int(d) for d in args.tp.split(",")]
+    dtype, degrees = torch_dtype(args.dtype), [int(d) for d in args.tp.split(",")]
     get_ops("cpu")  # build or load the CPU kernels now, not inside the first timing
     rows, scratch = [], Path(tempfile.mkdtemp(prefix="lmserve-load-time-"))
     try:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+from lmserve.dtypes import DTYPES, torch_dtype
 
 
 def make_workload(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -52,7 +52,7 @@ def _lmserve(model_dir: str, args: argparse.Namespace):  # noqa: ANN202
 def _hf_model(model_dir: str, dtype: str):  # noqa: ANN202
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).eval()
 
 
 def run_hf_static(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:

@@ -13,13 +13,9 @@ def make_request(rid: str, n_prompt: int, base: int = 0) -> Request:
 
 
 def run_step(sched: Scheduler, sample_token: int = 7):
-    """Schedule, then play the model: mark tokens computed, and sample when a request is caught up."""
+    """Schedule, then play the model: every request that is caught up samples ``sample_token``."""
     batch = sched.schedule()
-    for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
-        req.num_computed_tokens += n
-        sched.blocks.cache_computed_blocks(req)
-        if req.num_computed_tokens == req.num_tokens:
-            req.output_token_ids.append(sample_token)
+    sched.update(batch, [sample_token] * len(batch.to_sample))
     return batch
 
 

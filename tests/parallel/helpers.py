@@ -25,6 +25,4 @@ def private_cache(path: Path) -> Iterator[Path]:
 
 def close(llm: Any) -> None:
     """Stop a tensor-parallel group's workers (a single-rank runner has nothing to stop)."""
-    shutdown = getattr(llm.engine.runner, "shutdown", None)
-    if shutdown is not None:
-        shutdown()
+    llm.engine.runner.shutdown()

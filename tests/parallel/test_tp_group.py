@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from lmserve import LLM, SamplingParams
-from lmserve.engine.model_runner import StepInputs
-from lmserve.engine.tp_group import HEARTBEAT_S, STEP, decode_step, encode_step
 from lmserve.errors import ConfigError, EngineDeadError
+from lmserve.parallel.step import STEP, StepInputs, decode_step, encode_step
+from lmserve.parallel.supervisor import HEARTBEAT_S
 from tests.parallel.helpers import close
 from tests.tiny_models import make_tiny_model
 

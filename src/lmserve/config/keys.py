@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmserve.config import values as v
+from lmserve.dtypes import ALIASES as DTYPE_ALIASES
+from lmserve.dtypes import DTYPES
 
 Scope = Literal["model", "server"]
 
@@ -66,8 +68,7 @@ class Key:
 
 
 _NO_DYNAMIC = "stored but not used yet: dynamic (request-level) batching is not built; lmserve batches continuously"
-_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "auto": "auto",
-           "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # fmt: skip
+_DTYPES = {**{name: name for name in DTYPES}, "auto": "auto", **DTYPE_ALIASES}
 _ROLLING = {"auto": "auto", "disable": "disable", **{name: "auto" for name in v.LMI_ROLLING_BATCH}}
 
 _MODEL_KEYS = (

@@ -42,7 +42,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     """Convert as ``args`` say and print where the conversion is; returns the exit status."""
     from lmserve.convert.converter import convert, ensure_converted
-    from lmserve.parallel.presharded import dtype_name
+    from lmserve.dtypes import dtype_name
 
     model_dir = _model_dir(args.model, progress=not args.quiet)
     dtype = _resolve_dtype(args.dtype, args.device)
@@ -68,6 +68,6 @@ def _model_dir(model: str | None, progress: bool) -> Path:
 
 def _resolve_dtype(name: str, device: str) -> Any:
     # The serving side's own rule, so that "auto" here names the conversion "auto" there will look for.
-    from lmserve.engine.model_runner import resolve_device, resolve_dtype
+    from lmserve.kernels.device import resolve_device, resolve_dtype
 
     return resolve_dtype(name, resolve_device(device))

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.cache import cache_subdir
+from lmserve.dtypes import dtype_name, torch_dtype
 from lmserve.errors import UnsupportedModelError
 from lmserve.fsutil import file_lock, staged_dir
-from lmserve.models.config import DTYPES, build_model_config, read_hf_config
-from lmserve.models.registry import resolve_architecture
+from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.weights import load_weights
 from lmserve.parallel import presharded
 from lmserve.parallel.state import ParallelState
@@ -37,36 +37,24 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.bfloat16`` or its lmserve name (``"bf16"``)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise UnsupportedModelError(f"dtype {dtype!r} cannot be converted to; supported: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: int, dtype: torch.dtype | str,
             progress: bool = True) -> Path:
     """Write ``rank{r}.safetensors`` for every rank, the config/tokenizer files and ``manifest.json``
     into ``out_dir`` (which must not exist yet); returns ``out_dir``."""
-    model_dir, out_dir, dtype = Path(model_dir), Path(out_dir), as_dtype(dtype)
+    model_dir, out_dir, dtype = Path(model_dir), Path(out_dir), torch_dtype(dtype)
     degree = tensor_parallel_degree
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
     if presharded.read_manifest(model_dir) is not None:
         raise UnsupportedModelError(f"{model_dir} is already a conversion; convert the original model")
-    hf = read_hf_config(model_dir)
-    architecture, cls = resolve_architecture(hf.get("architectures"))
-    cfg = build_model_config(model_dir, architecture, hf, dtype, torch.device("cpu"), None)
+    info = describe_checkpoint(model_dir, dtype, torch.device("cpu"))
     start = time.perf_counter()
     with staged_dir(out_dir) as tmp:
         ranks = []
-        for rank in tqdm(range(degree), desc=f"converting to tp{degree} {presharded.dtype_name(dtype)}",
+        for rank in tqdm(range(degree), desc=f"converting to tp{degree} {dtype_name(dtype)}",
                          unit=" rank", disable=not progress):
-            with torch.device("cpu"):
-                model = cls(cfg, ParallelState(rank, degree))
-            load_weights(model, model_dir, cls.weights)
+            model = info.empty_model(ParallelState(rank, degree))
+            load_weights(model, model_dir, info.family.weights)
             nbytes, count = presharded.save_rank(model, tmp / presharded.rank_file(rank))
             ranks.append({"file": presharded.rank_file(rank), "bytes": nbytes, "tensors": count})
             del model
@@ -75,13 +63,13 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
             "format": presharded.FORMAT, "lmserve_version": __version__,
             "fingerprint": presharded.fingerprint(model_dir),
             "source": {"path": str(model_dir.resolve()), "files": presharded.describe_source(model_dir)},
-            "architecture": architecture, "family": f"{cls.__module__}:{cls.__qualname__}",
-            "tensor_parallel_degree": degree, "dtype": presharded.dtype_name(dtype), "ranks": ranks,
+            "architecture": info.config.architecture, "family": info.family_name,
+            "tensor_parallel_degree": degree, "dtype": dtype_name(dtype), "ranks": ranks,
             "created_unix": time.time(), "convert_seconds": round(time.perf_counter() - start, 3),
         }
         _write_json(tmp / presharded.MANIFEST, manifest)  # last: its presence marks a finished conversion
     log.info("converted %s to %s (tp%d, %s) in %.1fs", model_dir, out_dir, degree,
-             presharded.dtype_name(dtype), time.perf_counter() - start)
+             dtype_name(dtype), time.perf_counter() - start)
     return out_dir
 
 
@@ -102,7 +90,7 @@ def ensure_converted(model_dir: Path | str, degree: int, dtype: torch.dtype | st
     Concurrent callers wait on a lock, so a model is converted once; entries whose source changed
     or disappeared are removed on the way.
     """
-    model_dir, dtype = Path(model_dir), as_dtype(dtype)
+    model_dir, dtype = Path(model_dir), torch_dtype(dtype)
     entry = presharded.cache_entry(model_dir, degree, dtype)
     if presharded.is_complete(entry):
         return entry

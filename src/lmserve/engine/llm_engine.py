@@ -1,33 +1,28 @@
-"""The engine: one step is schedule, run, sample, and hand back what each request produced."""
+"""The engine: one step is schedule, run, sample, update the scheduler, and emit what each request
+produced."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
-from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.prompt_limits import check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
-from lmserve.engine.sampler import Sampler
+from lmserve.engine.runner import Runner, make_runner
+from lmserve.engine.sampler import Sampler, SampleResult
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.engine.scheduler import ScheduledBatch, Scheduler, step_token_budget
+from lmserve.engine.scheduler import Scheduler, step_token_budget
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-
-def make_runner(config: EngineConfig) -> ModelRunner:
-    """The engine's runner: a ``ModelRunner``, or at tensor_parallel_degree > 1 rank 0 of a group of
-    processes behind the same interface (``lmserve.engine.tp_group``)."""
-    from lmserve.engine.tp_group import start_runner
-
-    return start_runner(config)  # type: ignore[return-value]
 
 
 @dataclass
@@ -41,7 +36,7 @@ class _Live:
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model replica (implements ``EngineCore``)."""
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.runner = runner or make_runner(config)
@@ -55,7 +50,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
-        self._prompt_tokens = self._generated_tokens = self._steps = 0
+        self._generated_tokens = self._steps = 0
         kv_tokens = self.runner.num_blocks * config.block_size
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); fits %.1f requests of %d tokens",
                  self.runner.num_blocks, config.block_size, kv_tokens,
@@ -98,7 +93,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestDelta]:
         batch = self.scheduler.schedule()
-        deltas = self._run(batch) if batch.requests else []
+        deltas: list[RequestDelta] = []
+        if batch.requests:
+            logits = self.runner.execute(self.runner.prepare(batch.requests, batch.num_new_tokens))
+            sampled = self._sample(logits, batch.to_sample)
+            self.scheduler.update(batch, sampled.token_ids)
+            deltas = self._emit(batch.to_sample, sampled)
         self._steps += 1
         if self._aborted:
             deltas, self._aborted = self._aborted + deltas, []
@@ -108,34 +108,24 @@ class LLMEngine:
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_preempted_total=self.scheduler.num_preemptions, kv_blocks_total=self.block_manager.num_blocks,
-            kv_blocks_free=self.block_manager.num_free_blocks, prompt_tokens_total=self._prompt_tokens,
+            kv_blocks_free=self.block_manager.num_free_blocks, prompt_tokens_total=self.scheduler.num_prompt_tokens,
             generation_tokens_total=self._generated_tokens,
             prefix_cache_hit_tokens_total=self.block_manager.prefix_hit_tokens, steps_total=self._steps)
 
     # -- one step --------------------------------------------------------------------------------
-    def _run(self, batch: ScheduledBatch) -> list[RequestDelta]:
-        inputs = self.runner.prepare(batch.requests, batch.num_new_tokens)
-        logits = self.runner.execute(inputs)
-        sampling = []
-        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
-            if req.num_output_tokens == 0 and req.num_computed_tokens < req.num_prompt_tokens:
-                self._prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed_tokens)
-            req.num_computed_tokens += n
-            self.block_manager.cache_computed_blocks(req)
-            if req.num_computed_tokens == req.num_tokens:
-                sampling.append(req)
-        if not sampling:
-            return []
-        assert logits is not None and logits.shape[0] == len(sampling)
-        result = self.sampler(logits, sampling)
-        deltas = []
-        for req, token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
-            deltas.append(self._append_token(self._live[req.request_id], token, logprob))
-        return deltas
+    def _sample(self, logits: torch.Tensor | None, requests: list[Request]) -> SampleResult:
+        if not requests:
+            return SampleResult([], [])
+        assert logits is not None and logits.shape[0] == len(requests)
+        return self.sampler(logits, requests)
 
-    def _append_token(self, live: _Live, token: int, logprob: TokenLogprob | None) -> RequestDelta:
+    def _emit(self, requests: list[Request], sampled: SampleResult) -> list[RequestDelta]:
+        """Each sampled request's delta, after its stop conditions are checked."""
+        return [self._emit_token(self._live[req.request_id], token, logprob)
+                for req, token, logprob in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)]
+
+    def _emit_token(self, live: _Live, token: int, logprob: TokenLogprob | None) -> RequestDelta:
         req, detok = live.request, live.detok
-        req.output_token_ids.append(token)
         self._generated_tokens += 1
         detok.add_tokens([token])
         reason = self._stop_reason(req, token, detok)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +16,18 @@ from lmserve.engine.kv_cache import KVCacheSpec, activation_reserve, allocate_kv
 from lmserve.engine.request import Request
 from lmserve.engine.scheduler import step_token_budget
 from lmserve.kernels import get_ops
-from lmserve.models.config import DTYPES
+from lmserve.kernels.device import resolve_device, resolve_dtype
 from lmserve.models.layers import ForwardContext, PagedAttention
 from lmserve.models.loader import load_model
 from lmserve.parallel.state import SINGLE, ParallelState
+from lmserve.parallel.step import StepInputs
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StepInputs:
-    """Everything one forward pass reads; what rank 0 would broadcast to the other ranks."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 where the device computes with it well (CUDA with bf16, CPUs with our kernels)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if get_ops(device).fast_bf16 else torch.float32
-
-
 class ModelRunner:
-    """Owns the model weights and the KV cache of one rank."""
+    """Owns the model weights and the KV cache of one rank (a ``Runner`` on its own, or one rank of
+    a tensor-parallel group)."""
 
     def __init__(self, config: EngineConfig, state: ParallelState = SINGLE, progress: bool = True) -> None:
         self.config, self.state = config, state
@@ -81,6 +54,15 @@ class ModelRunner:
                                           config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
                                           config.kv_cache_bytes, reserve)
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks, self.device)
+
+    def shrink_kv_cache(self, num_blocks: int) -> None:
+        """Keep only ``num_blocks`` KV-cache blocks (the ranks of a group agree on the smallest)."""
+        self.kv_caches = []  # free the larger cache before allocating the smaller one
+        self.kv_caches = allocate_kv_cache(self.kv_spec, num_blocks, self.device)
+        self.num_blocks = num_blocks
+
+    def shutdown(self) -> None:
+        """Nothing to stop: one rank owns no processes, and its memory goes with the runner."""
 
     # -- inputs ----------------------------------------------------------------------------------
     def prepare(self, requests: Sequence[Request], num_new_tokens: Sequence[int]) -> StepInputs:

@@ -7,6 +7,9 @@ Then waiting requests are admitted while budget, sequence slots and KV blocks la
 simply starts a request with some tokens already computed. When KV blocks run out, the most recently
 admitted running request is preempted: its blocks are freed and it waits, at the head of the queue,
 to recompute everything later (prompt and generated tokens alike).
+
+After the model has run a step, ``update`` records its results: the scheduled tokens are computed
+(their full blocks join the prefix cache) and each caught-up request gets the token sampled for it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lmserve.engine.block_manager import BlockManager
@@ -38,6 +42,8 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Requests whose new tokens reach their last token, so the step samples their next one (in order).
+    to_sample: list[Request] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -57,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # prompt tokens computed, recomputation after preemption excluded
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -70,7 +77,20 @@ class Scheduler:
         budget = self._schedule_running(batch, budget)
         if not batch.preempted:  # no point admitting new work while memory is short
             self._schedule_waiting(batch, budget)
+        batch.to_sample = [r for r, n in zip(batch.requests, batch.num_new_tokens, strict=True)
+                           if r.num_computed_tokens + n == r.num_tokens]
         return batch
+
+    def update(self, batch: ScheduledBatch, sampled: Sequence[int]) -> None:
+        """Record a step's results: every scheduled token is now computed, and ``sampled[i]`` is the
+        next token of ``batch.to_sample[i]``."""
+        for request, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            if request.num_output_tokens == 0 and request.num_computed_tokens < request.num_prompt_tokens:
+                self.num_prompt_tokens += min(n, request.num_prompt_tokens - request.num_computed_tokens)
+            request.num_computed_tokens += n
+            self.blocks.cache_computed_blocks(request)
+        for request, token in zip(batch.to_sample, sampled, strict=True):
+            request.output_token_ids.append(token)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0

@@ -11,8 +11,6 @@ import torch
 
 from lmserve.errors import UnsupportedModelError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -1,4 +1,4 @@
-"""The Llama family: Llama 1/2/3, Mistral, Qwen2 (q/k/v bias), SmolLM."""
+"""The Llama family: Llama 1/2/3, Mistral, SmolLM, and Qwen2 (Llama with q/k/v biases)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ WEIGHTS = WeightMap(
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
+    def __init__(self, cfg: ModelConfig, state: ParallelState, index: int, qkv_bias: bool) -> None:
         super().__init__()
-        qkv_bias = bool(cfg.get("attention_bias", default=cfg.architecture == "Qwen2ForCausalLM"))
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                                           bias=qkv_bias, dtype=cfg.dtype, state=state)
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
@@ -60,11 +59,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
+    def __init__(self, cfg: ModelConfig, state: ParallelState, index: int, qkv_bias: bool) -> None:
         super().__init__()
         eps = float(cfg.get("rms_norm_eps", default=1e-6))
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, state, index)
+        self.self_attn = LlamaAttention(cfg, state, index, qkv_bias)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, cfg.dtype)
         self.mlp = LlamaMLP(cfg, state)
 
@@ -77,11 +76,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
+    def __init__(self, cfg: ModelConfig, state: ParallelState, qkv_bias: bool) -> None:
         super().__init__()
         self.act_dtype = cfg.act_dtype
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, state, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, state, i, qkv_bias) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, float(cfg.get("rms_norm_eps", default=1e-6)), cfg.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -94,8 +93,15 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     weights = WEIGHTS
+    qkv_bias = False  # whether q/k/v have biases when config.json has no ``attention_bias`` to say
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
-        self.model = LlamaModel(cfg, state)
+        self.model = LlamaModel(cfg, state, bool(cfg.get("attention_bias", default=self.qkv_bias)))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: Llama with biases on q, k and v, which its config.json does not mention."""
+
+    qkv_bias = True

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lmserve.kernels import KernelModule, Ops
-from lmserve.models.config import ModelConfig, build_model_config, read_hf_config
-from lmserve.models.registry import resolve_architecture
+from lmserve.models.checkpoint import describe_checkpoint
+from lmserve.models.config import ModelConfig
 from lmserve.models.weights import load_weights
 from lmserve.parallel.presharded import find_conversion, load_rank, remember_packed
 from lmserve.parallel.state import SINGLE, ParallelState
@@ -25,15 +25,12 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
 
     A matching pre-sharded conversion (``model_dir`` itself, or one in the cache) is loaded as is.
     """
-    hf = read_hf_config(model_dir)
-    architecture, cls = resolve_architecture(hf.get("architectures"))
-    cfg = build_model_config(model_dir, architecture, hf, dtype, device, max_model_len)
-    with torch.device("cpu"):
-        model = cls(cfg, state)
+    info = describe_checkpoint(model_dir, dtype, device, max_model_len)
+    model = info.empty_model(state)
     conversion = find_conversion(model_dir, state.world_size, dtype)
     packed = conversion is not None and load_rank(model, conversion, state.rank, ops)
     if conversion is None:
-        load_weights(model, model_dir, cls.weights, progress=progress)
+        load_weights(model, model_dir, info.family.weights, progress=progress)
     model = model.to(device)
     for module in model.modules():
         if isinstance(module, KernelModule):
@@ -41,4 +38,4 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
     if conversion is not None and not packed:
         remember_packed(model, conversion, state.rank, ops)
     model.eval()
-    return model, cfg
+    return model, info.config

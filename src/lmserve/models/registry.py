@@ -12,7 +12,7 @@ from lmserve.errors import UnsupportedModelError
 _FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
-    "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "lmserve.models.llama:Qwen2ForCausalLM",
     "GPT2LMHeadModel": "lmserve.models.gpt2:GPT2LMHeadModel",
     "GPTJForCausalLM": "lmserve.models.gptj:GPTJForCausalLM",
     "GPTNeoXForCausalLM": "lmserve.models.gpt_neox:GPTNeoXForCausalLM",

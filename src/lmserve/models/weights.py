@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmserve.errors import UnsupportedModelError
+from lmserve.parallel.presharded import weight_files
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,16 @@ class WeightMap:
 
 def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the directory's safetensors files (or PyTorch .bin files as a fallback)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        for path in files:
+    files = weight_files(model_dir)
+    if not files:
+        raise UnsupportedModelError(f"{model_dir} holds no *.safetensors or pytorch_model*.bin weights")
+    for path in files:
+        if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     yield name, f.get_tensor(name)
-        return
-    bins = sorted(model_dir.glob("pytorch_model*.bin"))
-    if not bins:
-        raise UnsupportedModelError(f"{model_dir} holds no *.safetensors or pytorch_model*.bin weights")
-    for path in bins:
-        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+        else:
+            yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
 def load_weights(model: nn.Module, model_dir: Path, weight_map: WeightMap, progress: bool = False) -> None:

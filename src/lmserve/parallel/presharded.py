@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.cache import cache_subdir
+from lmserve.dtypes import dtype_name
 from lmserve.errors import UnsupportedModelError
 from lmserve.fsutil import staged_file
 from lmserve.kernels import Ops, PackedLinear
@@ -37,17 +38,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when what a rank file holds changes; old conversions then stop matching
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in DTYPE_NAMES:
-        raise UnsupportedModelError(f"cannot store weights as {dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
-    return DTYPE_NAMES[dtype]
 
 
 def weight_files(model_dir: Path) -> list[Path]:

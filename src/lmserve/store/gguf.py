@@ -125,7 +125,7 @@ def gguf_fingerprint(gguf_path: Path) -> dict[str, Any]:
 
 
 def _import_record_for(gguf_path: Path) -> dict[str, Any]:
-    from lmserve import __version__
+    from lmserve._version import __version__
 
     return {"source": gguf_path.name, **gguf_fingerprint(gguf_path), "lmserve_version": __version__}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.errors import LMServeError
 
 

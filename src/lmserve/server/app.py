@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.server.errors import install_error_handlers
 from lmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, TokenAuthMiddleware
 from lmserve.server.registry import ModelRegistry

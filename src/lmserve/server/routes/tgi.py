@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.errors import EngineDeadError
 from lmserve.server import generation as gen
 from lmserve.server.errors import sse_error_event

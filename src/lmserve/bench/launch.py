@@ -53,10 +53,11 @@ class ServeConfig:
         """Requests the configuration decodes at once: a full batch on every replica."""
         return self.replicas * (self.max_rolling_batch_size or 64)
 
-    def properties(self, model: str, device: str) -> dict[str, str]:
-        """The ``serving.properties`` keys of this configuration."""
-        props = {"option.model_id": model, "option.tensor_parallel_degree": str(self.tensor_parallel_degree),
-                 "minWorkers": str(self.replicas), "maxWorkers": str(self.replicas)}  # fmt: skip
+    def properties(self, model: str | None, device: str) -> dict[str, str]:
+        """The ``serving.properties`` keys of this configuration (no model id for the default model)."""
+        props = {"option.model_id": model} if model else {}
+        props |= {"option.tensor_parallel_degree": str(self.tensor_parallel_degree),
+                  "minWorkers": str(self.replicas), "maxWorkers": str(self.replicas)}  # fmt: skip
         if device == "cpu":
             props["option.cpu_devices"] = str(self.replicas * self.tensor_parallel_degree)
         optional = {"option.max_rolling_batch_size": self.max_rolling_batch_size,
@@ -91,11 +92,11 @@ def free_port() -> int:
 class ServerProcess:
     """``lmserve serve MODEL`` for one configuration; use as a context manager."""
 
-    def __init__(self, model: str, config: ServeConfig, device: str, log_path: Path,
+    def __init__(self, model: str | None, config: ServeConfig, device: str, log_path: Path,
                  cores: set[int] | None = None, extra_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "lmserve.cli", "serve", model, "--host", "127.0.0.1",
+        self.command = [sys.executable, "-m", "lmserve.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
                         "--port", str(self.port), "--log-level", "warning", "--device", device,
                         *config.serve_flags(device), *extra_args]  # fmt: skip
         self.log_path, self.cores = log_path, cores

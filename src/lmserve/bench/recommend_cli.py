@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir: results.json, results.csv, report.html, serving.properties (the winner).\n"
         "Started again with the same --output-dir, a sweep skips configurations already measured."
     )
-    parser.add_argument("model", help="what `lmserve serve` would take: directory, .tar.gz, s3://, Hub id, .gguf")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="what `lmserve serve` takes: directory, .tar.gz, s3://, Hub id, .gguf; "
+                             "default: lmserve's default model")  # fmt: skip
     parser.add_argument("--output-dir", default=None, help="where results go (default: recommend-<model name>)")
     g = parser.add_argument_group("grid (comma-separated values; 'none' keeps lmserve's default)")
     g.add_argument("--tp", default="1", help="option.tensor_parallel_degree values (default %(default)s)")
@@ -109,7 +111,7 @@ def print_plan(plan: Any, ns: argparse.Namespace) -> None:
 
     output_len = sum(parse_range("--output-len", ns.output_len)) / 2
     total = 0.0
-    print(f"lmserve recommend {plan.model}: {len(plan.configs)} configuration(s) on {plan.device}; "
+    print(f"lmserve recommend {plan.model or '(the default model)'}: {len(plan.configs)} configuration(s) on {plan.device}; "
           f"SLO p{plan.percentile} {plan.slo}; {plan.pinning.note}")  # fmt: skip
     print(f"price: {plan.pricing.hourly:g} {plan.pricing.currency}/hour ({plan.pricing.label}: {plan.pricing.why})")
     for config in plan.configs:
@@ -132,7 +134,7 @@ def recommend_main(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         print_plan(plan, ns)
         return 0
-    out_dir = Path(ns.output_dir or f"recommend-{Path(ns.model.rstrip('/')).name}")
+    out_dir = Path(ns.output_dir or f"recommend-{Path(ns.model.rstrip('/')).name if ns.model else 'default-model'}")
     print_plan(plan, ns)
     ranked = run_sweep(plan, ns, out_dir, ns.fresh, lambda line: print(line, flush=True))
     write_csv(out_dir / "results.csv", ranked)

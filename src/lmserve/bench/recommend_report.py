@@ -64,8 +64,8 @@ def charts(plan: SweepPlan, results: list[dict[str, Any]]) -> list[tuple[str, st
     plt.rcParams["svg.fonttype"] = "none"  # text stays text: smaller, selectable
     q = f"p{plan.percentile}"
     out = []
-    for metric, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (metric, label) in zip(axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")), strict=True):
         for r in results:
             points = sorted((lv["summary"]["output_token_throughput"], lv["summary"][metric][q], lv["concurrency"])
                             for lv in r.get("levels", []) if lv["summary"]["completed"])  # fmt: skip
@@ -78,11 +78,11 @@ def charts(plan: SweepPlan, results: list[dict[str, Any]]) -> list[tuple[str, st
             ax.axhline(plan.slo[metric], color="crimson", linestyle="--", label=f"SLO {label} {plan.slo[metric]:g} ms")
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel(f"{q} {label} (ms)")
-        ax.set_title(f"{q} {label} against throughput (labels: concurrency)")
+        ax.set_title(f"{q} {label} against throughput (labels: concurrency)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        out.append((f"{label} against throughput", _svg(fig)))
-        plt.close(fig)
+    out.append(("Latency against throughput, one curve per configuration", _svg(fig)))
+    plt.close(fig)
     ok = [r for r in results if r.get("status") == "ok"]
     fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.45 * max(1, len(ok))))
     if ok:
@@ -122,11 +122,12 @@ def write_html(path: Path, plan: SweepPlan, ranked: list[dict[str, Any]]) -> Non
                   + (f"; price table of {html.escape(pricing.table_date)}" if pricing.table_date else "") + ")")  # fmt: skip
     figures = "".join(f"<figure><figcaption>{html.escape(t)}</figcaption>{svg}</figure>" for t, svg in charts(plan, ranked))
     w = plan.workload
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmserve recommend: {html.escape(plan.model)}</title>
+    model = plan.model or "the default model"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmserve recommend: {html.escape(model)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:70em}}table{{border-collapse:collapse;font-size:90%}}
 td,th{{border:1px solid #ccc;padding:.25em .5em;text-align:right}}td:nth-child(2),td:nth-child(3){{text-align:left}}
 figure{{margin:1em 0}}figcaption{{font-weight:bold}}svg{{max-width:100%;height:auto}}</style></head><body>
-<h1>lmserve recommend: {html.escape(plan.model)}</h1>
+<h1>lmserve recommend: {html.escape(model)}</h1>
 <p>SLO: {slo}, no failed request. Workload: {html.escape(w['api'])}, {html.escape(str(w['input_len']))} prompt tokens,
 {html.escape(str(w['output_len']))} output tokens, dataset {html.escape(w['dataset'])}; at least {plan.min_requests}
 requests per load level. Device: {html.escape(plan.device)}. Price: {price_note}. Cores: {html.escape(plan.pinning.note)}.</p>

@@ -57,7 +57,7 @@ def _cores(cores: tuple[int, ...]) -> str:
 class SweepPlan:
     """Everything that decides what a sweep measures (a resumed sweep must have the same)."""
 
-    model: str
+    model: str | None  # None: lmserve's default model
     device: str
     configs: list[ServeConfig]
     slo: dict[str, float]

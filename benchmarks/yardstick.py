@@ -5,7 +5,7 @@ the last core (``taskset``), closed loop at ``--concurrency``, ``--num-requests`
 ``--input-len`` prompt tokens and exactly ``--output-len`` output tokens (end of sequence ignored).
 The testers alternate for ``--rounds`` rounds; the table shows each one's median output tokens/s and
 TTFT p50 and their ratio. GuideLLM is installed from PyPI into its own virtual environment
-(``bench_results/yardstick-venv``), so its dependencies never enter lmserve's.
+(``bench_results/guidellm-0.3.1-venv``), so its dependencies never enter lmserve's.
 
     python benchmarks/yardstick.py [MODEL] [--concurrency 8] [--num-requests 64] [--rounds 2]
 
@@ -25,8 +25,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench_results" / "yardstick"
-VENV = REPO_ROOT / "bench_results" / "yardstick-venv"
-GUIDELLM = "guidellm==0.8.1"
+# GuideLLM 0.8 sends the vLLM-only stream_options.continuous_usage_stats, which lmserve's strict
+# OpenAI schema refuses (400); 0.3.1 sends only include_usage, like other OpenAI clients.
+GUIDELLM_VERSION = "0.3.1"
+VENV = REPO_ROOT / "bench_results" / f"guidellm-{GUIDELLM_VERSION}-venv"
 
 
 def ensure_guidellm() -> Path:
@@ -34,7 +36,7 @@ def ensure_guidellm() -> Path:
     exe = VENV / "bin" / "guidellm"
     if not exe.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", GUIDELLM], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"guidellm=={GUIDELLM_VERSION}"], check=True)
     return exe
 
 
@@ -57,22 +59,16 @@ def run_lmserve_bench(url: str, args: argparse.Namespace, model_dir: str, core: 
 
 
 def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, core: str, out: Path) -> dict[str, float]:
-    """One GuideLLM run (its 0.8 scenario form): the same closed loop, streams and lengths."""
+    """One GuideLLM run: the same closed loop (concurrent streams), request count and lengths."""
     out.mkdir(parents=True, exist_ok=True)
-    scenario = {"spec": {
-        "backend": {"kind": "openai_http", "target": url, "model": Path(model_dir).name,
-                    "request_format": "/v1/completions"},
-        "profile": {"kind": "concurrent", "streams": [args.concurrency]},
-        "tokenizer": {"kind": "hf_auto", "model": model_dir},
-        "data": [{"kind": "synthetic_text", "prompt_tokens": args.input_len, "output_tokens": args.output_len}],
-        "constraints": [{"kind": "max_requests", "count": args.num_requests}],
-        "outputs": [{"kind": "json", "path": str(out / "benchmarks.json")}],
-    }}  # fmt: skip
-    (out / "scenario.json").write_text(json.dumps(scenario, indent=1))
     before = _cpu_of_children()
     start = time.perf_counter()
-    subprocess.run(["taskset", "-c", core, str(exe), "run", "--scenario", str(out / "scenario.json"),
-                    "--disable-console-interactive"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(["taskset", "-c", core, str(exe), "benchmark", "--target", url, "--model", Path(model_dir).name,
+                    "--processor", model_dir, "--rate-type", "concurrent", "--rate", str(args.concurrency),
+                    "--max-requests", str(args.num_requests),
+                    "--data", f"prompt_tokens={args.input_len},output_tokens={args.output_len}",
+                    "--output-path", str(out / "benchmarks.json"), "--disable-progress"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     wall, cpu = time.perf_counter() - start, _cpu_of_children() - before
     return {**guidellm_metrics(json.loads((out / "benchmarks.json").read_text())),
             # the whole run, start-up included: an upper bound of its timing loop's use
@@ -80,8 +76,13 @@ def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, 
 
 
 def guidellm_metrics(report: dict) -> dict[str, float]:
-    metrics = report["benchmarks"][0]["metrics"]
-    return {"output_tokens_per_s": metrics["output_tokens_per_second"]["successful"]["mean"],
+    """Throughput by lmserve bench's definition (output tokens from first send to last end) over
+    GuideLLM's own per-request times; TTFT and TPOT medians as GuideLLM reports them."""
+    bench = report["benchmarks"][0]
+    done = bench["requests"]["successful"]
+    wall = max(r["end_time"] for r in done) - min(r["start_time"] for r in done)
+    metrics = bench["metrics"]
+    return {"output_tokens_per_s": sum(r["output_tokens"] for r in done) / wall,
             "ttft_p50_ms": metrics["time_to_first_token_ms"]["successful"]["median"],
             "tpot_p50_ms": metrics["time_per_output_token_ms"]["successful"]["median"]}  # fmt: skip
 

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,10 @@ def print_plan(plan: Any, ns: argparse.Namespace) -> None:
           f"{ns.assume_tpot_ms:g} ms per output token; the search usually stops sooner)")  # fmt: skip
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def recommend_main(ns: argparse.Namespace) -> int:
     from lmserve.bench.recommend_report import write_csv, write_html, write_properties
     from lmserve.bench.sweep import run_sweep
@@ -134,6 +139,9 @@ def recommend_main(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         print_plan(plan, ns)
         return 0
+    # A terminated sweep unwinds like Ctrl-C, so the running server is stopped, not orphaned; the
+    # configurations measured so far are already in results.json and a rerun resumes after them.
+    signal.signal(signal.SIGTERM, _interrupt)
     out_dir = Path(ns.output_dir or f"recommend-{Path(ns.model.rstrip('/')).name if ns.model else 'default-model'}")
     print_plan(plan, ns)
     ranked = run_sweep(plan, ns, out_dir, ns.fresh, lambda line: print(line, flush=True))

@@ -46,7 +46,8 @@ class Pinning:
         if len(cores) < 2:
             raise BenchUsageError(f"--pin on needs at least 2 cores, this process may use {len(cores)}")
         server, bench = tuple(cores[:-1]), (cores[-1],)
-        return cls(server, bench, f"server pinned to cores {_cores(server)}, load generator to core {bench[0]}")
+        where = f"cores {_cores(server)}" if len(server) > 1 else f"core {server[0]}"
+        return cls(server, bench, f"server pinned to {where}, load generator to core {bench[0]}")
 
 
 def _cores(cores: tuple[int, ...]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve._version import __version__
+from lmserve.bench.cli import bench_commands
 from lmserve.errors import LMServeError
 
 
@@ -144,6 +145,7 @@ COMMANDS: list[Command] = [
             _sdk("run_endpoints")),
     Command("predict", "send one request to an endpoint (name or URL)", _sdk("add_predict"), _sdk("run_predict")),
     Command("delete", "stop an endpoint the SDK started", _sdk("add_delete"), _sdk("run_delete")),
+    *bench_commands(Command),
 ]
 
 

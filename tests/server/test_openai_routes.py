@@ -64,6 +64,22 @@ def test_completion_stream_with_usage(client: openai.OpenAI) -> None:
     assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].usage.prompt_tokens == 2
 
 
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_continuous_usage_stats_counts_tokens_in_every_chunk(client: openai.OpenAI, route: str) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}  # as vLLM accepts and load testers send
+    if route == "completions":
+        chunks = list(client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=4,
+                                                temperature=0, stream=True, stream_options=options))  # fmt: skip
+        prompt_tokens = 2
+    else:
+        chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=4, temperature=0,
+                                                     stream=True, stream_options=options))  # fmt: skip
+        prompt_tokens = len(CHAT_IDS)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 4  # grows chunk by chunk up to the total
+    assert all(c.usage.prompt_tokens == prompt_tokens for c in chunks)
+
+
 def test_chat_completion(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=3, temperature=0,
                                          logprobs=True, top_logprobs=2)  # fmt: skip

@@ -16,6 +16,8 @@ from lmserve.server.protocol.common import Count, Seed, StrictModel, TopN
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    # vLLM's extension: every chunk carries the usage so far (load testers read it per chunk).
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(StrictModel):

@@ -87,7 +87,8 @@ async def _chunks(rt: ModelRuntime, body: ChatCompletionRequest, prompt: list[in
                   streams: Sequence[gen.TrackedStream], firsts: list[RequestDelta]) -> AsyncIterator[str]:
     head = envelope("chat.completion.chunk", rt.name, "chatcmpl")
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    extra = {"usage": None} if include_usage else {}
+    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
+    extra = {"usage": usage(len(prompt), 0) if continuous else None} if include_usage or continuous else {}
     for i in range(len(streams)):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield sse_data(head | {"choices": [role]} | extra)
@@ -97,6 +98,8 @@ async def _chunks(rt: ModelRuntime, body: ChatCompletionRequest, prompt: list[in
         choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
                   "logprobs": _logprobs(rt, delta.logprobs or []) if body.logprobs else None,
                   "finish_reason": openai_finish_reason(delta.finish_reason)}  # fmt: skip
+        if continuous:
+            extra = {"usage": usage(len(prompt), generated)}
         yield sse_data(head | {"choices": [choice]} | extra)
     if include_usage:
         yield sse_data(head | {"choices": [], "usage": usage(len(prompt), generated)})

@@ -78,6 +78,8 @@ async def _chunks(rt: ModelRuntime, body: CompletionRequest, prompts: list[list[
                   streams: Sequence[gen.TrackedStream], firsts: list[RequestDelta]) -> AsyncIterator[str]:
     head = envelope("text_completion", rt.name, "cmpl")
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
+    prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices
     generated, offsets = 0, [0] * len(streams)
     async for index, delta in merged(firsts, streams):
         generated += len(delta.token_ids)
@@ -85,8 +87,8 @@ async def _chunks(rt: ModelRuntime, body: CompletionRequest, prompts: list[list[
         offsets[index] += len(delta.text)
         choice = {"index": index, "text": delta.text, "logprobs": logprobs,
                   "finish_reason": openai_finish_reason(delta.finish_reason)}  # fmt: skip
-        yield sse_data(head | {"choices": [choice]} | ({"usage": None} if include_usage else {}))
+        so_far = {"usage": usage(prompt_tokens, generated) if continuous else None}
+        yield sse_data(head | {"choices": [choice]} | (so_far if include_usage or continuous else {}))
     if include_usage:
-        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices
         yield sse_data(head | {"choices": [], "usage": usage(prompt_tokens, generated)})
     yield sse_data("[DONE]")

@@ -23,7 +23,7 @@ class StubReplica:
         self.outstanding += 1
         return request_id
 
-    async def stats(self) -> EngineStats:
+    async def stats(self, timeout: float = 5.0) -> EngineStats:
         return EngineStats(num_running=self.outstanding, kv_blocks_total=10, kv_blocks_free=4)
 
 

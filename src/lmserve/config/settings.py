@@ -56,6 +56,7 @@ class WorkerConfig:
     parallel_loading: bool = False  # option.parallel_loading
     model_loading_timeout_s: float = 1800.0  # option.model_loading_timeout
     predict_timeout_s: float = 120.0  # option.predict_timeout
+    heartbeat_timeout_s: float = 10.0  # option.heartbeat_timeout: silence before an engine counts as frozen
 
 
 @dataclass(frozen=True)

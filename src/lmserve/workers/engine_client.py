@@ -4,7 +4,10 @@ All methods run on the frontend's event loop. Requests go out on a PUSH socket (
 waiting, so an abort can be sent from a cancelled task); one background task reads the engine's
 output and hands each delta to the ``RequestStream`` of its request. The process is watched through
 its sentinel, so a crashed or killed engine is noticed at once: every request in flight then ends
-with ``EngineDeadError`` and the replica's state becomes ``FAILED``.
+with ``EngineDeadError`` and the replica's state becomes ``FAILED``. A frozen engine (stopped, not
+dead) is noticed by its silence: it sends a heartbeat from a thread of its own while it lives, so
+``heartbeat_timeout`` seconds without any message mean it is frozen, whatever its steps take; it is
+then failed the same way and killed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lmserve.workers.messages import (
     Deltas,
     EngineFailed,
     EngineSpec,
+    Heartbeat,
     Message,
     Ready,
     RequestFailed,
@@ -49,6 +53,12 @@ from lmserve.workers.request_stream import RequestStream
 
 logger = logging.getLogger("lmserve.engine_client")
 _EXIT_GRACE_S = 0.2  # after the process exits, how long its last message (EngineFailed) may take
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How often an engine beats, and its watcher looks, for a given silence deadline: several beats
+    fit in one deadline, so one late beat (a busy host) is not silence."""
+    return min(1.0, timeout / 4)
 
 
 class ReplicaState(enum.Enum):
@@ -71,8 +81,10 @@ class EngineClient:
     engine for an ``EngineStats`` snapshot, ``shutdown()`` stops the process.
     """
 
-    def __init__(self, spec: EngineSpec, name: str = "replica-0", placement: Placement | None = None) -> None:
+    def __init__(self, spec: EngineSpec, name: str = "replica-0", placement: Placement | None = None,
+                 heartbeat_timeout: float | None = None) -> None:
         self.spec, self.name, self.placement = spec, name, placement
+        self.heartbeat_timeout = heartbeat_timeout  # None: never judge the engine by its silence
         self.state = ReplicaState.LOADING
         self.model_info: ModelInfo | None = None
         self.error: BaseException | None = None
@@ -83,6 +95,7 @@ class EngineClient:
         self._process: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[ModelInfo] | None = None
+        self._last_heard = 0.0  # event loop time of the engine's last message
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -104,11 +117,16 @@ class EngineClient:
         spawn = multiprocessing.get_context("spawn")
         where = self.placement
         env, cpus = (dict(where.env), list(where.cpus) if where.cpus is not None else None) if where else ({}, None)
-        self._process = spawn.Process(target=run_engine_process, args=(encode_spec(self.spec), inbox, outbox, env, cpus),
+        beat = heartbeat_interval(self.heartbeat_timeout) if self.heartbeat_timeout else None
+        self._process = spawn.Process(target=run_engine_process,
+                                      args=(encode_spec(self.spec), inbox, outbox, env, cpus, beat),
                                       name=f"lmserve-engine-{self.name}")  # fmt: skip
         self._process.start()
         loop.add_reader(self._process.sentinel, self._on_process_exit)
         self._tasks.append(asyncio.create_task(self._read_output(), name=f"{self.name}-output"))
+        if self.heartbeat_timeout:
+            self._tasks.append(asyncio.create_task(self._watch_heartbeat(self.heartbeat_timeout),
+                                                   name=f"{self.name}-heartbeat"))  # fmt: skip
         logger.info("%s: engine process %d started", self.name, self._process.pid)
 
     async def wait_ready(self, timeout: float | None = None) -> ModelInfo:
@@ -220,12 +238,31 @@ class EngineClient:
     async def _read_output(self) -> None:
         while True:
             data = await self._output.recv()
+            self._last_heard = asyncio.get_running_loop().time()
             try:
                 message = decode(data)
             except ValueError:
                 logger.exception("%s: dropping a malformed engine message", self.name)
                 continue
             self._dispatch(message)
+
+    async def _watch_heartbeat(self, timeout: float) -> None:
+        """Fail and kill the engine once it has been ready and silent for ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        tick = heartbeat_interval(timeout)
+        due = loop.time() + tick
+        while self.state in (ReplicaState.LOADING, ReplicaState.READY):
+            await asyncio.sleep(tick)
+            now = loop.time()
+            stalled, due = now - due > tick, now + tick
+            # After this event loop itself stalled, beats may be waiting unread in the socket: let
+            # the reader have its turn before judging the engine by its silence.
+            if self.state is not ReplicaState.READY or stalled or now - self._last_heard <= timeout:
+                continue
+            self._fail(EngineDeadError(f"the engine stopped responding (no heartbeat for {now - self._last_heard:.1f}s, "
+                                       f"heartbeat_timeout {timeout:g}s); its process was killed"))  # fmt: skip
+            self._process.kill()  # SIGKILL ends a stopped process too; the sentinel reaps it
+            return
 
     def _dispatch(self, message: Message) -> None:
         match message:
@@ -245,6 +282,8 @@ class EngineClient:
                 waiter = self._stats_waiters.get(qid)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(stats)
+            case Heartbeat():
+                pass  # its arrival is all it says (see ``_read_output``)
             case Ready(model_info=info):
                 self.model_info, self.state = info, ReplicaState.READY
                 if self._ready is not None and not self._ready.done():

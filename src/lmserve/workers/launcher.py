@@ -3,7 +3,8 @@
 1. ``start(n)`` places ``n`` replicas (``placement.place``) and starts their engine processes, all at
    once with ``option.parallel_loading``, else one after another; each has ``model_loading_timeout``
    to load. The first failure stops every replica and is raised: a model loads whole or not at all.
-2. Once started, a replica whose process dies (or whose engine fails) has its requests in flight
+2. Once started, a replica whose process dies, whose engine fails, or whose engine stops sending
+   heartbeats for ``heartbeat_timeout`` seconds (frozen: it is killed) has its requests in flight
    failed at once by its ``EngineClient``; the launcher then restarts it after a backoff (1 s, 2 s,
    4 s, ... capped), on the placement the current replica count gives it. A restart that becomes
    ready resets the count of consecutive failures; after ``retry_threshold`` failed restarts in a
@@ -147,7 +148,8 @@ class Launcher:
     async def _launch(self, replica: Replica) -> None:
         """Start a new engine process in ``replica`` and wait until it is ready (or raise why not)."""
         spec = EngineSpec(self.spec.factory, replica.placement.engine_config(self.spec.config), self.spec.options)
-        client = EngineClient(spec, name=f"{self.name}/{replica.name}", placement=replica.placement)
+        client = EngineClient(spec, name=f"{self.name}/{replica.name}", placement=replica.placement,
+                              heartbeat_timeout=self.workers.heartbeat_timeout_s)  # fmt: skip
         client.on_failure.append(lambda failed: self._on_failure(replica, failed))
         replica.client, replica.hold = client, ReplicaState.LOADING  # a failure now is the caller's to handle
         await client.start()

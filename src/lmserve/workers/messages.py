@@ -7,7 +7,9 @@ and nothing is unpickled. ``encode``/``decode`` are the only functions that touc
 Frontend -> engine: ``AddRequest``, ``Abort``, ``StatsQuery``, ``Shutdown``.
 Engine -> frontend: ``Ready`` (once, after the model loaded), ``Deltas`` (one per engine step that
 produced output), ``RequestFailed`` (``add_request`` refused one request), ``Stats`` (answer to a
-``StatsQuery``), ``EngineFailed`` (the engine cannot go on; the process exits after sending it).
+``StatsQuery``), ``EngineFailed`` (the engine cannot go on; the process exits after sending it),
+``Heartbeat`` (every so often from a thread of its own: the process is alive, see
+``engine_process.Heartbeat``).
 """
 
 from __future__ import annotations
@@ -137,7 +139,13 @@ class EngineFailed:
     error: ErrorInfo
 
 
-Message = AddRequest | Abort | StatsQuery | Shutdown | Ready | Deltas | RequestFailed | Stats | EngineFailed
+@dataclass(frozen=True)
+class Heartbeat:
+    TAG: ClassVar[int] = 15
+
+
+Message = (AddRequest | Abort | StatsQuery | Shutdown | Ready | Deltas | RequestFailed | Stats | EngineFailed
+           | Heartbeat)
 
 
 # ---- wire format ---------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ def _to_wire(msg: Message) -> list[Any]:
             return [msg.request_ids]
         case StatsQuery() | Stats():
             return [msg.query_id, _fields(msg.stats)] if isinstance(msg, Stats) else [msg.query_id]
-        case Shutdown():
+        case Shutdown() | Heartbeat():
             return []
         case Ready():
             return [_fields(msg.model_info), msg.pid]
@@ -195,6 +203,7 @@ _DECODERS: dict[int, Any] = {
     RequestFailed.TAG: lambda w: RequestFailed(w[0], ErrorInfo(**w[1])),
     Stats.TAG: lambda w: Stats(w[0], EngineStats(**w[1])),
     EngineFailed.TAG: lambda w: EngineFailed(ErrorInfo(**w[0])),
+    Heartbeat.TAG: lambda w: Heartbeat(),
 }
 
 

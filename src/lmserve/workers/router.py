@@ -29,7 +29,7 @@ class Routable(Protocol):
 
     def abort_all(self, error: BaseException) -> None: ...
 
-    async def stats(self) -> EngineStats: ...
+    async def stats(self, timeout: float = ...) -> EngineStats: ...
 
 
 class Router:
@@ -78,9 +78,17 @@ class Router:
         for replica in self.replicas:
             replica.abort_all(error)
 
-    async def stats(self) -> EngineStats:
-        """The engines' counters, summed over ready replicas."""
-        snapshots = await asyncio.gather(*(r.stats() for r in self.ready_replicas()))
+    async def stats(self, timeout: float = 5.0) -> EngineStats:
+        """The engines' counters, summed over the ready replicas that answer within ``timeout``
+        seconds: one busy with a long step, or frozen and not yet found out, is left out rather
+        than waited for."""
+        answers = await asyncio.gather(*(r.stats(timeout) for r in self.ready_replicas()), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, (TimeoutError, EngineDeadError)):
+                raise answer
+        snapshots = [answer for answer in answers if isinstance(answer, EngineStats)]
+        if answers and not snapshots:
+            raise EngineDeadError(f"no replica answered within {timeout:g}s")
         total: dict[str, int] = {}
         for snapshot in snapshots:
             for name, value in vars(snapshot).items():

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError, UnsupportedModelError
+from lmserve.errors import EngineDeadError, EngineFailedError, ShuttingDownError, UnsupportedModelError
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
 from lmserve.workers.launcher import Backoff, Launcher
@@ -165,7 +165,7 @@ class ModelRuntime:
         self.state, self.error = State.FAILED, error
         logger.error("model %s failed: %s", self.name, error)
         if self.router is not None:
-            self.router.abort_all(EngineDeadError(f"the model failed: {error}"))
+            self.router.abort_all(EngineFailedError(f"the model failed: {error}"))
         self._stopping = asyncio.create_task(self._stop_replicas(), name=f"stop-{self.name}")
 
     async def _stop_replicas(self) -> None:
@@ -179,10 +179,9 @@ class ModelRuntime:
         With no replica ready at the moment (all restarting) the router itself says so."""
         if self.state is State.READY and self.router is not None:
             return self.router
-        reasons = {State.LOADING: "the model is still loading",
-                   State.DRAINING: "the server is shutting down",
-                   State.STOPPED: "the server is shutting down",
-                   State.FAILED: f"the model failed: {self.error}"}  # fmt: skip
+        if self.state in (State.DRAINING, State.STOPPED):
+            raise ShuttingDownError("the server is shutting down")
+        reasons = {State.LOADING: "the model is still loading", State.FAILED: f"the model failed: {self.error}"}
         raise EngineDeadError(reasons.get(self.state, "not ready"))
 
     def health(self) -> tuple[int, str]:
@@ -226,7 +225,7 @@ class ModelRuntime:
             await asyncio.sleep(0.05)
         if self.router.outstanding:
             logger.warning("draining %s: aborting %d request(s) still running", self.name, self.router.outstanding)
-            self.router.abort_all(EngineDeadError("the server shut down before the request finished"))
+            self.router.abort_all(ShuttingDownError("the server shut down before the request finished"))
 
     async def shutdown(self) -> None:
         """Stop the engine processes."""

@@ -4,7 +4,7 @@ All methods run on the frontend's event loop. Requests go out on a PUSH socket (
 waiting, so an abort can be sent from a cancelled task); one background task reads the engine's
 output and hands each delta to the ``RequestStream`` of its request. The process is watched through
 its sentinel, so a crashed or killed engine is noticed at once: every request in flight then ends
-with ``EngineDeadError`` and the replica's state becomes ``FAILED``. A frozen engine (stopped, not
+with ``EngineFailedError`` and the replica's state becomes ``FAILED``. A frozen engine (stopped, not
 dead) is noticed by its silence: it sends a heartbeat from a thread of its own while it lives, so
 ``heartbeat_timeout`` seconds without any message mean it is frozen, whatever its steps take; it is
 then failed the same way and killed.
@@ -29,7 +29,7 @@ import zmq.asyncio
 from lmserve.engine.outputs import RequestDelta
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.errors import EngineDeadError
+from lmserve.errors import EngineDeadError, EngineFailedError, ShuttingDownError
 from lmserve.workers.engine_process import run_engine_process
 from lmserve.workers.messages import (
     Abort,
@@ -146,9 +146,9 @@ class EngineClient:
             return
         was_ready = self.state is ReplicaState.READY
         self.state = ReplicaState.STOPPED
-        self._fail_streams(EngineDeadError("the server is shutting down"))
+        self._fail_streams(ShuttingDownError("the server is shutting down"))
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(EngineDeadError("the server is shutting down"))
+            self._ready.set_exception(ShuttingDownError("the server is shutting down"))
         if was_ready:  # a loading engine reads no messages until it is ready: stop it by signal
             self._send(Shutdown())
             await asyncio.to_thread(self._process.join, timeout)
@@ -232,8 +232,8 @@ class EngineClient:
         if self.state is ReplicaState.LOADING:
             return EngineDeadError("the model is still loading")
         if self.state is ReplicaState.STOPPED:
-            return EngineDeadError("the server is shutting down")
-        return EngineDeadError(f"the engine has failed: {self.error}")
+            return ShuttingDownError("the server is shutting down")
+        return EngineFailedError(f"the engine has failed: {self.error}")
 
     async def _read_output(self) -> None:
         while True:
@@ -259,7 +259,7 @@ class EngineClient:
             # the reader have its turn before judging the engine by its silence.
             if self.state is not ReplicaState.READY or stalled or now - self._last_heard <= timeout:
                 continue
-            self._fail(EngineDeadError(f"the engine stopped responding (no heartbeat for {now - self._last_heard:.1f}s, "
+            self._fail(EngineFailedError(f"the engine stopped responding (no heartbeat for {now - self._last_heard:.1f}s, "
                                        f"heartbeat_timeout {timeout:g}s); its process was killed"))  # fmt: skip
             self._process.kill()  # SIGKILL ends a stopped process too; the sentinel reaps it
             return
@@ -302,14 +302,14 @@ class EngineClient:
         self._process.join(0)
         code = self._process.exitcode
         if self.state in (ReplicaState.LOADING, ReplicaState.READY):
-            self._fail(EngineDeadError(f"the engine process exited unexpectedly (exit code {code})"))
+            self._fail(EngineFailedError(f"the engine process exited unexpectedly (exit code {code})"))
 
     def _fail(self, error: BaseException) -> None:
         if self.state in (ReplicaState.FAILED, ReplicaState.STOPPED):
             return
         self.state, self.error = ReplicaState.FAILED, error
         logger.error("%s: engine failed: %s", self.name, error)
-        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"the engine failed: {error}")
+        dead = error if isinstance(error, EngineDeadError) else EngineFailedError(f"the engine failed: {error}")
         self._fail_streams(dead)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from lmserve.config.settings import WorkerConfig
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError
+from lmserve.errors import EngineDeadError, EngineFailedError
 from lmserve.workers.engine_client import EngineClient, ReplicaState
 from lmserve.workers.messages import EngineSpec
 from lmserve.workers.placement import Devices, is_oversubscribed, place
@@ -191,7 +191,7 @@ class Launcher:
 
     def _give_up(self, replica: Replica) -> None:
         replica.hold = ReplicaState.FAILED
-        error = EngineDeadError(f"{replica.name} failed {replica.consecutive_failures} restart(s) in a row "
+        error = EngineFailedError(f"{replica.name} failed {replica.consecutive_failures} restart(s) in a row "
                                 f"(retry_threshold {self.workers.retry_threshold}): {replica.error}")  # fmt: skip
         logger.error("%s: %s", self.name, error)
         if self.on_failed is not None:

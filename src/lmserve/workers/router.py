@@ -8,7 +8,7 @@ from typing import Protocol
 
 from lmserve.engine.protocol import EngineStats
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.errors import CapacityError, EngineDeadError
+from lmserve.errors import CapacityError, EngineDeadError, ShuttingDownError
 from lmserve.workers.engine_client import ReplicaState
 from lmserve.workers.request_stream import RequestStream
 
@@ -63,7 +63,7 @@ class Router:
         ready and ``CapacityError`` when every ready replica is full."""
         ready = self.ready_replicas()
         if not ready:
-            raise EngineDeadError(self._why_none_ready())
+            raise self._why_none_ready()
         start, self._turn = self._turn % len(ready), self._turn + 1
         replica = min(ready[start:] + ready[:start], key=lambda r: r.outstanding)
         if replica.outstanding >= self.max_outstanding:
@@ -95,13 +95,13 @@ class Router:
                 total[name] = total.get(name, 0) + value
         return EngineStats(**total)
 
-    def _why_none_ready(self) -> str:
+    def _why_none_ready(self) -> EngineDeadError:
         states = {replica.state for replica in self.replicas}
         errors = "; ".join(str(r.error) for r in self.replicas if r.error is not None)
         if ReplicaState.RESTARTING in states or ReplicaState.LOADING in states and errors:
-            return f"no engine replica is ready; restarting after: {errors or 'a failure'}"
+            return EngineDeadError(f"no engine replica is ready; restarting after: {errors or 'a failure'}")
         if ReplicaState.LOADING in states:
-            return "the model is still loading"
+            return EngineDeadError("the model is still loading")
         if ReplicaState.STOPPED in states or ReplicaState.DRAINING in states:
-            return "the server is shutting down"
-        return f"no engine replica is running: {errors or 'all failed'}"
+            return ShuttingDownError("the server is shutting down")
+        return EngineDeadError(f"no engine replica is running: {errors or 'all failed'}")

@@ -83,5 +83,6 @@ class Replica:
         if self.error is not None:
             out["error"] = str(self.error)
         if stats is not None:
-            out |= {"running": stats.num_running, "waiting": stats.num_waiting, "kv_cache_usage": round(stats.kv_usage, 4)}
+            out |= {"running": stats.num_running, "waiting": stats.num_waiting, "kv_cache_usage": round(stats.kv_usage, 4),
+                    "kv_blocks_used": stats.kv_blocks_total - stats.kv_blocks_free}  # fmt: skip
         return out

@@ -97,13 +97,17 @@ def start_server(args: argparse.Namespace, scratch: Path) -> tuple[subprocess.Po
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.load_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    return proc, url, log
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # Ctrl+C while loading: leave no server behind
+        stop_server(proc)
+        raise
     stop_server(proc)
     raise SystemExit(f"the server did not become ready; its log:\n{log.read_text()[-3000:]}")
 

@@ -78,3 +78,19 @@ def test_shutdown_abort_ends_every_stream_with_shutting_down_and_its_terminator(
             assert "shut down before the request finished" in error["error"], dialect
         refused = http.post("/generate", json={"inputs": "hello"})
         assert refused.status_code == 503 and refused.json()["error_type"] == "shutting_down"
+
+
+def test_out_of_memory_in_the_middle_of_a_request_is_507_whole_or_streamed(tiny_model_dir: Path) -> None:
+    server = start_server(tiny_model_dir, {"oom_on_word": "w7", "oom_after": 2})
+    try:
+        with server.client() as http:
+            whole = http.post("/generate", json={"inputs": "w7", "parameters": {"max_new_tokens": 10}})
+            assert whole.status_code == 507 and "out of memory" in whole.json()["error"]
+            body = {"prompt": "w7", "max_tokens": 10, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200  # two tokens came first
+                error = ending("openai", [line for line in r.iter_lines() if line])
+            assert error["code"] == 507 and "out of memory" in error["error"]
+            assert http.post("/generate", json={"inputs": "w8"}).status_code == 200  # the engine lives on
+    finally:
+        server.stop()

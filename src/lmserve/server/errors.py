@@ -42,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmserve.engine.outputs import RequestDelta
 from lmserve.errors import (
     CapacityError,
     ConfigError,
@@ -175,6 +176,15 @@ def _field_name(loc: Any) -> str:
         else:
             name += f".{part}" if name else part
     return name or "body"
+
+
+def request_failure(delta: RequestDelta) -> LMServeError:
+    """The error for a delta that ended its request with ``finish_reason="error"``: 507 when the
+    engine ran out of memory for it, else ``GenerationError`` (500)."""
+    reason = delta.error or "no reason given"
+    if delta.error_kind == "out_of_memory":
+        return OutOfMemoryError(f"the engine ran out of memory for this request: {reason}")
+    return GenerationError(f"the engine failed this request: {reason}")
 
 
 def error_response(exc: BaseException, capacity_status: int = 429) -> JSONResponse:

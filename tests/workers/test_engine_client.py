@@ -12,8 +12,9 @@ import pytest
 
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import EngineDeadError, InvalidRequestError, RequestTimeoutError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.engine_client import EngineClient
 from lmserve.workers.messages import EngineSpec
+from lmserve.workers.replica_state import ReplicaState
 
 pytestmark = pytest.mark.anyio
 

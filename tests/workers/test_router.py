@@ -7,7 +7,7 @@ import pytest
 from lmserve.engine.protocol import EngineStats
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import CapacityError, EngineDeadError
-from lmserve.workers.engine_client import ReplicaState
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.router import Router
 
 

@@ -27,7 +27,7 @@ from lmserve.errors import EngineDeadError, InvalidRequestError, LMServeError, M
 from lmserve.metrics import ServerMetrics
 from lmserve.server.errors import ModelConflictError
 from lmserve.server.runtime import LoadPlan, ModelRuntime, State
-from lmserve.workers.engine_client import ReplicaState
+from lmserve.workers.replica_state import ReplicaState
 
 logger = logging.getLogger("lmserve.server")
 _METRICS_WAIT_S = 0.5  # a scrape never waits longer on an engine (busy in a long step, or frozen)

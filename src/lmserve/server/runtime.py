@@ -30,7 +30,7 @@ from lmserve.server.loading import resolve_in_child
 from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.messages import EngineSpec
 from lmserve.workers.placement import Devices, detect_devices, replica_count
-from lmserve.workers.router import Router
+from lmserve.workers.router import Router, drain
 
 if TYPE_CHECKING:
     from lmserve.engine.tokenizer import Tokenizer
@@ -219,13 +219,9 @@ class ModelRuntime:
             return
         logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.router.outstanding,
                     timeout)  # fmt: skip
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while self.router.outstanding and loop.time() < end:
-            await asyncio.sleep(0.05)
-        if self.router.outstanding:
-            logger.warning("draining %s: aborting %d request(s) still running", self.name, self.router.outstanding)
-            self.router.abort_all(ShuttingDownError("the server shut down before the request finished"))
+        aborted = await drain(self.router, timeout, ShuttingDownError("the server shut down before the request finished"))
+        if aborted:
+            logger.warning("draining %s: aborted %d request(s) still running", self.name, aborted)
 
     async def shutdown(self) -> None:
         """Stop the engine processes."""

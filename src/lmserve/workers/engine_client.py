@@ -13,7 +13,6 @@ then failed the same way and killed.
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import multiprocessing
@@ -49,6 +48,7 @@ from lmserve.workers.messages import (
     encode_spec,
 )
 from lmserve.workers.placement import Placement
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
 
 logger = logging.getLogger("lmserve.engine_client")
@@ -59,18 +59,6 @@ def heartbeat_interval(timeout: float) -> float:
     """How often an engine beats, and its watcher looks, for a given silence deadline: several beats
     fit in one deadline, so one late beat (a busy host) is not silence."""
     return min(1.0, timeout / 4)
-
-
-class ReplicaState(enum.Enum):
-    """An engine process's state. A supervised ``Replica`` adds ``RESTARTING`` (waiting to start a
-    new process after a failure) and ``DRAINING`` (finishing its requests before it stops)."""
-
-    LOADING = "loading"
-    READY = "ready"
-    RESTARTING = "restarting"
-    DRAINING = "draining"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 class EngineClient:

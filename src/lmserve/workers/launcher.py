@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from lmserve.config.settings import WorkerConfig
 from lmserve.engine.protocol import ModelInfo
 from lmserve.errors import EngineDeadError, EngineFailedError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.engine_client import EngineClient
 from lmserve.workers.messages import EngineSpec
 from lmserve.workers.placement import Devices, is_oversubscribed, place
 from lmserve.workers.replica import Replica
-from lmserve.workers.router import Router
+from lmserve.workers.replica_state import ReplicaState
+from lmserve.workers.router import Router, drain
 
 logger = logging.getLogger("lmserve.workers")
 
@@ -200,11 +201,7 @@ class Launcher:
 
 async def _drain(replica: Replica, timeout: float, error: BaseException) -> None:
     """Let ``replica`` finish its requests for up to ``timeout`` seconds, abort the rest, stop it."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while replica.outstanding and loop.time() < end:
-        await asyncio.sleep(0.05)
-    replica.abort_all(error)
+    await drain(replica, timeout, error)
     await _retire(replica.client)
     replica.hold = ReplicaState.STOPPED
 

@@ -14,8 +14,9 @@ from typing import Any
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import EngineDeadError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.engine_client import EngineClient
 from lmserve.workers.placement import Placement
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
 
 

@@ -9,8 +9,10 @@ from typing import Protocol
 from lmserve.engine.protocol import EngineStats
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import CapacityError, EngineDeadError, ShuttingDownError
-from lmserve.workers.engine_client import ReplicaState
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
+
+_DRAIN_POLL_S = 0.05
 
 
 class Routable(Protocol):
@@ -30,6 +32,30 @@ class Routable(Protocol):
     def abort_all(self, error: BaseException) -> None: ...
 
     async def stats(self, timeout: float = ...) -> EngineStats: ...
+
+
+class Drainable(Protocol):
+    """What ``drain`` needs: a ``Router`` (a whole model) or one ``Replica``."""
+
+    @property
+    def outstanding(self) -> int: ...
+
+    def abort_all(self, error: BaseException) -> None: ...
+
+
+async def drain(target: Drainable, timeout: float, error: BaseException) -> int:
+    """Wait up to ``timeout`` seconds for ``target``'s requests in flight to finish, then abort the
+    rest, each ending with ``error``; returns how many were aborted. The caller has already stopped
+    sending ``target`` new requests. It polls: a drain is rare and lasts seconds, so a 50 ms look
+    costs nothing and needs no signal from every place a request can end."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while target.outstanding and loop.time() < end:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    left = target.outstanding
+    if left:
+        target.abort_all(error)
+    return left
 
 
 class Router:

@@ -91,7 +91,7 @@ def start_server(args: argparse.Namespace, scratch: Path) -> tuple[subprocess.Po
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--cpu-devices", "2",
                "--n-positions", "256", "--heartbeat-timeout", str(args.heartbeat_timeout),
                "--predict-timeout", str(args.predict_timeout)]  # fmt: skip
-    env = dict(os.environ, SERVING_GRACEFUL_SHUTDOWN_S="5")
+    env = dict(os.environ, SERVING_GRACEFUL_SHUTDOWN_S="5", OPTION_PARALLEL_LOADING="true")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--chaos-interval", type=float, default=4.0, help="mean seconds between chaos actions")
     parser.add_argument("--heartbeat-timeout", type=float, default=3.0, help="the server's option.heartbeat_timeout")
     parser.add_argument("--predict-timeout", type=float, default=30.0, help="the server's option.predict_timeout")
-    parser.add_argument("--load-timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
+    parser.add_argument("--load-timeout", type=float, default=900.0, help="seconds to wait for the server to be ready")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     started = time.monotonic()

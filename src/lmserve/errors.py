@@ -85,7 +85,18 @@ class RequestTimeoutError(LMServeError):
 
 
 class EngineDeadError(LMServeError):
-    """The engine (or one tensor-parallel rank of it) died; in-flight requests cannot complete."""
+    """No engine can serve the request now (HTTP 503): the model is loading or restarting, or its
+    engine (or one tensor-parallel rank of it) died. The subclasses say which of the last two."""
+
+
+class EngineFailedError(EngineDeadError):
+    """An engine process crashed, exited or stopped responding; the requests it held are lost
+    (HTTP 503, error type ``engine_failure``). The launcher restarts it."""
+
+
+class ShuttingDownError(EngineDeadError):
+    """The server (or this model) is shutting down: it takes no new requests and aborts those that
+    did not finish in the grace period (HTTP 503, error type ``shutting_down``)."""
 
 
 class OutOfMemoryError(LMServeError):

@@ -11,7 +11,9 @@ Options (keyword arguments, also reachable from the engine spec): ``token_delay_
 ``load_delay_s`` in the constructor, ``fail_load`` to raise there (``fail_load_if_exists``: when that
 file exists, so a test can make only later starts fail), ``eos_after`` (emit end of
 sequence after that many tokens unless ``ignore_eos``), ``kv_blocks`` in the pool, ``fail_on_word``
-(a step raises when a running prompt holds that word: a crashing engine), ``device_from_env``
+(a step raises when a running prompt holds that word: a crashing engine), ``oom_on_word`` (a request
+whose prompt holds that word ends with an out-of-memory error after ``oom_after`` tokens, and the
+engine lives on), ``device_from_env``
 (report that environment variable's value as the device: what the engine process was given).
 """
 
@@ -53,7 +55,7 @@ class FakeEngine:
     def __init__(self, config: EngineConfig, *, token_delay_s: float = 0.0, load_delay_s: float = 0.0,
                  fail_load: bool = False, eos_after: int | None = None, kv_blocks: int = 64,
                  fail_on_word: str | None = None, fail_load_if_exists: str | None = None,
-                 device_from_env: str | None = None) -> None:
+                 device_from_env: str | None = None, oom_on_word: str | None = None, oom_after: int = 0) -> None:
         from tokenizers import Tokenizer
 
         time.sleep(load_delay_s)
@@ -63,6 +65,7 @@ class FakeEngine:
         self.token_delay_s, self.eos_after = token_delay_s, eos_after
         self.block_size, self.kv_blocks_total, self.kv_blocks_free = config.block_size, kv_blocks, kv_blocks
         self._fail_id = self._tok.token_to_id(fail_on_word) if fail_on_word else None
+        self._oom_id, self.oom_after = (self._tok.token_to_id(oom_on_word) if oom_on_word else None), oom_after
         self._info = ModelInfo(
             name=config.served_name or Path(config.model).name,
             max_model_len=config.max_model_len or DEFAULT_MAX_MODEL_LEN,
@@ -114,7 +117,11 @@ class FakeEngine:
         for request in [r for r in self._requests.values() if r.running]:
             if self._fail_id is not None and self._fail_id in request.prompt:
                 raise RuntimeError("fake engine told to crash on this prompt")
-            if self._grow(request, len(request.prompt) + len(request.generated) + 1):
+            if self._oom_id in request.prompt and len(request.generated) >= self.oom_after:
+                self._release(self._requests.pop(request.request_id))
+                out.append(RequestDelta(request.request_id, [], "", finish_reason="error", error="fake engine out of "
+                                        "memory", error_kind="out_of_memory"))  # fmt: skip
+            elif self._grow(request, len(request.prompt) + len(request.generated) + 1):
                 out.append(self._next_token(request))
             else:  # out of blocks: preempt it (it keeps its tokens and resumes when blocks free up)
                 self._release(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,4 +89,43 @@ def test_engine_step_crash_fails_in_flight_requests_with_its_reason(tiny_model_d
             server.wait_for_ping(200, timeout=20)  # restarted; other prompts are served
             assert http.post("/invocations", json={"inputs": "the dog"}).status_code == 200
     finally:
+        server.stop()
+
+
+def test_frozen_engine_is_taken_out_of_routing_failed_with_503_and_restarted(tiny_model_dir: Path) -> None:
+    server = start_server(tiny_model_dir, {"token_delay_s": 0.02}, backoff=Backoff(first_s=0.2),
+                          workers={"cpu_devices": 2, "heartbeat_timeout_s": 2.0})  # fmt: skip
+    frozen_pid = None
+    try:
+        replicas = server.runtime.router.replicas  # type: ignore[union-attr]
+        assert len(replicas) == 2
+        long = {"inputs": "hello", "stream": True, "parameters": {"max_new_tokens": 60}}
+        with server.client() as http, http.stream("POST", "/invocations", json=long) as r:
+            lines = r.iter_lines()
+            assert "token" in json.loads(next(lines))
+            [frozen] = [replica for replica in replicas if replica.outstanding]
+            frozen_pid = frozen.pid
+            os.kill(frozen_pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            with server.client(timeout=1.5) as quick:  # the scrape must not wait on the frozen engine
+                assert quick.get("/metrics").status_code == 200
+            rest = [json.loads(line) for line in lines if line]
+        assert rest[-1]["code"] == 503 and "stopped responding" in rest[-1]["error"]
+        with server.client() as http:
+            assert http.get("/ping").status_code == 200  # the other replica still serves
+            for _ in range(4):  # none of these reaches the frozen replica
+                assert http.post("/generate", json={"inputs": "hello"}).status_code == 200
+            deadline = time.monotonic() + 30
+            while frozen.pid == frozen_pid or frozen.state.value != "ready":
+                assert time.monotonic() < deadline, "the frozen replica was not restarted"
+                time.sleep(0.05)
+            assert frozen.restarts == 1 and http.get("/metrics").status_code == 200
+        try:
+            os.kill(frozen_pid, 0)  # type: ignore[arg-type]
+            raise AssertionError("the frozen engine process is still there")
+        except ProcessLookupError:
+            pass
+    finally:
+        if frozen_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen_pid, signal.SIGKILL)
         server.stop()

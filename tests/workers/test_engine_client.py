@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -11,14 +12,15 @@ import pytest
 
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import EngineDeadError, InvalidRequestError, RequestTimeoutError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.engine_client import EngineClient
 from lmserve.workers.messages import EngineSpec
+from lmserve.workers.replica_state import ReplicaState
 
 pytestmark = pytest.mark.anyio
 
 
-async def started(spec: EngineSpec) -> EngineClient:
-    client = EngineClient(spec)
+async def started(spec: EngineSpec, heartbeat_timeout: float | None = None) -> EngineClient:
+    client = EngineClient(spec, heartbeat_timeout=heartbeat_timeout)
     await client.start()
     await client.wait_ready(timeout=30)
     return client
@@ -110,6 +112,36 @@ async def test_killed_engine_fails_requests_in_flight_at_once(fake_spec) -> None
         assert client.state is ReplicaState.FAILED and failures == [client]
         with pytest.raises(EngineDeadError):
             client.submit([5], SamplingParams(), "r2")
+    finally:
+        await client.shutdown()
+
+
+async def test_frozen_engine_fails_its_requests_and_is_killed(fake_spec) -> None:
+    client = await started(fake_spec(token_delay_s=0.02), heartbeat_timeout=1.0)
+    failures: list[EngineClient] = []
+    client.on_failure.append(failures.append)
+    pid = client.pid
+    assert pid is not None
+    try:
+        stream = client.submit([5], SamplingParams(max_new_tokens=500), "r1")
+        await stream.__anext__()
+        os.kill(pid, signal.SIGSTOP)  # frozen, not dead: no exit for the sentinel to see
+        with pytest.raises(EngineDeadError, match="stopped responding"):
+            await asyncio.wait_for(collect(stream), timeout=30)
+        assert client.state is ReplicaState.FAILED and failures == [client]
+        client._process.join(10)
+        assert client._process.exitcode == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await client.shutdown()
+
+
+async def test_a_step_longer_than_the_heartbeat_timeout_is_not_a_freeze(fake_spec) -> None:
+    client = await started(fake_spec(token_delay_s=2.5), heartbeat_timeout=1.0)  # each step sleeps 2.5 s
+    try:
+        deltas = await collect(client.generate([5], SamplingParams(max_new_tokens=2), "r1"))
+        assert deltas[-1].finish_reason == "length" and client.state is ReplicaState.READY
     finally:
         await client.shutdown()
 

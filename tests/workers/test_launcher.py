@@ -15,9 +15,9 @@ import pytest
 from lmserve.config.settings import WorkerConfig
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import EngineDeadError
-from lmserve.workers.engine_client import ReplicaState
 from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.placement import Devices, usable_cores
+from lmserve.workers.replica_state import ReplicaState
 
 pytestmark = pytest.mark.anyio
 FAST = Backoff(first_s=0.05, max_s=0.2)

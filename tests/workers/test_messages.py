@@ -26,6 +26,8 @@ DELTA = RequestDelta("r1", [5, 6], "w2 w3", [TokenLogprob(5, -0.5, ((5, -0.5), (
     m.RequestFailed("r1", m.ErrorInfo("InvalidRequestError", "too long", "inputs")),
     m.Stats(4, EngineStats(num_running=2, kv_blocks_total=10, kv_blocks_free=3)),
     m.EngineFailed(m.ErrorInfo("internal", "boom")),
+    m.Deltas([RequestDelta("r3", [], "", finish_reason="error", error="no memory", error_kind="out_of_memory")]),
+    m.Heartbeat(),
 ])  # fmt: skip
 def test_message_round_trip(message: m.Message) -> None:
     assert m.decode(m.encode(message)) == message
@@ -34,6 +36,20 @@ def test_message_round_trip(message: m.Message) -> None:
 def test_spec_round_trip() -> None:
     spec = m.EngineSpec("pkg.mod:Engine", EngineConfig(model="/models/x", max_model_len=99), {"delay": 0.5})
     assert m.decode_spec(m.encode_spec(spec)) == spec
+
+
+def test_an_unknown_message_or_a_mistyped_field_fails_loudly_naming_it() -> None:
+    import msgspec
+
+    with pytest.raises(ValueError, match="Invalid value 'Reboot'"):
+        m.decode(msgspec.msgpack.encode({"type": "Reboot"}))
+    with pytest.raises(ValueError, match=r"Expected `int`, got `str` - at `\$.query_id`"):
+        m.decode(msgspec.msgpack.encode({"type": "StatsQuery", "query_id": "4"}))
+    with pytest.raises(ValueError, match="missing required field `request_ids`"):
+        m.decode(msgspec.msgpack.encode({"type": "Abort"}))
+    with pytest.raises(ValueError, match=r"Invalid enum value 'oom' - at `\$.deltas\[0\].error_kind`"):
+        m.decode(msgspec.msgpack.encode({"type": "Deltas", "deltas": [
+            {"request_id": "r", "token_ids": [], "text": "", "error_kind": "oom"}]}))  # fmt: skip
 
 
 def test_garbage_is_a_value_error() -> None:

@@ -7,7 +7,7 @@ import pytest
 from lmserve.engine.protocol import EngineStats
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import CapacityError, EngineDeadError
-from lmserve.workers.engine_client import ReplicaState
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.router import Router
 
 
@@ -23,7 +23,7 @@ class StubReplica:
         self.outstanding += 1
         return request_id
 
-    async def stats(self) -> EngineStats:
+    async def stats(self, timeout: float = 5.0) -> EngineStats:
         return EngineStats(num_running=self.outstanding, kv_blocks_total=10, kv_blocks_free=4)
 
 

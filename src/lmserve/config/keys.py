@@ -177,6 +177,10 @@ _BATCHING_WORKER_KEYS = (
         flag="--model-loading-timeout"),
     Key("option.predict_timeout", v.number(0.0, low_open=True), "workers.predict_timeout_s",
         "Seconds one request may take.", flag="--predict-timeout"),
+    Key("option.heartbeat_timeout", v.number(0.0, low_open=True), "workers.heartbeat_timeout_s",
+        "Seconds an engine process may stay silent (no heartbeat) before it counts as frozen: its "
+        "requests fail with 503 and it is restarted. A long engine step is not silence.",
+        flag="--heartbeat-timeout"),
 )
 
 _SERVER_KEYS = (

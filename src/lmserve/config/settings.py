@@ -61,6 +61,7 @@ class WorkerConfig:
     model_loading_timeout_s: float = 1800.0  # option.model_loading_timeout
     predict_timeout_s: float = 120.0  # option.predict_timeout
     fail_fast: bool = False  # fail_fast: exit the server when a model given at start fails to load
+    heartbeat_timeout_s: float = 10.0  # option.heartbeat_timeout: silence before an engine counts as frozen
 
     def bounds(self, kind: str) -> tuple[int | None, int | None]:
         """(min, max) replicas on device ``kind`` ("cpu" or "cuda"): the device's own keys

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+ErrorKind = Literal["out_of_memory", "internal"]  # why a request ended with finish_reason "error"
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,8 @@ class RequestDelta:
     ``text`` never ends in half a multi-byte character: bytes are held back until complete.
     ``finish_reason`` is set on the last delta of a request: ``"stop"`` (end-of-sequence token, stop
     token or stop string), ``"length"`` (``max_new_tokens`` or the context limit), ``"abort"`` or
-    ``"error"`` (then ``error`` says why).
+    ``"error"`` (then ``error`` says why, and ``error_kind`` what kind of failure it was, so the
+    server can answer 507 for ``"out_of_memory"`` and 500 for ``"internal"``).
     """
 
     request_id: str
@@ -34,6 +38,7 @@ class RequestDelta:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = None
 
     @property
     def finished(self) -> bool:

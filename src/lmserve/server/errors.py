@@ -1,8 +1,9 @@
 """The one table from exception to HTTP status, and the JSON error body every route returns.
 
 Body: ``{"error": message, "code": status}``, plus ``"field"`` when one input is to blame and
-``"error_type"`` (TGI's validation / overloaded / generation), which TGI clients read. A status
-code is decided here and nowhere else; streaming routes use the same body for their error event.
+``"error_type"`` (TGI's validation / overloaded / generation, and ours for a 503 that is not
+overload: engine_failure, shutting_down, unavailable), which TGI clients read. A status code is
+decided here and nowhere else; streaming routes use the same body for their error event.
 
 | exception | status |
 |---|---|
@@ -14,7 +15,9 @@ code is decided here and nowhere else; streaming routes use the same body for th
 | RequestTooLargeError (body over ``max_request_bytes``) | 413 |
 | HandlerError (custom handler raised) | 424 |
 | CapacityError (queue full; ``Retry-After``) | 429, or 503 when ``queue_full_status=503`` |
-| EngineDeadError (loading, failed, shutting down) | 503 |
+| EngineFailedError (an engine crashed, exited or froze; ``engine_failure``) | 503 |
+| ShuttingDownError (the server is shutting down; ``shutting_down``) | 503 |
+| EngineDeadError (loading, restarting, failed to load; ``unavailable``) | 503 |
 | RequestTimeoutError (ran past ``predict_timeout``) | 504 |
 | OutOfMemoryError | 507 |
 | GenerationError (the engine failed one request) | 500 |
@@ -40,10 +43,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmserve.engine.outputs import RequestDelta
 from lmserve.errors import (
     CapacityError,
     ConfigError,
     EngineDeadError,
+    EngineFailedError,
     HandlerError,
     InvalidRequestError,
     LMServeError,
@@ -51,6 +56,7 @@ from lmserve.errors import (
     NotAllowedError,
     OutOfMemoryError,
     RequestTimeoutError,
+    ShuttingDownError,
     UnsupportedModelError,
 )
 
@@ -90,7 +96,9 @@ _TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (RequestTooLargeError, 413, "validation"),
     (HandlerError, 424, "generation"),
     (CapacityError, 429, "overloaded"),
-    (EngineDeadError, 503, "overloaded"),
+    (EngineFailedError, 503, "engine_failure"),
+    (ShuttingDownError, 503, "shutting_down"),
+    (EngineDeadError, 503, "unavailable"),
     (RequestTimeoutError, 504, "generation"),
     (OutOfMemoryError, 507, "generation"),
     (GenerationError, 500, "generation"),
@@ -173,6 +181,15 @@ def _field_name(loc: Any) -> str:
     return name or "body"
 
 
+def request_failure(delta: RequestDelta) -> LMServeError:
+    """The error for a delta that ended its request with ``finish_reason="error"``: 507 when the
+    engine ran out of memory for it, else ``GenerationError`` (500)."""
+    reason = delta.error or "no reason given"
+    if delta.error_kind == "out_of_memory":
+        return OutOfMemoryError(f"the engine ran out of memory for this request: {reason}")
+    return GenerationError(f"the engine failed this request: {reason}")
+
+
 def error_response(exc: BaseException, capacity_status: int = 429) -> JSONResponse:
     reply = describe(exc, capacity_status)
     return JSONResponse(reply.body(), status_code=reply.status, headers=reply.headers)
@@ -181,6 +198,12 @@ def error_response(exc: BaseException, capacity_status: int = 429) -> JSONRespon
 def sse_error_event(exc: BaseException) -> str:
     """An error after a Server-Sent-Events stream began: ``event: error`` with the usual body."""
     return f"event: error\ndata: {json.dumps(describe(exc).body())}\n\n"
+
+
+def openai_sse_error_event(exc: BaseException) -> str:
+    """An error after an OpenAI stream began: the error event, then ``data: [DONE]``, which OpenAI
+    clients wait for to know the stream is over."""
+    return sse_error_event(exc) + "data: [DONE]\n\n"
 
 
 def jsonlines_error(exc: BaseException) -> str:

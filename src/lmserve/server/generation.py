@@ -22,7 +22,7 @@ from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import RequestTimeoutError
 from lmserve.metrics import RequestTimer
-from lmserve.server.errors import ClientDisconnectedError, GenerationError
+from lmserve.server.errors import ClientDisconnectedError, request_failure
 from lmserve.server.runtime import ModelRuntime
 from lmserve.workers.request_stream import RequestStream
 
@@ -67,7 +67,7 @@ class TrackedStream:
             raise
         self.timer.on_delta(delta, self.stream.queue_time_s)
         if delta.finish_reason == "error":
-            raise GenerationError(f"the engine failed this request: {delta.error or 'no reason given'}")
+            raise request_failure(delta)
         return delta
 
     def close(self) -> None:

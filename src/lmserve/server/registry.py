@@ -31,9 +31,10 @@ from lmserve.metrics import ServerMetrics
 from lmserve.server.errors import ModelConflictError
 from lmserve.server.policy import registration_guard
 from lmserve.server.runtime import LoadPlan, ModelRuntime, State
-from lmserve.workers.engine_client import ReplicaState
+from lmserve.workers.replica_state import ReplicaState
 
 logger = logging.getLogger("lmserve.server")
+_METRICS_WAIT_S = 0.5  # a scrape never waits longer on an engine (busy in a long step, or frozen)
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
@@ -200,7 +201,7 @@ class ModelRegistry:
             if rt.router is None or not rt.router.ready_replicas():
                 continue
             with contextlib.suppress(TimeoutError, EngineDeadError):
-                snapshots.append(await rt.router.stats())
+                snapshots.append(await rt.router.stats(_METRICS_WAIT_S))
         if snapshots:
             total: dict[str, int] = {}
             for snapshot in snapshots:

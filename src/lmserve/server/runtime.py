@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 from lmserve.config.settings import ServingConfig
 from lmserve.config.values import DEFAULT_ENTRY_POINT
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError, UnsupportedModelError
+from lmserve.errors import EngineDeadError, EngineFailedError, ShuttingDownError, UnsupportedModelError
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
 from lmserve.store.policy import FetchPolicy
 from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.messages import EngineSpec
 from lmserve.workers.placement import Devices, detect_devices, replica_count, resolve_degree
-from lmserve.workers.router import Router
+from lmserve.workers.router import Router, drain
 
 if TYPE_CHECKING:
     from lmserve.engine.tokenizer import Tokenizer
@@ -197,7 +197,7 @@ class ModelRuntime:
         self.state, self.error = State.FAILED, error
         logger.error("model %s failed: %s", self.name, error)
         if self.router is not None:
-            self.router.abort_all(EngineDeadError(f"the model failed: {error}"))
+            self.router.abort_all(EngineFailedError(f"the model failed: {error}"))
         self._stopping = asyncio.create_task(self._stop_replicas(), name=f"stop-{self.name}")
 
     async def _stop_replicas(self) -> None:
@@ -211,10 +211,9 @@ class ModelRuntime:
         With no replica ready at the moment (all restarting) the router itself says so."""
         if self.state is State.READY and self.router is not None:
             return self.router
-        reasons = {State.LOADING: "the model is still loading",
-                   State.DRAINING: "the server is shutting down",
-                   State.STOPPED: "the server is shutting down",
-                   State.FAILED: f"the model failed: {self.error}"}  # fmt: skip
+        if self.state in (State.DRAINING, State.STOPPED):
+            raise ShuttingDownError("the server is shutting down")
+        reasons = {State.LOADING: "the model is still loading", State.FAILED: f"the model failed: {self.error}"}
         raise EngineDeadError(reasons.get(self.state, "not ready"))
 
     def health(self) -> tuple[int, str]:
@@ -252,13 +251,9 @@ class ModelRuntime:
             return
         logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.router.outstanding,
                     timeout)  # fmt: skip
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while self.router.outstanding and loop.time() < end:
-            await asyncio.sleep(0.05)
-        if self.router.outstanding:
-            logger.warning("draining %s: aborting %d request(s) still running", self.name, self.router.outstanding)
-            self.router.abort_all(EngineDeadError("the server shut down before the request finished"))
+        aborted = await drain(self.router, timeout, ShuttingDownError("the server shut down before the request finished"))
+        if aborted:
+            logger.warning("draining %s: aborted %d request(s) still running", self.name, aborted)
 
     async def shutdown(self) -> None:
         """Stop the engine processes."""

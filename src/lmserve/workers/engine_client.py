@@ -4,13 +4,15 @@ All methods run on the frontend's event loop. Requests go out on a PUSH socket (
 waiting, so an abort can be sent from a cancelled task); one background task reads the engine's
 output and hands each delta to the ``RequestStream`` of its request. The process is watched through
 its sentinel, so a crashed or killed engine is noticed at once: every request in flight then ends
-with ``EngineDeadError`` and the replica's state becomes ``FAILED``.
+with ``EngineFailedError`` and the replica's state becomes ``FAILED``. A frozen engine (stopped, not
+dead) is noticed by its silence: it sends a heartbeat from a thread of its own while it lives, so
+``heartbeat_timeout`` seconds without any message mean it is frozen, whatever its steps take; it is
+then failed the same way and killed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import multiprocessing
@@ -26,7 +28,7 @@ import zmq.asyncio
 from lmserve.engine.outputs import RequestDelta
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.errors import EngineDeadError
+from lmserve.errors import EngineDeadError, EngineFailedError, ShuttingDownError
 from lmserve.workers.engine_process import run_engine_process
 from lmserve.workers.messages import (
     Abort,
@@ -34,6 +36,7 @@ from lmserve.workers.messages import (
     Deltas,
     EngineFailed,
     EngineSpec,
+    Heartbeat,
     Message,
     Ready,
     RequestFailed,
@@ -45,22 +48,17 @@ from lmserve.workers.messages import (
     encode_spec,
 )
 from lmserve.workers.placement import Placement
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
 
 logger = logging.getLogger("lmserve.engine_client")
 _EXIT_GRACE_S = 0.2  # after the process exits, how long its last message (EngineFailed) may take
 
 
-class ReplicaState(enum.Enum):
-    """An engine process's state. A supervised ``Replica`` adds ``RESTARTING`` (waiting to start a
-    new process after a failure) and ``DRAINING`` (finishing its requests before it stops)."""
-
-    LOADING = "loading"
-    READY = "ready"
-    RESTARTING = "restarting"
-    DRAINING = "draining"
-    FAILED = "failed"
-    STOPPED = "stopped"
+def heartbeat_interval(timeout: float) -> float:
+    """How often an engine beats, and its watcher looks, for a given silence deadline: several beats
+    fit in one deadline, so one late beat (a busy host) is not silence."""
+    return min(1.0, timeout / 4)
 
 
 class EngineClient:
@@ -71,8 +69,10 @@ class EngineClient:
     engine for an ``EngineStats`` snapshot, ``shutdown()`` stops the process.
     """
 
-    def __init__(self, spec: EngineSpec, name: str = "replica-0", placement: Placement | None = None) -> None:
+    def __init__(self, spec: EngineSpec, name: str = "replica-0", placement: Placement | None = None,
+                 heartbeat_timeout: float | None = None) -> None:
         self.spec, self.name, self.placement = spec, name, placement
+        self.heartbeat_timeout = heartbeat_timeout  # None: never judge the engine by its silence
         self.state = ReplicaState.LOADING
         self.model_info: ModelInfo | None = None
         self.error: BaseException | None = None
@@ -83,6 +83,7 @@ class EngineClient:
         self._process: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[ModelInfo] | None = None
+        self._last_heard = 0.0  # event loop time of the engine's last message
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -104,11 +105,16 @@ class EngineClient:
         spawn = multiprocessing.get_context("spawn")
         where = self.placement
         env, cpus = (dict(where.env), list(where.cpus) if where.cpus is not None else None) if where else ({}, None)
-        self._process = spawn.Process(target=run_engine_process, args=(encode_spec(self.spec), inbox, outbox, env, cpus),
+        beat = heartbeat_interval(self.heartbeat_timeout) if self.heartbeat_timeout else None
+        self._process = spawn.Process(target=run_engine_process,
+                                      args=(encode_spec(self.spec), inbox, outbox, env, cpus, beat),
                                       name=f"lmserve-engine-{self.name}")  # fmt: skip
         self._process.start()
         loop.add_reader(self._process.sentinel, self._on_process_exit)
         self._tasks.append(asyncio.create_task(self._read_output(), name=f"{self.name}-output"))
+        if self.heartbeat_timeout:
+            self._tasks.append(asyncio.create_task(self._watch_heartbeat(self.heartbeat_timeout),
+                                                   name=f"{self.name}-heartbeat"))  # fmt: skip
         logger.info("%s: engine process %d started", self.name, self._process.pid)
 
     async def wait_ready(self, timeout: float | None = None) -> ModelInfo:
@@ -128,9 +134,9 @@ class EngineClient:
             return
         was_ready = self.state is ReplicaState.READY
         self.state = ReplicaState.STOPPED
-        self._fail_streams(EngineDeadError("the server is shutting down"))
+        self._fail_streams(ShuttingDownError("the server is shutting down"))
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(EngineDeadError("the server is shutting down"))
+            self._ready.set_exception(ShuttingDownError("the server is shutting down"))
         if was_ready:  # a loading engine reads no messages until it is ready: stop it by signal
             self._send(Shutdown())
             await asyncio.to_thread(self._process.join, timeout)
@@ -214,18 +220,37 @@ class EngineClient:
         if self.state is ReplicaState.LOADING:
             return EngineDeadError("the model is still loading")
         if self.state is ReplicaState.STOPPED:
-            return EngineDeadError("the server is shutting down")
-        return EngineDeadError(f"the engine has failed: {self.error}")
+            return ShuttingDownError("the server is shutting down")
+        return EngineFailedError(f"the engine has failed: {self.error}")
 
     async def _read_output(self) -> None:
         while True:
             data = await self._output.recv()
+            self._last_heard = asyncio.get_running_loop().time()
             try:
                 message = decode(data)
             except ValueError:
                 logger.exception("%s: dropping a malformed engine message", self.name)
                 continue
             self._dispatch(message)
+
+    async def _watch_heartbeat(self, timeout: float) -> None:
+        """Fail and kill the engine once it has been ready and silent for ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        tick = heartbeat_interval(timeout)
+        due = loop.time() + tick
+        while self.state in (ReplicaState.LOADING, ReplicaState.READY):
+            await asyncio.sleep(tick)
+            now = loop.time()
+            stalled, due = now - due > tick, now + tick
+            # After this event loop itself stalled, beats may be waiting unread in the socket: let
+            # the reader have its turn before judging the engine by its silence.
+            if self.state is not ReplicaState.READY or stalled or now - self._last_heard <= timeout:
+                continue
+            self._fail(EngineFailedError(f"the engine stopped responding (no heartbeat for {now - self._last_heard:.1f}s, "
+                                       f"heartbeat_timeout {timeout:g}s); its process was killed"))  # fmt: skip
+            self._process.kill()  # SIGKILL ends a stopped process too; the sentinel reaps it
+            return
 
     def _dispatch(self, message: Message) -> None:
         match message:
@@ -245,6 +270,8 @@ class EngineClient:
                 waiter = self._stats_waiters.get(qid)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(stats)
+            case Heartbeat():
+                pass  # its arrival is all it says (see ``_read_output``)
             case Ready(model_info=info):
                 self.model_info, self.state = info, ReplicaState.READY
                 if self._ready is not None and not self._ready.done():
@@ -263,14 +290,14 @@ class EngineClient:
         self._process.join(0)
         code = self._process.exitcode
         if self.state in (ReplicaState.LOADING, ReplicaState.READY):
-            self._fail(EngineDeadError(f"the engine process exited unexpectedly (exit code {code})"))
+            self._fail(EngineFailedError(f"the engine process exited unexpectedly (exit code {code})"))
 
     def _fail(self, error: BaseException) -> None:
         if self.state in (ReplicaState.FAILED, ReplicaState.STOPPED):
             return
         self.state, self.error = ReplicaState.FAILED, error
         logger.error("%s: engine failed: %s", self.name, error)
-        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"the engine failed: {error}")
+        dead = error if isinstance(error, EngineDeadError) else EngineFailedError(f"the engine failed: {error}")
         self._fail_streams(dead)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)

@@ -3,7 +3,8 @@
 Loop, in order: take every waiting message (blocking with a timeout only while the engine is idle),
 apply them, run one ``step()``, and send all of its output as one ``Deltas`` message. Anything the
 engine raises from ``step()`` is fatal: the process reports ``EngineFailed`` and exits non-zero, and
-the frontend fails the requests in flight. ``add_request`` errors fail only that request.
+the frontend fails the requests in flight. ``add_request`` errors fail only that request. A
+``Heartbeat`` thread tells the frontend the process is alive, however long a step takes.
 
 This module is the only place the engine is imported, so torch loads in this process, never in the
 frontend.
@@ -11,11 +12,13 @@ frontend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +32,7 @@ from lmserve.workers.messages import (
     Deltas,
     EngineFailed,
     ErrorInfo,
+    Heartbeat,
     Message,
     Ready,
     RequestFailed,
@@ -54,10 +58,12 @@ def load_factory(path: str) -> Callable[..., EngineCore]:
 
 
 def run_engine_process(spec_bytes: bytes, input_address: str, output_address: str,
-                       env: dict[str, str] | None = None, cpus: list[int] | None = None) -> None:
+                       env: dict[str, str] | None = None, cpus: list[int] | None = None,
+                       heartbeat_s: float | None = None) -> None:
     """Entry point of the spawned process. Exits 0 after ``Shutdown``, 1 after a failure. ``env``
     (e.g. ``CUDA_VISIBLE_DEVICES``) is set and the process pinned to ``cpus`` before the engine is
-    built, so the engine, its threads and its tensor-parallel ranks all inherit them."""
+    built, so the engine, its threads and its tensor-parallel ranks all inherit them. With
+    ``heartbeat_s`` a ``Heartbeat`` goes out that often once the engine has loaded."""
     # Ctrl+C, and SIGTERM from supervisors that signal a whole process group or cgroup, must not
     # stop the engine while the frontend drains: the frontend decides when this process stops, and
     # an engine whose frontend is gone stops by itself (see ``EngineLoop._orphaned``).
@@ -72,12 +78,17 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
     outbox.setsockopt(zmq.SNDHWM, 0)  # never drop or block on output; the frontend drains it
     outbox.connect(output_address)
     code = 1
+    heartbeat = HeartbeatThread(ctx, output_address, heartbeat_s) if heartbeat_s else None
     try:
         engine = _build_engine(spec_bytes, outbox)
         if engine is not None:
+            if heartbeat is not None:
+                heartbeat.start()
             outbox.send(encode(Ready(engine.model_info, os.getpid())))
             code = 0 if EngineLoop(engine, inbox, outbox).run() else 1
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()  # before ctx.term(), which waits for every socket to close
         outbox.close(linger=2000)  # let the last message (Deltas, EngineFailed) reach the frontend
         inbox.close(linger=0)
         ctx.term()
@@ -105,6 +116,47 @@ def _build_engine(spec_bytes: bytes, outbox: zmq.Socket[Any]) -> EngineCore | No
         logger.exception("engine failed to load")
         outbox.send(encode(EngineFailed(ErrorInfo.of(exc))))
         return None
+
+
+class HeartbeatThread:
+    """Sends ``Heartbeat`` every ``interval_s`` seconds from a thread and a socket of its own (ZMQ
+    sockets must not be shared between threads).
+
+    Why a thread, and not a beat between steps: the frontend must tell a frozen process (SIGSTOP, a
+    host that stalls it) from a busy one, and one step may rightly take long (a long prefill on the
+    CPU), with no useful bound on how long. The thread keeps beating while the main thread is inside
+    a step (torch releases the GIL in its kernels, and Python hands the GIL over every few
+    milliseconds anyway), and it stops with the whole process when the process is frozen. So the
+    deadline depends only on scheduling, never on step time. A step that never returns in a live
+    process is not this check's business: ``predict_timeout`` ends its requests.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, interval_s: float) -> None:
+        self.ctx, self.address, self.interval_s = ctx, address, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmserve-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        socket = self.ctx.socket(zmq.PUSH)
+        socket.setsockopt(zmq.SNDHWM, 2)  # beats a stalled frontend has not read are worth nothing: drop them
+        socket.connect(self.address)
+        beat = encode(Heartbeat())
+        try:
+            while True:
+                with contextlib.suppress(zmq.Again):
+                    socket.send(beat, zmq.NOBLOCK)
+                if self._stop.wait(self.interval_s):
+                    return
+        finally:
+            socket.close(linger=0)
 
 
 class EngineLoop:

@@ -3,7 +3,8 @@
 1. ``start(n)`` places ``n`` replicas (``placement.place``) and starts their engine processes, all at
    once with ``option.parallel_loading``, else one after another; each has ``model_loading_timeout``
    to load. The first failure stops every replica and is raised: a model loads whole or not at all.
-2. Once started, a replica whose process dies (or whose engine fails) has its requests in flight
+2. Once started, a replica whose process dies, whose engine fails, or whose engine stops sending
+   heartbeats for ``heartbeat_timeout`` seconds (frozen: it is killed) has its requests in flight
    failed at once by its ``EngineClient``; the launcher then restarts it after a backoff (1 s, 2 s,
    4 s, ... capped), on the placement the current replica count gives it. A restart that becomes
    ready resets the count of consecutive failures; after ``retry_threshold`` failed restarts in a
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 
 from lmserve.config.settings import WorkerConfig
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.errors import EngineDeadError, EngineFailedError
+from lmserve.workers.engine_client import EngineClient
 from lmserve.workers.messages import EngineSpec
 from lmserve.workers.placement import Devices, is_oversubscribed, place
 from lmserve.workers.replica import Replica
-from lmserve.workers.router import Router
+from lmserve.workers.replica_state import ReplicaState
+from lmserve.workers.router import Router, drain
 
 logger = logging.getLogger("lmserve.workers")
 
@@ -147,7 +149,8 @@ class Launcher:
     async def _launch(self, replica: Replica) -> None:
         """Start a new engine process in ``replica`` and wait until it is ready (or raise why not)."""
         spec = EngineSpec(self.spec.factory, replica.placement.engine_config(self.spec.config), self.spec.options)
-        client = EngineClient(spec, name=f"{self.name}/{replica.name}", placement=replica.placement)
+        client = EngineClient(spec, name=f"{self.name}/{replica.name}", placement=replica.placement,
+                              heartbeat_timeout=self.workers.heartbeat_timeout_s)  # fmt: skip
         client.on_failure.append(lambda failed: self._on_failure(replica, failed))
         replica.client, replica.hold = client, ReplicaState.LOADING  # a failure now is the caller's to handle
         await client.start()
@@ -189,7 +192,7 @@ class Launcher:
 
     def _give_up(self, replica: Replica) -> None:
         replica.hold = ReplicaState.FAILED
-        error = EngineDeadError(f"{replica.name} failed {replica.consecutive_failures} restart(s) in a row "
+        error = EngineFailedError(f"{replica.name} failed {replica.consecutive_failures} restart(s) in a row "
                                 f"(retry_threshold {self.workers.retry_threshold}): {replica.error}")  # fmt: skip
         logger.error("%s: %s", self.name, error)
         if self.on_failed is not None:
@@ -198,11 +201,7 @@ class Launcher:
 
 async def _drain(replica: Replica, timeout: float, error: BaseException) -> None:
     """Let ``replica`` finish its requests for up to ``timeout`` seconds, abort the rest, stop it."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while replica.outstanding and loop.time() < end:
-        await asyncio.sleep(0.05)
-    replica.abort_all(error)
+    await drain(replica, timeout, error)
     await _retire(replica.client)
     replica.hold = ReplicaState.STOPPED
 

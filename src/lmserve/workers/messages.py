@@ -1,26 +1,30 @@
 """The typed messages between the frontend and an engine process, and their wire format.
 
-Every message is a frozen dataclass with a fixed tag. On the wire a message is one msgpack array
-``[tag, field, field, ...]``: plain data only, so a peer can never be made to call a method by name
-and nothing is unpickled. ``encode``/``decode`` are the only functions that touch bytes.
+Every message is a frozen ``msgspec`` struct, tagged with its class name; the types are the wire
+format. On the wire a message is one msgpack map (``{"type": "AddRequest", "request_id": ...}``),
+plain data only, so a peer can never be made to call a method by name and nothing is unpickled.
+Adding a field is one edit here (or in the dataclass it carries); bytes that are not a message of
+this module, or a message whose fields do not match its type, fail to decode with a ``ValueError``
+that says where. ``encode``/``decode`` are the only functions that touch bytes.
 
 Frontend -> engine: ``AddRequest``, ``Abort``, ``StatsQuery``, ``Shutdown``.
 Engine -> frontend: ``Ready`` (once, after the model loaded), ``Deltas`` (one per engine step that
 produced output), ``RequestFailed`` (``add_request`` refused one request), ``Stats`` (answer to a
-``StatsQuery``), ``EngineFailed`` (the engine cannot go on; the process exits after sending it).
+``StatsQuery``), ``EngineFailed`` (the engine cannot go on; the process exits after sending it),
+``Heartbeat`` (every so often from a thread of its own: the process is alive, see
+``engine_process.HeartbeatThread``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-import msgpack
+import msgspec
 
 from lmserve import errors
 from lmserve.config.settings import EngineConfig
-from lmserve.engine.outputs import RequestDelta, TokenLogprob
+from lmserve.engine.outputs import RequestDelta
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.sampling_params import SamplingParams
 
@@ -33,8 +37,7 @@ _ERROR_TYPES: dict[str, type[errors.LMServeError]] = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ErrorInfo:
+class ErrorInfo(msgspec.Struct, frozen=True):
     """An exception reduced to data: its kind (an ``lmserve.errors`` class name or ``"internal"``), its
     message, and the offending field for ``InvalidRequestError``."""
 
@@ -62,161 +65,104 @@ class ErrorInfo:
 @dataclass(frozen=True)
 class EngineSpec:
     """How an engine process builds its engine: ``factory`` ("module:attribute") called with the
-    ``EngineConfig`` and ``options`` as keyword arguments."""
+    ``EngineConfig`` and ``options`` as keyword arguments. Not a message: the argument a new engine
+    process is spawned with (a dataclass, so callers ``dataclasses.replace`` it)."""
 
     factory: str
     config: EngineConfig
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class _Message(msgspec.Struct, frozen=True, tag=True):
+    """Base of every message: frozen, and tagged with its class name on the wire."""
+
+
 # ---- frontend -> engine --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AddRequest:
-    TAG: ClassVar[int] = 1
+class AddRequest(_Message, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
 
 
-@dataclass(frozen=True)
-class Abort:
-    TAG: ClassVar[int] = 2
+class Abort(_Message, frozen=True):
     request_ids: list[str]
 
 
-@dataclass(frozen=True)
-class StatsQuery:
-    TAG: ClassVar[int] = 3
+class StatsQuery(_Message, frozen=True):
     query_id: int
 
 
-@dataclass(frozen=True)
-class Shutdown:
-    TAG: ClassVar[int] = 4
+class Shutdown(_Message, frozen=True):
+    pass
 
 
 # ---- engine -> frontend --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ready:
-    TAG: ClassVar[int] = 10
+class Ready(_Message, frozen=True):
     model_info: ModelInfo
     pid: int
 
 
-@dataclass(frozen=True)
-class Deltas:
+class Deltas(_Message, frozen=True):
     """All output of one engine step. ``queue_time_s`` holds, for requests whose first output is in
     this step, the seconds from ``add_request`` to the start of that step."""
 
-    TAG: ClassVar[int] = 11
     deltas: list[RequestDelta]
-    queue_time_s: dict[str, float] = field(default_factory=dict)
+    queue_time_s: dict[str, float] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class RequestFailed:
-    TAG: ClassVar[int] = 12
+class RequestFailed(_Message, frozen=True):
     request_id: str
     error: ErrorInfo
 
 
-@dataclass(frozen=True)
-class Stats:
-    TAG: ClassVar[int] = 13
+class Stats(_Message, frozen=True):
     query_id: int
     stats: EngineStats
 
 
-@dataclass(frozen=True)
-class EngineFailed:
-    TAG: ClassVar[int] = 14
+class EngineFailed(_Message, frozen=True):
     error: ErrorInfo
 
 
-Message = AddRequest | Abort | StatsQuery | Shutdown | Ready | Deltas | RequestFailed | Stats | EngineFailed
+class Heartbeat(_Message, frozen=True):
+    pass
+
+
+Message = AddRequest | Abort | StatsQuery | Shutdown | Ready | Deltas | RequestFailed | Stats | EngineFailed | Heartbeat
 
 
 # ---- wire format ---------------------------------------------------------------------------------
 
-
-def _delta_to_wire(d: RequestDelta) -> list[Any]:
-    logprobs = None if d.logprobs is None else [[lp.token_id, lp.logprob, [list(t) for t in lp.top]]
-                                                  for lp in d.logprobs]  # fmt: skip
-    return [d.request_id, d.token_ids, d.text, logprobs, d.finish_reason, d.stop_reason,
-            d.num_prompt_tokens, d.num_generated_tokens, d.num_cached_tokens, d.error]  # fmt: skip
-
-
-def _delta_from_wire(w: list[Any]) -> RequestDelta:
-    logprobs = None if w[3] is None else [TokenLogprob(t, lp, tuple((i, v) for i, v in top))
-                                          for t, lp, top in w[3]]  # fmt: skip
-    return RequestDelta(w[0], list(w[1]), w[2], logprobs, w[4], w[5], w[6], w[7], w[8], w[9])
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-def _to_wire(msg: Message) -> list[Any]:
-    match msg:
-        case AddRequest():
-            return [msg.request_id, msg.prompt_token_ids, _fields(msg.params)]
-        case Abort():
-            return [msg.request_ids]
-        case StatsQuery() | Stats():
-            return [msg.query_id, _fields(msg.stats)] if isinstance(msg, Stats) else [msg.query_id]
-        case Shutdown():
-            return []
-        case Ready():
-            return [_fields(msg.model_info), msg.pid]
-        case Deltas():
-            return [[_delta_to_wire(d) for d in msg.deltas], msg.queue_time_s]
-        case RequestFailed():
-            return [msg.request_id, _fields(msg.error)]
-        case EngineFailed():
-            return [_fields(msg.error)]
-    raise TypeError(f"not a message: {msg!r}")
-
-
-def _model_info(data: dict[str, Any]) -> ModelInfo:
-    return ModelInfo(**{**data, "eos_token_ids": tuple(data["eos_token_ids"])})
-
-
-_DECODERS: dict[int, Any] = {
-    AddRequest.TAG: lambda w: AddRequest(w[0], list(w[1]), SamplingParams(**w[2])),
-    Abort.TAG: lambda w: Abort(list(w[0])),
-    StatsQuery.TAG: lambda w: StatsQuery(w[0]),
-    Shutdown.TAG: lambda w: Shutdown(),
-    Ready.TAG: lambda w: Ready(_model_info(w[0]), w[1]),
-    Deltas.TAG: lambda w: Deltas([_delta_from_wire(d) for d in w[0]], dict(w[1])),
-    RequestFailed.TAG: lambda w: RequestFailed(w[0], ErrorInfo(**w[1])),
-    Stats.TAG: lambda w: Stats(w[0], EngineStats(**w[1])),
-    EngineFailed.TAG: lambda w: EngineFailed(ErrorInfo(**w[0])),
-}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Message)
+_SPEC_DECODER = msgspec.msgpack.Decoder(EngineSpec)
 
 
 def encode(msg: Message) -> bytes:
     """One message as bytes."""
-    return msgpack.packb([msg.TAG, *_to_wire(msg)], use_bin_type=True)
+    return _ENCODER.encode(msg)
 
 
 def decode(data: bytes) -> Message:
-    """Bytes back into a message. Raises ``ValueError`` for anything that is not one."""
+    """Bytes back into a message. Raises ``ValueError`` saying what is wrong for anything that is
+    not one (unknown type, missing or mistyped field, not msgpack at all)."""
     try:
-        tag, *wire = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        return _DECODERS[tag](wire)  # type: ignore[no-any-return]
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+        return _DECODER.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError included
         raise ValueError(f"not an engine message: {exc}") from exc
 
 
 def encode_spec(spec: EngineSpec) -> bytes:
     """The engine spec handed to a new engine process."""
-    return msgpack.packb([spec.factory, _fields(spec.config), spec.options], use_bin_type=True)
+    return _ENCODER.encode(spec)
 
 
 def decode_spec(data: bytes) -> EngineSpec:
-    factory, config, options = msgpack.unpackb(data, raw=False)
-    return EngineSpec(factory, EngineConfig(**config), dict(options))
+    try:
+        return _SPEC_DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not an engine spec: {exc}") from exc

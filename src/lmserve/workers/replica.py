@@ -14,8 +14,9 @@ from typing import Any
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import EngineDeadError
-from lmserve.workers.engine_client import EngineClient, ReplicaState
+from lmserve.workers.engine_client import EngineClient
 from lmserve.workers.placement import Placement
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
 
 
@@ -83,5 +84,6 @@ class Replica:
         if self.error is not None:
             out["error"] = str(self.error)
         if stats is not None:
-            out |= {"running": stats.num_running, "waiting": stats.num_waiting, "kv_cache_usage": round(stats.kv_usage, 4)}
+            out |= {"running": stats.num_running, "waiting": stats.num_waiting, "kv_cache_usage": round(stats.kv_usage, 4),
+                    "kv_blocks_used": stats.kv_blocks_total - stats.kv_blocks_free}  # fmt: skip
         return out

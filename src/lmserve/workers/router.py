@@ -8,9 +8,11 @@ from typing import Protocol
 
 from lmserve.engine.protocol import EngineStats
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.errors import CapacityError, EngineDeadError
-from lmserve.workers.engine_client import ReplicaState
+from lmserve.errors import CapacityError, EngineDeadError, ShuttingDownError
+from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
+
+_DRAIN_POLL_S = 0.05
 
 
 class Routable(Protocol):
@@ -29,7 +31,31 @@ class Routable(Protocol):
 
     def abort_all(self, error: BaseException) -> None: ...
 
-    async def stats(self) -> EngineStats: ...
+    async def stats(self, timeout: float = ...) -> EngineStats: ...
+
+
+class Drainable(Protocol):
+    """What ``drain`` needs: a ``Router`` (a whole model) or one ``Replica``."""
+
+    @property
+    def outstanding(self) -> int: ...
+
+    def abort_all(self, error: BaseException) -> None: ...
+
+
+async def drain(target: Drainable, timeout: float, error: BaseException) -> int:
+    """Wait up to ``timeout`` seconds for ``target``'s requests in flight to finish, then abort the
+    rest, each ending with ``error``; returns how many were aborted. The caller has already stopped
+    sending ``target`` new requests. It polls: a drain is rare and lasts seconds, so a 50 ms look
+    costs nothing and needs no signal from every place a request can end."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while target.outstanding and loop.time() < end:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    left = target.outstanding
+    if left:
+        target.abort_all(error)
+    return left
 
 
 class Router:
@@ -63,7 +89,7 @@ class Router:
         ready and ``CapacityError`` when every ready replica is full."""
         ready = self.ready_replicas()
         if not ready:
-            raise EngineDeadError(self._why_none_ready())
+            raise self._why_none_ready()
         start, self._turn = self._turn % len(ready), self._turn + 1
         replica = min(ready[start:] + ready[:start], key=lambda r: r.outstanding)
         if replica.outstanding >= self.max_outstanding:
@@ -78,22 +104,30 @@ class Router:
         for replica in self.replicas:
             replica.abort_all(error)
 
-    async def stats(self) -> EngineStats:
-        """The engines' counters, summed over ready replicas."""
-        snapshots = await asyncio.gather(*(r.stats() for r in self.ready_replicas()))
+    async def stats(self, timeout: float = 5.0) -> EngineStats:
+        """The engines' counters, summed over the ready replicas that answer within ``timeout``
+        seconds: one busy with a long step, or frozen and not yet found out, is left out rather
+        than waited for."""
+        answers = await asyncio.gather(*(r.stats(timeout) for r in self.ready_replicas()), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, (TimeoutError, EngineDeadError)):
+                raise answer
+        snapshots = [answer for answer in answers if isinstance(answer, EngineStats)]
+        if answers and not snapshots:
+            raise EngineDeadError(f"no replica answered within {timeout:g}s")
         total: dict[str, int] = {}
         for snapshot in snapshots:
             for name, value in vars(snapshot).items():
                 total[name] = total.get(name, 0) + value
         return EngineStats(**total)
 
-    def _why_none_ready(self) -> str:
+    def _why_none_ready(self) -> EngineDeadError:
         states = {replica.state for replica in self.replicas}
         errors = "; ".join(str(r.error) for r in self.replicas if r.error is not None)
         if ReplicaState.RESTARTING in states or ReplicaState.LOADING in states and errors:
-            return f"no engine replica is ready; restarting after: {errors or 'a failure'}"
+            return EngineDeadError(f"no engine replica is ready; restarting after: {errors or 'a failure'}")
         if ReplicaState.LOADING in states:
-            return "the model is still loading"
+            return EngineDeadError("the model is still loading")
         if ReplicaState.STOPPED in states or ReplicaState.DRAINING in states:
-            return "the server is shutting down"
-        return f"no engine replica is running: {errors or 'all failed'}"
+            return ShuttingDownError("the server is shutting down")
+        return EngineDeadError(f"no engine replica is running: {errors or 'all failed'}")

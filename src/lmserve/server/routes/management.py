@@ -32,8 +32,8 @@ from lmserve.errors import EngineDeadError, InvalidRequestError
 from lmserve.server.policy import error_text, for_caller, public_location
 from lmserve.server.routes import registry_of
 from lmserve.server.runtime import ModelRuntime, State
-from lmserve.workers.engine_client import ReplicaState
 from lmserve.workers.replica import Replica
+from lmserve.workers.replica_state import ReplicaState
 
 router = APIRouter(tags=["Management"])
 logger = logging.getLogger("lmserve.server")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
-from lmserve.server.errors import sse_error_event
+from lmserve.server.errors import openai_sse_error_event
 from lmserve.server.params import check_text, openai_sampling_params
 from lmserve.server.prompts import NewTokens, chat_prompt_ids, fit
 from lmserve.server.protocol.openai import ChatCompletionRequest, ChatMessage
@@ -46,7 +46,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, model_
     if body.stream:
         firsts = await gen.first_deltas(request, streams)
         chunks = _chunks(rt, body, prompt, streams, firsts)
-        return sse_response(guarded(chunks, sse_error_event, streams), streams)
+        return sse_response(guarded(chunks, openai_sse_error_event, streams), streams)
     results = await gen.complete(request, streams)
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _logprobs(rt, c.logprobs) if body.logprobs else None,

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
-from lmserve.server.errors import sse_error_event
+from lmserve.server.errors import openai_sse_error_event
 from lmserve.server.params import OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, openai_sampling_params
 from lmserve.server.prompts import NewTokens, check_prompt, fit, prompt_ids
 from lmserve.server.protocol.openai import CompletionRequest
@@ -35,7 +35,7 @@ async def completions(body: CompletionRequest, request: Request, model_name: str
     if body.stream:
         firsts = await gen.first_deltas(request, streams)
         chunks = _chunks(rt, body, prompts, streams, firsts)
-        return sse_response(guarded(chunks, sse_error_event, streams), streams)
+        return sse_response(guarded(chunks, openai_sse_error_event, streams), streams)
     results = await gen.complete(request, streams)
     choices = [{"index": i, "text": c.text, "logprobs": _logprobs(rt, c.logprobs, 0) if body.logprobs is not None
                 else None, "finish_reason": openai_finish_reason(c.finish_reason)}

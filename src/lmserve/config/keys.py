@@ -54,7 +54,14 @@ _MODEL_KEYS = (
         default_text="Python"),
     Key("option.entryPoint", v.ENTRY_POINT, "model.entry_point",
         "Handler: LMI built-in entry points map to the default text-generation handler; a .py file "
-        "is a custom handler.", flag="--entry-point"),
+        "is a custom handler, as is 'module:function'. A model.py in the model directory is used "
+        "when this is absent.", flag="--entry-point"),
+    Key("option.task", v.choice(v.TASKS), "model.task",
+        "The default handler's task; absent: picked from the checkpoint's architectures "
+        "(...ForSequenceClassification: text-classification; encoder-only models such as BertModel: "
+        "text-embedding; else text-generation)."),
+    Key("option.enable_venv", v.BOOL, "model.enable_venv",
+        "Install a custom handler's requirements.txt into a virtual environment of the model's own."),
     Key("option.model_id", v.TEXT, "model.model_id",
         "Model location: local directory, .tar.gz, s3:// prefix, Hub id or GGUF file.",
         aliases=("option.s3url", "option.model_dir"), shortcut="HF_MODEL_ID",
@@ -168,7 +175,7 @@ _IGNORED: dict[str, tuple[str, ...]] = {
                     "max_num_sequences", "enable_trt_overlap", "enable_kv_cache_reuse",
                     "baichuan_model_version", "chatglm_model_version", "multi_block_mode",
                     "use_fused_mlp", "draft_model_id", "speculative_draft_model",
-                    "speculative_length", "draft_model_tp_size", "task"),
+                    "speculative_length", "draft_model_tp_size"),
     "deprecated in LMI; lmserve always streams when a request asks": ("enable_streaming",),
     "lmserve's HTTP dialects format output; custom formatters need a model.py handler":
         ("output_formatter",),

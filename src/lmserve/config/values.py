@@ -8,6 +8,7 @@ parser's ``ValueError`` into a ``ConfigError`` that names key, value, source and
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ LMI_ENTRY_POINTS = (
     "djl_python.deepspeed",
     "djl_python.tensorrt_llm",
 )
+
+# option.task spellings -> the default handler that serves the task.
+TASKS = {"text-generation": "text-generation", "text_generation": "text-generation",
+         "text-embedding": "text-embedding", "text_embedding": "text-embedding", "embedding": "text-embedding",
+         "feature-extraction": "text-embedding", "feature_extraction": "text-embedding",
+         "text-classification": "text-classification", "text_classification": "text-classification",
+         "sentiment-analysis": "text-classification"}  # fmt: skip
 
 # LMI rolling-batch backends: all mean "continuous batching", which lmserve does itself.
 LMI_ROLLING_BATCH = ("lmi-dist", "lmi-dist-v2", "vllm", "scheduler", "trtllm", "deepspeed", "tnx")
@@ -152,12 +160,18 @@ def _entry_point(raw: object) -> str:
         return DEFAULT_ENTRY_POINT
     if text.endswith(".py") and len(text) > len(".py"):
         return text  # a custom handler file, relative to the model directory or absolute
+    if _MODULE_FUNCTION.fullmatch(text):
+        return text  # a handler function of an importable module
     raise ValueError(text)
+
+
+_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 ENTRY_POINT = ValueType(
     "str",
     f"absent or one of {', '.join(LMI_ENTRY_POINTS)} (all served by the default text-generation "
-    f"handler '{DEFAULT_ENTRY_POINT}'), or a custom handler file ending in .py such as model.py",
+    f"handler '{DEFAULT_ENTRY_POINT}'), a custom handler file ending in .py such as model.py, or "
+    "'module:function' naming a handler function",
     _entry_point,
 )

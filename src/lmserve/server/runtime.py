@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError, UnsupportedModelError
+from lmserve.errors import EngineDeadError, InvalidRequestError, UnsupportedModelError
+from lmserve.handlers.launcher import HandlerLauncher
+from lmserve.handlers.select import HandlerChoice, choose_handler
+from lmserve.handlers.setup import PreparedHandler, handler_launcher, prepare_handler
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
 from lmserve.workers.launcher import Backoff, Launcher
@@ -77,6 +80,8 @@ class ModelRuntime:
         self.error: BaseException | None = None
         self.tokenizer: Tokenizer | None = None
         self.launcher: Launcher | None = None
+        self.handler: HandlerLauncher | None = None  # set when a handler serves it, not the engine
+        self.handler_task: str | None = None  # "custom", "text-embedding", "text-classification"
         self.model_info: ModelInfo | None = None
         self.created = int(time.time())
         self.min_workers, self.max_workers = plan.config.workers.min_workers, plan.config.workers.max_workers
@@ -100,10 +105,20 @@ class ModelRuntime:
         try:
             async with asyncio.timeout(timeout):
                 path = await self._resolve()
-                with _phase("tokenizer"):
-                    self.tokenizer = await asyncio.to_thread(_load_tokenizer, path, self.config)
-            with _phase("engine load"):
-                await self._start_engine(path)
+                choice = self._choose_handler(path)
+                if choice is None:
+                    with _phase("tokenizer"):
+                        self.tokenizer = await asyncio.to_thread(_load_tokenizer, path, self.config)
+                else:
+                    with _phase("handler setup"):
+                        prepared = await asyncio.to_thread(prepare_handler, choice, path, self._handler_dir,
+                                                           self.config)  # fmt: skip
+            if choice is None:
+                with _phase("engine load"):
+                    await self._start_engine(path)
+            else:
+                with _phase("handler load"):
+                    await self._start_handler(path, choice.task, prepared)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -122,15 +137,14 @@ class ModelRuntime:
         """Fetch the model and rebuild the configuration with its ``serving.properties``."""
         plan = self.plan
         if not plan.resolve:
-            return Path(self.config.engine.model)
+            self._handler_dir = Path(self.config.engine.model)
+            return self._handler_dir
         from lmserve.config import load_serving_config
 
         with _phase("resolve"):
             fetched = await resolve_in_child(self.config.model.model_id, self.config.model.revision,
                                              plan.default_model)  # fmt: skip
-        if fetched.has_custom_handler:
-            raise UnsupportedModelError(f"{fetched.path} comes with a custom model.py handler; this server "
-                                        "serves only the built-in text-generation handler")  # fmt: skip
+        self._handler_dir = fetched.properties.parent if fetched.properties is not None else fetched.path
         with _phase("config"):
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,
@@ -152,6 +166,28 @@ class ModelRuntime:
                                  on_failed=self._on_failed)  # fmt: skip
         self.model_info = await self.launcher.start(count)
 
+    def _choose_handler(self, path: Path) -> HandlerChoice | None:
+        """The handler serving this model (None: the engine). Code that came with a model registered
+        at run time is refused: only the operator, who named the startup model, chose to run it."""
+        choice = choose_handler(path, self._handler_dir, self.config)
+        if choice is not None and choice.custom and not self.loaded_at_startup:
+            raise UnsupportedModelError(
+                f"model '{self.name}' brings its own handler code ({choice.entry}, option.entryPoint or "
+                "model.py); a model registered at run time may only use the built-in handlers. Serve it "
+                "by naming it when the server starts instead")  # fmt: skip
+        return choice
+
+    async def _start_handler(self, path: Path, task: str, prepared: PreparedHandler) -> None:
+        devices = await asyncio.to_thread(detect_devices, self.config.engine.device, self.config.workers.cpu_devices)
+        count = replica_count(devices, 1, self.min_workers, self.max_workers)
+        logger.info("model %s: %d handler worker(s) (%s), batch_size %d, max_batch_delay %gms", self.name, count,
+                    prepared.spec.entry, self.config.batching.batch_size,
+                    self.config.batching.max_batch_delay_ms)  # fmt: skip
+        self.handler = handler_launcher(self.name, prepared, self.config, devices, self.plan.restart_backoff,
+                                        self._on_failed, self.metrics.observe_batch)  # fmt: skip
+        self.launcher, self.handler_task = self.handler, task
+        self.model_info = await self.handler.start(count)
+
     def target_replicas(self, devices: Devices | None = None) -> int:
         """``devices // tensor_parallel_degree``, capped by ``max_workers``, at least ``min_workers``."""
         devices = devices or (self.launcher.devices if self.launcher is not None else None)
@@ -166,6 +202,8 @@ class ModelRuntime:
         logger.error("model %s failed: %s", self.name, error)
         if self.router is not None:
             self.router.abort_all(EngineDeadError(f"the model failed: {error}"))
+        if self.handler is not None:
+            self.handler.batcher.fail_all(EngineDeadError(f"the model failed: {error}"))
         self._stopping = asyncio.create_task(self._stop_replicas(), name=f"stop-{self.name}")
 
     async def _stop_replicas(self) -> None:
@@ -177,6 +215,10 @@ class ModelRuntime:
     def ready_router(self) -> Router:
         """The router, if requests are being accepted; else ``EngineDeadError`` (503) saying why.
         With no replica ready at the moment (all restarting) the router itself says so."""
+        if self.state is State.READY and self.handler is not None:
+            raise InvalidRequestError("model", f"model '{self.name}' is served by a {self.handler_task} handler, "
+                                      "not the text-generation engine; send its requests to /invocations "
+                                      "(or /predictions/{model}, /v1/embeddings for embeddings)")  # fmt: skip
         if self.state is State.READY and self.router is not None:
             return self.router
         reasons = {State.LOADING: "the model is still loading",
@@ -184,6 +226,16 @@ class ModelRuntime:
                    State.STOPPED: "the server is shutting down",
                    State.FAILED: f"the model failed: {self.error}"}  # fmt: skip
         raise EngineDeadError(reasons.get(self.state, "not ready"))
+
+    def ready_handler(self) -> HandlerLauncher | None:
+        """The handler launcher when a handler serves this model and it is ready; None when the
+        engine serves it (or it is loading: ``ready_router`` then says why). ``EngineDeadError``
+        (503) while a handler model cannot serve."""
+        if self.handler is None:
+            return None
+        if self.state is not State.READY:
+            self.ready_router()  # raises with the reason
+        return self.handler
 
     def health(self) -> tuple[int, str]:
         """(``/ping`` status, state word): 200 ``ready`` while at least one replica is ready, 503

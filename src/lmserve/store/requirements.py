@@ -13,12 +13,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import venv
 from pathlib import Path
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
 
 REQUIREMENTS = "requirements.txt"
+WHEELS = "requirements"  # a folder of wheels beside requirements.txt: installs from it, offline
 _DONE = ".lmserve-installed"
 _PIP_TAIL_LINES = 20
 
@@ -53,9 +55,52 @@ def install_requirements(model_dir: Path) -> Path | None:
     return target
 
 
-def _pip_install(requirements: Path, target: Path) -> None:
+def install_requirements_venv(model_dir: Path) -> Path | None:
+    """Install ``model_dir/requirements.txt`` (once per content) into a virtual environment of its
+    own, ``<cache>/venvs/<sha256>``, and return that environment's ``python``; None without the file.
+
+    The environment is created without pip (the running interpreter's pip installs into it).
+
+    Raises:
+        UnsupportedModelError: pip failed; the message holds pip's last lines.
+    """
+    requirements = model_dir / REQUIREMENTS
+    if not requirements.is_file():
+        return None
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    target = cache_subdir("venvs") / digest
+    python = target / "bin" / "python"
+    if (target / _DONE).is_file():
+        return python
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=target.parent))
+    try:
+        # The environment is built under its final name (a venv's scripts hold absolute paths);
+        # the marker, written last, says it is finished.
+        shutil.rmtree(target, ignore_errors=True)
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(target)
+        _pip_install(requirements, tmp, python=python)
+        (target / _DONE).write_text(str(requirements.resolve()) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return python
+
+
+def venv_site_packages(python: Path) -> Path:
+    """The ``site-packages`` folder of the virtual environment whose interpreter is ``python``."""
+    lib = python.parent.parent / "lib"
+    return next(lib.glob("python3*/site-packages"), lib / "site-packages")
+
+
+def _pip_install(requirements: Path, target: Path, python: Path | None = None) -> None:
+    """``pip install -r requirements`` into ``target`` (``--target``), or into the environment of
+    ``python`` when given. A ``requirements/`` folder beside the file is the only source then
+    (wheels shipped with the model install offline)."""
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    cmd += ["--target", str(target), "-r", str(requirements.resolve())]
+    cmd += ["--python", str(python)] if python is not None else ["--target", str(target)]
+    wheels = requirements.parent / WHEELS
+    if wheels.is_dir():
+        cmd += ["--no-index", "--find-links", str(wheels.resolve())]
+    cmd += ["-r", str(requirements.resolve())]
     proc = subprocess.run(cmd, cwd=requirements.parent, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_PIP_TAIL_LINES:])

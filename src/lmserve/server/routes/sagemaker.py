@@ -13,7 +13,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pydantic
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from lmserve.errors import InvalidRequestError
@@ -22,6 +24,7 @@ from lmserve.server.errors import jsonlines_error
 from lmserve.server.params import LMI_DEFAULT_MAX_NEW_TOKENS, lmi_sampling_params
 from lmserve.server.protocol.lmi import GenerationParameters, InvocationRequest
 from lmserve.server.routes import runtime_of
+from lmserve.server.routes.handler import handler_response
 from lmserve.server.runtime import ModelRuntime
 from lmserve.server.streaming import (
     deltas_from,
@@ -35,17 +38,35 @@ from lmserve.server.streaming import (
 router = APIRouter(tags=["SageMaker / LMI"])
 
 
-@router.post("/invocations")
-async def invocations(body: InvocationRequest, request: Request, model_name: str | None = None) -> Response:
-    """Generate text for one input or a list of inputs (LMI schema); ``?model_name=`` picks the model
-    when several are loaded."""
-    return await invoke(runtime_of(request, model_name), request, body)
+# The body is read by hand: a model served by a handler takes any body (JSON, text, bytes); the
+# text-generation schema is still published.
+_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/InvocationRequest"}}}}}  # fmt: skip
 
 
-@router.post("/predictions/{model_name}")
-async def predictions(model_name: str, body: InvocationRequest, request: Request) -> Response:
+@router.post("/invocations", openapi_extra=_BODY)
+async def invocations(request: Request, model_name: str | None = None) -> Response:
+    """Generate text for one input or a list of inputs (LMI schema), or run the model's handler;
+    ``?model_name=`` picks the model when several are loaded."""
+    return await invoke_any(runtime_of(request, model_name), request)
+
+
+@router.post("/predictions/{model_name}", openapi_extra=_BODY)
+async def predictions(model_name: str, request: Request) -> Response:
     """``/invocations`` for a named model (DJL Serving); an unknown name is a 404."""
-    return await invoke(runtime_of(request, model_name), request, body)
+    return await invoke_any(runtime_of(request, model_name), request)
+
+
+async def invoke_any(rt: ModelRuntime, request: Request) -> Response:
+    """The model's handler answers when it has one; else the LMI text-generation body is read."""
+    handler = rt.ready_handler()
+    if handler is not None:
+        return await handler_response(handler, request)
+    try:
+        body = InvocationRequest.model_validate_json(await request.body())
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return await invoke(rt, request, body)
 
 
 async def prompt_ids(rt: ModelRuntime, text: str, field: str, p: GenerationParameters) -> list[int]:

@@ -16,8 +16,8 @@ from lmserve.config.properties import read_properties
 from lmserve.config.settings import ServingConfig
 from lmserve.errors import UnsupportedModelError
 
-EMBEDDING = "lmserve.handlers.embedding:handle"
-CLASSIFICATION = "lmserve.handlers.classification:handle"
+EMBEDDING = "lmserve.handlers.encoders:embed"
+CLASSIFICATION = "lmserve.handlers.encoders:classify"
 _BUILT_IN = {"text-embedding": EMBEDDING, "text-classification": CLASSIFICATION}
 _ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "deberta", "deberta-v2",
              "camembert", "albert", "nomic_bert", "modernbert"}  # fmt: skip

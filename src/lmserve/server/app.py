@@ -21,6 +21,7 @@ from lmserve.server.routes import (
     management,
     openai_chat,
     openai_completions,
+    openai_embeddings,
     sagemaker,
     sagemaker_runtime,
     tgi,
@@ -45,7 +46,8 @@ def create_app(registry: ModelRegistry) -> FastAPI:
                   description="LLM inference server: SageMaker/LMI, TGI and OpenAI dialects.")  # fmt: skip
     app.state.registry = registry
     install_error_handlers(app, lambda: registry.server.queue_full_status)
-    for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, management):
+    for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, openai_embeddings,
+                   management):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: registry.server.max_request_bytes)
     app.add_middleware(TokenAuthMiddleware, server=lambda: registry.server)

@@ -56,5 +56,11 @@ def start_handler_server(path: Path, batch_size: int = 1, max_batch_delay_ms: fl
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(registry, server, thread, f"http://127.0.0.1:{port}")
-    live.wait_for_ping(200, timeout=config.get("model_loading_timeout_s", 60.0))
+    deadline = time.monotonic() + config.get("model_loading_timeout_s", 60.0)
+    with live.client() as http:
+        while (code := http.get("/ping").status_code) != 200:
+            if code == 500 or time.monotonic() > deadline:
+                live.stop()
+                raise AssertionError(f"the model did not load (/ping {code}): {live.runtime.error}")
+            time.sleep(0.05)
     return live

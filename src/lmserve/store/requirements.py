@@ -95,8 +95,9 @@ def _pip_install(requirements: Path, target: Path, python: Path | None = None) -
     """``pip install -r requirements`` into ``target`` (``--target``), or into the environment of
     ``python`` when given. A ``requirements/`` folder beside the file is the only source then
     (wheels shipped with the model install offline)."""
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    cmd += ["--python", str(python)] if python is not None else ["--target", str(target)]
+    cmd = [sys.executable, "-m", "pip", *(["--python", str(python)] if python is not None else []), "install"]
+    cmd += ["--disable-pip-version-check", "--no-input"]
+    cmd += ["--target", str(target)] if python is None else []
     wheels = requirements.parent / WHEELS
     if wheels.is_dir():
         cmd += ["--no-index", "--find-links", str(wheels.resolve())]

@@ -34,7 +34,7 @@ class _Encoder:
         self.torch = torch
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
         model_class = getattr(transformers, head)
-        self.model = model_class.from_pretrained(model_id, torch_dtype=torch.float32).eval()
+        self.model = model_class.from_pretrained(model_id).float().eval()  # fp32: the reference numbers
         pooling = Path(model_id) / "1_Pooling" / "config.json"
         self.cls_pooling = pooling.is_file() and bool(json.loads(pooling.read_text()).get("pooling_mode_cls_token"))
         limit = getattr(self.model.config, "max_position_embeddings", 512)

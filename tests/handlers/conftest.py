@@ -17,7 +17,7 @@ from lmserve.server.app import create_app
 from lmserve.server.registry import ModelRegistry
 from lmserve.server.runtime import LoadPlan
 from lmserve.workers.launcher import Backoff
-from tests.server.conftest import LiveServer, serving_config
+from tests.server.conftest import LiveServer, serving_config, tiny_model_dir  # noqa: F401 (a fixture)
 
 FAST_RESTART = Backoff(first_s=0.05, max_s=0.2)
 
@@ -40,12 +40,13 @@ def model_dir(tmp_path: Path, model_py: str, properties: str = "", **files: str)
 
 def start_handler_server(path: Path, batch_size: int = 1, max_batch_delay_ms: float = 100.0,
                          model: dict[str, Any] | None = None, backoff: Backoff = FAST_RESTART,
-                         **config: Any) -> LiveServer:
-    """A live server whose startup model is ``path`` (served by its handler), once ``/ping`` is 200."""
+                         plan: dict[str, Any] | None = None, **config: Any) -> LiveServer:
+    """A live server whose startup model is ``path`` (served by its handler, or by the engine
+    ``plan`` names), once ``/ping`` is 200."""
     base = serving_config(path, **config)
     cfg = dataclasses.replace(base, batching=BatchingConfig(batch_size, max_batch_delay_ms),
                               model=dataclasses.replace(base.model, **(model or {})))  # fmt: skip
-    registry = ModelRegistry.serving(LoadPlan(cfg, resolve=False, restart_backoff=backoff))
+    registry = ModelRegistry.serving(LoadPlan(cfg, resolve=False, restart_backoff=backoff, **(plan or {})))
     server = uvicorn.Server(uvicorn.Config(create_app(registry), host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=2))  # fmt: skip
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

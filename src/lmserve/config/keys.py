@@ -60,6 +60,12 @@ _MODEL_KEYS = (
         "The default handler's task; absent: picked from the checkpoint's architectures "
         "(...ForSequenceClassification: text-classification; encoder-only models such as BertModel: "
         "text-embedding; else text-generation)."),
+    Key("option.output_formatter", v.choice({"json": "json", "jsonlines": "jsonlines", "sse": "sse"}),
+        "model.output_formatter",
+        "Shape of /invocations answers of the text-generation handler: json (one JSON document, "
+        "streamed piece by piece when streaming), jsonlines (one JSON line per token, or per input "
+        "without streaming), sse (those lines as Server-Sent Events); unset: json, and jsonlines "
+        "when streaming."),
     Key("option.enable_venv", v.BOOL, "model.enable_venv",
         "Install a custom handler's requirements.txt into a virtual environment of the model's own."),
     Key("option.model_id", v.TEXT, "model.model_id",
@@ -177,8 +183,6 @@ _IGNORED: dict[str, tuple[str, ...]] = {
                     "use_fused_mlp", "draft_model_id", "speculative_draft_model",
                     "speculative_length", "draft_model_tp_size"),
     "deprecated in LMI; lmserve always streams when a request asks": ("enable_streaming",),
-    "lmserve's HTTP dialects format output; custom formatters need a model.py handler":
-        ("output_formatter",),
     "lmserve keeps replicas up while the model is registered": ("max_idle_time",),
 }
 IGNORED_KEYS = tuple(

@@ -21,6 +21,7 @@ import pydantic
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
 
 from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
@@ -48,6 +49,13 @@ router = APIRouter(tags=["SageMaker / LMI"])
 # text-generation schema is still published.
 _BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/InvocationRequest"}}}}}  # fmt: skip
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The body schemas these routes read by hand (``InvocationRequest`` and the models it uses),
+    for the app's OpenAPI components."""
+    _, defs = models_json_schema([(InvocationRequest, "validation")], ref_template="#/components/schemas/{model}")
+    return dict(defs.get("$defs", {}))
 
 
 @router.post("/invocations", openapi_extra=_BODY)

@@ -228,11 +228,8 @@ class ModelRuntime:
         raise EngineDeadError(reasons.get(self.state, "not ready"))
 
     def ready_handler(self) -> HandlerLauncher | None:
-        """The handler launcher when a handler serves this model and it is ready; None when the
-        engine serves it (or it is loading: ``ready_router`` then says why). ``EngineDeadError``
-        (503) while a handler model cannot serve."""
-        if self.handler is None:
-            return None
+        """The handler launcher when a handler serves this model; None when the engine does.
+        ``EngineDeadError`` (503) saying why while the model cannot serve (loading, failed, ...)."""
         if self.state is not State.READY:
             self.ready_router()  # raises with the reason
         return self.handler

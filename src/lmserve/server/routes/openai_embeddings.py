@@ -12,13 +12,13 @@ from __future__ import annotations
 import base64
 import json
 import math
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from lmserve.errors import HandlerError, InvalidRequestError
+from lmserve.handlers.launcher import HandlerLauncher
 from lmserve.handlers.messages import Item
 from lmserve.server.protocol.openai import EmbeddingRequest
 from lmserve.server.routes import runtime_of
@@ -48,10 +48,8 @@ async def embeddings(body: EmbeddingRequest, request: Request, model_name: str |
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
 
-def _embedding_handler(rt: ModelRuntime) -> Any:
-    handler = rt.ready_handler()
-    if handler is None:
-        rt.ready_router()  # a loading or failed model says so (503)
+def _embedding_handler(rt: ModelRuntime) -> HandlerLauncher:
+    handler = rt.ready_handler()  # a loading or failed model says so (503)
     if handler is None or rt.handler_task != "text-embedding":
         raise InvalidRequestError("model", f"model '{rt.name}' is not an embedding model; serve an encoder "
                                   "checkpoint (or set option.task=text-embedding) for /v1/embeddings")  # fmt: skip

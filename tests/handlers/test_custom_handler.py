@@ -169,3 +169,9 @@ def test_an_entry_point_names_the_handler_file(tmp_path: Path) -> None:
         assert json.loads(reply.content) == {"body": {"a": 1}}
     finally:
         server.stop()
+
+
+def test_a_handler_that_fails_to_initialise_fails_the_model_with_its_message(tmp_path: Path) -> None:
+    path = model_dir(tmp_path, "def handle(inputs):\n    raise RuntimeError('no weights in ' + inputs.get_property('model_dir'))\n")
+    with pytest.raises(AssertionError, match=r"/ping 500.*RuntimeError: no weights in"):
+        start_handler_server(path)

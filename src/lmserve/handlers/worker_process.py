@@ -90,6 +90,7 @@ def run_handler_worker(spec: HandlerSpec, address: str, env: dict[str, str], cpu
         traceback.print_exc()
         sock.send(encode(WorkerLoadFailed(f"{type(exc).__name__}: {exc}")))
         sock.close(linger=2000)
+        ctx.term()  # waits (up to the linger) until the message is out
         os._exit(1)
     sock.send(encode(WorkerReady(os.getpid())))
     worker.serve(handle)

@@ -130,8 +130,10 @@ class ModelRuntime:
             return
         if self.state is State.LOADING:
             self.state, self.ready_once = State.READY, True
-            logger.info("model %s is ready: %d replica(s), max_model_len %d", self.name,
-                        len(self.launcher.replicas), self.model_info.max_model_len)  # type: ignore[union-attr]
+            limits = f"{self.handler_task} handler" if self.handler is not None else \
+                f"max_model_len {self.model_info.max_model_len}"  # type: ignore[union-attr]  # fmt: skip
+            logger.info("model %s is ready: %d replica(s), %s", self.name, len(self.launcher.replicas),  # type: ignore[union-attr]
+                        limits)  # fmt: skip
 
     async def _resolve(self) -> Path:
         """Fetch the model and rebuild the configuration with its ``serving.properties``."""

@@ -175,3 +175,19 @@ def test_a_handler_that_fails_to_initialise_fails_the_model_with_its_message(tmp
     path = model_dir(tmp_path, "def handle(inputs):\n    raise RuntimeError('no weights in ' + inputs.get_property('model_dir'))\n")
     with pytest.raises(AssertionError, match=r"/ping 500.*RuntimeError: no weights in"):
         start_handler_server(path)
+
+
+def test_a_custom_handler_keeps_its_own_option_keys(tmp_path: Path) -> None:
+    from lmserve.config import load_serving_config
+    from lmserve.errors import ConfigError
+    from lmserve.handlers.select import handler_properties
+
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "plain").mkdir()
+    custom = model_dir(tmp_path / "custom", DJL_MODEL, "option.greeting=hello\noption.dtype=fp32\n")
+    config = load_serving_config(str(custom), env={}, properties=custom / "serving.properties")
+    assert config.engine.dtype == "fp32"  # lmserve's own keys are still read
+    assert handler_properties(custom, custom, config)["greeting"] == "hello"
+    (tmp_path / "plain" / "serving.properties").write_text("option.greeting=hello\n")
+    with pytest.raises(ConfigError, match="greeting"):  # without a handler, an unknown key is a typo
+        load_serving_config(str(tmp_path / "plain"), env={}, properties=tmp_path / "plain" / "serving.properties")

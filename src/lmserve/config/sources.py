@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 from lmserve.config.keys import KEYS, Key, closest_key, find_key
 from lmserve.config.properties import PropertiesFile
@@ -43,9 +44,14 @@ class Setting:
 
 
 def from_properties(props: PropertiesFile) -> list[Setting]:
-    """Settings of a parsed ``serving.properties``; server keys are refused there."""
+    """Settings of a parsed ``serving.properties``; server keys are refused there. Beside a custom
+    handler, unknown ``option.*`` keys are the handler's own settings: they are left to it (it reads
+    them at initialisation), as the managed containers do."""
     settings = []
+    handler_owned = _beside_custom_handler(props)
     for entry in props.entries:
+        if handler_owned and entry.key.lower().startswith("option.") and find_key(entry.key) is None:
+            continue
         key, rank = _known(entry.key, entry.value, entry.source)
         if key.scope == "server":
             raise ConfigError(
@@ -55,6 +61,14 @@ def from_properties(props: PropertiesFile) -> list[Setting]:
             )  # fmt: skip
         settings.append(Setting(key, entry.value, entry.source, Level.PROPERTIES, rank))
     return settings
+
+
+def _beside_custom_handler(props: PropertiesFile) -> bool:
+    """A ``model.py`` next to the file, or an ``option.entryPoint`` naming a file or a function."""
+    entry = next((e.value.strip() for e in props.entries if e.key.lower() == "option.entrypoint"), "")
+    if entry.endswith(".py") or ":" in entry:
+        return True
+    return (Path(props.origin).parent / "model.py").is_file()
 
 
 def from_option_env(env: Mapping[str, str]) -> list[Setting]:

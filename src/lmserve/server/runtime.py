@@ -262,6 +262,12 @@ class ModelRuntime:
 
     # ---- shutdown --------------------------------------------------------------------------------
 
+    @property
+    def outstanding(self) -> int:
+        """Requests accepted and not finished: on the replicas, and waiting in a handler's batcher."""
+        waiting = self.handler.batcher.waiting if self.handler is not None else 0
+        return (self.router.outstanding if self.router is not None else 0) + waiting
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting requests, give those in flight ``timeout`` seconds, then abort the rest."""
         if self.state in (State.DRAINING, State.STOPPED):
@@ -269,15 +275,18 @@ class ModelRuntime:
         was_ready, self.state = self.state is State.READY, State.DRAINING
         if not was_ready or self.router is None:
             return
-        logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.router.outstanding,
+        logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.outstanding,
                     timeout)  # fmt: skip
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while self.router.outstanding and loop.time() < end:
+        while self.outstanding and loop.time() < end:
             await asyncio.sleep(0.05)
-        if self.router.outstanding:
-            logger.warning("draining %s: aborting %d request(s) still running", self.name, self.router.outstanding)
-            self.router.abort_all(EngineDeadError("the server shut down before the request finished"))
+        if self.outstanding:
+            logger.warning("draining %s: aborting %d request(s) still running", self.name, self.outstanding)
+            error = EngineDeadError("the server shut down before the request finished")
+            if self.handler is not None:
+                self.handler.batcher.fail_all(error)
+            self.router.abort_all(error)
 
     async def shutdown(self) -> None:
         """Stop the engine processes."""

@@ -191,3 +191,17 @@ def test_a_custom_handler_keeps_its_own_option_keys(tmp_path: Path) -> None:
     (tmp_path / "plain" / "serving.properties").write_text("option.greeting=hello\n")
     with pytest.raises(ConfigError, match="greeting"):  # without a handler, an unknown key is a typo
         load_serving_config(str(tmp_path / "plain"), env={}, properties=tmp_path / "plain" / "serving.properties")
+
+
+def test_boto3_invoke_endpoint_reaches_the_custom_handler(live: LiveServer) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from botocore.config import Config
+
+    client = boto3.client("sagemaker-runtime", endpoint_url=live.url, region_name="us-east-1",
+                          aws_access_key_id="local", aws_secret_access_key="local",
+                          config=Config(retries={"max_attempts": 1}))  # fmt: skip
+    answer = client.invoke_endpoint(EndpointName=live.runtime.name, Body=json.dumps({"n": 7}),
+                                    ContentType="application/json")  # fmt: skip
+    assert json.loads(answer["Body"].read())["echo"] == {"n": 7}
+    with pytest.raises(client.exceptions.ModelError, match="the model refuses this batch"):
+        client.invoke_endpoint(EndpointName=live.runtime.name, Body=json.dumps({"op": "raise"}))

@@ -94,7 +94,11 @@ class HandlerLauncher(Launcher):
                     self.batcher.requeue(jobs)
                     continue
                 replica.requests_total += len(jobs)
-                await self._run(client, jobs)
+                try:
+                    await self._run(client, jobs)
+                except asyncio.CancelledError:  # stopping: nobody will run these any more
+                    _fail(jobs, EngineDeadError("the server is shutting down"))
+                    raise
         finally:
             self._dispatchers.pop(replica, None)
 
@@ -103,9 +107,7 @@ class HandlerLauncher(Launcher):
         try:
             replies, done = await client.run([job.item for job in jobs])
         except Exception as exc:  # noqa: BLE001 - the batch's error is every one of its requests' error
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            _fail(jobs, exc)
             self._observe(jobs, started)
             return
         for job, reply in zip(jobs, replies, strict=True):
@@ -117,3 +119,9 @@ class HandlerLauncher(Launcher):
     def _observe(self, jobs: list[Job[Item, Reply]], started: float) -> None:
         if self.observer is not None:
             self.observer(len(jobs), [started - job.enqueued for job in jobs], time.perf_counter() - started)
+
+
+def _fail(jobs: list[Job[Item, Reply]], error: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)

@@ -1,4 +1,5 @@
-"""The ``lmserve`` command: ``lmserve serve [MODEL]``, ``lmserve pull``, ``lmserve convert MODEL``.
+"""The ``lmserve`` command: ``serve [MODEL]``, ``pull``, ``convert MODEL``, ``config check PATH``, and the
+SDK's ``package``, ``upload``, ``endpoints``, ``predict`` and ``delete``.
 
 Each subcommand is a ``Command`` in ``COMMANDS``: its name, one help line, a function adding its
 arguments and a function running it. New subcommands (``convert``, ``bench``) join that list; their
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmserve import __version__
 from lmserve.errors import LMServeError
@@ -97,16 +99,58 @@ def _run_convert(ns: argparse.Namespace) -> int:
     return int(run_convert(ns) or 0)
 
 
+# ---- lmserve config check ------------------------------------------------------------------------
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="print what each key of a configuration means to lmserve, every "
+                               "warning and every error, without loading the model")  # fmt: skip
+    check.add_argument("path", help="model directory, serving.properties file, or an environment file of "
+                                    "OPTION_*/SERVING_* lines")  # fmt: skip
+
+
+def _run_config(ns: argparse.Namespace) -> int:
+    from lmserve.config.check import check_config
+
+    report, ok = check_config(Path(ns.path))
+    print(report, end="")
+    return 0 if ok else 1
+
+
+# ---- the SDK's commands (lmserve.sdk.cli) ---------------------------------------------------------
+
+
+def _sdk(function: str) -> Callable[[Any], Any]:
+    """``lmserve.sdk.cli.<function>``, imported only when the command runs."""
+
+    def call(arg: Any) -> Any:
+        from lmserve.sdk import cli as sdk_cli
+
+        return getattr(sdk_cli, function)(arg)
+
+    return call
+
+
 COMMANDS: list[Command] = [
     Command("serve", "serve a model over HTTP (SageMaker/LMI, TGI and OpenAI routes)", _serve_arguments, _run_serve),
     Command("pull", "fetch the default model into the lmserve cache", _pull_arguments, _run_pull),
     Command("convert", "pre-shard a model for a tensor-parallel degree and dtype", _convert_arguments, _run_convert),
+    Command("config", "check a serving.properties or OPTION_* environment file: `lmserve config check PATH`",
+            _config_arguments, _run_config),
+    Command("package", "check a model directory and pack it as a .tar.gz", _sdk("add_package"), _sdk("run_package")),
+    Command("upload", "upload a file or directory to s3://", _sdk("add_upload"), _sdk("run_upload")),
+    Command("endpoints", "list the endpoints the SDK started on this machine", _sdk("add_endpoints"),
+            _sdk("run_endpoints")),
+    Command("predict", "send one request to an endpoint (name or URL)", _sdk("add_predict"), _sdk("run_predict")),
+    Command("delete", "stop an endpoint the SDK started", _sdk("add_delete"), _sdk("run_delete")),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmserve", description="An open inference server for LLMs.")
     parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
@@ -121,8 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return int(ns.run(ns))
-    except (LMServeError, json.JSONDecodeError) as exc:  # the user's errors: one line, no traceback
+    except (LMServeError, json.JSONDecodeError, OSError) as exc:  # the user's errors: one line, no traceback
+        if ns.debug:
+            raise
         print(f"lmserve {ns.command}: error: {exc}", file=sys.stderr)
+        print(f"hint: 'lmserve {ns.command} --help' explains the arguments; add --debug for the traceback",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         return 130

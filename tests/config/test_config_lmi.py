@@ -88,10 +88,11 @@ def test_lmi_rolling_batch_backends_mean_auto_with_one_warning(value: str) -> No
     assert len(config.warnings) == 1 and "option.rolling_batch" in config.warnings[0]
 
 
-def test_rolling_batch_auto_and_disable_need_no_warning() -> None:
-    for value in ("auto", "disable"):
-        config = load_serving_config("org/m", env={"OPTION_ROLLING_BATCH": value})
-        assert config.model.rolling_batch == value and config.warnings == ()
+def test_rolling_batch_auto_needs_no_warning_and_disable_says_it_is_not_used() -> None:
+    assert load_serving_config("org/m", env={"OPTION_ROLLING_BATCH": "auto"}).warnings == ()
+    config = load_serving_config("org/m", env={"OPTION_ROLLING_BATCH": "disable"})
+    assert config.model.rolling_batch == "disable"
+    assert len(config.warnings) == 1 and "not used yet" in config.warnings[0]
 
 
 def test_static_batch_size_is_the_dynamic_batch_size_without_rolling_batch() -> None:
@@ -125,8 +126,8 @@ def test_empty_entry_point_means_the_default_handler() -> None:
     assert load_serving_config("org/m", env={"OPTION_ENTRYPOINT": ""}).model.entry_point == DEFAULT_ENTRY_POINT
 
 
-@pytest.mark.parametrize("entry", ["model.py", "handlers/my_handler.py", "/opt/ml/model/code.py"])
-def test_python_file_entry_points_are_custom_handlers(entry: str) -> None:
+@pytest.mark.parametrize("entry", ["model.py", "/opt/ml/model/model.py"])
+def test_model_py_entry_point_is_kept_for_the_handler_loader(entry: str) -> None:
     assert load_serving_config("org/m", env={"OPTION_ENTRYPOINT": entry}).model.entry_point == entry
 
 

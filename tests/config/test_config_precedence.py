@@ -1,4 +1,7 @@
-"""Precedence: CLI > SERVING_* env > serving.properties > OPTION_* env > defaults, and env rules."""
+"""Precedence: CLI > serving.properties > OPTION_* env > SERVING_* env > defaults, and env rules.
+
+As in DJL Serving, SERVING_* variables are server-wide defaults: a model's own configuration
+(its serving.properties, its OPTION_* variables) overrides them."""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from lmserve.config import TENSOR_PARALLEL_MAX, load_serving_config
 from lmserve.errors import ConfigError
 
 # Each level sets option.max_rolling_batch_size (default 64) to its own value.
-LEVELS = ("cli", "serving_env", "properties", "option_env")
-VALUES = {"cli": 8, "serving_env": 16, "properties": 24, "option_env": 32}
+LEVELS = ("cli", "properties", "option_env", "serving_env")
+VALUES = {"cli": 8, "properties": 16, "option_env": 24, "serving_env": 32}
 
 
 def load_with(levels: tuple[str, ...], tmp_path: Path) -> int:

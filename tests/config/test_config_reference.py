@@ -18,7 +18,8 @@ def test_reference_lists_every_key_with_its_flag_and_env_names() -> None:
 
 
 def test_reference_shows_dataclass_defaults() -> None:
-    rows = {line.split(" | ")[0]: line for line in render_keys_markdown().splitlines()}
+    first_table = render_keys_markdown().split("\n\n## ")[0]
+    rows = {line.split(" | ")[0]: line for line in first_table.splitlines()}
     assert "`8080`" in rows["| `port`"]
     assert "`1000`" in rows["| `job_queue_size`"]
     assert "`true`" in rows["| `option.enable_prefix_caching`"]
@@ -32,4 +33,20 @@ def test_reference_tables_have_the_same_cell_count_in_every_row() -> None:
             tables[-1].append(len(cells))
         elif tables[-1]:
             tables.append([])
-    assert [set(table) for table in tables if table] == [{7}, {2}]
+    assert [set(table) for table in tables if table] == [{7}, {3}]
+
+
+def test_every_spelling_is_listed_with_what_lmserve_does_and_the_text_it_says() -> None:
+    text = render_keys_markdown()
+    lmi = text[text.index("## What lmserve does with each LMI key"):]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lmi.splitlines() if line.startswith("| `")}
+    for key in KEYS:
+        row = rows[f"`{key.name}`"]
+        if key.refused:
+            assert "| refused |" in row and key.refused in row
+        elif key.ignored:
+            assert "| ignored |" in row and key.ignored in row
+        else:
+            assert "| honoured |" in row or "| stored, not used yet |" in row
+        for alias in key.aliases:
+            assert "| mapped |" in rows[f"`{alias}`"] and f"same as `{key.name}`" in rows[f"`{alias}`"]

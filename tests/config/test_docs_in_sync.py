@@ -15,3 +15,8 @@ def test_configuration_page_lists_every_key_as_the_table_does() -> None:
     table = [line for line in rendered if line.startswith("|")]
     assert table and table == [line for line in page if line.startswith("|")], (
         "docs/configuration.md is stale: regenerate it with lmserve.config.render_keys_markdown()")
+
+
+def test_configuration_page_documents_config_check() -> None:
+    page = PAGE.read_text()
+    assert "## Using `lmserve config check`" in page and "OPTION_*" in page

@@ -85,6 +85,10 @@ def test_manifest_describes_source_degree_and_dtype(checkpoints: dict[str, Path]
 
 
 def test_loading_uses_the_cached_conversion_and_converts_once(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tiny random model mostly repeats its input: the chosen tokens' log-probabilities are what
+    # tells a wrongly loaded conversion apart.
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, logprobs=0)
+    (unconverted,) = LLM(str(model_dir), dtype="fp32", kv_cache_tokens=256).generate([[5, 6, 7]], params)
     entry = ensure_converted(model_dir, 2, "fp32", progress=False)
     assert presharded.find_conversion(model_dir, 2, torch.float32) == entry
 
@@ -100,10 +104,12 @@ def test_loading_uses_the_cached_conversion_and_converts_once(model_dir: Path, m
     monkeypatch.setattr(loader_module, "load_weights", no_live_loading)
     llm = LLM(str(model_dir), dtype="fp32", kv_cache_tokens=256, tensor_parallel_degree=2)
     try:
-        (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        (out,) = llm.generate([[5, 6, 7]], params)
     finally:
         close(llm)
-    assert len(out.token_ids) == 3
+    assert out.token_ids == unconverted.token_ids
+    assert out.logprobs is not None and unconverted.logprobs is not None
+    assert [p.logprob for p in out.logprobs] == pytest.approx([p.logprob for p in unconverted.logprobs], rel=1e-4)
 
 
 def test_a_failed_conversion_leaves_nothing_behind(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,11 +212,9 @@ class _PanelOps:
         self.packed += 1
         return PackedLinear(w.t().contiguous(), w.shape[0], w.shape[1], layout="transposed")
 
-    def linear(self, x: torch.Tensor, w: object, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: object, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = x @ w.data.to(x.dtype)  # type: ignore[attr-defined]
-        y = y if bias is None else y + bias.to(y.dtype)
-        return y if residual is None else y + residual
+        return y if bias is None else y + bias.to(y.dtype)
 
 
 def test_the_first_load_keeps_packed_weights_and_later_loads_skip_packing(checkpoints: dict[str, Path],
@@ -228,3 +232,25 @@ def test_the_first_load_keeps_packed_weights_and_later_loads_skip_packing(checkp
         mlp = model.model.layers[0].mlp
         results.append(mlp.c_proj.matmul(mlp.c_fc(x), None))  # rank 1's partial sum, before all-reduce
     assert torch.equal(results[0], results[1])
+
+
+def test_kept_packed_weights_that_no_longer_fit_the_layers_are_packed_afresh(checkpoints: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lmserve.models.loader import load_model
+    from lmserve.parallel.layers import LinearBase
+
+    out = convert(checkpoints["gpt2"], tmp_path / "c", 1, "fp32", progress=False)
+    load_model(out, torch.float32, torch.device("cpu"), _PanelOps())
+    path = out / "rank0.packed-test-panels.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["packed"]), {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    for fields in meta.values():
+        fields["gate_up"] = True  # as if packed for a fused gate|up layer by another version
+    save_file(tensors, str(path), metadata={"packed": json.dumps(meta)})
+    ops = _PanelOps()
+    model, _ = load_model(out, torch.float32, torch.device("cpu"), ops)
+    assert ops.packed == 9
+    assert all(m.packed is not None and not m.packed.gate_up for m in model.modules() if isinstance(m, LinearBase))

@@ -40,11 +40,11 @@ def serving_config(model_dir: Path, *, job_queue_size: int = 16, predict_timeout
                    max_request_bytes: int = 64 * 1024, queue_full_status: int = 429,
                    model_loading_timeout_s: float = 60.0, graceful_shutdown_s: float = 5.0,
                    engine: dict[str, Any] | None = None, workers: dict[str, Any] | None = None,
-                   server: dict[str, Any] | None = None) -> ServingConfig:
+                   server: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> ServingConfig:
     """A test configuration; one replica (``cpu_devices=1``) unless ``workers`` says otherwise."""
     engine_fields = {"max_model_len": MAX_MODEL_LEN, "block_size": 4, "max_num_seqs": 8} | (engine or {})
     return ServingConfig(
-        model=ModelSpec(model_id=str(model_dir), name=MODEL_NAME),
+        model=ModelSpec(model_id=str(model_dir), name=MODEL_NAME, **(model or {})),
         engine=EngineConfig(model=str(model_dir), served_name=MODEL_NAME, **engine_fields),
         workers=WorkerConfig(job_queue_size=job_queue_size, predict_timeout_s=predict_timeout_s,
                              model_loading_timeout_s=model_loading_timeout_s, **({"cpu_devices": 1} | (workers or {}))),

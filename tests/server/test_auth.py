@@ -53,10 +53,31 @@ def test_protect_inference_needs_the_token_on_inference_routes_but_not_on_health
         server.stop()
 
 
-def test_without_a_key_everything_is_open(tiny_model_dir: Path) -> None:
+def test_without_a_key_models_can_be_read_but_not_changed(tiny_model_dir: Path) -> None:
     server = start_server(tiny_model_dir)
     try:
         with server.client() as http:
             assert http.get("/models").status_code == 200
+            for method, path, params in (("POST", "/models", {"url": str(tiny_model_dir), "model_name": "two"}),
+                                         ("PUT", f"/models/{MODEL_NAME}", {"min_worker": 2}),
+                                         ("DELETE", f"/models/{MODEL_NAME}", None)):  # fmt: skip
+                r = http.request(method, path, params=params)
+                assert r.status_code == 403 and "--enable-model-api" in r.json()["error"], (method, r.text)
+            assert [m["model_name"] for m in http.get("/models").json()["models"]] == [MODEL_NAME]
+            assert len(http.get(f"/models/{MODEL_NAME}").json()["replicas"]) == 1
+            assert http.post("/invocations", json={"inputs": "hello"}).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("key", ["clé-ключ-鍵", "plain-ascii-key"])
+def test_a_key_with_any_characters_matches_itself_sent_as_utf8(tiny_model_dir: Path, key: str) -> None:
+    server = start_server(tiny_model_dir, server={"api_key": key})
+    try:
+        with server.client() as http:
+            right = http.get("/models", headers={"Authorization": f"Bearer {key}".encode()})
+            assert right.status_code == 200, right.text
+            wrong = http.get("/models", headers={"Authorization": f"Bearer {key}x".encode()})
+            assert wrong.status_code == 401
     finally:
         server.stop()

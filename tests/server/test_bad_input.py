@@ -50,6 +50,9 @@ def test_lmi_bad_parameters(http: httpx.Client, body: dict, field: str, mentions
      "top_logprobs", "logprobs=true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]},
      "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]},
+     "messages[1].role", "one of system, developer, user, assistant"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42"}]}, "messages[0].role", "tool calling"),
     ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, "parameters.best_of", "best_of=1"),
     ("/generate", {"inputs": "hi", "stream": True}, "stream", "unknown field"),
 ])  # fmt: skip
@@ -92,3 +95,15 @@ def test_engine_still_serves_after_all_that(http: httpx.Client) -> None:
     r = http.post("/invocations", json={"inputs": "hello world", "parameters": {"max_new_tokens": 2}})
     assert r.status_code == 200 and r.json()["generated_text"]
     assert http.get("/ping").status_code == 200
+
+
+def test_developer_is_the_system_role(http: httpx.Client) -> None:
+    """OpenAI's newer name for the system role reaches the template as ``system``: the same prompt,
+    so the same greedy answer (the fake engine's answer follows the prompt's ids)."""
+    def answer(role: str) -> str:
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": role, "content": "hi"}],
+                                                    "max_tokens": 3, "temperature": 0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    assert answer("developer") == answer("system") != answer("user")

@@ -17,12 +17,17 @@ from lmserve.workers.launcher import Backoff
 from tests.server.conftest import MODEL_NAME, LiveServer, start_server
 
 SECOND = "second"
+KEY = "operator-key"
+ADMIN = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
 def served(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    """A server whose management API is on through its key (so errors keep their detail), allowing
+    any location: these tests are about the API, test_model_api_security.py about its limits."""
     server = start_server(tiny_model_dir, {"token_delay_s": 0.01}, graceful_shutdown_s=0.5,
-                          workers={"cpu_devices": 2, "max_workers": 1})  # fmt: skip
+                          workers={"cpu_devices": 2, "max_workers": 1},
+                          server={"api_key": KEY, "allowed_urls": (".*",)})  # fmt: skip
     yield server
     server.stop()
 
@@ -44,7 +49,7 @@ def gone(pid: int) -> bool:
 
 
 def test_register_describe_pick_and_unregister(served: LiveServer, tiny_model_dir: Path) -> None:
-    with served.client() as http:
+    with served.client(headers=ADMIN) as http:
         r = http.post("/models", params={"url": str(tiny_model_dir), "model_name": SECOND, "max_worker": 1})
         assert r.status_code == 200, r.text
         described = r.json()["model"]
@@ -76,7 +81,7 @@ def test_register_describe_pick_and_unregister(served: LiveServer, tiny_model_di
 
 def test_asynchronous_registration_answers_202_and_loads_in_the_background(served: LiveServer,
                                                                            tiny_model_dir: Path) -> None:
-    with served.client() as http:
+    with served.client(headers=ADMIN) as http:
         r = http.post("/models", params={"url": str(tiny_model_dir), "model_name": SECOND, "synchronous": "false"})
         assert r.status_code == 202 and r.headers["Location"] == f"/models/{SECOND}"
         wait_for_status(http, SECOND, "ready")
@@ -84,7 +89,7 @@ def test_asynchronous_registration_answers_202_and_loads_in_the_background(serve
 
 
 def test_a_registration_that_cannot_load_is_refused_and_not_kept(served: LiveServer, tmp_path: Path) -> None:
-    with served.client() as http:
+    with served.client(headers=ADMIN) as http:
         missing = http.post("/models", params={"url": str(tmp_path / "nothing-here"), "model_name": "x"})
         assert missing.status_code == 404 and "cannot find a model" in missing.json()["error"]
         bad_name = http.post("/models", params={"url": str(tmp_path), "model_name": "a b"})
@@ -110,7 +115,7 @@ def stream_tokens(url: str, out: list[dict], started: threading.Event) -> None:
 
 
 def test_scale_up_then_down_drains_the_removed_replica(served: LiveServer) -> None:
-    with served.client() as http:
+    with served.client(headers=ADMIN) as http:
         up = http.put(f"/models/{MODEL_NAME}", params={"min_worker": 2, "max_worker": 2})
         assert up.status_code == 200, up.text
         replicas = up.json()["model"]["replicas"]

@@ -25,7 +25,7 @@ def test_a_tarball_naming_an_s3_prefix_is_fetched_and_served(tiny_model_dir: Pat
         info = tarfile.TarInfo("serving.properties")
         info.size = len(properties)
         tar.addfile(info, io.BytesIO(properties))
-    server = start_server(tiny_model_dir)
+    server = start_server(tiny_model_dir, server={"enable_model_api": True, "allowed_urls": (".*",)})
     try:
         with server.client() as http:
             r = http.post("/models", params={"url": str(archive), "model_name": "from-s3", "max_worker": 1})

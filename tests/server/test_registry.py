@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def served(tiny_model_dir: Path) -> Iterator[LiveServer]:
     # A one-second load makes "still loading" observable: the fake engine sleeps before it is ready.
     server = start_server(tiny_model_dir, {"token_delay_s": 0.005, "load_delay_s": 1.0}, graceful_shutdown_s=0.5,
-                          server={"api_key": KEY})  # fmt: skip
+                          server={"api_key": KEY, "allowed_urls": (".*",)})  # fmt: skip
     yield server
     server.stop()
 

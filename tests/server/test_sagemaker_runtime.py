@@ -76,3 +76,21 @@ def test_sdk_errors_name_the_problem(runtime: Any, stream: bool) -> None:
     with pytest.raises(ClientError) as csv:
         call(EndpointName=MODEL_NAME, ContentType="text/csv", Body=b"a,b")
     assert "text/csv" in csv.value.response["Error"]["Message"]
+
+
+def test_the_sagemaker_sdks_own_predictor_works_unchanged(runtime: Any, tmp_path: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no user sagemaker config is read
+    sagemaker = pytest.importorskip("sagemaker")
+    from sagemaker.deserializers import JSONDeserializer
+    from sagemaker.predictor import Predictor
+    from sagemaker.serializers import JSONSerializer
+
+    session = sagemaker.Session(boto_session=boto3.Session(region_name="us-east-1", aws_access_key_id="local",
+                                                           aws_secret_access_key="local"),
+                                sagemaker_runtime_client=runtime)  # fmt: skip
+    predictor = Predictor(MODEL_NAME, sagemaker_session=session, serializer=JSONSerializer(),
+                          deserializer=JSONDeserializer())  # fmt: skip
+    body = {"inputs": "hello world", "parameters": {"max_new_tokens": 5}}
+    assert predictor.predict(body) == invoke(runtime, body)

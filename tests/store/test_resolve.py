@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import tarfile
 import types
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lmserve.errors import ConfigError, ModelNotFoundError
+from lmserve.errors import ConfigError, ModelNotFoundError, NotAllowedError
 from lmserve.store import ResolvedModel, accepted_forms, resolve_model
+from lmserve.store.archive import archive_cache_dir
+from lmserve.store.policy import FetchPolicy, directory_pattern
 
 
 @pytest.fixture(autouse=True)
@@ -178,3 +181,58 @@ def test_real_gguf_import_through_resolve(tmp_path: Path, cache: Path) -> None:
     assert '"llama"' in (first.path / "config.json").read_text()
     assert second.path == first.path
     assert (second.path / "model.safetensors").stat().st_mtime_ns == weights_mtime  # reused, not redone
+
+
+# --- allowed_urls (FetchPolicy) ---------------------------------------------------------------------
+
+
+def store_policy(store: Path) -> FetchPolicy:
+    return FetchPolicy(allowed_urls=(directory_pattern(store),))
+
+
+def test_allowed_urls_refuse_a_location_outside_them_before_fetching(tmp_path: Path) -> None:
+    store, outside = tmp_path / "store", model_dir(tmp_path / "outside")
+    store.mkdir()
+    policy = store_policy(store)
+
+    for url in (str(outside), f"{store}/../outside", f"file://{outside}", "org/name", "s3://bucket/m/"):
+        with pytest.raises(NotAllowedError, match=f"url {re.escape(repr(url))} is not allowed"):
+            resolve_model(url, progress=False, policy=policy)
+
+
+def test_a_hop_out_of_the_store_is_refused_and_not_named(tmp_path: Path) -> None:
+    store, outside = tmp_path / "store", model_dir(tmp_path / "outside")
+    inner = model_dir(store / "inner", f"option.s3url={outside}\n")
+
+    with pytest.raises(NotAllowedError, match="option.model_id or option.s3url") as err:
+        resolve_model(str(inner), progress=False, policy=store_policy(store))
+
+    assert str(outside) not in str(err.value) and repr(str(inner)) in str(err.value)
+
+
+def test_a_hop_inside_a_tarball_is_refused_and_its_extraction_removed(tmp_path: Path, cache: Path) -> None:
+    store, outside = tmp_path / "store", model_dir(tmp_path / "outside")
+    store.mkdir()
+    archive = store / "pointer.tar.gz"
+    properties = tmp_path / "serving.properties"
+    properties.write_text(f"option.model_id={outside}\n")
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(properties, arcname="serving.properties")
+
+    with pytest.raises(NotAllowedError, match="serving.properties names another location"):
+        resolve_model(str(archive), progress=False, policy=store_policy(store))
+
+    assert list((cache / "archives").iterdir()) == []
+    allowed = FetchPolicy(allowed_urls=(directory_pattern(store), directory_pattern(outside)))
+    model = resolve_model(str(archive), progress=False, policy=allowed)
+    assert model.path == outside.resolve() and model.created == (archive_cache_dir(archive),)
+    assert resolve_model(str(archive), progress=False, policy=allowed).created == ()  # reused, not made
+
+
+def test_a_link_out_of_the_store_is_matched_as_what_it_points_at(tmp_path: Path) -> None:
+    store, outside = tmp_path / "store", model_dir(tmp_path / "outside")
+    store.mkdir()
+    (store / "link").symlink_to(outside)
+
+    with pytest.raises(NotAllowedError):
+        resolve_model(str(store / "link"), progress=False, policy=store_policy(store))

@@ -5,9 +5,13 @@ Every key lmserve reads, from ``serving.properties``, the environment or the com
 CLI flag and environment shortcut. Parsing, validation, error messages, the CLI and the key
 reference (``lmserve.config.reference``) are all built from it; nothing else lists keys.
 
-Keys that only mean something on other hardware or engines (Neuron compiler options, DeepSpeed,
-TensorRT-LLM, quantisation) are accepted and ignored with one warning line each, so LMI
-configurations run unchanged. Any other unknown key is an error that suggests the closest known key.
+What lmserve does with each key is data here too, so ``lmserve config check`` and the reference
+page say it from the same table: a key with a ``field`` is honoured (its aliases map to it, ``notes``
+warn about values it accepts but cannot honour fully); an ``ignored`` key is accepted with one
+warning line (options of other hardware or engines, or things lmserve always does); a ``refused`` key
+names a feature not built yet and is an error unless its value is one of ``accepts``. Any other
+unknown key is an error (a warning with ``option.strict_config=false``) that suggests the closest
+honoured key; a key lmserve only ignores or refuses is never suggested.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ from typing import Literal
 from lmserve.config import values as v
 
 Scope = Literal["model", "server"]
+
+
+@dataclass(frozen=True)
+class Note:
+    """A warning for some values of a key: ``values`` (lowercase), or every value when empty."""
+
+    text: str
+    values: tuple[str, ...] = ()
+
+    def applies(self, raw: object) -> bool:
+        return not self.values or str(raw).strip().lower() in self.values
 
 
 @dataclass(frozen=True)
@@ -34,9 +49,15 @@ class Key:
     shortcut: str | None = None  # environment variable read at the OPTION_* level
     scope: Scope = "model"  # "server" keys come only from SERVING_* env or the CLI, never a model file
     ignored: str | None = None  # why lmserve ignores it: accepted with one warning line
-    warn_on: tuple[str, ...] = ()  # values that are accepted but worth one warning line
-    warn_text: str = ""
+    notes: tuple[Note, ...] = ()  # values accepted but worth one warning line each
     default_text: str | None = None  # for the reference when the field default does not say it
+    refused: str | None = None  # a feature not built yet: an error naming it, unless the value accepts
+    accepts: tuple[str, ...] = ()  # values (lowercase, as parsed) a refused key may have
+
+    @property
+    def honoured(self) -> bool:
+        """True when lmserve acts on the key (not only ignores or refuses it)."""
+        return self.ignored is None and self.refused is None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -44,6 +65,7 @@ class Key:
         return (self.name, *self.aliases)
 
 
+_NO_DYNAMIC = "stored but not used yet: dynamic (request-level) batching is not built; lmserve batches continuously"
 _DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "auto": "auto",
            "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # fmt: skip
 _ROLLING = {"auto": "auto", "disable": "disable", **{name: "auto" for name in v.LMI_ROLLING_BATCH}}
@@ -51,7 +73,7 @@ _ROLLING = {"auto": "auto", "disable": "disable", **{name: "auto" for name in v.
 _MODEL_KEYS = (
     Key("engine", v.choice({"Python": "Python", "MPI": "MPI", "DeepSpeed": "DeepSpeed"}), None,
         "DJL engine name. lmserve has one engine, so the value is only checked.",
-        default_text="Python"),
+        aliases=("option.engine",), default_text="Python"),
     Key("option.entryPoint", v.ENTRY_POINT, "model.entry_point",
         "Handler: LMI built-in entry points map to the default text-generation handler; a .py file "
         "is a custom handler, as is 'module:function'. A model.py in the model directory is used "
@@ -78,14 +100,23 @@ _MODEL_KEYS = (
         shortcut="HF_REVISION"),
     Key("option.rolling_batch", v.choice(_ROLLING), "model.rolling_batch",
         "Continuous batching. LMI backend names all mean auto: lmserve batches itself.",
-        warn_on=v.LMI_ROLLING_BATCH, warn_text="lmserve's own continuous batching is used (auto)"),
+        notes=(Note("lmserve's own continuous batching is used (auto)", v.LMI_ROLLING_BATCH),
+               Note("not used yet: lmserve still batches continuously (dynamic batching, which disable "
+                    "selects in LMI, is not built)", ("disable",)))),
+    Key("option.max_tokens_policy", v.choice({"error": "error", "clamp": "clamp"}), "model.max_tokens_policy",
+        "A request whose max_new_tokens (max_tokens) does not fit beside its prompt in n_positions: "
+        "error answers 400 naming both numbers; clamp generates as many tokens as fit. A limit "
+        "beyond n_positions is refused either way.", flag="--max-tokens-policy"),
     Key("option.trust_remote_code", v.BOOL, "engine.trust_remote_code",
-        "Allow model code from the Hub.", flag="--trust-remote-code", shortcut="HF_TRUST_REMOTE_CODE"),
+        "Allow the startup model's code to run (its tokenizer or model classes in .py files); models "
+        "registered through the management API need trust_remote_code_urls instead.",
+        flag="--trust-remote-code", shortcut="HF_TRUST_REMOTE_CODE"),
 )
 
 _ENGINE_KEYS = (
     Key("option.tensor_parallel_degree", v.TENSOR_PARALLEL, "engine.tensor_parallel_degree",
-        f"Devices one replica is sharded across; 'max' is stored as {v.TENSOR_PARALLEL_MAX}.",
+        "Devices one replica is sharded across. 'max' is resolved at start: every visible GPU on "
+        "CUDA; 1 on the CPU (ranks on one host would split the same cores and memory bandwidth).",
         flag="--tensor-parallel-degree", shortcut="TENSOR_PARALLEL_DEGREE"),
     Key("option.dtype", v.choice(_DTYPES), "engine.dtype", "Weight and activation dtype.",
         flag="--dtype"),
@@ -98,7 +129,8 @@ _ENGINE_KEYS = (
         "Requests decoded together by one replica.", flag="--max-batch-size",
         shortcut="MAX_BATCH_SIZE"),
     Key("option.max_rolling_batch_prefill_tokens", v.integer(1), "engine.max_num_batched_tokens",
-        "Tokens one engine step may process (prefill chunk budget).", flag="--max-batched-tokens"),
+        "Tokens one engine step may process (prefill chunk budget).", flag="--max-batched-tokens",
+        aliases=("option.max_num_batched_tokens", "option.max_num_tokens")),
     Key("option.batch_size", v.integer(1), None,
         "Neuron-LMI static batch size: sets option.max_rolling_batch_size when rolling batching, "
         "else batch_size (the key of that field wins when both are given at one level).",
@@ -111,7 +143,10 @@ _ENGINE_KEYS = (
         "KV-cache capacity in bytes (per rank); option.kv_cache_tokens wins when both are set.",
         flag="--kv-cache-bytes"),
     Key("option.gpu_memory_utilization", v.number(0.0, 1.0, low_open=True),
-        "engine.kv_cache_memory_fraction", "Share of free device memory the KV cache may use.",
+        "engine.kv_cache_memory_fraction",
+        "As in vLLM: on CUDA, the share of the GPU's total memory for weights, activations and the "
+        "KV cache together; the cache gets what is left of it after the weights and an activation "
+        "reserve. On the CPU it scales the cache's cap (a quarter of available memory at 0.9).",
         aliases=("option.kv_cache_free_gpu_mem_fraction",)),
     Key("option.enable_prefix_caching", v.BOOL, "engine.enable_prefix_caching",
         "Share KV blocks of common prompt prefixes.", flag="--no-prefix-caching"),
@@ -122,13 +157,18 @@ _ENGINE_KEYS = (
 
 _BATCHING_WORKER_KEYS = (
     Key("batch_size", v.integer(1), "batching.batch_size",
-        "Dynamic (request-level) batch size for non-generative handlers.", flag="--batch-size"),
+        "Dynamic (request-level) batch size for non-generative handlers (stored; not used yet).",
+        flag="--batch-size", notes=(Note(_NO_DYNAMIC),),
+        aliases=("max_dynamic_batch_size", "option.max_dynamic_batch_size")),
     Key("max_batch_delay", v.number(0.0), "batching.max_batch_delay_ms",
-        "Milliseconds to wait for a dynamic batch to fill.", aliases=("option.max_batch_delay",),
-        flag="--max-batch-delay"),
+        "Milliseconds to wait for a dynamic batch to fill (stored; not used yet).",
+        aliases=("option.max_batch_delay",), flag="--max-batch-delay", notes=(Note(_NO_DYNAMIC),)),
     Key("minWorkers", v.integer(1), "workers.min_workers", "Fewest replicas.",
         flag="--min-workers"),
     Key("maxWorkers", v.integer(1), "workers.max_workers", "Most replicas.", flag="--max-workers"),
+    *(Key(f"{kind}.{bound}Workers", v.integer(1), f"workers.{kind}_{bound}_workers",
+          f"{bound}Workers when the model runs on {label}; beats {bound}Workers there.")
+      for kind, label in (("gpu", "GPUs"), ("cpu", "the CPU")) for bound in ("min", "max")),
     Key("option.cpu_devices", v.integer(1), "workers.cpu_devices",
         "CPU 'devices': the cores are split into this many replicas (divided by the tensor-parallel "
         "degree); 1 runs one replica on every core.", flag="--cpu-devices", default_text="1"),
@@ -139,6 +179,10 @@ _BATCHING_WORKER_KEYS = (
         "Failed restarts before the model is marked failed."),
     Key("option.parallel_loading", v.BOOL, "workers.parallel_loading",
         "Load replicas at the same time."),
+    Key("fail_fast", v.BOOL, "workers.fail_fast",
+        "Exit the server (status 1) when a model given at start fails to load, so a supervisor "
+        "restarts it; false keeps the port up with /ping answering 500.", aliases=("option.fail_fast",),
+        flag="--fail-fast"),
     Key("option.model_loading_timeout", v.number(0.0, low_open=True),
         "workers.model_loading_timeout_s", "Seconds a replica may take to load.",
         flag="--model-loading-timeout"),
@@ -147,13 +191,37 @@ _BATCHING_WORKER_KEYS = (
 )
 
 _SERVER_KEYS = (
-    Key("host", v.TEXT, "server.host", "Address to listen on.", flag="--host", scope="server"),
+    Key("host", v.TEXT, "server.host",
+        "Address to listen on: 127.0.0.1 answers this machine only; 0.0.0.0 every interface (a "
+        "container must; see docs/security.md).", flag="--host", scope="server"),
     Key("port", v.integer(0, 65535), "server.port", "Port to listen on.", flag="--port",
         scope="server"),
-    Key("api_key", v.TEXT, "server.api_key", "Bearer token for the management API.",
+    Key("api_key", v.TEXT, "server.api_key",
+        "Bearer token for the management API, which it turns on (every /models route then needs it).",
         flag="--api-key", scope="server"),
     Key("protect_inference", v.BOOL, "server.protect_inference",
         "Require the api key on inference routes too.", flag="--protect-inference", scope="server"),
+    Key("enable_model_api", v.BOOL, "server.enable_model_api",
+        "Allow registering, scaling and unregistering models (POST, PUT, DELETE /models) without an "
+        "api key: anyone who reaches the port may then load any model allowed_urls allows.",
+        flag="--enable-model-api", scope="server"),
+    Key("allowed_urls", v.PATTERNS, "server.allowed_urls",
+        "Locations POST /models may load: each one it resolves (url, and every option.model_id it "
+        "leads to) must fully match one pattern; local paths are matched once made absolute, with "
+        "links resolved.", aliases=("model_url_pattern",), flag="--allowed-urls", scope="server",
+        default_text="directories and files under model_store only"),
+    Key("model_store", v.TEXT, "server.model_store",
+        "The operator's model directory: what allowed_urls allows when it is not set.",
+        flag="--model-store", scope="server",
+        default_text="<cache>/models (cache: $LMSERVE_CACHE, else ~/.cache/lmserve)"),
+    Key("trust_remote_code_urls", v.NAMES, "server.trust_remote_code_urls",
+        "Locations, exactly as given to POST /models?url= (local paths compared once resolved), "
+        "whose registration loads with trust_remote_code; no other registered model may run code "
+        "from its files.", flag="--trust-remote-code-urls", scope="server", default_text="none"),
+    Key("max_extracted_bytes", v.integer(1), "server.max_extracted_bytes",
+        "Largest total a model archive may extract to; checked on the declared sizes before "
+        "extracting (with a 100:1 compression-ratio cap past 64 MiB) and while extracting.",
+        flag="--max-extracted-bytes", scope="server"),
     Key("max_request_bytes", v.integer(1), "server.max_request_bytes", "Largest request body.",
         aliases=("max_request_size",), scope="server"),
     Key("queue_full_status", v.choice({"429": 429, "503": 503}), "server.queue_full_status",
@@ -183,7 +251,6 @@ _IGNORED: dict[str, tuple[str, ...]] = {
                     "use_fused_mlp", "draft_model_id", "speculative_draft_model",
                     "speculative_length", "draft_model_tp_size"),
     "deprecated in LMI; lmserve always streams when a request asks": ("enable_streaming",),
-    "lmserve keeps replicas up while the model is registered": ("max_idle_time",),
 }
 IGNORED_KEYS = tuple(
     Key(f"option.{name}", v.ANY, None, reason, ignored=reason)
@@ -191,8 +258,49 @@ IGNORED_KEYS = tuple(
     for name in names
 )
 
+# LMI keys for things lmserve always does, cannot do, or does not need: accepted with one warning
+# that says what happens instead.
+_ALWAYS_IGNORED = (
+    Key("option.max_idle_time", v.ANY, None, "", aliases=("max_idle_time",),
+        ignored="lmserve keeps replicas up while the model is registered"),
+    Key("option.async_mode", v.BOOL, None, "",
+        ignored="lmserve batches requests continuously whatever async_mode says"),
+    Key("option.paged_attention", v.BOOL, None, "", ignored="lmserve always uses its paged KV cache"),
+    Key("option.enable_chunked_prefill", v.BOOL, None, "",
+        ignored="lmserve always splits long prompts into chunks of option.max_rolling_batch_prefill_tokens"),
+    Key("option.kv_cache_dtype", v.ANY, None, "", ignored="the KV cache is kept in option.dtype"),
+    Key("option.speculative_config", v.ANY, None, "",
+        ignored="speculative decoding is not built; each step decodes one token per request"),
+    Key("option.pythonExecutable", v.ANY, None, "", ignored="lmserve runs in its own Python interpreter"),
+    Key("option.handler", v.ANY, None, "",
+        ignored="it names a function of a custom handler; lmserve serves its built-in handler"),
+)
+
+# Features not built yet: an error that names the feature, unless the value turns it off.
+_LORA = "LoRA adapters are not supported yet"
+_PARSERS = "tool-call and reasoning parsers are not supported yet"
+_REFUSED = (
+    Key("option.enable_lora", v.BOOL, None, "", refused=_LORA, accepts=("false",)),
+    *(Key(f"option.{name}", v.ANY, None, "", refused=_LORA)
+      for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "fully_sharded_loras")),
+    Key("option.enable_auto_tool_choice", v.BOOL, None, "", refused=_PARSERS, accepts=("false",)),
+    Key("option.tool_call_parser", v.ANY, None, "", refused=_PARSERS),
+    Key("option.enable_reasoning", v.BOOL, None, "", refused=_PARSERS, accepts=("false",)),
+    Key("option.reasoning_parser", v.ANY, None, "", refused=_PARSERS),
+    Key("option.limit_mm_per_prompt", v.ANY, None, "", refused="multimodal inputs are not supported yet"),
+    Key("option.kv_transfer_config", v.ANY, None, "",
+        refused="KV-cache transfer between servers (disaggregated prefill) is not supported yet"),
+)
+
+_CHECKS = (
+    Key("option.strict_config", v.BOOL, None,
+        "false turns unknown keys into warnings, for a file you cannot edit (typos then go unnoticed "
+        "but for the warning).", default_text="true"),
+)
+
 KEYS: tuple[Key, ...] = (
-    *_MODEL_KEYS, *_ENGINE_KEYS, *_BATCHING_WORKER_KEYS, *_SERVER_KEYS, *IGNORED_KEYS
+    *_MODEL_KEYS, *_ENGINE_KEYS, *_BATCHING_WORKER_KEYS, *_SERVER_KEYS, *_CHECKS,
+    *IGNORED_KEYS, *_ALWAYS_IGNORED, *_REFUSED,
 )
 
 # lowercase spelling -> (key, rank); rank 0 is the canonical name, then the aliases in order.
@@ -215,11 +323,24 @@ def key_by_name(name: str) -> Key:
     return found[0]
 
 
+# What an unknown key may be taken for: spellings of keys lmserve acts on (never one it only ignores).
+HONOURED_NAMES = tuple(name for key in KEYS if key.honoured for name in key.names)
+
+
+def _bare(name: str) -> str:
+    return name.strip().lower().removeprefix("option.")
+
+
 def closest_key(name: str, candidates: tuple[str, ...] | None = None) -> str | None:
-    """The known spelling most like ``name`` (difflib), or None when nothing is close."""
-    pool = candidates if candidates is not None else tuple(_BY_NAME)
-    lowered = {spelling.lower(): spelling for spelling in pool}
-    match = difflib.get_close_matches(name.strip().lower(), list(lowered), n=1, cutoff=0.6)
+    """The honoured spelling (of ``candidates``, default all) most like ``name`` (difflib), or
+    None when nothing is close."""
+    pool = candidates if candidates is not None else HONOURED_NAMES
+    # Compared without the "option." prefix they share, or every option.* key looks alike; where two
+    # keys differ only by it (batch_size, option.batch_size), the one written like ``name`` wins.
+    wants_option = name.strip().lower().startswith("option.")
+    ordered = sorted(pool, key=lambda spelling: spelling.lower().startswith("option.") == wants_option)
+    lowered = {_bare(spelling): spelling for spelling in ordered}
+    match = difflib.get_close_matches(_bare(name), list(lowered), n=1, cutoff=0.75)
     if not match:
         return None
     spelling = lowered[match[0]]

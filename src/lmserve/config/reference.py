@@ -22,8 +22,9 @@ _SECTIONS: dict[str, type] = {
 }
 
 _PRECEDENCE = (
-    "Precedence, highest first: CLI flags (and `--option KEY=VALUE`) > `SERVING_*` env > "
-    "`serving.properties` > `OPTION_*` env and the shortcut variables > defaults."
+    "Precedence, highest first: CLI flags (and `--option KEY=VALUE`) > `serving.properties` > "
+    "`OPTION_*` env and the shortcut variables > `SERVING_*` env > defaults. As in DJL Serving, "
+    "`SERVING_*` variables are server-wide defaults that a model's own configuration overrides."
 )
 
 
@@ -50,12 +51,12 @@ def _show(value: object) -> str:
 
 def _env_names(key: Key) -> str:
     if key.scope == "server":
-        names = [f"SERVING_{key.name.upper()}"]
+        names = [f"SERVING_{key.name.replace('.', '_').upper()}"]
     elif key.name.startswith("option."):
         suffix = key.name[len("option.") :].upper()
         names = [f"OPTION_{suffix}", f"SERVING_OPTION_{suffix}"]
     else:
-        names = [f"SERVING_{key.name.upper()}"]
+        names = [f"SERVING_{key.name.replace('.', '_').upper()}"]
     if key.shortcut:
         names.append(key.shortcut)
     return ", ".join(f"`{name}`" for name in names)
@@ -76,7 +77,7 @@ def render_keys_markdown() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for key in KEYS:
-        if key.ignored:
+        if not key.honoured:
             continue
         aliases = ", ".join(f"`{alias}`" for alias in key.aliases)
         flag = f"`{key.flag}`" if key.flag else ""
@@ -85,12 +86,38 @@ def render_keys_markdown() -> str:
         lines.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
     lines += [
         "",
-        "## Accepted and ignored keys",
+        "## What lmserve does with each LMI key",
         "",
-        "These keys are accepted so LMI configurations run unchanged; each one given leaves one warning.",
+        "Every spelling lmserve knows: *honoured* (it acts on it), *mapped* (another spelling of a key "
+        "it honours), *ignored* (accepted with one warning line, quoted here), *refused* (a feature "
+        "not built yet: an error, unless the value turns it off). Any other key is an error that "
+        "suggests the closest honoured key, or a warning with `option.strict_config=false`.",
         "",
-        "| key | why it is ignored |",
-        "|---|---|",
+        "| key | lmserve | what happens |",
+        "|---|---|---|",
     ]
-    lines += [f"| `{key.name}` | {_cell(str(key.ignored))} |" for key in KEYS if key.ignored]
+    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for key in KEYS for row in treatment(key)]
     return "\n".join(lines) + "\n"
+
+
+def treatment(key: Key) -> list[tuple[str, str, str]]:
+    """(spelling, verdict, what happens) for each spelling of ``key``, as the reference and
+    ``lmserve config check`` state them."""
+    if key.refused:
+        unless = f" (accepted: {', '.join(key.accepts)})" if key.accepts else ""
+        rows = [(f"`{key.name}`", "refused", f"error: {key.refused}{unless}")]
+    elif key.ignored:
+        rows = [(f"`{key.name}`", "ignored", f"warning: ignored: {key.ignored}")]
+    else:
+        target = f"sets `{key.field}`" if key.field else key.doc
+        verdict = "honoured"
+        notes = [f"warning{_for_values(note.values)}: {note.text}" for note in key.notes]
+        if any(not note.values for note in key.notes):
+            verdict = "stored, not used yet"
+        rows = [(f"`{key.name}`", verdict, "; ".join([target, *notes]))]
+    rows += [(f"`{alias}`", "mapped", f"same as `{key.name}`") for alias in key.aliases]
+    return rows
+
+
+def _for_values(values: tuple[str, ...]) -> str:
+    return f" when {' or '.join(values)}" if values else ""

@@ -1,15 +1,16 @@
 """Where configuration values come from, and which one wins.
 
-Each source (CLI, ``SERVING_*`` env, ``serving.properties``, ``OPTION_*`` env) becomes a list of
-``Setting``s at its ``Level``; ``resolve`` keeps one setting per key: the highest level, then, within
-one level, the canonical spelling over an alias over an env shortcut, then the one given last.
-Unknown keys fail here, naming the key, where it came from and the closest known key.
+Each source (CLI, ``serving.properties``, ``OPTION_*`` env, ``SERVING_*`` env) adds ``Setting``s at
+its ``Level`` to a ``Gathered``; ``resolve`` keeps one setting per key: the highest level, then,
+within one level, the canonical spelling over an alias over an env shortcut, then the one given
+last. Unknown keys are collected (with the closest honoured key) rather than raised, so that every
+one of them is reported at once; the loader decides whether they are errors or warnings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
@@ -20,15 +21,16 @@ from lmserve.errors import ConfigError
 # Variables DJL Serving reads for its JVM or model-loading that have no meaning for lmserve.
 IGNORED_SERVING_ENV = ("SERVING_OPTS", "SERVING_FEATURES", "SERVING_LOAD_MODELS")
 _SHORTCUTS = {key.shortcut: key for key in KEYS if key.shortcut}
-_OPTION_NAMES = tuple(name for key in KEYS for name in key.names if name.startswith("option."))
+_OPTION_NAMES = tuple(name for key in KEYS if key.honoured for name in key.names if name.startswith("option."))
 
 
 class Level(IntEnum):
-    """Precedence of a source; higher wins."""
+    """Precedence of a source; higher wins. As in DJL Serving, ``SERVING_*`` variables are
+    server-wide defaults that any model's own configuration overrides."""
 
-    OPTION_ENV = 1
-    PROPERTIES = 2
-    SERVING_ENV = 3
+    SERVING_ENV = 1
+    OPTION_ENV = 2
+    PROPERTIES = 3
     CLI = 4
 
 
@@ -42,25 +44,68 @@ class Setting:
     level: Level
     rank: int  # 0 = canonical spelling, then aliases, then the env shortcut
 
+    @property
+    def spelling(self) -> str:
+        """The key name as the user wrote it (an alias stays an alias; a shortcut names its key)."""
+        names = self.key.names
+        return names[self.rank] if self.rank < len(names) else self.key.name
 
-def from_properties(props: PropertiesFile) -> list[Setting]:
+
+@dataclass(frozen=True)
+class Unknown:
+    """A key no entry of the table spells, and the honoured key it most looks like."""
+
+    name: str  # as a key: OPTION_FOO is option.foo
+    raw: object
+    source: str
+    guess: str | None  # the closest honoured key, spelled for the same source
+
+    def hint(self) -> str:
+        return f"did you mean {self.guess}?" if self.guess else "see the key reference"
+
+
+@dataclass
+class Gathered:
+    """Everything the sources say, before anything is resolved or parsed."""
+
+    settings: list[Setting] = field(default_factory=list)
+    unknown: list[Unknown] = field(default_factory=list)
+    errors: list[ConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, name: str, raw: object, source: str, level: Level, *, env_prefix: str = "",
+            pool: tuple[str, ...] | None = None) -> Setting | None:
+        """Record ``name=raw`` from ``source``; an unknown name is kept in ``unknown`` with the
+        closest honoured key (spelled for ``env_prefix`` when it came from the environment)."""
+        found = find_key(name)
+        if found is None:
+            guess = closest_key(name, pool)
+            if guess and env_prefix:
+                guess = _env_spelling(env_prefix, guess)
+            self.unknown.append(Unknown(name, raw, source, guess))
+            return None
+        setting = Setting(found[0], raw, source, level, found[1])
+        self.settings.append(setting)
+        return setting
+
+
+def from_properties(props: PropertiesFile, into: Gathered) -> None:
     """Settings of a parsed ``serving.properties``; server keys are refused there. Beside a custom
     handler, unknown ``option.*`` keys are the handler's own settings: they are left to it (it reads
     them at initialisation), as the managed containers do."""
-    settings = []
+    into.warnings.extend(props.warnings)
     handler_owned = _beside_custom_handler(props)
     for entry in props.entries:
         if handler_owned and entry.key.lower().startswith("option.") and find_key(entry.key) is None:
             continue
-        key, rank = _known(entry.key, entry.value, entry.source)
-        if key.scope == "server":
-            raise ConfigError(
-                key.name, entry.value,
-                f"server settings come from SERVING_{key.name.upper()} or {key.flag or 'the CLI'}, "
-                "not from a model's serving.properties", entry.source,
-            )  # fmt: skip
-        settings.append(Setting(key, entry.value, entry.source, Level.PROPERTIES, rank))
-    return settings
+        setting = into.add(entry.key, entry.value, entry.source, Level.PROPERTIES)
+        if setting is not None and setting.key.scope == "server":
+            into.settings.remove(setting)
+            into.errors.append(ConfigError(
+                setting.key.name, entry.value,
+                f"server settings come from SERVING_{setting.key.name.upper()} or "
+                f"{setting.key.flag or 'the CLI'}, not from a model's serving.properties", entry.source,
+            ))  # fmt: skip
 
 
 def _beside_custom_handler(props: PropertiesFile) -> bool:
@@ -71,51 +116,45 @@ def _beside_custom_handler(props: PropertiesFile) -> bool:
     return (Path(props.origin).parent / "model.py").is_file()
 
 
-def from_option_env(env: Mapping[str, str]) -> list[Setting]:
+def from_option_env(env: Mapping[str, str], into: Gathered) -> None:
     """``OPTION_<NAME>`` (as ``option.<name>``, any case) and the shortcut variables."""
-    settings = []
     for var, value in env.items():
         upper, source = var.upper(), f"env {var}"
         if upper in _SHORTCUTS:
             key = _SHORTCUTS[upper]
-            settings.append(Setting(key, value, source, Level.OPTION_ENV, len(key.names)))
+            into.settings.append(Setting(key, value, source, Level.OPTION_ENV, len(key.names)))
         elif upper.startswith("OPTION_"):
             name = "option." + var[len("OPTION_") :].lower()
-            key, rank = _known(name, value, source, env_prefix="OPTION_", pool=_OPTION_NAMES)
-            settings.append(Setting(key, value, source, Level.OPTION_ENV, rank))
-    return settings
+            into.add(name, value, source, Level.OPTION_ENV, env_prefix="OPTION_", pool=_OPTION_NAMES)
 
 
-def from_serving_env(env: Mapping[str, str]) -> tuple[list[Setting], list[str]]:
+def from_serving_env(env: Mapping[str, str], into: Gathered) -> None:
     """``SERVING_<KEY>``: ``SERVING_OPTION_<NAME>`` is ``option.<name>``, any other ``SERVING_<NAME>``
-    is the key ``<name>`` (any case), e.g. SERVING_PORT, SERVING_MINWORKERS, SERVING_BATCH_SIZE."""
-    settings, warnings = [], []
+    is the key ``<name>`` (any case), e.g. SERVING_PORT, SERVING_MINWORKERS, SERVING_BATCH_SIZE;
+    a dotted key has its first dot written as ``_`` (SERVING_GPU_MINWORKERS is gpu.minWorkers)."""
     for var, value in env.items():
         upper, source = var.upper(), f"env {var}"
         if not upper.startswith("SERVING_"):
             continue
         if upper in IGNORED_SERVING_ENV:
-            warnings.append(f"{var} ignored: a DJL Serving launcher setting with no meaning in lmserve")
+            into.warnings.append(f"{var} ignored: a DJL Serving launcher setting with no meaning in lmserve")
             continue
         name = var[len("SERVING_") :].lower()
-        if name.startswith("option_"):
-            name = "option." + name[len("option_") :]
-        key, rank = _known(name, value, source, env_prefix="SERVING_")
-        settings.append(Setting(key, value, source, Level.SERVING_ENV, rank))
-    return settings, warnings
+        dotted = name.replace("_", ".", 1)  # SERVING_OPTION_DTYPE, SERVING_GPU_MINWORKERS
+        if find_key(name) is None and (find_key(dotted) is not None or name.startswith("option_")):
+            name = dotted
+        into.add(name, value, source, Level.SERVING_ENV, env_prefix="SERVING_")
 
 
-def from_cli(cli: Mapping[str, object], flags: Mapping[str, str]) -> list[Setting]:
+def from_cli(cli: Mapping[str, object], flags: Mapping[str, str], into: Gathered) -> None:
     """Settings from CLI overrides keyed by key spelling; None values mean "flag not given".
     ``flags`` maps a key's canonical name to the flag that set it, for error messages."""
-    settings = []
     for name, value in cli.items():
         if value is None:
             continue
-        key, rank = _known(name, value, f"CLI --option {name}")
-        source = f"CLI {flags[key.name]}" if key.name in flags else f"CLI --option {name}"
-        settings.append(Setting(key, value, source, Level.CLI, rank))
-    return settings
+        found = find_key(name)
+        source = f"CLI {flags[found[0].name]}" if found and found[0].name in flags else f"CLI --option {name}"
+        into.add(name, value, source, Level.CLI)
 
 
 def resolve(settings: Iterable[Setting]) -> tuple[dict[str, Setting], list[str]]:
@@ -135,19 +174,6 @@ def resolve(settings: Iterable[Setting]) -> tuple[dict[str, Setting], list[str]]
         if s is not w and s.level == w.level
     ]
     return {name: setting for name, (setting, _) in winners.items()}, warnings
-
-
-def _known(
-    name: str, value: object, source: str, *, env_prefix: str = "", pool: tuple[str, ...] | None = None
-) -> tuple[Key, int]:
-    found = find_key(name)
-    if found is not None:
-        return found
-    guess = closest_key(name, pool)
-    if guess and env_prefix:
-        guess = _env_spelling(env_prefix, guess)
-    hint = f", did you mean {guess}?" if guess else " (see the key reference)"
-    raise ConfigError(name, value, f"only known keys; '{name}' is unknown{hint}", source)
 
 
 def _env_spelling(prefix: str, name: str) -> str:

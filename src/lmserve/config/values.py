@@ -20,6 +20,8 @@ DEFAULT_ENTRY_POINT = "lmserve.default"
 
 # LMI's built-in text-generation handlers; lmserve serves all of them with its default handler.
 LMI_ENTRY_POINTS = (
+    "djl_python.lmi_vllm.vllm_async_service",  # LMI's recommended vLLM setup (with async_mode)
+    "djl_python.lmi_trtllm.trtllm_async_service",
     "djl_python.transformers_neuronx",
     "djl_python.transformers-neuronx",
     "djl_python.transformersneuronx",
@@ -93,6 +95,36 @@ TEXT = ValueType("str", "any non-empty text", lambda raw: _nonempty(_text(raw)))
 ANY = ValueType("str", "any value (not used by lmserve)", lambda raw: raw)
 
 
+def _patterns(raw: object) -> tuple[str, ...]:
+    """Regular expressions separated by whitespace (a comma may be part of one, as in ``{1,3}``)."""
+    items = tuple(raw) if isinstance(raw, list | tuple) else tuple(_text(raw).split())
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+    return _nonempty_list(items)
+
+
+def _names(raw: object) -> tuple[str, ...]:
+    items = tuple(raw) if isinstance(raw, list | tuple) else tuple(_text(raw).split(","))
+    return _nonempty_list(tuple(str(item).strip() for item in items if str(item).strip()))
+
+
+def _nonempty_list(items: tuple[str, ...]) -> tuple[str, ...]:
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise ValueError("empty")
+    return items
+
+
+PATTERNS = ValueType(
+    "regexes", "one or more regular expressions separated by spaces, each matched against the whole "
+    "location (write a space inside one as \\s)", _patterns
+)
+
+NAMES = ValueType("list", "one or more entries separated by commas", _names)
+
+
 def _nonempty(text: str) -> str:
     if not text:
         raise ValueError("empty")
@@ -152,6 +184,9 @@ def _tensor_parallel(raw: object) -> int:
 TENSOR_PARALLEL = ValueType(
     "int|max", "an integer >= 1, or 'max' for every device the launcher finds", _tensor_parallel
 )
+
+
+CUSTOM_HANDLER = "model.py"
 
 
 def _entry_point(raw: object) -> str:

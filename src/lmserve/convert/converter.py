@@ -9,16 +9,12 @@ complete.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import struct
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,7 @@ from tqdm import tqdm
 from lmserve import __version__
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.fsutil import file_lock, staged_dir
 from lmserve.models.config import DTYPES, build_model_config, read_hf_config
 from lmserve.models.registry import resolve_architecture
 from lmserve.models.weights import load_weights
@@ -62,11 +59,8 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
     hf = read_hf_config(model_dir)
     architecture, cls = resolve_architecture(hf.get("architectures"))
     cfg = build_model_config(model_dir, architecture, hf, dtype, torch.device("cpu"), None)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     start = time.perf_counter()
-    try:
+    with staged_dir(out_dir) as tmp:
         ranks = []
         for rank in tqdm(range(degree), desc=f"converting to tp{degree} {presharded.dtype_name(dtype)}",
                          unit=" rank", disable=not progress):
@@ -86,10 +80,6 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
             "created_unix": time.time(), "convert_seconds": round(time.perf_counter() - start, 3),
         }
         _write_json(tmp / presharded.MANIFEST, manifest)  # last: its presence marks a finished conversion
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted %s to %s (tp%d, %s) in %.1fs", model_dir, out_dir, degree,
              presharded.dtype_name(dtype), time.perf_counter() - start)
     return out_dir
@@ -116,7 +106,7 @@ def ensure_converted(model_dir: Path | str, degree: int, dtype: torch.dtype | st
     entry = presharded.cache_entry(model_dir, degree, dtype)
     if presharded.is_complete(entry):
         return entry
-    with _locked(entry.parent / f".{entry.name}.lock"):
+    with file_lock(entry.parent / f".{entry.name}.lock"):
         if presharded.is_complete(entry):
             return entry
         for leftover in [entry, *entry.parent.glob(f".{entry.name}.tmp-*")]:
@@ -166,13 +156,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,4 +1,12 @@
-"""Sizing and allocating the paged KV cache."""
+"""Sizing and allocating the paged KV cache.
+
+``option.gpu_memory_utilization`` means what it means in vLLM: on CUDA, the share of the GPU's
+*total* memory this engine may use for weights, activations and the KV cache together. The cache
+gets that share less what is already in use once the weights are loaded (the weights, the CUDA
+context, anything else on the device) and less a reserve for one step's activations. On the CPU,
+where memory is shared with everything else on the host, it scales the cache's cap instead (a
+quarter of available memory at the default 0.9).
+"""
 
 from __future__ import annotations
 
@@ -45,17 +53,46 @@ def available_memory(device: torch.device) -> int:
     return 8 << 30
 
 
+def activation_reserve(step_tokens: int, logit_rows: int, hidden_size: int, intermediate_size: int,
+                       vocab_size: int, act_bytes: int) -> int:
+    """Bytes to keep free for one engine step's activations: for each of ``step_tokens`` tokens
+    the hidden state, its residual and normed copies and q/k/v (about 6 x hidden) and the MLP's
+    gate, up and product (3 x intermediate), plus float32 logits and their sampling copy for
+    ``logit_rows`` rows. An estimate on the safe side of what the step loop keeps alive at once."""
+    per_token = (6 * hidden_size + 3 * intermediate_size) * act_bytes
+    return step_tokens * per_token + 2 * logit_rows * vocab_size * 4
+
+
+def cuda_cache_budget(free: int, total: int, memory_fraction: float, reserve: int) -> int:
+    """Bytes the KV cache may take on a GPU (vLLM's meaning of gpu_memory_utilization): the
+    fraction of ``total``, less what is in use now (``total - free``: the weights, and whatever
+    else holds the device), less the activation ``reserve``. OutOfMemoryError when nothing is left."""
+    in_use = total - free
+    budget = int(total * memory_fraction) - in_use - reserve
+    if budget <= 0:
+        gib = 1 << 30
+        raise OutOfMemoryError(
+            f"option.gpu_memory_utilization={memory_fraction:g} leaves no room for the KV cache: it allows "
+            f"{total * memory_fraction / gib:.2f} GiB of the GPU's {total / gib:.2f} GiB, {in_use / gib:.2f} GiB "
+            f"is in use with the weights loaded and one step's activations need about {reserve / gib:.2f} GiB; "
+            "raise it, or lower option.max_rolling_batch_prefill_tokens")  # fmt: skip
+    return budget
+
+
 def plan_num_blocks(spec: KVCacheSpec, device: torch.device, tokens: int | None, memory_fraction: float,
-                    wanted_tokens: int, nbytes: int | None = None) -> int:
+                    wanted_tokens: int, nbytes: int | None = None, reserve: int = 0) -> int:
     """Blocks to allocate: ``tokens`` if given, else ``nbytes`` worth; else what fits the memory
-    budget, capped at what ``wanted_tokens`` (max_num_seqs x max_model_len) could ever use."""
+    budget (see the module docstring; ``reserve`` is the activation reserve on CUDA), capped at
+    what ``wanted_tokens`` (max_num_seqs x max_model_len) could ever use."""
     if tokens is None and nbytes is not None:
         tokens = nbytes // spec.bytes_per_token
     if tokens is None:
-        # On the CPU the fraction scales the CPU cap, so replicas that split the fraction split the cap.
-        share = memory_fraction if device.type == "cuda" else (
-            _CPU_SHARE_OF_AVAILABLE * min(1.0, memory_fraction / _DEFAULT_MEMORY_FRACTION))
-        budget = int(available_memory(device) * share)
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = cuda_cache_budget(int(free), int(total), memory_fraction, reserve)
+        else:  # the fraction scales the CPU cap, so replicas that split the fraction split the cap
+            share = _CPU_SHARE_OF_AVAILABLE * min(1.0, memory_fraction / _DEFAULT_MEMORY_FRACTION)
+            budget = int(available_memory(device) * share)
         tokens = min(budget // spec.bytes_per_token, wanted_tokens)
     num_blocks = max(tokens // spec.block_size, 0)
     if num_blocks < 1:

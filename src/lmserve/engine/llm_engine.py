@@ -10,18 +10,16 @@ from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
+from lmserve.engine.prompt_limits import check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sampler import Sampler
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.engine.scheduler import ScheduledBatch, Scheduler
+from lmserve.engine.scheduler import ScheduledBatch, Scheduler, step_token_budget
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CPU_BATCHED_TOKENS = 512
-DEFAULT_CUDA_BATCHED_TOKENS = 4096
 
 
 def make_runner(config: EngineConfig) -> ModelRunner:
@@ -51,9 +49,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A request must fit the cache alone, or it could preempt itself forever.
         self.max_model_len = min(mc.max_model_len, self.runner.num_blocks * config.block_size)
-        budget = config.max_num_batched_tokens or (
-            DEFAULT_CUDA_BATCHED_TOKENS if self.runner.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max(budget, config.max_num_seqs))
+        budget = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.runner.device.type)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}
@@ -81,24 +78,12 @@ class LLMEngine:
         if request_id in self._live:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids)
+        check_prompt_ids("inputs", token_ids, self.max_model_len, self.runner.model_config.vocab_size)
         request = Request(request_id, token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens,
                                        params.include_stop_str_in_output)
         self._live[request_id] = _Live(request, detok)
         self.scheduler.add(request)
-
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise InvalidRequestError("inputs", "the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "inputs", f"the prompt has {len(token_ids)} tokens; at most {self.max_model_len - 1} fit "
-                          f"(max_model_len {self.max_model_len} includes at least one new token)")
-        vocab = self.runner.model_config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError("inputs", f"token id {bad} is outside the vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)

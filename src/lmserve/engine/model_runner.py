@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from lmserve.config.settings import EngineConfig
-from lmserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
+from lmserve.engine.kv_cache import KVCacheSpec, activation_reserve, allocate_kv_cache, plan_num_blocks
 from lmserve.engine.request import Request
+from lmserve.engine.scheduler import step_token_budget
 from lmserve.kernels import get_ops
 from lmserve.models.config import DTYPES
 from lmserve.models.layers import ForwardContext, PagedAttention
@@ -72,9 +73,13 @@ class ModelRunner:
         # This rank's KV heads, as its attention layers hold them (replication included).
         heads = next(m.num_kv_heads for m in self.model.modules() if isinstance(m, PagedAttention))
         self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
+        step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
+        intermediate = cfg.get("intermediate_size", "ffn_dim", default=4 * cfg.hidden_size) // state.world_size
+        reserve = activation_reserve(step_tokens, config.max_num_seqs, cfg.hidden_size, intermediate, cfg.vocab_size,
+                                     torch.empty(0, dtype=cfg.act_dtype).element_size())  # fmt: skip
         self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
                                           config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
-                                          config.kv_cache_bytes)
+                                          config.kv_cache_bytes, reserve)
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks, self.device)
 
     # -- inputs ----------------------------------------------------------------------------------

@@ -19,6 +19,17 @@ from dataclasses import dataclass, field
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.request import Request, RequestStatus
 
+DEFAULT_CPU_BATCHED_TOKENS = 512
+DEFAULT_CUDA_BATCHED_TOKENS = 4096
+
+
+def step_token_budget(max_num_batched_tokens: int | None, max_num_seqs: int, device_type: str) -> int:
+    """Tokens one step may compute: ``option.max_rolling_batch_prefill_tokens``, else the device's
+    default; never below ``max_num_seqs``, so every running request can decode each step."""
+    budget = max_num_batched_tokens or (
+        DEFAULT_CUDA_BATCHED_TOKENS if device_type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
+    return max(budget, max_num_seqs)
+
 
 @dataclass
 class ScheduledBatch:

@@ -46,16 +46,15 @@ class CpuOps(ReferenceOps):
         return PackedLinear(pack_panels(interleave_gate_up(gate, up)), gate.shape[0], gate.shape[1],
                             layout="panel32", gate_up=True)
 
-    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
         if w.layout != "panel32" or w.gate_up:
-            return super().linear(x, w, bias, residual)
-        return self.ext.linear(x, w.data, w.out_features, bias, residual, _PLAIN, torch.get_num_threads())
+            return super().linear(x, w, bias)
+        return self.ext.linear(x, w.data, w.out_features, bias, _PLAIN, torch.get_num_threads())
 
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor:
         if w.layout != "panel32" or not w.gate_up:
             return super().linear_silu_mul(x, w)
-        return self.ext.linear(x, w.data, w.out_features, None, None, _SILU_MUL, torch.get_num_threads())
+        return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
 
     # -- elementwise -------------------------------------------------------------------------
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

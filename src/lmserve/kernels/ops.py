@@ -1,4 +1,5 @@
-"""The kernel interface the model layers call, and the one place that picks an implementation."""
+"""The kernel interface the model layers call, the base of the layers that call it, and the one place
+that picks an implementation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from lmserve.kernels.build import load_cpu_kernels
 from lmserve.kernels.packed import PackedLinear
@@ -17,7 +19,7 @@ class Ops(Protocol):
 
     - ``pack_linear_weight(w[N, K]) -> PackedLinear``: once at load time.
     - ``pack_gate_up_weight(gate[I, K], up[I, K]) -> PackedLinear``: for ``linear_silu_mul``.
-    - ``linear(x[..., K], w, bias=None, residual=None) -> [..., N]``: ``x W^T + bias + residual``.
+    - ``linear(x[..., K], w, bias=None) -> [..., N]``: ``x W^T + bias``.
     - ``linear_silu_mul(x[..., K], w) -> [..., I]``: ``silu(x G^T) * (x U^T)`` in one pass.
     - ``silu_and_mul(x[..., 2I]) -> [..., I]``.
     - ``rms_norm(x, weight, eps, residual=None) -> (normed, x + residual)``.
@@ -40,8 +42,7 @@ class Ops(Protocol):
 
     def pack_gate_up_weight(self, gate: torch.Tensor, up: torch.Tensor) -> PackedLinear: ...
 
-    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor: ...
+    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor: ...
 
@@ -60,6 +61,22 @@ class Ops(Protocol):
                         block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                         scale: float, alibi_slopes: torch.Tensor | None = None,
                         out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class KernelModule(nn.Module):
+    """A layer that runs on the device's kernels.
+
+    The model loader calls ``finalize(ops)`` on every one once the weights are in place (and before
+    the first forward); a layer that keeps its weight in a kernel-specific form packs it there.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Ops | None = None
+
+    def finalize(self, ops: Ops) -> None:
+        """Run on ``ops`` from now on."""
+        self.ops = ops
 
 
 _lock = threading.Lock()

@@ -44,13 +44,11 @@ class ReferenceOps:
             return w.float()
         return w
 
-    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W^T + bias + residual`` for ``x[..., K]``; returns ``x``'s dtype."""
+    def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W^T + bias`` for ``x[..., K]``; returns ``x``'s dtype."""
         if w.gate_up:
             raise ValueError("a gate|up weight packed by pack_gate_up_weight goes to linear_silu_mul, not linear")
-        y = self._matmul(x, w, bias)
-        return y if residual is None else y + residual.to(y.dtype)
+        return self._matmul(x, w, bias)
 
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor:
         """``silu(x @ G^T) * (x @ U^T)`` for a weight from :meth:`pack_gate_up_weight`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.errors import UnsupportedModelError
+from lmserve.kernels import KernelModule, Ops
 
 
 @dataclass
@@ -27,7 +29,7 @@ class ForwardContext:
     context_lens: torch.Tensor
     query_start_loc: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    ops: Any
+    ops: Ops
 
 
 class CausalLM(nn.Module):
@@ -47,18 +49,13 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(KernelModule):
     """Root-mean-square norm in float32; with ``residual`` it first adds it (fused pre-norm step)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
-        self.ops: Any = None
-
-    def finalize(self, ops: Any) -> None:
-        """Run on the device's kernels from now on (the loader calls this once weights are in)."""
-        self.ops = ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ops is not None:
@@ -72,20 +69,6 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype), residual
 
 
-class SiluAndMul(nn.Module):
-    """SwiGLU on the device's kernels: silu(gate) * up, ``x`` being gate|up on the last dimension."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Any = None
-
-    def finalize(self, ops: Any) -> None:
-        self.ops = ops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x) if self.ops is None else self.ops.silu_and_mul(x)
-
-
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32, returning the input dtype."""
 
@@ -94,17 +77,13 @@ class LayerNorm(nn.LayerNorm):
                             None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up, where ``x`` is gate|up concatenated on the last dimension."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-ACTIVATIONS: dict[str, Any] = {
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+ACTIVATIONS: dict[str, Activation] = {
     "gelu": F.gelu,  # exact (erf)
     "gelu_new": _gelu_tanh,  # the tanh approximation, under the names checkpoints use for it
     "gelu_fast": _gelu_tanh,
@@ -115,7 +94,7 @@ ACTIVATIONS: dict[str, Any] = {
 }
 
 
-def get_activation(name: str) -> Any:
+def get_activation(name: str) -> Activation:
     """The activation a config names (``hidden_act`` / ``activation_function``)."""
     if name not in ACTIVATIONS:
         raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}")
@@ -133,7 +112,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(KernelModule):
     """Rotary position embedding over the first ``rotary_dim`` features of each head.
 
     ``neox_style`` rotates the two halves of the rotary features (Llama, GPT-NeoX); otherwise
@@ -155,10 +134,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.ops: Any = None
-
-    def finalize(self, ops: Any) -> None:
-        self.ops = ops
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q``: [T, Hq, D], ``k``: [T, Hk, D]; returns them rotated (in place when the kernels can)."""

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import CausalLM, ForwardContext, PagedAttention, RMSNorm, SiluAndMul, get_rope
+from lmserve.models.layers import CausalLM, ForwardContext, PagedAttention, RMSNorm, get_rope
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
-    ColumnParallelLinear,
+    GateUpSwiGLU,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
@@ -52,12 +52,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = int(cfg.get("intermediate_size"))
         bias = bool(cfg.get("mlp_bias", default=False))
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, cfg.dtype, state)
+        self.gate_up_proj = GateUpSwiGLU(cfg.hidden_size, inter, bias, cfg.dtype, state)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, cfg.dtype, state)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

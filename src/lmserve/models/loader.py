@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from lmserve.kernels import KernelModule, Ops
 from lmserve.models.config import ModelConfig, build_model_config, read_hf_config
 from lmserve.models.registry import resolve_architecture
 from lmserve.models.weights import load_weights
@@ -18,7 +18,7 @@ from lmserve.parallel.state import SINGLE, ParallelState
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: Any,
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: Ops,
                max_model_len: int | None = None, state: ParallelState = SINGLE,
                progress: bool = False) -> tuple[nn.Module, ModelConfig]:
     """Instantiate the family's model, load and shard its weights, and prepare them for ``ops``.
@@ -36,9 +36,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: A
         load_weights(model, model_dir, cls.weights, progress=progress)
     model = model.to(device)
     for module in model.modules():
-        finalize = getattr(module, "finalize", None)
-        if finalize is not None:
-            finalize(ops)
+        if isinstance(module, KernelModule):
+            module.finalize(ops)
     if conversion is not None and not packed:
         remember_packed(model, conversion, state.rank, ops)
     model.eval()

@@ -29,7 +29,9 @@ from torch import nn
 from lmserve import __version__
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
-from lmserve.kernels.packed import PackedLinear
+from lmserve.fsutil import staged_file
+from lmserve.kernels import Ops, PackedLinear
+from lmserve.parallel.layers import LinearBase
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def save_rank(model: nn.Module, path: Path) -> tuple[int, int]:
     return path.stat().st_size, len(tensors)
 
 
-def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Any = None) -> bool:
+def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Ops | None = None) -> bool:
     """Give ``model`` rank ``rank``'s tensors from a conversion, without casting or slicing; with
     ``ops``, also the weights packed for those kernels by an earlier load (``remember_packed``).
     Returns whether packed weights were restored."""
@@ -158,46 +160,48 @@ def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Any = None) ->
                     f"{path}: {name} is {tuple(loaded.shape)} {loaded.dtype}, the model wants "
                     f"{tuple(tensor.shape)} {tensor.dtype}; convert again")
             tensor.data = loaded  # rebinding keeps tied parameters tied
-    modules = dict(model.named_modules())
+    linears = _linears(model)
     for name, packed in packs.items():
-        modules[name].restore_packed(packed)
+        linears[name].restore_packed(packed)
     return bool(packs)
 
 
-def packed_file(rank: int, ops: Any) -> str:
+def packed_file(rank: int, ops: Ops) -> str:
     return f"rank{rank}.packed-{ops.name}.safetensors"
 
 
-def remember_packed(model: nn.Module, conversion: Path, rank: int, ops: Any) -> None:
+def remember_packed(model: nn.Module, conversion: Path, rank: int, ops: Ops) -> None:
     """Keep the weights ``ops`` packed (after ``finalize``) next to the conversion, so later loads
     skip packing: the kernels' half of the compiled-model cache. Plain layouts are not kept (they
     cost nothing to rebuild); a read-only conversion just stays without them."""
-    packs = {name: m._packed for name, m in model.named_modules()
-             if isinstance(getattr(m, "_packed", None), PackedLinear) and m._packed.layout != "plain"}
+    packs = {name: m.packed for name, m in model.named_modules()
+             if isinstance(m, LinearBase) and m.packed is not None and m.packed.layout != "plain"}
     if not packs:
         return
     meta = {name: {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "data"}
             for name, p in packs.items()}
-    path = conversion / packed_file(rank, ops)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({name: p.data.contiguous() for name, p in packs.items()}, str(tmp),
-                  metadata={"packed": json.dumps(meta)})
-        os.replace(tmp, path)
+        with staged_file(conversion / packed_file(rank, ops)) as tmp:
+            save_file({name: p.data.contiguous() for name, p in packs.items()}, str(tmp),
+                      metadata={"packed": json.dumps(meta)})
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.info("not keeping packed weights in %s: %s", conversion, exc)
 
 
 def _read_packed(path: Path, model: nn.Module) -> dict[str, PackedLinear]:
     if not path.is_file():
         return {}
-    modules = dict(model.named_modules())
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = json.loads((f.metadata() or {}).get("packed", "{}"))
-        if not meta or any(not hasattr(modules.get(name), "restore_packed") for name in meta):
-            return {}  # made for another model layout: ignore it, the weights get packed afresh
-        return {name: PackedLinear(data=f.get_tensor(name), **fields) for name, fields in meta.items()}
+        packs = {name: PackedLinear(data=f.get_tensor(name), **fields) for name, fields in meta.items()}
+    linears = _linears(model)
+    if not packs or any(name not in linears or not linears[name].fits(p) for name, p in packs.items()):
+        return {}  # made for another model layout (or lmserve version): the weights get packed afresh
+    return packs
+
+
+def _linears(model: nn.Module) -> dict[str, LinearBase]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LinearBase)}
 
 
 def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

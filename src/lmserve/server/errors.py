@@ -8,6 +8,7 @@ code is decided here and nowhere else; streaming routes use the same body for th
 |---|---|
 | InvalidRequestError, request validation (pydantic, bad JSON), ConfigError, UnsupportedModelError | 400 |
 | UnauthorizedError (a protected route without the right bearer token; ``WWW-Authenticate``) | 401 |
+| NotAllowedError (the server's settings forbid it: model API off, a url outside ``allowed_urls``, a registered model asking to run its own code) | 403 |
 | ModelNotFoundError | 404 |
 | ModelConflictError (registering a name already in use) | 409 |
 | RequestTooLargeError (body over ``max_request_bytes``) | 413 |
@@ -47,6 +48,7 @@ from lmserve.errors import (
     InvalidRequestError,
     LMServeError,
     ModelNotFoundError,
+    NotAllowedError,
     OutOfMemoryError,
     RequestTimeoutError,
     UnsupportedModelError,
@@ -82,6 +84,7 @@ _TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (ConfigError, 400, "validation"),
     (UnsupportedModelError, 400, "validation"),
     (UnauthorizedError, 401, "validation"),
+    (NotAllowedError, 403, "validation"),
     (ModelNotFoundError, 404, "validation"),
     (ModelConflictError, 409, "validation"),
     (RequestTooLargeError, 413, "validation"),

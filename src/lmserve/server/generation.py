@@ -1,10 +1,11 @@
-"""What every inference route does: check the prompt, submit, time, collect, and stop on disconnect.
+"""What every inference route does with checked prompts: submit, time, collect, stop on disconnect.
 
-A route tokenizes and checks its prompts here, ``start``s each request (capacity and readiness are
-checked before anything is sent, so those errors keep their HTTP status), then either ``complete``s
-them or streams them. Streaming routes wait for the first delta before answering, so an error before
-the first token is still an HTTP error; after it, errors become error events. A client that goes
-away, during the wait or the stream, aborts its requests in the engine.
+A route tokenizes and checks its prompts (``lmserve.server.prompts``), ``start``s each request
+(capacity and readiness are checked before anything is sent, so those errors keep their HTTP
+status), then either ``complete``s them or streams them. Streaming routes wait for the first delta
+before answering, so an error before the first token is still an HTTP error; after it, errors
+become error events. A client that goes away, during the wait or the stream, aborts its requests
+in the engine.
 """
 
 from __future__ import annotations
@@ -13,21 +14,19 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.errors import InvalidRequestError, RequestTimeoutError
+from lmserve.errors import RequestTimeoutError
 from lmserve.metrics import RequestTimer
 from lmserve.server.errors import ClientDisconnectedError, GenerationError
-from lmserve.server.params import check_text
 from lmserve.server.runtime import ModelRuntime
 from lmserve.workers.request_stream import RequestStream
 
 T = TypeVar("T")
-_INLINE_TOKENIZE_CHARS = 20_000  # about 5k tokens: a few milliseconds of tokenizing at most
 
 
 @dataclass
@@ -75,41 +74,6 @@ class TrackedStream:
         if not self.stream.finished:
             self.stream.close()
             self.timer.finish("abort")
-
-
-async def tokenize(rt: ModelRuntime, text: str, field_name: str) -> list[int]:
-    """The prompt's token ids (with the model's special prefix tokens). Long texts are tokenized off
-    the event loop, so one big prompt does not stall every stream."""
-    if not text:
-        raise InvalidRequestError(field_name, "must not be empty")
-    assert rt.tokenizer is not None, "tokenize() is called only when the model is ready"
-    check_text(field_name, text)
-    if len(text) > _INLINE_TOKENIZE_CHARS:
-        return await asyncio.to_thread(rt.tokenizer.encode, text)
-    return rt.tokenizer.encode(text)
-
-
-async def chat_prompt_ids(rt: ModelRuntime, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of a conversation through the model's chat template (off the loop when long)."""
-    assert rt.tokenizer is not None, "chat_prompt_ids() is called only when the model is ready"
-    if sum(len(str(m.get("content") or "")) for m in messages) > _INLINE_TOKENIZE_CHARS:
-        return await asyncio.to_thread(rt.tokenizer.chat_prompt_ids, messages)
-    return rt.tokenizer.chat_prompt_ids(messages)
-
-
-def check_prompt(rt: ModelRuntime, ids: list[int], field_name: str) -> list[int]:
-    """``ids`` if the engine can take them: non-empty, known ids, room for one new token."""
-    info = rt.model_info
-    assert info is not None, "check_prompt() is called only when the model is ready"
-    if not ids:
-        raise InvalidRequestError(field_name, "must not be empty")
-    if any(not 0 <= t < info.vocab_size for t in ids):
-        raise InvalidRequestError(field_name, f"token ids must be in [0, {info.vocab_size})")
-    if len(ids) > info.max_model_len - 1:
-        raise InvalidRequestError(field_name, f"the prompt has {len(ids)} tokens, but at most "
-                                  f"{info.max_model_len - 1} fit (max_model_len {info.max_model_len} "
-                                  "leaves room for one new token)")  # fmt: skip
-    return ids
 
 
 def start(rt: ModelRuntime, prompt_ids: list[int], params: SamplingParams, prefix: str = "req") -> TrackedStream:

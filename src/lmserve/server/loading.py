@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from lmserve.store.policy import FetchPolicy
 from lmserve.workers.messages import ErrorInfo
 
 logger = logging.getLogger("lmserve.server")
@@ -31,14 +32,17 @@ class Fetched:
     properties: Path | None
     has_custom_handler: bool
     model_id: str  # what was resolved: the given location, or the default model's directory
+    created: tuple[Path, ...] = ()  # cache directories this fetch made (see ResolvedModel.created)
 
 
-async def resolve_in_child(model_id: str, revision: str | None, default_model: bool) -> Fetched:
-    """Resolve (and fetch) ``model_id`` in a spawned process; ``default_model`` pulls the default
-    model first. Raises the child's error with its type (``ModelNotFoundError``, ...)."""
+async def resolve_in_child(model_id: str, revision: str | None, default_model: bool,
+                           policy: FetchPolicy | None = None) -> Fetched:  # fmt: skip
+    """Resolve (and fetch) ``model_id`` in a spawned process within ``policy``; ``default_model``
+    pulls the default model first. Raises the child's error with its type (``ModelNotFoundError``,
+    ``NotAllowedError``, ...)."""
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_resolve_main, args=(sender, model_id, revision, default_model),
+    child = ctx.Process(target=_resolve_main, args=(sender, model_id, revision, default_model, policy),
                         name="lmserve-resolve")  # fmt: skip
     child.start()
     sender.close()
@@ -51,8 +55,9 @@ async def resolve_in_child(model_id: str, revision: str | None, default_model: b
         receiver.close()
     if reply[0] == "error":
         raise ErrorInfo(*reply[1:]).to_exception()
-    _, path, properties, handler, resolved_id = reply
-    return Fetched(Path(path), Path(properties) if properties else None, handler, resolved_id)
+    _, path, properties, handler, resolved_id, created = reply
+    return Fetched(Path(path), Path(properties) if properties else None, handler, resolved_id,
+                   tuple(Path(p) for p in created))  # fmt: skip
 
 
 def _receive(receiver: Connection) -> tuple[Any, ...]:
@@ -62,7 +67,8 @@ def _receive(receiver: Connection) -> tuple[Any, ...]:
         return ("error", "internal", "the model resolver process exited without an answer", None)
 
 
-def _resolve_main(sender: Connection, model_id: str, revision: str | None, default_model: bool) -> None:
+def _resolve_main(sender: Connection, model_id: str, revision: str | None, default_model: bool,
+                  policy: FetchPolicy | None) -> None:  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if default_model:
@@ -71,9 +77,10 @@ def _resolve_main(sender: Connection, model_id: str, revision: str | None, defau
             model_id = str(pull_default_model(progress=True))
         from lmserve.store import resolve_model
 
-        resolved = resolve_model(model_id, revision=revision, progress=True)
+        resolved = resolve_model(model_id, revision=revision, progress=True, policy=policy)
         properties = str(resolved.properties) if resolved.properties else None
-        sender.send(("ok", str(resolved.path), properties, resolved.has_custom_handler, model_id))
+        created = [str(path) for path in resolved.created]
+        sender.send(("ok", str(resolved.path), properties, resolved.has_custom_handler, model_id, created))
     except BaseException as exc:
         info = ErrorInfo.of(exc)
         sender.send(("error", info.kind, info.message, info.field))

@@ -1,5 +1,5 @@
-"""ASGI middleware: the bearer-token check, the request-body size limit, and HTTP responses counted
-by route and status."""
+"""ASGI middleware: the bearer-token check (and the model API switch), the request-body size limit,
+and HTTP responses counted by route and status."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmserve.config.settings import ServerConfig
 from lmserve.metrics import ServerMetrics
 from lmserve.server.errors import UnauthorizedError, error_response
+from lmserve.server.policy import model_api_refusal
 
 _OPEN_PATHS = frozenset({"/ping", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
@@ -21,13 +22,18 @@ class TokenAuthMiddleware:
     """With an API key configured, refuse with 401 (before the body is read or anything changes)
     a request without ``Authorization: Bearer <key>`` to the management API (``/models...``), and
     to the inference routes too when ``protect_inference`` is set. Health checks, metrics and the
-    API docs stay open, so load balancers and scrapers need no key."""
+    API docs stay open, so load balancers and scrapers need no key. Without a key, POST, PUT and
+    DELETE on ``/models`` are refused with 403 unless ``enable_model_api`` is set."""
 
     def __init__(self, app: ASGIApp, server: Callable[[], ServerConfig]) -> None:
         self.app, self.server = app, server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         config = self.server()
+        refusal = model_api_refusal(config, scope.get("method", ""), scope["path"]) if scope["type"] == "http" else None
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
         if scope["type"] == "http" and config.api_key and _protected(scope["path"], config):
             problem = _check_token(dict(scope["headers"]).get(b"authorization"), config.api_key)
             if problem is not None:
@@ -43,11 +49,14 @@ def _protected(path: str, config: ServerConfig) -> bool:
 
 
 def _check_token(header: bytes | None, key: str) -> str | None:
-    """None when ``header`` carries the key; else what is wrong, without revealing the key."""
+    """None when ``header`` carries the key; else what is wrong, without revealing the key.
+
+    Compared as bytes: the header's raw bytes against the key in UTF-8, which is how clients send a
+    non-ASCII key (decoding the header one way and encoding it another never matched)."""
     if header is None:
         return "this route needs the server's API key: send 'Authorization: Bearer <key>'"
-    scheme, _, token = header.decode("latin-1").strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode("utf-8")):
         return "the API key in the Authorization header is not this server's"
     return None
 

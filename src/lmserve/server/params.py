@@ -43,8 +43,9 @@ def _refuse(checks: Iterable[tuple[bool, str, str]]) -> None:
             raise InvalidRequestError(name, why)
 
 
-def lmi_sampling_params(p: GenerationParameters, *, default_max_new_tokens: int, logprobs: bool) -> SamplingParams:
-    """LMI/TGI parameters; ``logprobs`` asks for the chosen token's log-probability (details, streams)."""
+def lmi_sampling_params(p: GenerationParameters, *, max_new_tokens: int, logprobs: bool) -> SamplingParams:
+    """LMI/TGI parameters; ``logprobs`` asks for the chosen token's log-probability (details, streams).
+    The caller works out ``max_new_tokens`` (the dialect's default when unset)."""
     _refuse([
         (p.decoder_input_details, "parameters.decoder_input_details", "prompt log-probabilities are not supported"),
         (p.best_of not in (None, 1), "parameters.best_of", "only best_of=1 is supported"),
@@ -67,7 +68,7 @@ def lmi_sampling_params(p: GenerationParameters, *, default_max_new_tokens: int,
     top_n = p.top_n_tokens or None
     return _build(
         _LMI_NAMES, "parameters.",
-        max_new_tokens=default_max_new_tokens if p.max_new_tokens is None else p.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         min_new_tokens=p.min_new_tokens or 0, temperature=temperature, top_k=p.top_k or 0,
         top_p=1.0 if p.top_p is None else p.top_p,
         repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,

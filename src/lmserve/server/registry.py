@@ -29,6 +29,7 @@ from lmserve.engine.protocol import EngineStats
 from lmserve.errors import EngineDeadError, InvalidRequestError, LMServeError, ModelNotFoundError
 from lmserve.metrics import ServerMetrics
 from lmserve.server.errors import ModelConflictError
+from lmserve.server.policy import registration_guard
 from lmserve.server.runtime import LoadPlan, ModelRuntime, State
 from lmserve.workers.engine_client import ReplicaState
 
@@ -108,13 +109,14 @@ class ModelRegistry:
         if self.find(name) is not None or name in self._claimed:
             raise ModelConflictError(f"a model named '{name}' is already registered; unregister it first "
                                      "(DELETE /models/{name}) or choose another model_name")  # fmt: skip
+        policy, consent = registration_guard(self.server, url)  # 403 before anything at url is read
         self._claimed.add(name)
         try:
             cli = {"served_name": name, **overrides}
             config = await asyncio.to_thread(load_serving_config, url, cli=cli)
             base = self.template or LoadPlan(config)
             plan = replace(base, config=config, model_arg=url, cli=cli, properties=None, resolve=True,
-                           default_model=False)  # fmt: skip
+                           default_model=False, fetch_policy=policy, remote_code_consent=consent)  # fmt: skip
             runtime = ModelRuntime(plan, self.metrics, loaded_at_startup=False)
             self.models.append(runtime)
         finally:

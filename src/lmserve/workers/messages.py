@@ -29,7 +29,7 @@ _ERROR_TYPES: dict[str, type[errors.LMServeError]] = {
     cls.__name__: cls
     for cls in (errors.InvalidRequestError, errors.CapacityError, errors.OutOfMemoryError,
                 errors.UnsupportedModelError, errors.ConfigError, errors.ModelNotFoundError,
-                errors.HandlerError)
+                errors.HandlerError, errors.NotAllowedError)
 }  # fmt: skip
 
 

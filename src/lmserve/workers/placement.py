@@ -1,7 +1,9 @@
 """Where each replica of a model runs: the devices it owns, its CPU cores and threads.
 
 A model runs as ``replicas`` engine groups of ``tensor_parallel_degree`` ranks each, where
-``replicas = devices // degree``, capped by ``maxWorkers`` and raised to ``minWorkers``.
+``replicas = devices // degree``, capped by ``maxWorkers`` and raised to ``minWorkers`` (the
+device's own ``gpu.*``/``cpu.*`` bounds first). ``tensor_parallel_degree=max`` is resolved here,
+before placement (``resolve_degree``): all visible GPUs on CUDA, 1 on the CPU.
 
 - **CUDA**: replica ``i`` owns the contiguous block of GPUs ``[i*d, (i+1)*d)`` of those this process
   sees; its engine process gets them through ``CUDA_VISIBLE_DEVICES``, so its ranks count from 0.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lmserve.config.settings import EngineConfig
+from lmserve.config.values import TENSOR_PARALLEL_MAX
 from lmserve.errors import ConfigError
 
 logger = logging.getLogger("lmserve.workers")
@@ -75,6 +78,21 @@ class Placement:
             return {"kind": "cuda", "gpus": list(self.gpus)}
         return {"kind": "cpu", "cpus": list(self.cpus) if self.cpus is not None else None,
                 "threads_per_rank": self.num_threads}  # fmt: skip
+
+
+def resolve_degree(devices: Devices, degree: int) -> int:
+    """``degree``, with ``option.tensor_parallel_degree=max`` (``TENSOR_PARALLEL_MAX``) resolved:
+    every visible GPU on CUDA; 1 on the CPU, where ranks would split the same cores and memory
+    bandwidth among themselves and add an all-reduce per layer, so one rank on all the cores is
+    the fastest use of them (``option.cpu_devices`` is how to run several replicas instead)."""
+    if degree != TENSOR_PARALLEL_MAX:
+        return degree
+    if devices.kind == "cuda":
+        if not devices.gpu_ids:
+            raise ConfigError("option.tensor_parallel_degree", "max", "a number when no GPU is visible "
+                              "(option.device=cuda found none)")  # fmt: skip
+        return len(devices.gpu_ids)
+    return 1
 
 
 def replica_count(devices: Devices, degree: int, min_workers: int | None, max_workers: int | None) -> int:

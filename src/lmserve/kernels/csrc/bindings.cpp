@@ -30,7 +30,7 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t n) {
 
 // Accepts x of any leading shape and float dtype; returns x's leading shape and dtype.
 Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optional<Tensor>& bias_in,
-              const std::optional<Tensor>& residual_in, int64_t epilogue, int64_t nthreads) {
+              int64_t epilogue, int64_t nthreads) {
     TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
     TORCH_CHECK_VALUE(w.dim() == 3 && w.size(2) == lmserve::kPanel && w.scalar_type() == at::kBFloat16 &&
                           w.is_contiguous(), "packed weight must be contiguous bf16 [panels, K, 32]");
@@ -39,24 +39,18 @@ Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optiona
     const int64_t cover = ep == lmserve::Epilogue::kSiluMul ? w.size(0) / 2 : w.size(0);
     TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
                       "output width ", n, " does not match ", w.size(0), " packed panels");
-    TORCH_CHECK_VALUE(ep == lmserve::Epilogue::kNone || (!bias_in && !residual_in), "silu_mul takes no bias or residual");
+    TORCH_CHECK_VALUE(ep == lmserve::Epilogue::kNone || !bias_in, "silu_mul takes no bias");
     const Tensor x = as_rows(x_in);
     Tensor y = torch::empty({x.size(0), n}, x.options());
     lmserve::LinearArgs a{};
     a.x = x.data_ptr<float>();
     a.ldx = x.stride(0);
     a.w = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    Tensor bias, residual;
+    Tensor bias;
     if (bias_in) {
         bias = bias_in->to(at::kFloat).contiguous();
         TORCH_CHECK_VALUE(bias.numel() == n, "bias must have ", n, " elements, got ", bias.numel());
         a.bias = bias.data_ptr<float>();
-    }
-    if (residual_in) {
-        residual = as_rows(*residual_in);
-        TORCH_CHECK_VALUE(residual.size(0) == x.size(0) && residual.size(1) == n, "residual must be [..., ", n, "]");
-        a.residual = residual.data_ptr<float>();
-        a.ldr = residual.stride(0);
     }
     a.y = y.data_ptr<float>();
     a.ldy = y.stride(0);
@@ -253,7 +247,7 @@ void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("linear", &linear, "y = x W^T (+ bias + residual) with a packed bf16 weight");
+    m.def("linear", &linear, "y = x W^T (+ bias) with a packed bf16 weight");
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");

@@ -26,9 +26,7 @@ struct Tile {
     float* c;            // output tile (row stride ldc)
     int64_t ldc;
     __mmask16 m0, m1;    // valid columns of the two 16-lane halves
-    const float* bias;   // first-block additions, already offset to the panel's first column
-    const float* res;
-    int64_t ldr;
+    const float* bias;   // added in the first K block, already offset to the panel's first column
 };
 
 // Accumulates MR rows of x[:, k0:k0+kc] against one panel slice into the tile. Small MR splits the
@@ -71,16 +69,9 @@ inline void micro(const float* x, int64_t ldx, const uint16_t* w, int64_t kc, co
         if (!first) {
             a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
             a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
-        } else {
-            if (t.bias) {
-                a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
-                a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
-            }
-            if (t.res) {
-                const float* rr = t.res + r * t.ldr;
-                a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, rr));
-                a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, rr + 16));
-            }
+        } else if (t.bias) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
         }
         _mm512_mask_storeu_ps(cr, t.m0, a0);
         _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
@@ -103,14 +94,13 @@ inline void panel_rows(const LinearArgs& a, int64_t p, int64_t m0, int64_t m1, f
     const int64_t nkb = (a.K + kKC - 1) / kKC;
     const int64_t kc_full = (a.K + nkb - 1) / nkb;
     Tile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
-           with_adds && a.bias ? a.bias + p * kPanel : nullptr, nullptr, a.ldr};
+           with_adds && a.bias ? a.bias + p * kPanel : nullptr};
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
         for (int64_t m = m0; m < m1; m += kMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;
-            tm.res = with_adds && a.residual ? a.residual + m * a.ldr + p * kPanel : nullptr;
             kMicro[mr - 1](a.x + m * a.ldx + k0, a.ldx, wp + k0 * kPanel, kc, tm, k0 == 0);
         }
     }

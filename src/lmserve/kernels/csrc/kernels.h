@@ -11,7 +11,7 @@ namespace lmserve {
 constexpr int kPanel = 32;
 
 enum class Epilogue : int {
-    kNone = 0,     // y = x W^T + bias + residual
+    kNone = 0,     // y = x W^T + bias
     kSiluMul = 1,  // panels alternate gate/up; y[:, c] = silu(gate[:, c]) * up[:, c]
 };
 
@@ -20,8 +20,6 @@ struct LinearArgs {
     int64_t ldx;
     const uint16_t* w;       // packed panels
     const float* bias;       // [N] or null (not with kSiluMul)
-    const float* residual;   // [M, N] with row stride ldr, or null (not with kSiluMul)
-    int64_t ldr;
     float* y;                // [M, N_out], row stride ldy
     int64_t ldy;
     int64_t M, N, K;         // N: output columns (for kSiluMul the gate width); K: input features

@@ -10,7 +10,10 @@
 
 Registration also takes ``min_worker``, ``max_worker``, ``job_queue_size``, ``batch_size`` and
 ``max_batch_delay``; everything else comes from the model's ``serving.properties`` and the
-environment. When the server has an API key every route here needs ``Authorization: Bearer <key>``.
+environment. When the server has an API key every route here needs ``Authorization: Bearer <key>``;
+without one, POST, PUT and DELETE are off (403) unless the operator passed ``--enable-model-api``, and
+a failed registration is told only its url and the reason in words (``lmserve.server.policy``).
+Descriptions show cache paths relative to ``<cache>``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from lmserve.config.settings import ServerConfig
 from lmserve.engine.protocol import EngineStats
 from lmserve.errors import EngineDeadError, InvalidRequestError
+from lmserve.server.policy import error_text, for_caller, public_location
 from lmserve.server.routes import registry_of
 from lmserve.server.runtime import ModelRuntime, State
 from lmserve.workers.engine_client import ReplicaState
@@ -49,9 +54,13 @@ async def register(request: Request, url: str, model_name: str | None = None, sy
     given = {"minWorkers": min_worker, "maxWorkers": max_worker, "job_queue_size": job_queue_size,
              "batch_size": batch_size, "max_batch_delay": max_batch_delay}  # fmt: skip
     overrides = {key: str(value) for key, value in given.items() if value is not None}
-    runtime = await registry_of(request).register(url, name, overrides, synchronous)
+    registry = registry_of(request)
+    try:
+        runtime = await registry.register(url, name, overrides, synchronous)
+    except Exception as exc:
+        raise for_caller(exc, url, registry.server) from None
     if synchronous:
-        return JSONResponse({"status": f'Model "{name}" registered', "model": await describe(runtime)})
+        return JSONResponse({"status": f'Model "{name}" registered', "model": await describe(runtime, registry.server)})
     body = {"status": f'Model "{name}" registration started', "model_name": name, "location": f"/models/{name}"}
     return JSONResponse(body, status_code=202, headers={"Location": f"/models/{name}"})
 
@@ -59,14 +68,15 @@ async def register(request: Request, url: str, model_name: str | None = None, sy
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Every registered model, with its status."""
-    return {"models": [{"model_name": rt.name, "model_url": rt.config.model.model_id, "status": rt.health()[1]}
-                       for rt in registry_of(request).models]}  # fmt: skip
+    return {"models": [{"model_name": rt.name, "model_url": public_location(rt.config.model.model_id),
+                        "status": rt.health()[1]} for rt in registry_of(request).models]}  # fmt: skip
 
 
 @router.get("/models/{model_name}")
 async def describe_model(model_name: str, request: Request) -> dict[str, Any]:
     """One model: status, replicas and settings."""
-    return await describe(registry_of(request).get(model_name))
+    registry = registry_of(request)
+    return await describe(registry.get(model_name), registry.server)
 
 
 @router.put("/models/{model_name}")
@@ -78,8 +88,11 @@ async def scale(model_name: str, request: Request, min_worker: Workers = None, m
     count = runtime.plan_scale(*_bounds(runtime, min_worker, max_worker))
     work = runtime.scale(count, registry.server.graceful_shutdown_s)
     if synchronous:
-        await work
-        return JSONResponse({"status": f'Model "{model_name}" scaled', "model": await describe(runtime)})
+        try:
+            await work
+        except Exception as exc:
+            raise for_caller(exc, _url(runtime), registry.server) from None
+        return JSONResponse({"status": f'Model "{model_name}" scaled', "model": await describe(runtime, registry.server)})
     _in_background(work, f"scaling {model_name}")
     body = {"status": f'Model "{model_name}" scaling started', "location": f"/models/{model_name}"}
     return JSONResponse(body, status_code=202, headers={"Location": f"/models/{model_name}"})
@@ -105,13 +118,14 @@ def _bounds(runtime: ModelRuntime, low: int | None, high: int | None) -> tuple[i
     return low, high
 
 
-async def describe(rt: ModelRuntime) -> dict[str, Any]:
-    """A model as the management API shows it (engine counters best effort, per replica)."""
+async def describe(rt: ModelRuntime, server: ServerConfig) -> dict[str, Any]:
+    """A model as the management API shows it (engine counters best effort, per replica); its
+    error as ``lmserve.server.policy.for_caller`` allows."""
     replicas = rt.launcher.replicas if rt.launcher is not None else []
     stats = await asyncio.gather(*(_stats(replica) for replica in replicas))
     info, cfg = rt.model_info, rt.config
     out: dict[str, Any] = {
-        "model_name": rt.name, "model_url": cfg.model.model_id, "status": rt.health()[1],
+        "model_name": rt.name, "model_url": public_location(cfg.model.model_id), "status": rt.health()[1],
         "loaded_at_startup": rt.loaded_at_startup, "tensor_parallel_degree": cfg.engine.tensor_parallel_degree,
         "min_workers": rt.min_workers, "max_workers": rt.max_workers,
         "devices": _devices(rt), "job_queue_size": cfg.workers.job_queue_size,
@@ -124,8 +138,13 @@ async def describe(rt: ModelRuntime) -> dict[str, Any]:
         "replicas": [replica.describe(s) for replica, s in zip(replicas, stats, strict=True)],
     }  # fmt: skip
     if rt.state is State.FAILED and rt.error is not None:
-        out["error"] = str(rt.error)
+        out["error"] = error_text(rt.error, _url(rt), server)
     return out
+
+
+def _url(rt: ModelRuntime) -> str:
+    """The location as it was given (registration url or command line), for messages."""
+    return public_location(rt.plan.model_arg or rt.config.model.model_id)
 
 
 def _devices(rt: ModelRuntime) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
 from lmserve.server.errors import sse_error_event
 from lmserve.server.params import check_text, openai_sampling_params
+from lmserve.server.prompts import NewTokens, chat_prompt_ids, fit
 from lmserve.server.protocol.openai import ChatCompletionRequest, ChatMessage
 from lmserve.server.routes import runtime_of
 from lmserve.server.routes.openai_common import envelope, fan_out, openai_finish_reason, usage, usage_of
@@ -24,6 +25,7 @@ from lmserve.server.runtime import ModelRuntime
 from lmserve.server.streaming import guarded, merged, sse_data, sse_response, token_text
 
 router = APIRouter(tags=["OpenAI"])
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @router.post("/v1/chat/completions")
@@ -34,13 +36,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, model_
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs=true")
     assert rt.tokenizer is not None and rt.model_info is not None
-    prompt = gen.check_prompt(rt, await gen.chat_prompt_ids(rt, _messages(body.messages)), "messages")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is None:
-        max_tokens = rt.model_info.max_model_len - len(prompt)  # as much as the context holds
-    params = openai_sampling_params(body, max_new_tokens=max_tokens,
+    prompt = await chat_prompt_ids(rt, _messages(body.messages))
+    # Without a limit the answer may fill the context (default None), as OpenAI's chat API.
+    new = NewTokens("max_completion_tokens", body.max_completion_tokens, None) \
+        if body.max_completion_tokens is not None else NewTokens("max_tokens", body.max_tokens, None)  # fmt: skip
+    params = openai_sampling_params(body, max_new_tokens=new.initial,
                                     logprobs=(body.top_logprobs or 0) if body.logprobs else None)  # fmt: skip
-    streams = gen.start_all(rt, fan_out([prompt], params, body.n), "chatcmpl")
+    streams = gen.start_all(rt, fan_out(fit(rt, [prompt], params, new), body.n), "chatcmpl")
     if body.stream:
         firsts = await gen.first_deltas(request, streams)
         chunks = _chunks(rt, body, prompt, streams, firsts)
@@ -55,12 +57,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, model_
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: text content only, parts joined."""
+    """Messages as chat templates expect them: text content only, parts joined, known roles only
+    (``developer`` is OpenAI's newer name for ``system``, which is what templates know)."""
     out = []
     for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got "
+                                      f"{m.role[:40]!r} (tool messages need tool calling, which is not supported)")
         content = m.content if isinstance(m.content, str) or m.content is None else \
             "".join(part.text for part in m.content)  # fmt: skip
-        message: dict[str, Any] = {"role": check_text(f"messages[{i}].role", m.role),
+        message: dict[str, Any] = {"role": CHAT_ROLES[m.role],
                                    "content": check_text(f"messages[{i}].content", content or "")}  # fmt: skip
         if m.name is not None:
             message["name"] = check_text(f"messages[{i}].name", m.name)

@@ -11,15 +11,15 @@ from lmserve.engine.sampling_params import SamplingParams
 from lmserve.server.generation import Completion
 
 
-def fan_out(prompts: Sequence[list[int]], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
+def fan_out(jobs: Sequence[tuple[list[int], SamplingParams]], n: int) -> list[tuple[list[int], SamplingParams]]:
     """``n`` requests per prompt, choice ``i`` of a prompt seeded ``seed + i`` (so a seeded request is
     reproducible and its choices differ; greedy choices are identical)."""
-    jobs = []
-    for prompt in prompts:
+    out = []
+    for prompt, params in jobs:
         for i in range(n):
             seeded = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
-            jobs.append((prompt, seeded))
-    return jobs
+            out.append((prompt, seeded))
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -13,6 +13,7 @@ from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
 from lmserve.server.errors import sse_error_event
 from lmserve.server.params import OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, openai_sampling_params
+from lmserve.server.prompts import NewTokens, check_prompt, fit, prompt_ids
 from lmserve.server.protocol.openai import CompletionRequest
 from lmserve.server.routes import runtime_of
 from lmserve.server.routes.openai_common import envelope, fan_out, openai_finish_reason, usage, usage_of
@@ -28,9 +29,9 @@ async def completions(body: CompletionRequest, request: Request, model_name: str
     rt = runtime_of(request, body.model or model_name)
     rt.ready_router()
     prompts = await _prompts(rt, body.prompt)
-    max_tokens = OPENAI_COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    params = openai_sampling_params(body, max_new_tokens=max_tokens, logprobs=body.logprobs)
-    streams = gen.start_all(rt, fan_out(prompts, params, body.n), "cmpl")
+    new = NewTokens("max_tokens", body.max_tokens, OPENAI_COMPLETION_DEFAULT_MAX_TOKENS)
+    params = openai_sampling_params(body, max_new_tokens=new.initial, logprobs=body.logprobs)
+    streams = gen.start_all(rt, fan_out(fit(rt, prompts, params, new), body.n), "cmpl")
     if body.stream:
         firsts = await gen.first_deltas(request, streams)
         chunks = _chunks(rt, body, prompts, streams, firsts)
@@ -45,16 +46,20 @@ async def completions(body: CompletionRequest, request: Request, model_name: str
 
 async def _prompts(rt: ModelRuntime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [gen.check_prompt(rt, await gen.tokenize(rt, prompt, "prompt"), "prompt")]
+        return [await prompt_ids(rt, prompt, "prompt")]
     if not prompt:
         raise InvalidRequestError("prompt", "must not be empty")
     if all(isinstance(p, int) for p in prompt):
-        return [gen.check_prompt(rt, list(prompt), "prompt")]  # type: ignore[arg-type]
+        return [check_prompt(rt, list(prompt), "prompt")]  # type: ignore[arg-type]
     out = []
     for i, p in enumerate(prompt):
         field = f"prompt[{i}]"
-        ids = await gen.tokenize(rt, p, field) if isinstance(p, str) else [int(t) for t in p]  # type: ignore[attr-defined]
-        out.append(gen.check_prompt(rt, ids, field))
+        if isinstance(p, str):
+            out.append(await prompt_ids(rt, p, field))
+        elif isinstance(p, list):
+            out.append(check_prompt(rt, [int(t) for t in p], field))
+        else:  # the schema allows no mix of ids and prompts: say so rather than guess
+            raise InvalidRequestError(field, "must be a text or a list of token ids, like the other prompts")
     return out
 
 

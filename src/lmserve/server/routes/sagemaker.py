@@ -27,6 +27,7 @@ from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
 from lmserve.server.errors import jsonlines_error, sse_error_event
 from lmserve.server.params import LMI_DEFAULT_MAX_NEW_TOKENS, lmi_sampling_params
+from lmserve.server.prompts import NewTokens, fit, prompt_ids
 from lmserve.server.protocol.lmi import GenerationParameters, InvocationRequest
 from lmserve.server.routes import runtime_of
 from lmserve.server.routes.handler import handler_response
@@ -83,14 +84,6 @@ async def invoke_any(rt: ModelRuntime, request: Request) -> Response:
     return await invoke(rt, request, body)
 
 
-async def prompt_ids(rt: ModelRuntime, text: str, field: str, p: GenerationParameters) -> list[int]:
-    """Tokenized and checked; ``truncate`` keeps the last tokens (TGI)."""
-    ids = await gen.tokenize(rt, text, field)
-    if p.truncate:
-        ids = ids[-p.truncate:]
-    return gen.check_prompt(rt, ids, field)
-
-
 async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) -> Response:
     rt.ready_router()
     single = isinstance(body.inputs, str)
@@ -99,11 +92,11 @@ async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) ->
         raise InvalidRequestError("inputs", "must not be an empty list")
     if body.stream and not single:
         raise InvalidRequestError("inputs", "streaming takes one input; send a string, not a list")
-    params = lmi_sampling_params(body.parameters, default_max_new_tokens=LMI_DEFAULT_MAX_NEW_TOKENS,
-                                 logprobs=body.stream)  # fmt: skip
+    new = NewTokens("parameters.max_new_tokens", body.parameters.max_new_tokens, LMI_DEFAULT_MAX_NEW_TOKENS)
+    params = lmi_sampling_params(body.parameters, max_new_tokens=new.initial, logprobs=body.stream)
     fields = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(texts))]
-    prompts = [await prompt_ids(rt, text, f, body.parameters) for text, f in zip(texts, fields, strict=True)]
-    streams = gen.start_all(rt, [(ids, params) for ids in prompts], "lmi")
+    prompts = [await prompt_ids(rt, text, f, body.parameters.truncate) for text, f in zip(texts, fields, strict=True)]
+    streams = gen.start_all(rt, fit(rt, prompts, params, new), "lmi")
     formatter = rt.config.model.output_formatter
     if body.stream:
         first = await gen.first_delta(request, streams[0])

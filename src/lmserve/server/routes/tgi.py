@@ -19,9 +19,9 @@ from lmserve.errors import EngineDeadError
 from lmserve.server import generation as gen
 from lmserve.server.errors import sse_error_event
 from lmserve.server.params import TGI_DEFAULT_MAX_NEW_TOKENS, lmi_sampling_params
+from lmserve.server.prompts import NewTokens, fit, prompt_ids
 from lmserve.server.protocol.lmi import CompatGenerateRequest, GenerateRequest, GenerationParameters
 from lmserve.server.routes import runtime_of
-from lmserve.server.routes.sagemaker import prompt_ids
 from lmserve.server.runtime import ModelRuntime
 from lmserve.server.streaming import (
     TokenEvent,
@@ -76,9 +76,10 @@ async def info(request: Request, model_name: str | None = None) -> dict[str, Any
 
 async def _start(rt: ModelRuntime, body: GenerateRequest) -> gen.TrackedStream:
     rt.ready_router()
-    params = lmi_sampling_params(body.parameters, default_max_new_tokens=TGI_DEFAULT_MAX_NEW_TOKENS,
-                                 logprobs=True)  # fmt: skip
-    return gen.start(rt, await prompt_ids(rt, body.inputs, "inputs", body.parameters), params, "tgi")
+    new = NewTokens("parameters.max_new_tokens", body.parameters.max_new_tokens, TGI_DEFAULT_MAX_NEW_TOKENS)
+    params = lmi_sampling_params(body.parameters, max_new_tokens=new.initial, logprobs=True)
+    [(ids, sized)] = fit(rt, [await prompt_ids(rt, body.inputs, "inputs", body.parameters.truncate)], params, new)
+    return gen.start(rt, ids, sized, "tgi")
 
 
 def _token(rt: ModelRuntime, token_id: int, logprob: float | None, special: set[int] | frozenset[int],

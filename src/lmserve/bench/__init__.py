@@ -1,1 +1,0 @@
-"""lmserve.bench"""

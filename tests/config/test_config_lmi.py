@@ -127,7 +127,7 @@ def test_empty_entry_point_means_the_default_handler() -> None:
 
 
 @pytest.mark.parametrize("entry", ["model.py", "/opt/ml/model/model.py"])
-def test_model_py_entry_point_is_kept_for_the_loader_to_refuse_by_name(entry: str) -> None:
+def test_model_py_entry_point_is_kept_for_the_handler_loader(entry: str) -> None:
     assert load_serving_config("org/m", env={"OPTION_ENTRYPOINT": entry}).model.entry_point == entry
 
 

@@ -205,12 +205,10 @@ option.rolling_batch=disable
 """
 
 
-def test_embedding_task_is_refused_plainly(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as err:
-        load_props(tmp_path, EMBEDDING)
-    message = str(err.value)
-    assert "option.task" in message and "text-embedding" in message and "embeddings" in message
-    assert "not supported yet" in message
+def test_embedding_task_picks_the_embedding_handler(tmp_path: Path) -> None:
+    config = load_props(tmp_path, EMBEDDING)
+    assert config.model.task == "text-embedding"
+    assert load_props(tmp_path, EMBEDDING.replace("text-embedding", "feature-extraction")).model.task == "text-embedding"
 
 
 def test_text_generation_task_is_what_lmserve_does() -> None:
@@ -218,8 +216,9 @@ def test_text_generation_task_is_what_lmserve_does() -> None:
     assert config.warnings == ()
 
 
-def test_custom_handler_file_other_than_model_py_is_refused(tmp_path: Path) -> None:
+def test_custom_handler_files_and_functions_are_kept_for_the_handler_loader(tmp_path: Path) -> None:
+    for entry in ("model.py", "my_handler.py", "my_package.handlers:handle"):
+        assert load_props(tmp_path, f"option.model_id=org/m\noption.entryPoint={entry}\n").model.entry_point == entry
     with pytest.raises(ConfigError) as err:
-        load_props(tmp_path, "option.model_id=org/m\noption.entryPoint=my_handler.py\n")
-    assert "my_handler.py" in str(err.value) and "not supported yet" in str(err.value)
-    assert load_props(tmp_path, "option.model_id=org/m\noption.entryPoint=model.py\n").model.entry_point == "model.py"
+        load_props(tmp_path, "option.model_id=org/m\noption.entryPoint=not a handler\n")
+    assert "option.entryPoint" in str(err.value) and "module:function" in str(err.value)

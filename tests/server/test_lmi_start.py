@@ -61,4 +61,4 @@ def test_model_py_entry_point_without_the_file_is_refused_not_served_by_the_defa
 
     asyncio.run(load_then_stop())
     assert runtime.error is not None
-    assert "option.entryPoint=model.py" in str(runtime.error) and "not supported yet" in str(runtime.error)
+    assert "option.entryPoint names 'model.py'" in str(runtime.error) and "not a file" in str(runtime.error)

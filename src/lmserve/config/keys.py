@@ -76,9 +76,21 @@ _MODEL_KEYS = (
         "DJL engine name. lmserve has one engine, so the value is only checked.",
         aliases=("option.engine",), default_text="Python"),
     Key("option.entryPoint", v.ENTRY_POINT, "model.entry_point",
-        "Handler: LMI built-in entry points map to the default text-generation handler; custom "
-        "handlers (model.py, or any other .py file) are refused until they are supported.",
-        flag="--entry-point"),
+        "Handler: LMI built-in entry points map to the default text-generation handler; a .py file "
+        "is a custom handler, as is 'module:function'. A model.py in the model directory is used "
+        "when this is absent.", flag="--entry-point"),
+    Key("option.task", v.choice(v.TASKS), "model.task",
+        "The default handler's task; absent: picked from the checkpoint's architectures "
+        "(...ForSequenceClassification: text-classification; encoder-only models such as BertModel: "
+        "text-embedding; else text-generation)."),
+    Key("option.output_formatter", v.choice({"json": "json", "jsonlines": "jsonlines", "sse": "sse"}),
+        "model.output_formatter",
+        "Shape of /invocations answers of the text-generation handler: json (one JSON document, "
+        "streamed piece by piece when streaming), jsonlines (one JSON line per token, or per input "
+        "without streaming), sse (those lines as Server-Sent Events); unset: json, and jsonlines "
+        "when streaming."),
+    Key("option.enable_venv", v.BOOL, "model.enable_venv",
+        "Install a custom handler's requirements.txt into a virtual environment of the model's own."),
     Key("option.model_id", v.TEXT, "model.model_id",
         "Model location: local directory, .tar.gz, s3:// prefix, Hub id or GGUF file.",
         aliases=("option.s3url", "option.model_dir"), shortcut="HF_MODEL_ID",
@@ -244,8 +256,6 @@ _IGNORED: dict[str, tuple[str, ...]] = {
                     "use_fused_mlp", "draft_model_id", "speculative_draft_model",
                     "speculative_length", "draft_model_tp_size"),
     "deprecated in LMI; lmserve always streams when a request asks": ("enable_streaming",),
-    "lmserve's HTTP dialects format output; custom formatters need a model.py handler":
-        ("output_formatter",),
 }
 IGNORED_KEYS = tuple(
     Key(f"option.{name}", v.ANY, None, reason, ignored=reason)
@@ -285,8 +295,6 @@ _REFUSED = (
     Key("option.limit_mm_per_prompt", v.ANY, None, "", refused="multimodal inputs are not supported yet"),
     Key("option.kv_transfer_config", v.ANY, None, "",
         refused="KV-cache transfer between servers (disaggregated prefill) is not supported yet"),
-    Key("option.task", v.ANY, None, "", refused="only text generation is served; embeddings and other "
-        "tasks are not supported yet", accepts=("text-generation",)),
 )
 
 _CHECKS = (

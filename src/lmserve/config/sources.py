@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 
 from lmserve.config.keys import KEYS, Key, closest_key, find_key
 from lmserve.config.properties import PropertiesFile
@@ -89,9 +90,14 @@ class Gathered:
 
 
 def from_properties(props: PropertiesFile, into: Gathered) -> None:
-    """Settings of a parsed ``serving.properties``; server keys are refused there."""
+    """Settings of a parsed ``serving.properties``; server keys are refused there. Beside a custom
+    handler, unknown ``option.*`` keys are the handler's own settings: they are left to it (it reads
+    them at initialisation), as the managed containers do."""
     into.warnings.extend(props.warnings)
+    handler_owned = _beside_custom_handler(props)
     for entry in props.entries:
+        if handler_owned and entry.key.lower().startswith("option.") and find_key(entry.key) is None:
+            continue
         setting = into.add(entry.key, entry.value, entry.source, Level.PROPERTIES)
         if setting is not None and setting.key.scope == "server":
             into.settings.remove(setting)
@@ -100,6 +106,14 @@ def from_properties(props: PropertiesFile, into: Gathered) -> None:
                 f"server settings come from SERVING_{setting.key.name.upper()} or "
                 f"{setting.key.flag or 'the CLI'}, not from a model's serving.properties", entry.source,
             ))  # fmt: skip
+
+
+def _beside_custom_handler(props: PropertiesFile) -> bool:
+    """A ``model.py`` next to the file, or an ``option.entryPoint`` naming a file or a function."""
+    entry = next((e.value.strip() for e in props.entries if e.key.lower() == "option.entrypoint"), "")
+    if entry.endswith(".py") or ":" in entry:
+        return True
+    return (Path(props.origin).parent / "model.py").is_file()
 
 
 def from_option_env(env: Mapping[str, str], into: Gathered) -> None:

@@ -32,6 +32,13 @@ LMI_ENTRY_POINTS = (
     "djl_python.tensorrt_llm",
 )
 
+# option.task spellings -> the default handler that serves the task.
+TASKS = {"text-generation": "text-generation", "text_generation": "text-generation",
+         "text-embedding": "text-embedding", "text_embedding": "text-embedding", "embedding": "text-embedding",
+         "feature-extraction": "text-embedding", "feature_extraction": "text-embedding",
+         "text-classification": "text-classification", "text_classification": "text-classification",
+         "sentiment-analysis": "text-classification"}  # fmt: skip
+
 # LMI rolling-batch backends: all mean "continuous batching", which lmserve does itself.
 LMI_ROLLING_BATCH = ("lmi-dist", "lmi-dist-v2", "vllm", "scheduler", "trtllm", "deepspeed", "tnx")
 
@@ -186,15 +193,20 @@ def _entry_point(raw: object) -> str:
     text = _text(raw)
     if not text or text in LMI_ENTRY_POINTS or text == DEFAULT_ENTRY_POINT:
         return DEFAULT_ENTRY_POINT
-    if text == CUSTOM_HANDLER or text.endswith("/" + CUSTOM_HANDLER):
-        return text  # the model directory's own handler: the loader refuses it by name when it finds it
-    raise ValueError(text)  # any other .py would be a custom handler file: refused, never ignored
+    if text.endswith(".py") and len(text) > len(".py"):
+        return text  # a custom handler file, relative to the model directory or absolute
+    if _MODULE_FUNCTION.fullmatch(text):
+        return text  # a handler function of an importable module
+    raise ValueError(text)
+
+
+_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 ENTRY_POINT = ValueType(
     "str",
     f"absent or one of {', '.join(LMI_ENTRY_POINTS)} (all served by the default text-generation "
-    f"handler '{DEFAULT_ENTRY_POINT}'), or {CUSTOM_HANDLER}; custom handler files (any other .py) "
-    "are not supported yet",
+    f"handler '{DEFAULT_ENTRY_POINT}'), a custom handler file ending in .py such as model.py, or "
+    "'module:function' naming a handler function",
     _entry_point,
 )

@@ -71,8 +71,23 @@ class ServerMetrics:
                                 ["finish_reason"], registry=r)  # fmt: skip
         self.http_responses = Counter("lmserve_http_responses", "HTTP responses, by route and status code.",
                                       ["route", "code"], registry=r)  # fmt: skip
+        self.batch_size = Histogram("lmserve_handler_batch_size", "Requests per batch handed to a handler.",
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))  # fmt: skip
+        self.batch_queue = Histogram("lmserve_handler_queue_time_seconds",
+                                     "Arrival in the dynamic batcher to the start of its batch.",
+                                     registry=r, buckets=_LATENCY_BUCKETS)  # fmt: skip
+        self.handler_latency = Histogram("lmserve_handler_latency_seconds",
+                                         "Time a handler took for one batch (to the end of a stream).",
+                                         registry=r, buckets=_LATENCY_BUCKETS)  # fmt: skip
         self._engine = _EngineTotals()
         r.register(self._engine)
+
+    def observe_batch(self, size: int, queue_waits: list[float], handler_s: float) -> None:
+        """One batch a handler ran: its size, each request's wait in the queue, the handler's time."""
+        self.batch_size.observe(size)
+        for wait in queue_waits:
+            self.batch_queue.observe(wait)
+        self.handler_latency.observe(handler_s)
 
     def update_engine(self, stats: EngineStats) -> None:
         """Take the engine's latest snapshot (summed over replicas)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -21,6 +22,7 @@ from lmserve.server.routes import (
     management,
     openai_chat,
     openai_completions,
+    openai_embeddings,
     sagemaker,
     sagemaker_runtime,
     tgi,
@@ -45,9 +47,25 @@ def create_app(registry: ModelRegistry) -> FastAPI:
                   description="LLM inference server: SageMaker/LMI, TGI and OpenAI dialects.")  # fmt: skip
     app.state.registry = registry
     install_error_handlers(app, lambda: registry.server.queue_full_status)
-    for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, management):
+    for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, openai_embeddings,
+                   management):
         app.include_router(module.router)
+    _publish_hand_read_bodies(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: registry.server.max_request_bytes)
     app.add_middleware(TokenAuthMiddleware, server=lambda: registry.server)
     app.add_middleware(MetricsMiddleware, metrics=registry.metrics)  # outermost: sees 401s and 413s too
     return app
+
+
+def _publish_hand_read_bodies(app: FastAPI) -> None:
+    """Routes that read their body by hand (a handler model takes any body) still publish its schema."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, body in sagemaker.openapi_schemas().items():
+            schemas.setdefault(name, body)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

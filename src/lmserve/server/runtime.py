@@ -24,9 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
-from lmserve.config.values import DEFAULT_ENTRY_POINT
 from lmserve.engine.protocol import ModelInfo
-from lmserve.errors import EngineDeadError, EngineFailedError, ShuttingDownError, UnsupportedModelError
+from lmserve.errors import (
+    EngineDeadError,
+    EngineFailedError,
+    InvalidRequestError,
+    NotAllowedError,
+    ShuttingDownError,
+)
+from lmserve.handlers.launcher import HandlerLauncher
+from lmserve.handlers.select import HandlerChoice, choose_handler
+from lmserve.handlers.setup import PreparedHandler, handler_launcher, prepare_handler
 from lmserve.metrics import ServerMetrics
 from lmserve.server.loading import resolve_in_child
 from lmserve.store.policy import FetchPolicy
@@ -86,6 +94,8 @@ class ModelRuntime:
         self.error: BaseException | None = None
         self.tokenizer: Tokenizer | None = None
         self.launcher: Launcher | None = None
+        self.handler: HandlerLauncher | None = None  # set when a handler serves it, not the engine
+        self.handler_task: str | None = None  # "custom", "text-embedding", "text-classification"
         self.model_info: ModelInfo | None = None
         self.created = int(time.time())
         self.min_workers, self.max_workers = plan.config.workers.min_workers, plan.config.workers.max_workers
@@ -110,10 +120,20 @@ class ModelRuntime:
         try:
             async with asyncio.timeout(timeout):
                 path = await self._resolve()
-                with _phase("tokenizer"):
-                    self.tokenizer = await asyncio.to_thread(_load_tokenizer, path, self.config)
-            with _phase("engine load"):
-                await self._start_engine(path)
+                choice = self._choose_handler(path)
+                if choice is None:
+                    with _phase("tokenizer"):
+                        self.tokenizer = await asyncio.to_thread(_load_tokenizer, path, self.config)
+                else:
+                    with _phase("handler setup"):
+                        prepared = await asyncio.to_thread(prepare_handler, choice, path, self._handler_dir,
+                                                           self.config)  # fmt: skip
+            if choice is None:
+                with _phase("engine load"):
+                    await self._start_engine(path)
+            else:
+                with _phase("handler load"):
+                    await self._start_handler(path, choice.task, prepared)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -126,14 +146,17 @@ class ModelRuntime:
             return
         if self.state is State.LOADING:
             self.state, self.ready_once = State.READY, True
-            logger.info("model %s is ready: %d replica(s), max_model_len %d", self.name,
-                        len(self.launcher.replicas), self.model_info.max_model_len)  # type: ignore[union-attr]
+            limits = f"{self.handler_task} handler" if self.handler is not None else \
+                f"max_model_len {self.model_info.max_model_len}"  # type: ignore[union-attr]  # fmt: skip
+            logger.info("model %s is ready: %d replica(s), %s", self.name, len(self.launcher.replicas),  # type: ignore[union-attr]
+                        limits)  # fmt: skip
 
     async def _resolve(self) -> Path:
         """Fetch the model and rebuild the configuration with its ``serving.properties``."""
         plan = self.plan
         if not plan.resolve:
-            return Path(self.config.engine.model)
+            self._handler_dir = Path(self.config.engine.model)
+            return self._handler_dir
         from lmserve.config import load_serving_config
 
         policy = plan.fetch_policy or FetchPolicy(max_extracted_bytes=self.config.server.max_extracted_bytes)
@@ -141,9 +164,7 @@ class ModelRuntime:
             fetched = await resolve_in_child(self.config.model.model_id, self.config.model.revision,
                                              plan.default_model, policy)  # fmt: skip
         self._created = fetched.created
-        if fetched.has_custom_handler:
-            raise UnsupportedModelError(f"{fetched.path} comes with a custom model.py handler; this server "
-                                        "serves only the built-in text-generation handler")  # fmt: skip
+        self._handler_dir = fetched.properties.parent if fetched.properties is not None else fetched.path
         with _phase("config"):
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,
@@ -155,9 +176,6 @@ class ModelRuntime:
             self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
                 logger.warning("config: %s", warning)
-        if self.config.model.entry_point != DEFAULT_ENTRY_POINT:  # model.py named, but not in the model
-            raise UnsupportedModelError(f"option.entryPoint={self.config.model.entry_point} names a custom handler; "
-                                        "custom handlers are not supported yet")  # fmt: skip
         return fetched.path
 
     async def _start_engine(self, path: Path) -> None:
@@ -172,6 +190,28 @@ class ModelRuntime:
         self.launcher = Launcher(self.name, spec, devices, self.config.workers, self.plan.restart_backoff,
                                  on_failed=self._on_failed)  # fmt: skip
         self.model_info = await self.launcher.start(count)
+
+    def _choose_handler(self, path: Path) -> HandlerChoice | None:
+        """The handler serving this model (None: the engine). Code that came with a model registered
+        at run time is refused: only the operator, who named the startup model, chose to run it."""
+        choice = choose_handler(path, self._handler_dir, self.config)
+        if choice is not None and choice.custom and not self.loaded_at_startup:
+            raise NotAllowedError(
+                f"model '{self.name}' brings its own handler code ({choice.entry}, option.entryPoint or "
+                "model.py); a model registered at run time may only use the built-in handlers. Serve it "
+                "by naming it when the server starts instead")  # fmt: skip
+        return choice
+
+    async def _start_handler(self, path: Path, task: str, prepared: PreparedHandler) -> None:
+        devices = await asyncio.to_thread(detect_devices, self.config.engine.device, self.config.workers.cpu_devices)
+        count = replica_count(devices, 1, self.min_workers, self.max_workers)
+        logger.info("model %s: %d handler worker(s) (%s), batch_size %d, max_batch_delay %gms", self.name, count,
+                    prepared.spec.entry, self.config.batching.batch_size,
+                    self.config.batching.max_batch_delay_ms)  # fmt: skip
+        self.handler = handler_launcher(self.name, prepared, self.config, devices, self.plan.restart_backoff,
+                                        self._on_failed, self.metrics.observe_batch)  # fmt: skip
+        self.launcher, self.handler_task = self.handler, task
+        self.model_info = await self.handler.start(count)
 
     def _settle_on(self, devices: Devices) -> None:
         """What depends on the devices found: tensor_parallel_degree=max, and the device's own worker
@@ -196,8 +236,7 @@ class ModelRuntime:
             return
         self.state, self.error = State.FAILED, error
         logger.error("model %s failed: %s", self.name, error)
-        if self.router is not None:
-            self.router.abort_all(EngineFailedError(f"the model failed: {error}"))
+        self.abort_all(EngineFailedError(f"the model failed: {error}"))
         self._stopping = asyncio.create_task(self._stop_replicas(), name=f"stop-{self.name}")
 
     async def _stop_replicas(self) -> None:
@@ -209,12 +248,23 @@ class ModelRuntime:
     def ready_router(self) -> Router:
         """The router, if requests are being accepted; else ``EngineDeadError`` (503) saying why.
         With no replica ready at the moment (all restarting) the router itself says so."""
+        if self.state is State.READY and self.handler is not None:
+            raise InvalidRequestError("model", f"model '{self.name}' is served by a {self.handler_task} handler, "
+                                      "not the text-generation engine; send its requests to /invocations "
+                                      "(or /predictions/{model}, /v1/embeddings for embeddings)")  # fmt: skip
         if self.state is State.READY and self.router is not None:
             return self.router
         if self.state in (State.DRAINING, State.STOPPED):
             raise ShuttingDownError("the server is shutting down")
         reasons = {State.LOADING: "the model is still loading", State.FAILED: f"the model failed: {self.error}"}
         raise EngineDeadError(reasons.get(self.state, "not ready"))
+
+    def ready_handler(self) -> HandlerLauncher | None:
+        """The handler launcher when a handler serves this model; None when the engine does.
+        ``EngineDeadError`` (503) saying why while the model cannot serve (loading, failed, ...)."""
+        if self.state is not State.READY:
+            self.ready_router()  # raises with the reason
+        return self.handler
 
     def health(self) -> tuple[int, str]:
         """(``/ping`` status, state word): 200 ``ready`` while at least one replica is ready, 503
@@ -242,6 +292,19 @@ class ModelRuntime:
 
     # ---- shutdown --------------------------------------------------------------------------------
 
+    @property
+    def outstanding(self) -> int:
+        """Requests accepted and not finished: on the replicas, and waiting in a handler's batcher."""
+        waiting = self.handler.batcher.waiting if self.handler is not None else 0
+        return (self.router.outstanding if self.router is not None else 0) + waiting
+
+    def abort_all(self, error: BaseException) -> None:
+        """End every accepted request with ``error``: on the replicas, and waiting in a handler's batcher."""
+        if self.handler is not None:
+            self.handler.batcher.fail_all(error)
+        if self.router is not None:
+            self.router.abort_all(error)
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting requests, give those in flight ``timeout`` seconds, then abort the rest."""
         if self.state in (State.DRAINING, State.STOPPED):
@@ -249,9 +312,9 @@ class ModelRuntime:
         was_ready, self.state = self.state is State.READY, State.DRAINING
         if not was_ready or self.router is None:
             return
-        logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.router.outstanding,
+        logger.info("draining %s: %d request(s) in flight, waiting up to %gs", self.name, self.outstanding,
                     timeout)  # fmt: skip
-        aborted = await drain(self.router, timeout, ShuttingDownError("the server shut down before the request finished"))
+        aborted = await drain(self, timeout, ShuttingDownError("the server shut down before the request finished"))
         if aborted:
             logger.warning("draining %s: aborted %d request(s) still running", self.name, aborted)
 

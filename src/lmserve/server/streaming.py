@@ -41,8 +41,9 @@ def sse_response(events: AsyncIterator[str], streams: Sequence[TrackedStream]) -
     return _ClosingStreamingResponse(events, streams, "text/event-stream")
 
 
-def jsonlines_response(lines: AsyncIterator[str], streams: Sequence[TrackedStream]) -> StreamingResponse:
-    return _ClosingStreamingResponse(lines, streams, "application/jsonlines")
+def jsonlines_response(lines: AsyncIterator[str], streams: Sequence[TrackedStream],
+                       media_type: str = "application/jsonlines") -> StreamingResponse:  # fmt: skip
+    return _ClosingStreamingResponse(lines, streams, media_type)
 
 
 def sse_data(payload: Any) -> str:

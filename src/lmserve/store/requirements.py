@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import venv
 from pathlib import Path
 
 from lmserve.cache import cache_subdir
@@ -18,6 +19,7 @@ from lmserve.errors import UnsupportedModelError
 from lmserve.fsutil import staged_dir
 
 REQUIREMENTS = "requirements.txt"
+WHEELS = "requirements"  # a folder of wheels beside requirements.txt: installs from it, offline
 _DONE = ".lmserve-installed"
 _PIP_TAIL_LINES = 20
 
@@ -46,9 +48,50 @@ def install_requirements(model_dir: Path) -> Path | None:
     return target
 
 
-def _pip_install(requirements: Path, target: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    cmd += ["--target", str(target), "-r", str(requirements.resolve())]
+def install_requirements_venv(model_dir: Path) -> Path | None:
+    """Install ``model_dir/requirements.txt`` (once per content) into a virtual environment of its
+    own, ``<cache>/venvs/<sha256>``, and return that environment's ``python``; None without the file.
+
+    The environment is created without pip (the running interpreter's pip installs into it).
+
+    Raises:
+        UnsupportedModelError: pip failed; the message holds pip's last lines.
+    """
+    requirements = model_dir / REQUIREMENTS
+    if not requirements.is_file():
+        return None
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    target = cache_subdir("venvs") / digest
+    python = target / "bin" / "python"
+    if (target / _DONE).is_file():
+        return python
+    # Built beside its final name and renamed into place (the interpreter finds its environment
+    # from where it is; the scripts pip writes would keep the staging path, and none is used).
+    with staged_dir(target, already_done=(target / _DONE).is_file) as tmp:
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp)
+        _pip_install(requirements, tmp, python=tmp / "bin" / "python")
+        (tmp / _DONE).write_text(str(requirements.resolve()) + "\n")
+        shutil.rmtree(target, ignore_errors=True)  # a leftover without the marker is unfinished
+    return python
+
+
+def venv_site_packages(python: Path) -> Path:
+    """The ``site-packages`` folder of the virtual environment whose interpreter is ``python``."""
+    lib = python.parent.parent / "lib"
+    return next(lib.glob("python3*/site-packages"), lib / "site-packages")
+
+
+def _pip_install(requirements: Path, target: Path, python: Path | None = None) -> None:
+    """``pip install -r requirements`` into ``target`` (``--target``), or into the environment of
+    ``python`` when given. A ``requirements/`` folder beside the file is the only source then
+    (wheels shipped with the model install offline)."""
+    cmd = [sys.executable, "-m", "pip", *(["--python", str(python)] if python is not None else []), "install"]
+    cmd += ["--disable-pip-version-check", "--no-input"]
+    cmd += ["--target", str(target)] if python is None else []
+    wheels = requirements.parent / WHEELS
+    if wheels.is_dir():
+        cmd += ["--no-index", "--find-links", str(wheels.resolve())]
+    cmd += ["-r", str(requirements.resolve())]
     proc = subprocess.run(cmd, cwd=requirements.parent, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_PIP_TAIL_LINES:])

@@ -148,14 +148,19 @@ class Launcher:
 
     async def _launch(self, replica: Replica) -> None:
         """Start a new engine process in ``replica`` and wait until it is ready (or raise why not)."""
-        spec = EngineSpec(self.spec.factory, replica.placement.engine_config(self.spec.config), self.spec.options)
-        client = EngineClient(spec, name=f"{self.name}/{replica.name}", placement=replica.placement,
-                              heartbeat_timeout=self.workers.heartbeat_timeout_s)  # fmt: skip
+        client = self._new_client(replica)
         client.on_failure.append(lambda failed: self._on_failure(replica, failed))
         replica.client, replica.hold = client, ReplicaState.LOADING  # a failure now is the caller's to handle
         await client.start()
         await client.wait_ready(timeout=self.workers.model_loading_timeout_s)
         replica.mark_ready()
+
+    def _new_client(self, replica: Replica) -> EngineClient:
+        """The client of a new process for ``replica`` (not started yet); a subclass may start
+        another kind of worker with the same lifecycle interface."""
+        spec = EngineSpec(self.spec.factory, replica.placement.engine_config(self.spec.config), self.spec.options)
+        return EngineClient(spec, name=f"{self.name}/{replica.name}", placement=replica.placement,
+                            heartbeat_timeout=self.workers.heartbeat_timeout_s)  # fmt: skip
 
     def _on_failure(self, replica: Replica, client: EngineClient) -> None:
         """A replica's engine failed (its requests were already failed): restart it, unless the

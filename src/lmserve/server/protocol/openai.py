@@ -76,3 +76,13 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+
+class EmbeddingRequest(StrictModel):
+    """``POST /v1/embeddings``. Token-id inputs are refused by name (lmserve embeds text)."""
+
+    model: str | None = Field(default=None, description="The served model's name; any other is a 404.")
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None

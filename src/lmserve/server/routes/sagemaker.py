@@ -5,6 +5,10 @@ Body ``{"inputs": str | [str], "parameters": {...}, "stream": bool}``. Without s
 ``parameters.details`` is true. With streaming it is JSON lines (``application/jsonlines``): one
 ``{"token": {"id", "text", "log_prob"}, "generated_text": null}`` per token; the last line carries
 ``generated_text`` (and ``details`` when asked).
+
+``option.output_formatter`` changes that shape: ``json`` streams one JSON document
+(``{"generated_text": ...}``, written piece by piece), ``jsonlines`` answers a JSON line per input
+without streaming, ``sse`` sends the lines as Server-Sent Events (``data: {...}``).
 """
 
 from __future__ import annotations
@@ -13,21 +17,27 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pydantic
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
 
 from lmserve.errors import InvalidRequestError
 from lmserve.server import generation as gen
-from lmserve.server.errors import jsonlines_error
+from lmserve.server.errors import jsonlines_error, sse_error_event
 from lmserve.server.params import LMI_DEFAULT_MAX_NEW_TOKENS, lmi_sampling_params
 from lmserve.server.prompts import NewTokens, fit, prompt_ids
 from lmserve.server.protocol.lmi import GenerationParameters, InvocationRequest
 from lmserve.server.routes import runtime_of
+from lmserve.server.routes.handler import handler_response
 from lmserve.server.runtime import ModelRuntime
 from lmserve.server.streaming import (
     deltas_from,
     guarded,
     jsonlines_response,
+    sse_data,
+    sse_response,
     tgi_finish_reason,
     token_events,
     token_text,
@@ -36,17 +46,42 @@ from lmserve.server.streaming import (
 router = APIRouter(tags=["SageMaker / LMI"])
 
 
-@router.post("/invocations")
-async def invocations(body: InvocationRequest, request: Request, model_name: str | None = None) -> Response:
-    """Generate text for one input or a list of inputs (LMI schema); ``?model_name=`` picks the model
-    when several are loaded."""
-    return await invoke(runtime_of(request, model_name), request, body)
+# The body is read by hand: a model served by a handler takes any body (JSON, text, bytes); the
+# text-generation schema is still published.
+_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/InvocationRequest"}}}}}  # fmt: skip
 
 
-@router.post("/predictions/{model_name}")
-async def predictions(model_name: str, body: InvocationRequest, request: Request) -> Response:
+def openapi_schemas() -> dict[str, Any]:
+    """The body schemas these routes read by hand (``InvocationRequest`` and the models it uses),
+    for the app's OpenAPI components."""
+    _, defs = models_json_schema([(InvocationRequest, "validation")], ref_template="#/components/schemas/{model}")
+    return dict(defs.get("$defs", {}))
+
+
+@router.post("/invocations", openapi_extra=_BODY)
+async def invocations(request: Request, model_name: str | None = None) -> Response:
+    """Generate text for one input or a list of inputs (LMI schema), or run the model's handler;
+    ``?model_name=`` picks the model when several are loaded."""
+    return await invoke_any(runtime_of(request, model_name), request)
+
+
+@router.post("/predictions/{model_name}", openapi_extra=_BODY)
+async def predictions(model_name: str, request: Request) -> Response:
     """``/invocations`` for a named model (DJL Serving); an unknown name is a 404."""
-    return await invoke(runtime_of(request, model_name), request, body)
+    return await invoke_any(runtime_of(request, model_name), request)
+
+
+async def invoke_any(rt: ModelRuntime, request: Request) -> Response:
+    """The model's handler answers when it has one; else the LMI text-generation body is read."""
+    handler = rt.ready_handler()
+    if handler is not None:
+        return await handler_response(handler, request)
+    try:
+        body = InvocationRequest.model_validate_json(await request.body())
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return await invoke(rt, request, body)
 
 
 async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) -> Response:
@@ -62,13 +97,43 @@ async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) ->
     fields = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(texts))]
     prompts = [await prompt_ids(rt, text, f, body.parameters.truncate) for text, f in zip(texts, fields, strict=True)]
     streams = gen.start_all(rt, fit(rt, prompts, params, new), "lmi")
+    formatter = rt.config.model.output_formatter
     if body.stream:
         first = await gen.first_delta(request, streams[0])
         lines = _lines(rt, body.parameters, texts[0], streams[0], first)
+        if formatter == "sse":
+            return sse_response(guarded(_events(lines), sse_error_event, streams), streams)
+        if formatter == "json":
+            prefix = texts[0] if body.parameters.return_full_text else ""
+            document = _document(lines, prefix)
+            return jsonlines_response(guarded(document, jsonlines_error, streams), streams, "application/json")
         return jsonlines_response(guarded(lines, jsonlines_error, streams), streams)
     results = await gen.complete(request, streams)
     outputs = [_output(rt, body.parameters, text, c) for text, c in zip(texts, results, strict=True)]
+    if formatter == "jsonlines":
+        return Response("".join(json.dumps(o) + "\n" for o in outputs), media_type="application/jsonlines")
+    if formatter == "sse":
+        return Response("".join(sse_data(o) for o in outputs), media_type="text/event-stream")
     return JSONResponse(outputs[0] if single else outputs)
+
+
+async def _events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``output_formatter=sse``: each JSON line as one Server-Sent Event."""
+    async for line in lines:
+        yield sse_data(line.rstrip("\n"))
+
+
+async def _document(lines: AsyncIterator[str], prefix: str) -> AsyncIterator[str]:
+    """``output_formatter=json`` while streaming: ``{"generated_text": "..."}`` written piece by
+    piece as tokens come (``details`` at the end when asked), so the whole body is one JSON document."""
+    yield '{"generated_text": "' + json.dumps(prefix)[1:-1]
+    async for line in lines:
+        event = json.loads(line)
+        if event.get("token"):
+            yield json.dumps(event["token"]["text"])[1:-1]
+        if event.get("generated_text") is not None:
+            details = event.get("details")
+            yield '"' + (f', "details": {json.dumps(details)}' if details is not None else "") + "}"
 
 
 def _details(text: str, finish: str | None, stop: Any, generated: int) -> dict[str, Any]:

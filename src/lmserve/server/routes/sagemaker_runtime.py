@@ -28,6 +28,7 @@ from lmserve.server import eventstream
 from lmserve.server.errors import describe
 from lmserve.server.protocol.lmi import InvocationRequest
 from lmserve.server.routes import registry_of
+from lmserve.server.routes.handler import handler_response
 from lmserve.server.routes.sagemaker import invoke
 from lmserve.server.runtime import ModelRuntime
 
@@ -47,7 +48,7 @@ _AWS_ERROR_TYPES = {400: "ValidationError", 401: "ValidationError", 403: "Valida
 async def invoke_endpoint(model_name: str, request: Request) -> Response:
     """``InvokeEndpoint``: the model called ``model_name`` (the endpoint name) answers the LMI body."""
     try:
-        response = await invoke(_endpoint(request, model_name), request, await _body(request))
+        response = await _answer(request, model_name)
     except Exception as exc:
         return _aws_error(request, exc)
     response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
@@ -58,7 +59,7 @@ async def invoke_endpoint(model_name: str, request: Request) -> Response:
 async def invoke_endpoint_with_response_stream(model_name: str, request: Request) -> Response:
     """``InvokeEndpointWithResponseStream``: the answer's bytes as ``PayloadPart`` events."""
     try:
-        response = await invoke(_endpoint(request, model_name), request, await _body(request))
+        response = await _answer(request, model_name)
     except Exception as exc:
         return _aws_error(request, exc)
     inner_type = response.media_type or "application/json"
@@ -70,6 +71,15 @@ async def invoke_endpoint_with_response_stream(model_name: str, request: Request
         response.headers.update(headers)
         return response
     return Response(eventstream.payload_part(bytes(response.body)), media_type=EVENT_STREAM, headers=headers)
+
+
+async def _answer(request: Request, model_name: str) -> Response:
+    """A model served by a handler answers any body; the text-generation handler reads the LMI body."""
+    runtime = _endpoint(request, model_name)
+    handler = runtime.ready_handler()
+    if handler is not None:
+        return await handler_response(handler, request)
+    return await invoke(runtime, request, await _body(request))
 
 
 def _endpoint(request: Request, name: str) -> ModelRuntime:

@@ -10,6 +10,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from lmserve.bench.workload_args import add_workload_arguments
+
 BENCH_HELP = "measure a running server: TTFT, TPOT, ITL, latency, throughput, goodput"
 RECOMMEND_HELP = "sweep lmserve configurations and rank them by cost under a latency SLO"
 
@@ -18,29 +20,6 @@ def bench_commands(command: Callable[..., Any]) -> list[Any]:
     """The ``bench`` and ``recommend`` subcommands, built with the CLI's ``Command`` type."""
     return [command("bench", BENCH_HELP, add_bench_arguments, run_bench),
             command("recommend", RECOMMEND_HELP, add_recommend_arguments, run_recommend)]  # fmt: skip
-
-
-def add_workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int) -> None:
-    """What to send: shared by ``bench`` and ``recommend``."""
-    g = parser.add_argument_group("workload")
-    g.add_argument("--api", default="openai", choices=["openai", "openai-chat", "tgi", "lmi"],
-                   help="dialect: openai (/v1/completions), openai-chat (/v1/chat/completions), "
-                        "tgi (/generate_stream), lmi (/invocations, JSON lines); default %(default)s")  # fmt: skip
-    g.add_argument("--num-requests", type=int, default=num_requests, help="requests to send (default %(default)s)")
-    g.add_argument("--input-len", default="128", help="prompt tokens: N or MIN:MAX (default %(default)s)")
-    g.add_argument("--output-len", default="128", help="tokens to generate: N or MIN:MAX (default %(default)s)")
-    g.add_argument("--dataset", default="random",
-                   help="random, shared-prefix (prompts sharing --num-prefixes prefixes of --prefix-len "
-                        "tokens: exercises prefix caching) or a JSONL file of {\"prompt\", \"output_len\"?}")  # fmt: skip
-    g.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens (default %(default)s)")
-    g.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct prefixes (default %(default)s)")
-    g.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (or a directory holding one) to make prompt lengths exact; "
-                        "without it a token is approximated by a common English word")  # fmt: skip
-    g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="let the model stop at end of sequence (default: generate exactly the output length)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the dataset and arrival times")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a response or a chunk")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ DEFAULT_SLO = "ttft_ms=1000,tpot_ms=100"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmserve.bench.cli import add_workload_arguments
+    from lmserve.bench.workload_args import add_workload_arguments
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (

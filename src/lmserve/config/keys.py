@@ -67,7 +67,8 @@ class Key:
         return (self.name, *self.aliases)
 
 
-_NO_DYNAMIC = "stored but not used yet: dynamic (request-level) batching is not built; lmserve batches continuously"
+_NO_DYNAMIC = ("used by handler models (model.py, embeddings, classification) only: text generation batches "
+               "continuously and does not use it")
 _DTYPES = {**{name: name for name in DTYPES}, "auto": "auto", **DTYPE_ALIASES}
 _ROLLING = {"auto": "auto", "disable": "disable", **{name: "auto" for name in v.LMI_ROLLING_BATCH}}
 
@@ -102,8 +103,8 @@ _MODEL_KEYS = (
     Key("option.rolling_batch", v.choice(_ROLLING), "model.rolling_batch",
         "Continuous batching. LMI backend names all mean auto: lmserve batches itself.",
         notes=(Note("lmserve's own continuous batching is used (auto)", v.LMI_ROLLING_BATCH),
-               Note("not used yet: lmserve still batches continuously (dynamic batching, which disable "
-                    "selects in LMI, is not built)", ("disable",)))),
+               Note("not used yet for text generation: lmserve batches it continuously (request-level "
+                    "batching, which disable selects in LMI, serves handler models only)", ("disable",)))),
     Key("option.max_tokens_policy", v.choice({"error": "error", "clamp": "clamp"}), "model.max_tokens_policy",
         "A request whose max_new_tokens (max_tokens) does not fit beside its prompt in n_positions: "
         "error answers 400 naming both numbers; clamp generates as many tokens as fit. A limit "
@@ -158,11 +159,11 @@ _ENGINE_KEYS = (
 
 _BATCHING_WORKER_KEYS = (
     Key("batch_size", v.integer(1), "batching.batch_size",
-        "Dynamic (request-level) batch size for non-generative handlers (stored; not used yet).",
+        "Dynamic (request-level) batch size of handler models (model.py, embeddings, classification).",
         flag="--batch-size", notes=(Note(_NO_DYNAMIC),),
         aliases=("max_dynamic_batch_size", "option.max_dynamic_batch_size")),
     Key("max_batch_delay", v.number(0.0), "batching.max_batch_delay_ms",
-        "Milliseconds to wait for a dynamic batch to fill (stored; not used yet).",
+        "Milliseconds a handler model's dynamic batch waits to fill after its first request.",
         aliases=("option.max_batch_delay",), flag="--max-batch-delay", notes=(Note(_NO_DYNAMIC),)),
     Key("minWorkers", v.integer(1), "workers.min_workers", "Fewest replicas.",
         flag="--min-workers"),
@@ -278,7 +279,8 @@ _ALWAYS_IGNORED = (
         ignored="speculative decoding is not built; each step decodes one token per request"),
     Key("option.pythonExecutable", v.ANY, None, "", ignored="lmserve runs in its own Python interpreter"),
     Key("option.handler", v.ANY, None, "",
-        ignored="it names a function of a custom handler; lmserve serves its built-in handler"),
+        ignored="it names the function of model.py to call; lmserve calls handle() (use option.entryPoint="
+                "'module:function' to name another)"),
 )
 
 # Features not built yet: an error that names the feature, unless the value turns it off.

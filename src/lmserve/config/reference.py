@@ -113,7 +113,7 @@ def treatment(key: Key) -> list[tuple[str, str, str]]:
         verdict = "honoured"
         notes = [f"warning{_for_values(note.values)}: {note.text}" for note in key.notes]
         if any(not note.values for note in key.notes):
-            verdict = "stored, not used yet"
+            verdict = "honoured, with a warning"
         rows = [(f"`{key.name}`", verdict, "; ".join([target, *notes]))]
     rows += [(f"`{alias}`", "mapped", f"same as `{key.name}`") for alias in key.aliases]
     return rows

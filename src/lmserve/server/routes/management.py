@@ -129,7 +129,7 @@ async def describe(rt: ModelRuntime, server: ServerConfig) -> dict[str, Any]:
         "loaded_at_startup": rt.loaded_at_startup, "tensor_parallel_degree": cfg.engine.tensor_parallel_degree,
         "min_workers": rt.min_workers, "max_workers": rt.max_workers,
         "devices": _devices(rt), "job_queue_size": cfg.workers.job_queue_size,
-        "queue_depth": rt.router.outstanding if rt.router is not None else 0,
+        "queue_depth": rt.outstanding,  # on the replicas, and waiting in a handler's batcher
         "batch_size": cfg.batching.batch_size, "max_batch_delay_ms": cfg.batching.max_batch_delay_ms,
         "max_rolling_batch_size": info.max_num_seqs if info else cfg.engine.max_num_seqs,
         "max_num_batched_tokens": info.max_num_batched_tokens if info else None,

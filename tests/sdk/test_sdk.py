@@ -178,3 +178,15 @@ def _no_endpoints_left() -> Iterator[None]:
     yield
     for record in list_endpoints():  # a failed test must not leave a server running
         Predictor(record.name).delete_endpoint(grace_s=2)
+
+
+def test_the_record_of_a_dead_endpoint_is_cleaned_when_listed() -> None:
+    from lmserve.sdk.endpoints import EndpointRecord, records_dir, save
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    save(EndpointRecord("gone", "http://127.0.0.1:9", dead.pid, 9, None, time.time()))
+    assert (records_dir() / "gone.json").exists()
+    assert [r.name for r in list_endpoints()] == []
+    assert not (records_dir() / "gone.json").exists()
+    assert main(["delete", "gone"]) == 2  # nothing left to stop

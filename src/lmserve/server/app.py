@@ -43,29 +43,25 @@ def create_app(registry: ModelRegistry) -> FastAPI:
             await asyncio.gather(loading, return_exceptions=True)
             await registry.shutdown()
 
-    app = FastAPI(title="lmserve", version=__version__, lifespan=lifespan,
+    app = _App(title="lmserve", version=__version__, lifespan=lifespan,
                   description="LLM inference server: SageMaker/LMI, TGI and OpenAI dialects.")  # fmt: skip
     app.state.registry = registry
     install_error_handlers(app, lambda: registry.server.queue_full_status)
     for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, openai_embeddings,
                    management):
         app.include_router(module.router)
-    _publish_hand_read_bodies(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: registry.server.max_request_bytes)
     app.add_middleware(TokenAuthMiddleware, server=lambda: registry.server)
     app.add_middleware(MetricsMiddleware, metrics=registry.metrics)  # outermost: sees 401s and 413s too
     return app
 
 
-def _publish_hand_read_bodies(app: FastAPI) -> None:
+class _App(FastAPI):
     """Routes that read their body by hand (a handler model takes any body) still publish its schema."""
-    generate = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        schema = generate()
+    def openapi(self) -> dict[str, Any]:
+        schema = super().openapi()
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, body in sagemaker.openapi_schemas().items():
             schemas.setdefault(name, body)
         return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -146,10 +146,13 @@ class ModelRuntime:
             return
         if self.state is State.LOADING:
             self.state, self.ready_once = State.READY, True
-            limits = f"{self.handler_task} handler" if self.handler is not None else \
-                f"max_model_len {self.model_info.max_model_len}"  # type: ignore[union-attr]  # fmt: skip
-            logger.info("model %s is ready: %d replica(s), %s", self.name, len(self.launcher.replicas),  # type: ignore[union-attr]
-                        limits)  # fmt: skip
+            assert self.launcher is not None, "a loaded model has its launcher"
+            if self.handler is not None:
+                limits = f"{self.handler_task} handler"
+            else:
+                assert self.model_info is not None, "a loaded engine model has its model info"
+                limits = f"max_model_len {self.model_info.max_model_len}"
+            logger.info("model %s is ready: %d replica(s), %s", self.name, len(self.launcher.replicas), limits)
 
     async def _resolve(self) -> Path:
         """Fetch the model and rebuild the configuration with its ``serving.properties``."""

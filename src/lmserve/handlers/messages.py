@@ -1,4 +1,4 @@
-"""Typed messages between the frontend and a handler worker process (msgpack over a ZMQ PAIR socket).
+"""Typed messages between the frontend and a handler worker process (msgpack, through msgspec, over a ZMQ PAIR socket).
 
 Frontend -> worker: ``RunBatch`` (one batch of requests), ``Stop``.
 Worker -> frontend: ``WorkerReady`` (the handler initialised), ``WorkerLoadFailed``, and for each
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import msgpack
+import msgspec
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,18 @@ _KINDS: dict[str, type[Any]] = {cls.__name__: cls for cls in (RunBatch, Stop, Wo
 
 
 def encode(message: Message) -> bytes:
-    return msgpack.packb({"kind": type(message).__name__, **asdict(message)}, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgspec.msgpack.encode({"kind": type(message).__name__, **asdict(message)})
 
 
 def decode(data: bytes) -> Message:
     """The message in ``data``; ``ValueError`` for anything malformed."""
     try:
-        raw = msgpack.unpackb(data, raw=False)
+        raw = msgspec.msgpack.decode(data)
         kind = _KINDS[raw.pop("kind")]
         if kind is RunBatch:
             raw["items"] = [Item(**item) for item in raw["items"]]
         elif kind is BatchDone:
             raw["outputs"] = [ItemOutput(**out) for out in raw["outputs"]]
         return kind(**raw)  # type: ignore[no-any-return]
-    except (KeyError, TypeError, AttributeError, msgpack.ExtraData, msgpack.FormatError, ValueError) as exc:
+    except (KeyError, TypeError, AttributeError, msgspec.DecodeError, ValueError) as exc:
         raise ValueError(f"malformed handler message: {exc}") from exc

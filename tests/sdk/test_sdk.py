@@ -78,7 +78,9 @@ def test_package_upload_deploy_predict_stream_delete(llama_dir: Path, bucket: st
 
 
 @pytest.mark.slow
-def test_a_broken_model_raises_the_servers_reason(tmp_path: Path) -> None:
+def test_a_broken_model_raises_the_servers_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A generated key may start with "-": the server must still take it as the key, not as a flag.
+    monkeypatch.setattr("lmserve.sdk.model.secrets.token_urlsafe", lambda n: "-starts-with-a-dash")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "nope"}))

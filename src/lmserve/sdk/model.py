@@ -78,7 +78,7 @@ class Model:
         key = secrets.token_urlsafe(24)
         command = [sys.executable, "-m", "lmserve.cli", "serve", *([self.model_data] if self.model_data else []),
                    "--host", "127.0.0.1", "--port", str(port), "--served-name", name,
-                   "--device", _INSTANCE_TYPES[instance_type], "--api-key", key]  # fmt: skip
+                   "--device", _INSTANCE_TYPES[instance_type], f"--api-key={key}"]  # "=": a key may start with "-"  # fmt: skip
         if tensor_parallel_degree is not None:
             command += ["--tensor-parallel-degree", str(tensor_parallel_degree)]
         if initial_instance_count > 1:

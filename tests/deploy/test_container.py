@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from lmserve.sdk.endpoints import free_port
+from tests.ready import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "deploy" / "serve"
@@ -44,16 +44,7 @@ def test_serve_answers_ping_and_invocations_on_the_sagemaker_port(tokenizer_dir:
                               start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{url}/ping").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, (tmp_path / "container.log").read_text()
-            assert time.monotonic() < deadline, "the container did not become ready"
-            time.sleep(0.2)
+        wait_until_ready(url, server, 240, describe=(tmp_path / "container.log").read_text)
         assert listening_on_every_interface(port)
         answer = httpx.post(f"{url}/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 3}})
         assert answer.status_code == 200 and isinstance(answer.json()["generated_text"], str)

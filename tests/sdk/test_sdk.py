@@ -11,12 +11,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from lmserve.cli import main
 from lmserve.sdk import DeployError, Model, Predictor, S3Downloader, S3Uploader, list_endpoints, package
 from lmserve.sdk.endpoints import free_port, port_in_use, process_alive
+from tests.ready import wait_until_ready
 from tests.store.test_s3 import admin, aws_env, s3_endpoint  # noqa: F401 - fixtures used by name
 
 BODY = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}
@@ -99,15 +99,7 @@ def test_predictor_attaches_to_a_server_it_did_not_start(llama_dir: Path) -> Non
                                "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/ping").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_ready(url, server, 180)
         predictor = Predictor(url)
         assert predictor.predict(BODY)["generated_text"]
         assert "".join(predictor.predict_stream(BODY)) == predictor.predict(BODY)["generated_text"]

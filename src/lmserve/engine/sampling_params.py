@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from lmserve.engine.structured_spec import StructuredOutputs
 from lmserve.errors import InvalidRequestError
 
 _MAX_LOGPROBS = 20
@@ -17,7 +18,8 @@ class SamplingParams:
     The default is greedy decoding (``temperature=0``) of up to 128 new tokens. ``top_k=0`` and
     ``top_p=1`` switch those filters off. ``seed`` makes a sampled request reproducible whatever else
     shares its batch. ``logprobs=None`` returns no log-probabilities, ``0`` the chosen token's only,
-    ``n`` the chosen token's plus the ``n`` most likely alternatives.
+    ``n`` the chosen token's plus the ``n`` most likely alternatives. ``structured`` constrains the
+    output to a JSON schema, regex, choice or grammar (see ``StructuredOutputs``).
     """
 
     max_new_tokens: int = 128
@@ -33,6 +35,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params can be shared safely.

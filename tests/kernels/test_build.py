@@ -19,18 +19,22 @@ def test_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_cpu_features(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(build.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.delenv(build.ISA_ENV, raising=False)
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"sse4_2", "avx"})
     reason = build.disabled_reason()
-    assert reason is not None and "avx512f" in reason
+    assert reason is not None and "avx512f" in reason and "avx2, fma" in reason
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma"})
+    assert build.disabled_reason() is None  # the AVX2 build may run
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    def broken() -> None:
+    def broken(isa: build.Isa) -> None:
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setattr(build, "disabled_reason", lambda: None)
+    monkeypatch.setattr(build, "probe", lambda isa: None)
     monkeypatch.setattr(build, "_compile", broken)
     with caplog.at_level(logging.WARNING, logger="lmserve.kernels.build"):
         assert build.load_cpu_kernels() is None

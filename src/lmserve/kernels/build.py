@@ -1,9 +1,13 @@
-"""Compiling the CPU kernels once per machine type and loading them.
+"""Compiling the CPU kernels once per machine type, proving they run here, and loading them.
 
-The extension is built with explicit instruction-set flags, never ``-march=native``: some CPUs report
-features (AMX) whose instructions fault under virtualization, and the build cache must not depend on
-the machine that happened to compile first. Builds are cached under ``cache_subdir("kernels")``, keyed
-by the sources, the flags and the torch version, so only the first import on a machine compiles.
+There are two builds: AVX-512 (every kernel) and AVX2 + FMA (the linear layers; the other ops fall
+back to pure torch). Each is built with explicit instruction-set flags, never ``-march=native``:
+some CPUs report features (AMX) whose instructions fault under virtualization, and the build cache
+must not depend on the machine that happened to compile first. A CPU's flags are not trusted alone
+either: before the server process loads a build, a child process compiles it, loads it and runs a
+tiny product (:func:`probe`); a child killed by a signal (an illegal instruction) marks that build
+unusable on this machine, remembered under the machine's key. Builds are cached under
+``cache_subdir("kernels")``, keyed by the sources, the flags and the torch version.
 """
 
 from __future__ import annotations
@@ -11,102 +15,194 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from lmserve.errors import ConfigError
+from lmserve.kernels.machine import cpu_flags, is_x86, machine_key, read_keyed, write_keyed
 
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "LMSERVE_CPU_KERNELS"
+ISA_ENV = "LMSERVE_CPU_ISA"  # auto (the best build that runs here), avx512 or avx2
 CSRC = Path(__file__).with_name("csrc")
-# Sources compiled into the extension; headers only feed the cache key.
+# Sources compiled into the AVX-512 extension; headers only feed the cache key.
 SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_cache.cpp")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                 "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+AVX2_SOURCES = ("bindings.cpp", "gemm_avx2.cpp")
+_COMMON_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
 # torch's builder waits forever on the lock file of a compile that was killed; none takes this long.
 STALE_LOCK_S = 600.0
+PROBE_TIMEOUT_S = 1200.0  # the probe compiles on a fresh machine
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One build of the kernels: what the CPU must report, how to compile, what it covers."""
+
+    name: str
+    required_flags: tuple[str, ...]
+    compile_flags: tuple[str, ...]
+    sources: tuple[str, ...]
+    gemm_only: bool  # only the linear layers (``ext.linear``); the rest is the pure-torch fallback
+
+
+ISAS = {
+    "avx512": Isa("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+                  ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", *_COMMON_FLAGS),
+                  SOURCES, gemm_only=False),
+    "avx2": Isa("avx2", ("avx2", "fma"), ("-mavx2", "-mfma", "-DLMSERVE_GEMM_ONLY", *_COMMON_FLAGS),
+                AVX2_SOURCES, gemm_only=True),
+}
+PREFERENCE = ("avx512", "avx2")  # best first
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def cpu_flags() -> set[str]:
-    """The feature flags of this CPU as Linux reports them (empty where /proc/cpuinfo is missing)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def requested_isa() -> str:
+    """``LMSERVE_CPU_ISA``: ``auto`` (default) or the name of one build to use (or none at all)."""
+    value = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in ISAS:
+        raise ConfigError(ISA_ENV, value, "auto, " + ", ".join(ISAS), source="environment")
+    return value
+
+
+def isa_unavailable(isa: Isa) -> str | None:
+    """Why ``isa``'s build cannot run on this CPU by its reported flags, or None."""
+    if sys.platform != "linux":
+        return f"no CPU kernels for {sys.platform}"
+    if not is_x86():
+        return "the CPU kernels are x86 only"
+    missing = [flag for flag in isa.required_flags if flag not in cpu_flags()]
+    return f"this CPU lacks {', '.join(missing)} ({isa.name})" if missing else None
+
+
+def candidate_isas() -> list[Isa]:
+    """The builds to try, best first: the one ``LMSERVE_CPU_ISA`` names, or all by preference."""
+    wanted = requested_isa()
+    return [ISAS[wanted]] if wanted != "auto" else [ISAS[name] for name in PREFERENCE]
 
 
 def disabled_reason() -> str | None:
-    """Why the compiled kernels cannot be used here, or None when they can."""
+    """Why no compiled kernels can be used here (by switch, platform or CPU flags), or None when at
+    least one build may run (the child-process probe still has the last word)."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"{ENV_SWITCH}=0"
-    if sys.platform != "linux":
-        return f"no CPU kernels for {sys.platform}"
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
-    if missing:
-        return "this CPU lacks " + ", ".join(missing)
-    return None
+    reasons = [isa_unavailable(isa) for isa in candidate_isas()]
+    if any(reason is None for reason in reasons):
+        return None
+    return "; ".join(r for r in reasons if r)
 
 
-def build_key() -> str:
-    """Hash of everything the compiled library depends on."""
+def build_key(isa: Isa | None = None) -> str:
+    """Hash of everything the compiled library of ``isa`` (default AVX-512) depends on."""
     import torch
 
+    isa = isa or ISAS["avx512"]
     digest = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join(COMPILE_FLAGS).encode())
+    digest.update(" ".join(isa.compile_flags + isa.sources).encode())
     digest.update(torch.__version__.encode() + sys.version.encode())
     return digest.hexdigest()[:16]
 
 
 def load_cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module, building it on first use; None (logged once) when unavailable."""
+    """The best compiled kernel module that runs here (its ``lmserve_isa`` names the build), built
+    and probed on first use; None (logged once) when none is available."""
     reason = disabled_reason()
     if reason is not None and reason.startswith(ENV_SWITCH):
         return None  # a switch, not a fact about the machine: never remembered
+    wanted = requested_isa()
     with _lock:
-        if "cpu" in _loaded:
-            return _loaded["cpu"]
+        if wanted in _loaded:
+            return _loaded[wanted]
         module: ModuleType | None = None
-        if reason is None:
-            try:
-                module = _compile()
-            except Exception as exc:  # a broken toolchain must degrade to the fallback, not crash
-                reason = f"building them failed ({type(exc).__name__}: {str(exc).strip()[-400:]})"
+        reasons = [reason] if reason else []
+        for isa in [] if reason else candidate_isas():
+            why = isa_unavailable(isa) or probe(isa)
+            if why is None:
+                try:
+                    module = _compile(isa)
+                    break
+                except Exception as exc:  # a broken toolchain must degrade to the fallback, not crash
+                    why = f"building them failed ({type(exc).__name__}: {str(exc).strip()[-400:]})"
+            reasons.append(why)
         if module is None:
-            log.warning("CPU kernels unavailable, using the pure-torch fallback: %s", reason)
-        _loaded["cpu"] = module
+            log.warning("CPU kernels unavailable, using the pure-torch fallback: %s", "; ".join(reasons))
+        _loaded[wanted] = module
         return module
 
 
-def _compile() -> ModuleType:
+def probe(isa: Isa) -> str | None:
+    """Build and try ``isa``'s kernels in a child process: None when they ran and gave the right
+    answer, else why not. A verdict about the machine (success, or death by a signal) is kept under
+    the machine's key; an ordinary failure (compiler missing) is retried at the next start."""
+    from lmserve.cache import cache_subdir
+
+    key = machine_key(build=build_key(isa), isa=isa.name)
+    path = cache_subdir("kernels") / f"probe-{isa.name}.json"
+    known = read_keyed(path, key)
+    if known is not None and isinstance(known.get("ok"), bool):
+        return None if known["ok"] else str(known.get("reason", "an earlier probe failed"))
+    try:
+        done = subprocess.run(_probe_command(isa), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"the {isa.name} probe did not finish in {PROBE_TIMEOUT_S:.0f} s"
+    if done.returncode == 0:
+        write_keyed(path, key, {"ok": True})
+        return None
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else "a signal"
+        why = f"the {isa.name} kernels were killed by {name} when tried in a child process"
+        write_keyed(path, key, {"ok": False, "reason": why})
+        return why
+    return f"the {isa.name} probe failed: {done.stderr.strip()[-400:]}"
+
+
+def _probe_command(isa: Isa) -> list[str]:
+    return [sys.executable, "-c", f"from lmserve.kernels.build import probe_main; probe_main({isa.name!r})"]
+
+
+def probe_main(name: str) -> None:
+    """The child side of :func:`probe`: build, load and run one small product; exit 0 when right."""
+    import torch
+
+    from lmserve.kernels.packed import pack_panels
+
+    ext = _compile(ISAS[name])
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 70).bfloat16(), torch.randn(5, 70)
+    got = ext.linear(x, pack_panels(w), 40, None, 0, 1)
+    want = x.double() @ w.double().T
+    sys.exit(0 if torch.allclose(got.double(), want, rtol=1e-4, atol=1e-3) else 1)
+
+
+def _compile(isa: Isa) -> ModuleType:
     import torch
     from torch.utils.cpp_extension import load
 
     from lmserve.cache import cache_subdir
 
-    key = build_key()
-    name = f"lmserve_cpu_kernels_{key}"
-    build_dir = cache_subdir("kernels") / f"cpu-{key}"
+    key = build_key(isa)
+    name = f"lmserve_cpu_kernels_{isa.name}_{key}"
+    build_dir = cache_subdir("kernels") / f"cpu-{isa.name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(build_dir / "lock")
     if not (build_dir / f"{name}.so").exists():
-        log.info("compiling CPU kernels, once (~30 s) into %s", build_dir)
-    module = load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(COMPILE_FLAGS),
+        log.info("compiling the %s CPU kernels, once (~30 s) into %s", isa.name, build_dir)
+    module = load(name=name, sources=[str(CSRC / s) for s in isa.sources], extra_cflags=list(isa.compile_flags),
                   extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
-    log.debug("CPU kernels loaded from %s (torch %s)", build_dir, torch.__version__)
+    module.lmserve_isa = isa.name  # type: ignore[attr-defined]
+    log.debug("%s CPU kernels loaded from %s (torch %s)", isa.name, build_dir, torch.__version__)
     return module
 
 

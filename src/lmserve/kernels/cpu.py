@@ -1,4 +1,5 @@
-"""The compiled AVX-512 CPU kernels behind the ``Ops`` interface.
+"""The compiled CPU kernels behind the ``Ops`` interface: every op from the AVX-512 build
+(``CpuOps``), the linear layers only from the AVX2 one (``PanelLinearOps``).
 
 Anything the compiled library does not cover (other devices, head sizes without a compiled kernel)
 is handed to the pure-torch ops this class inherits, so callers never need to know which path ran.
@@ -19,14 +20,16 @@ _PLAIN, _SILU_MUL = 0, 1  # lmserve::Epilogue in csrc/kernels.h
 _CACHE_DTYPES = (torch.bfloat16, torch.float32)
 
 
-class CpuOps(ReferenceOps):
-    """Kernels from the compiled extension ``ext``; threads follow ``torch.get_num_threads()``."""
+class PanelLinearOps(ReferenceOps):
+    """Linear layers on the compiled GEMM of ``ext`` (bf16 panels, fp32 compute), the other ops in
+    pure torch; threads follow ``torch.get_num_threads()``."""
 
-    name = "cpu-avx512"
+    name = "cpu-gemm"
 
     def __init__(self, ext: ModuleType) -> None:
         super().__init__("cpu")
         self.ext = ext
+        self.name = f"cpu-{getattr(ext, 'lmserve_isa', 'avx512')}"
 
     @property
     def fast_bf16(self) -> bool:
@@ -55,6 +58,10 @@ class CpuOps(ReferenceOps):
         if w.layout != "panel32" or not w.gate_up:
             return super().linear_silu_mul(x, w)
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
+
+
+class CpuOps(PanelLinearOps):
+    """Every op from the compiled AVX-512 extension ``ext``."""
 
     # -- elementwise -------------------------------------------------------------------------
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

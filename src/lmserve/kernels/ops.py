@@ -84,8 +84,9 @@ _by_device_type: dict[str, Ops] = {}
 
 
 def get_ops(device: torch.device | str = "cpu") -> Ops:
-    """The kernels for ``device``: compiled AVX-512 ones on capable CPUs (built on first call, cached
-    on disk; ``LMSERVE_CPU_KERNELS=0`` turns them off), the pure-torch ones everywhere else."""
+    """The kernels for ``device``: compiled ones on capable x86 CPUs (AVX-512, else AVX2 + FMA for
+    the linear layers; built and probed on first call, cached on disk; ``LMSERVE_CPU_KERNELS=0``
+    turns them off, ``LMSERVE_CPU_ISA`` forces a build), the pure-torch ones everywhere else."""
     kind = torch.device(device).type
     with _lock:
         ops = _by_device_type.get(kind)
@@ -99,7 +100,8 @@ def _choose(kind: str) -> Ops:
     if kind == "cpu":
         ext = load_cpu_kernels()
         if ext is not None:
-            from lmserve.kernels.cpu import CpuOps
+            from lmserve.kernels.build import ISAS
+            from lmserve.kernels.cpu import CpuOps, PanelLinearOps
 
-            return CpuOps(ext)
+            return PanelLinearOps(ext) if ISAS[ext.lmserve_isa].gemm_only else CpuOps(ext)
     return ReferenceOps(kind)

@@ -68,6 +68,9 @@ Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optiona
     return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
+// The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
+// to their pure-torch versions in Python.
+#ifndef LMSERVE_GEMM_ONLY
 Tensor int32_rows(const Tensor& t) {
     Tensor r = t.scalar_type() == at::kInt ? t : t.to(at::kInt);
     return r.is_contiguous() ? r : r.contiguous();
@@ -243,16 +246,19 @@ void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v
     pybind11::gil_scoped_release nogil;
     lmserve::write_kv(a);
 }
+#endif  // LMSERVE_GEMM_ONLY
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear", &linear, "y = x W^T (+ bias) with a packed bf16 weight");
+#ifndef LMSERVE_GEMM_ONLY
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
     m.def("rotary_embedding", &rotary_embedding, "rotary position embedding of q and k, in place");
     m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
     m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
+#endif
     m.attr("PANEL") = lmserve::kPanel;
 }

@@ -1,0 +1,108 @@
+"""Which build runs where: the AVX2 build against the reference, the child-process probe that
+refuses a build which crashes, and CPUs with no build at all (ARM)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmserve.errors import ConfigError
+from lmserve.kernels import ReferenceOps, build, get_ops, machine, ops
+from lmserve.kernels.cpu import PanelLinearOps
+from lmserve.kernels.device import resolve_dtype
+
+from .test_linear import SHAPES, close, expected
+
+
+@pytest.fixture(scope="session")
+def avx2_ops() -> Iterator[PanelLinearOps]:
+    """The AVX2 + FMA build, forced on this machine the way a user would force it."""
+    if build.isa_unavailable(build.ISAS["avx2"]) is not None:
+        pytest.skip("this CPU cannot run the AVX2 build")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(build.ISA_ENV, "avx2")
+        ext = build.load_cpu_kernels()
+    assert ext is not None and ext.lmserve_isa == "avx2"
+    yield PanelLinearOps(ext)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_avx2_linear_matches_fp32_matmul(avx2_ops: PanelLinearOps, m: int, n: int, k: int) -> None:
+    torch.manual_seed(m * 7 + n + k)
+    w, x = torch.randn(n, k).bfloat16(), torch.randn(m, k)
+    close(avx2_ops.linear(x, avx2_ops.pack_linear_weight(w)), expected(x, w), k)
+
+
+def test_avx2_bias_and_silu_mul(avx2_ops: PanelLinearOps, threads: int) -> None:
+    torch.manual_seed(threads)
+    w, x, bias = torch.randn(70, 576).bfloat16(), torch.randn(9, 576), torch.randn(70)
+    close(avx2_ops.linear(x, avx2_ops.pack_linear_weight(w), bias), expected(x, w) + bias, 576)
+    gate, up = torch.randn(100, 576).bfloat16(), torch.randn(100, 576).bfloat16()
+    want = torch.nn.functional.silu(expected(x, gate)) * expected(x, up)
+    close(avx2_ops.linear_silu_mul(x, avx2_ops.pack_gate_up_weight(gate, up)), want, 576)
+
+
+def test_avx2_build_runs_the_rest_in_torch(avx2_ops: PanelLinearOps) -> None:
+    x, weight = torch.randn(4, 64), torch.randn(64)
+    normed, _ = avx2_ops.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(normed, ReferenceOps().rms_norm(x, weight, 1e-6)[0])
+    assert avx2_ops.name == "cpu-avx2" and avx2_ops.fast_bf16
+
+
+def test_unknown_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(build.ISA_ENV, "avx9000")
+    with pytest.raises(ConfigError, match="avx9000.*avx512, avx2"):
+        build.candidate_isas()
+
+
+def test_a_build_that_crashes_is_refused_and_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv(build.ISA_ENV, "avx2")
+    monkeypatch.setattr(build, "isa_unavailable", lambda isa: None)  # the flags say yes
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    monkeypatch.setattr(build, "_probe_command", lambda isa: crash)
+    monkeypatch.setattr(build, "_loaded", {})
+
+    def never(isa: build.Isa) -> None:
+        raise AssertionError("a build that crashed in the probe must not be loaded")
+
+    monkeypatch.setattr(build, "_compile", never)
+    assert build.load_cpu_kernels() is None
+    reason = build.probe(build.ISAS["avx2"])
+    assert reason is not None and "SIGILL" in reason
+    # The verdict is a fact about this machine: the next start does not run the probe again.
+    monkeypatch.setattr(build, "_probe_command", lambda isa: pytest.fail("probe ran again"))
+    assert build.probe(build.ISAS["avx2"]) == reason
+    assert list((tmp_path / "kernels").glob("probe-avx2.json"))
+
+
+def test_a_probe_verdict_from_another_machine_is_not_trusted(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
+    isa = build.ISAS["avx2"]
+    path = tmp_path / "kernels" / "probe-avx2.json"
+    machine.write_keyed(path, {"cpu_model": "another CPU"}, {"ok": True})
+    ran = []
+    monkeypatch.setattr(build, "_probe_command", lambda isa: ran.append(1) or [sys.executable, "-c", "exit(3)"])
+    reason = build.probe(isa)
+    assert ran and reason is not None and "probe failed" in reason
+
+
+def test_arm_gets_the_torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(build.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(build.ISA_ENV, raising=False)
+    monkeypatch.setattr(machine.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"fp", "asimd", "sve", "bf16"})
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(ops, "_by_device_type", {})
+    reason = build.disabled_reason()
+    assert reason is not None and "x86" in reason
+    cpu = get_ops("cpu")
+    assert isinstance(cpu, ReferenceOps) and cpu.name == "reference"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    w, x = torch.randn(48, 64).bfloat16(), torch.randn(3, 64)
+    close(cpu.linear(x, cpu.pack_linear_weight(w)), expected(x, w), 64)

@@ -119,6 +119,25 @@ def _run_config(ns: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ---- lmserve kernels ------------------------------------------------------------------------------
+
+
+def _kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", action="store_true", help="print the CPU, the kernel build and the linear "
+                        "kernel choice (the default action)")
+    parser.add_argument("--shapes", default="", help="comma-separated linear shapes to choose for (measured "
+                        "unless cached), NxK or IxK+silu for a gate|up pair; default: the shapes already cached")
+    parser.add_argument("--max-rows", type=int, default=512, help="largest row count (prefill chunk) to time")
+
+
+def _run_kernels(ns: argparse.Namespace) -> int:
+    from lmserve.kernels.report import report
+
+    _configure_logging("warning")
+    print(report([s for s in ns.shapes.split(",") if s.strip()], ns.max_rows))
+    return 0
+
+
 # ---- the SDK's commands (lmserve.sdk.cli) ---------------------------------------------------------
 
 
@@ -139,6 +158,8 @@ COMMANDS: list[Command] = [
     Command("convert", "pre-shard a model for a tensor-parallel degree and dtype", _convert_arguments, _run_convert),
     Command("config", "check a serving.properties or OPTION_* environment file: `lmserve config check PATH`",
             _config_arguments, _run_config),
+    Command("kernels", "which CPU kernels run here and which linear kernel is fastest per shape: "
+            "`lmserve kernels --report`", _kernels_arguments, _run_kernels),
     Command("package", "check a model directory and pack it as a .tar.gz", _sdk("add_package"), _sdk("run_package")),
     Command("upload", "upload a file or directory to s3://", _sdk("add_upload"), _sdk("run_upload")),
     Command("endpoints", "list the endpoints the SDK started on this machine", _sdk("add_endpoints"),

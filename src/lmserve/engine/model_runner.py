@@ -18,7 +18,7 @@ from lmserve.engine.scheduler import step_token_budget
 from lmserve.kernels import get_ops
 from lmserve.kernels.device import resolve_device, resolve_dtype
 from lmserve.models.layers import ForwardContext, PagedAttention
-from lmserve.models.loader import load_model
+from lmserve.models.loader import choose_linear_kernels, load_model
 from lmserve.parallel.state import SINGLE, ParallelState
 from lmserve.parallel.step import StepInputs
 
@@ -41,12 +41,13 @@ class ModelRunner:
                                                    config.max_model_len, state, progress=progress and state.is_first)
         log.info("loaded %s (%s, %s) in %.1fs", self.model_config.architecture, str(self.dtype).split(".")[-1],
                  self.device, time.perf_counter() - start)
+        step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
+        self.kernel_choice = choose_linear_kernels(self.model, self.ops, step_tokens)
         self.block_size = config.block_size
         cfg = self.model_config
         # This rank's KV heads, as its attention layers hold them (replication included).
         heads = next(m.num_kv_heads for m in self.model.modules() if isinstance(m, PagedAttention))
         self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
-        step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
         intermediate = cfg.get("intermediate_size", "ffn_dim", default=4 * cfg.hidden_size) // state.world_size
         reserve = activation_reserve(step_tokens, config.max_num_seqs, cfg.hidden_size, intermediate, cfg.vocab_size,
                                      torch.empty(0, dtype=cfg.act_dtype).element_size())  # fmt: skip

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from lmserve.kernels import KernelModule, Ops
+from lmserve.kernels.choice import ChoiceTable, choosable, choose
 from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.config import ModelConfig
 from lmserve.models.weights import load_weights
+from lmserve.parallel.layers import LinearBase
 from lmserve.parallel.presharded import find_conversion, load_rank, remember_packed
 from lmserve.parallel.state import SINGLE, ParallelState
 
@@ -39,3 +41,14 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
         remember_packed(model, conversion, state.rank, ops)
     model.eval()
     return model, info.config
+
+
+def choose_linear_kernels(model: nn.Module, ops: Ops, max_rows: int) -> ChoiceTable:
+    """Route every linear layer to the implementation measured fastest on this machine for each
+    row count up to ``max_rows`` (``kernels/choice.py``); layers without a choice stay as they are."""
+    linears = [m for m in model.modules() if isinstance(m, LinearBase) and choosable(m.packed)]
+    table = choose(ops, [m.packed for m in linears], max_rows)
+    for layer in linears:
+        assert layer.packed is not None  # choosable() checked it
+        layer.route(table.forms(layer.packed))
+    return table

@@ -40,6 +40,8 @@ class LinearBase(KernelModule):
         self.weight = _param((out_features, in_features), dtype, self.load_weight)
         self.bias = _param((out_features,), dtype, self.load_bias) if bias else None
         self._packed: PackedLinear | None = None
+        # Kernel choice (kernels/choice.py): (min_rows, form) steps, ascending; empty means _packed.
+        self._routes: tuple[tuple[int, PackedLinear], ...] = ()
 
     def load_weight(self, param: nn.Parameter, full: torch.Tensor, part: Any = None) -> None:
         raise NotImplementedError
@@ -77,12 +79,31 @@ class LinearBase(KernelModule):
         self._packed = packed
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
+    def route(self, steps: list[tuple[int, PackedLinear]]) -> None:
+        """Multiply by ``form`` from ``min_rows`` rows of input on, for each ``(min_rows, form)`` step
+        (the first step starts at 1); a single step replaces the packed weight altogether."""
+        if len(steps) == 1:
+            self._packed, self._routes = steps[0][1], ()
+        else:
+            self._routes = tuple(steps)
+
+    def for_rows(self, x: torch.Tensor) -> PackedLinear | None:
+        """The form of the weight that multiplies ``x`` (by its number of rows)."""
+        packed = self._packed
+        if self._routes:
+            rows = x.numel() // max(1, x.shape[-1])
+            for min_rows, form in self._routes:
+                if rows >= min_rows:
+                    packed = form
+        return packed
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._packed is None:
+        packed = self.for_rows(x)
+        if packed is None:
             w = self.weight
             return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
         assert self.ops is not None, "finalize(ops) runs before the first forward"
-        return self.ops.linear(x, self._packed, bias)
+        return self.ops.linear(x, packed, bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -136,7 +157,7 @@ class GateUpSwiGLU(ColumnParallelLinear):
                                                                                 self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
+        packed = self.for_rows(x)
         if packed is not None and packed.gate_up:
             assert self.ops is not None, "finalize(ops) runs before the first forward"
             return self.ops.linear_silu_mul(x, packed)

@@ -1,0 +1,263 @@
+"""Which implementation multiplies by each linear weight, chosen on this machine by measurement.
+
+Which kernel is fastest is a property of the machine, not of the code: on one CPU torch's bf16
+matmul (oneDNN, ``vdpbf16ps`` or AMX) is twice the own fp32-FMA panel kernel at prefill sizes, on
+another it is slower at every size, and the own kernel usually wins at decode sizes. So at model
+load, for every distinct linear shape (N, K, fused gate|up or not) and every row-count bucket the
+engine will run (decode 1-32, prefill chunks up to the step's token budget), each candidate is timed
+briefly and the fastest kept. The timings are cached on disk under the machine's key (CPU model and
+flags, torch and oneDNN versions, kernel build, thread count); an entry that is unreadable or was
+written under another key is ignored and measured again.
+
+A candidate is a way to prepare a weight (:class:`Candidate`); all of them run through the same
+``Ops.linear`` / ``linear_silu_mul``, which dispatch on the prepared layout. Quantized layouts plug in
+by adding a candidate that prepares their layout from the layer's weight.
+
+Memory: the layer keeps its packed panels (the decode winner nearly everywhere, and what the
+conversion cache stores) and holds a second copy in another layout only where that copy wins some
+bucket by at least ``MIN_GAIN``; a plain bf16 copy costs as much as the panels, an fp32 one twice.
+When one candidate wins every bucket, only its form is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmserve.errors import ConfigError
+from lmserve.kernels.packed import PANEL, PackedLinear
+
+log = logging.getLogger(__name__)
+
+FORCE_ENV = "LMSERVE_LINEAR_KERNEL"  # auto, or one candidate's name for every linear
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
+MIN_GAIN = 1.1  # a second copy of a weight must be this much faster to be kept
+BUDGET_S = 4.0  # measuring one model's shapes from scratch; larger buckets are skipped beyond it
+ROUNDS = 5  # interleaved timing rounds per row count; the best of them counts
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One implementation of a linear layer: how to prepare its weight from the panels."""
+
+    name: str
+    prepare: Callable[[PackedLinear], PackedLinear]
+    bytes_per_weight: int  # memory of its form, per weight element
+
+
+def unpack_panels(w: PackedLinear) -> torch.Tensor:
+    """The bf16 ``[N, K]`` matrix (``[2I, K]``, gate rows then up rows, for a gate|up pair) that
+    ``w``'s panels were packed from."""
+    panels, k, _ = w.data.shape
+    rows = w.data.view(panels, k, 16, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
+    if not w.gate_up:
+        return rows[: w.out_features].contiguous()
+    pairs = rows.view(panels // 2, 2, PANEL, k)  # panels alternate gate, up
+    gate, up = (pairs[:, i].reshape(-1, k)[: w.out_features] for i in (0, 1))
+    return torch.cat([gate, up])
+
+
+def _plain(dtype: torch.dtype) -> Callable[[PackedLinear], PackedLinear]:
+    def prepare(w: PackedLinear) -> PackedLinear:
+        return PackedLinear(unpack_panels(w).to(dtype), w.out_features, w.in_features, gate_up=w.gate_up)
+
+    return prepare
+
+
+CANDIDATES: dict[str, Candidate] = {
+    "own": Candidate("own", lambda w: w, 2),                        # the compiled panel kernel
+    "torch-bf16": Candidate("torch-bf16", _plain(torch.bfloat16), 2),  # oneDNN bf16 (AMX where present)
+    "torch-fp32": Candidate("torch-fp32", _plain(torch.float32), 4),   # MKL fp32
+}
+
+
+def forced_candidate() -> str | None:
+    """The candidate ``LMSERVE_LINEAR_KERNEL`` forces for every linear, or None for ``auto``."""
+    value = os.environ.get(FORCE_ENV, "auto").strip().lower() or "auto"
+    if value == "auto":
+        return None
+    if value not in CANDIDATES:
+        raise ConfigError(FORCE_ENV, value, "auto, " + ", ".join(CANDIDATES), source="environment")
+    return value
+
+
+def shape_key(w: PackedLinear) -> str:
+    return f"{w.out_features}x{w.in_features}" + ("+silu" if w.gate_up else "")
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Row counts to time: the decode sizes, then powers of two up to ``max_rows``."""
+    out = [b for b in DECODE_BUCKETS if b <= max(1, max_rows)]
+    b = DECODE_BUCKETS[-1] * 2
+    while b <= max_rows:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def choosable(w: PackedLinear | None) -> bool:
+    """Only bf16 panels have a choice: other layouts run as they are."""
+    return w is not None and w.layout == "panel32" and w.data.device.type == "cpu"
+
+
+def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
+    """``(min_rows, candidate)`` steps from timings: ``own`` (the panels) up to a threshold, then
+    one other candidate, or that candidate alone. The threshold minimizes the summed slowdown
+    against the best at each row count, so one bucket disturbed by other load does not flip the
+    choice; a second candidate is taken only when it is ``MIN_GAIN`` faster over its rows (it costs
+    a second copy of the weight)."""
+    rows = sorted(int(b) for b in timings)
+    if not rows:
+        return [(1, "own")]
+    t = {r: timings[str(r)] for r in rows}
+    best_at = {r: min(t[r].values()) for r in rows}
+    best_cost, best_plan = sum(t[r]["own"] / best_at[r] for r in rows), [(1, "own")]
+    for name in CANDIDATES:
+        if name == "own":
+            continue
+        for i, start in enumerate(rows):
+            tail = rows[i:]
+            gain = math.prod(t[r]["own"] / t[r][name] for r in tail) ** (1 / len(tail))
+            cost = sum(t[r]["own"] / best_at[r] for r in rows[:i]) + sum(t[r][name] / best_at[r] for r in tail)
+            if gain >= MIN_GAIN and cost < best_cost:
+                best_cost = cost
+                best_plan = [(1, name)] if i == 0 else [(1, "own"), (start, name)]
+    return best_plan
+
+
+def chosen_at(plan: list[tuple[int, str]], rows: int) -> str:
+    """The candidate ``plan`` runs for ``rows`` rows."""
+    return [name for min_rows, name in plan if rows >= min_rows][-1]
+
+
+def measure(ops: Any, w: PackedLinear, rows: Sequence[int], deadline: float) -> dict[str, dict[str, float]]:
+    """Seconds per call of every candidate at each row count (best of a few interleaved rounds, so
+    other load on the machine falls on all of them alike); stops at ``deadline``."""
+    forms = {name: c.prepare(w) for name, c in CANDIDATES.items()}
+    call = ops.linear_silu_mul if w.gate_up else ops.linear
+    out: dict[str, dict[str, float]] = {}
+    for m in rows:
+        if out and time.perf_counter() > deadline:
+            break
+        x = torch.randn(m, w.in_features)
+        best = {name: float("inf") for name in forms}
+        reps = {name: 1 for name in forms}
+        for name, form in forms.items():  # warm up (thread pools, caches), then size a call to ~1 ms
+            for _ in range(3):
+                start = time.perf_counter()
+                call(x, form)
+            reps[name] = max(1, min(200, int(1e-3 / max(time.perf_counter() - start, 1e-7))))
+        for _ in range(ROUNDS):
+            for name, form in forms.items():
+                start = time.perf_counter()
+                for _ in range(reps[name]):
+                    call(x, form)
+                best[name] = min(best[name], (time.perf_counter() - start) / reps[name])
+        out[str(m)] = best
+    return out
+
+
+Timings = dict[str, dict[str, float]]  # bucket (rows, as a string) -> candidate -> seconds per call
+
+
+@dataclass
+class ChoiceTable:
+    """The measured (or cached) timings of each linear shape, and what they choose."""
+
+    shapes: dict[str, Timings]
+    forced: str | None = None
+    source: str = "measured"  # "measured", "cache", "forced" or "none"
+    seconds: float = 0.0      # spent measuring
+
+    def plan(self, w: PackedLinear) -> list[tuple[int, str]]:
+        """``(min_rows, candidate)`` steps for ``w``: from ``min_rows`` rows on, that candidate runs."""
+        if self.forced:
+            return [(1, self.forced)]
+        return plan_for(self.shapes.get(shape_key(w), {}))
+
+    def forms(self, w: PackedLinear) -> list[tuple[int, PackedLinear]]:
+        """``plan(w)`` with each candidate's form of ``w`` prepared (once per candidate)."""
+        made: dict[str, PackedLinear] = {}
+        out = []
+        for min_rows, name in self.plan(w):
+            if name not in made:
+                made[name] = CANDIDATES[name].prepare(w)
+            out.append((min_rows, made[name]))
+        return out
+
+    def describe(self) -> list[str]:
+        """One line per shape: which candidate runs from which row count."""
+        lines = []
+        for shape in sorted(self.shapes):
+            n, k = (int(v) for v in shape.split("+")[0].split("x"))
+            dummy = PackedLinear(torch.empty(0), n, k, "panel32", shape.endswith("+silu"))
+            steps = ", ".join(f"{name} from {rows}" for rows, name in self.plan(dummy))
+            lines.append(f"{shape}: {steps}")
+        return lines
+
+
+def table_key(ops: Any) -> dict[str, Any]:
+    """What the timings depend on besides the shapes: the machine, the kernel build, the threads."""
+    from lmserve.kernels.build import ISAS, build_key
+    from lmserve.kernels.machine import machine_key
+
+    isa = getattr(getattr(ops, "ext", None), "lmserve_isa", None)
+    return machine_key(version=CACHE_VERSION, ops=ops.name, threads=torch.get_num_threads(),
+                       build=build_key(ISAS[isa]) if isa in ISAS else "", candidates=sorted(CANDIDATES))
+
+
+def _entry_ok(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("max_rows"), int):
+        return False
+    timings = entry.get("timings")
+    return isinstance(timings, dict) and all(
+        isinstance(times, dict) and set(times) == set(CANDIDATES)
+        and all(isinstance(t, float) and t > 0 for t in times.values()) for times in timings.values())
+
+
+def valid_shapes(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The cached shapes, or nothing when any entry is not what this module writes."""
+    shapes = (data or {}).get("shapes")
+    if isinstance(shapes, dict) and all(_entry_ok(entry) for entry in shapes.values()):
+        return shapes
+    if data is not None:
+        log.warning("ignoring a malformed kernel-choice cache; measuring again")
+    return {}
+
+
+def choose(ops: Any, weights: Iterable[PackedLinear | None], max_rows: int) -> ChoiceTable:
+    """Timings for every distinct shape of ``weights`` up to ``max_rows`` rows: from the cache when it
+    has them for this machine, else measured now (within ``BUDGET_S``) and added to it."""
+    from lmserve.cache import cache_subdir
+    from lmserve.fsutil import file_lock
+    from lmserve.kernels.machine import read_keyed, write_keyed
+
+    forced = forced_candidate()
+    wanted = {shape_key(w): w for w in weights if w is not None and choosable(w)}
+    if forced or not wanted:
+        return ChoiceTable({}, forced, "forced" if forced else "none")
+    key = table_key(ops)
+    path = cache_subdir("kernels") / "linear-choice.json"
+    with file_lock(path.with_name(path.name + ".lock")):  # ranks of one group measure once, not at once
+        shapes = valid_shapes(read_keyed(path, key))
+        missing = [s for s in wanted if s not in shapes or shapes[s]["max_rows"] < max_rows]
+        start = time.perf_counter()
+        for i, shape in enumerate(missing):
+            deadline = start + BUDGET_S * (i + 1) / len(missing)
+            shapes[shape] = {"max_rows": max_rows,
+                             "timings": measure(ops, wanted[shape], buckets(max_rows), deadline)}
+        spent = time.perf_counter() - start
+        if missing:
+            write_keyed(path, key, {"shapes": shapes})
+    table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, "measured" if missing else "cache", spent)
+    log.info("linear kernels (%s%s): %s", table.source, f" in {spent:.1f} s" if missing else "",
+             "; ".join(table.describe()))
+    return table

@@ -1,0 +1,71 @@
+"""``lmserve kernels --report``: this machine's CPU, the kernel build that runs here, and the linear
+kernel choice (from the cache, or measured for the shapes asked for)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lmserve.errors import ConfigError
+from lmserve.kernels.choice import (
+    CANDIDATES,
+    ChoiceTable,
+    choose,
+    chosen_at,
+    plan_for,
+    table_key,
+    valid_shapes,
+)
+from lmserve.kernels.machine import FLAGS_THAT_MATTER, cpu_flags, cpu_model, read_keyed
+from lmserve.kernels.ops import Ops, get_ops
+from lmserve.kernels.packed import PackedLinear
+
+_SHAPE = re.compile(r"^(\d+)x(\d+)(\+silu)?$")
+
+
+def random_weight(ops: Ops, shape: str) -> PackedLinear:
+    """A bf16 weight of ``shape`` (``NxK``, or ``IxK+silu`` for a gate|up pair) packed by ``ops``."""
+    match = _SHAPE.match(shape.strip())
+    if not match:
+        raise ConfigError("--shapes", shape, "NxK or IxK+silu, e.g. 576x576,1536x576+silu")
+    n, k = int(match[1]), int(match[2])
+    if match[3]:
+        return ops.pack_gate_up_weight(torch.randn(n, k).bfloat16(), torch.randn(n, k).bfloat16())
+    return ops.pack_linear_weight(torch.randn(n, k).bfloat16())
+
+
+def cached_table(ops: Ops) -> ChoiceTable:
+    """Every shape measured on this machine so far, as the cache holds them."""
+    from lmserve.cache import cache_subdir
+
+    data = read_keyed(cache_subdir("kernels") / "linear-choice.json", table_key(ops))
+    return ChoiceTable({s: e["timings"] for s, e in valid_shapes(data).items()}, source="cache")
+
+
+def report(shapes: list[str], max_rows: int) -> str:
+    """The report as text: machine, build, and per shape and row count each candidate's GFLOP/s."""
+    ops = get_ops("cpu")
+    flags = cpu_flags()
+    lines = [f"CPU: {cpu_model()}",
+             "flags that matter: " + (" ".join(f for f in FLAGS_THAT_MATTER if f in flags) or "(none reported)"),
+             f"kernels: {ops.name}; torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    table = (choose(ops, [random_weight(ops, s) for s in shapes], max_rows) if shapes else cached_table(ops))
+    if table.forced:
+        return "\n".join([*lines, f"linear kernel forced for every shape: {table.forced}"])
+    if not table.shapes:
+        hint = "" if shapes else " (none measured yet: serve a model, or pass --shapes)"
+        return "\n".join([*lines, "no linear kernel choice" + hint])
+    names = list(CANDIDATES)
+    lines += [f"linear kernels ({table.source}), GFLOP/s per candidate, * = chosen:",
+              f"{'shape':>16} {'rows':>6} " + " ".join(f"{n:>11}" for n in names)]
+    for shape in sorted(table.shapes):
+        n, k = (int(v) for v in shape.split("+")[0].split("x"))
+        flops_per_row = 2 * n * k * (2 if shape.endswith("+silu") else 1)
+        plan = plan_for(table.shapes[shape])
+        for rows in sorted(table.shapes[shape], key=int):
+            times = table.shapes[shape][rows]
+            cells = [f"{flops_per_row * int(rows) / times[c] / 1e9:10.1f}{'*' if chosen_at(plan, int(rows)) == c else ' '}"
+                     for c in names]
+            lines.append(f"{shape:>16} {rows:>6} " + " ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The per-machine linear kernel choice: every candidate agrees with the reference within bf16
+arithmetic, the plan follows the timings, the cache is trusted only under this machine's key, and a
+layer multiplies by the form chosen for its number of rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmserve.errors import ConfigError
+from lmserve.kernels import Ops, choice
+from lmserve.kernels.choice import CANDIDATES, ChoiceTable, plan_for, unpack_panels
+from lmserve.kernels.machine import write_keyed
+from lmserve.parallel.layers import ColumnParallelLinear, GateUpSwiGLU
+
+
+def bf16_bound(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What "equal" means for a product computed in bf16: rounding each activation to bf16 changes
+    each term x_k w_k by at most 2^-8 relative (2^-9 plus the rounding of the result), so the sum
+    moves by a random walk of about 2^-8 * sqrt(sum_k (x_k w_k)^2); a bf16 result adds 2^-8 |y|.
+    Four times that leaves room for the tails without admitting a wrong kernel (which is off by
+    about |y| or sqrt(sum_k (x_k w_k)^2) itself)."""
+    walk = ((x.double() ** 2) @ (w.double() ** 2).T).sqrt()
+    return 4 * 2.0**-8 * (walk + y.abs()) + 1e-6
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+@pytest.mark.parametrize("m", [1, 7, 130])
+def test_every_candidate_matches_the_reference_within_bf16(compiled_ops: Ops, name: str, m: int) -> None:
+    torch.manual_seed(m)
+    n, k = 100, 576
+    w, x, bias = torch.randn(n, k).bfloat16(), torch.randn(m, k), torch.randn(n)
+    form = CANDIDATES[name].prepare(compiled_ops.pack_linear_weight(w))
+    want = x.double() @ w.double().T + bias.double()
+    got = compiled_ops.linear(x, form, bias).double()
+    assert got.shape == (m, n) and bool(((got - want).abs() <= bf16_bound(x, w, want)).all())
+    gate, up = torch.randn(n, k).bfloat16(), torch.randn(n, k).bfloat16()
+    form = CANDIDATES[name].prepare(compiled_ops.pack_gate_up_weight(gate, up))
+    g, u = x.double() @ gate.double().T, x.double() @ up.double().T
+    want = torch.nn.functional.silu(g) * u
+    # silu(g) u moves by at most |u| times g's error plus |silu(g)| times u's error.
+    bound = bf16_bound(x, gate, g) * u.abs() * 1.1 + bf16_bound(x, up, u) * g.abs()
+    got = compiled_ops.linear_silu_mul(x, form).double()
+    assert bool(((got - want).abs() <= bound + 1e-5).all())
+
+
+def test_unpack_panels_inverts_packing(compiled_ops: Ops) -> None:
+    w = torch.randn(70, 33).bfloat16()
+    assert torch.equal(unpack_panels(compiled_ops.pack_linear_weight(w)), w)
+    gate, up = torch.randn(40, 33).bfloat16(), torch.randn(40, 33).bfloat16()
+    assert torch.equal(unpack_panels(compiled_ops.pack_gate_up_weight(gate, up)), torch.cat([gate, up]))
+
+
+def timings(own: list[float], other: list[float], rows: list[int]) -> dict[str, dict[str, float]]:
+    return {str(r): {"own": o, "torch-bf16": t, "torch-fp32": 100.0} for r, o, t in zip(rows, own, other, strict=True)}
+
+
+def test_plan_follows_the_timings() -> None:
+    rows = [1, 8, 64, 256]
+    # own wins decode, torch wins prefill (one noisy bucket at 256 does not flip it back)
+    assert plan_for(timings([1, 1, 4, 8], [3, 3, 2, 9], rows)) == [(1, "own"), (64, "torch-bf16")]
+    assert plan_for(timings([1, 1, 4, 8], [3, 3, 2, 3], rows)) == [(1, "own"), (64, "torch-bf16")]
+    assert plan_for(timings([2, 2, 2, 2], [1, 1, 1, 1], rows)) == [(1, "torch-bf16")]  # panels dropped
+    # 5% faster is not worth a second copy of the weight
+    assert plan_for(timings([1, 1, 1, 1], [1, 1, 0.95, 0.95], rows)) == [(1, "own")]
+
+
+def test_forced_candidate(monkeypatch: pytest.MonkeyPatch, compiled_ops: Ops) -> None:
+    monkeypatch.setenv(choice.FORCE_ENV, "torch-bf16")
+    w = compiled_ops.pack_linear_weight(torch.randn(64, 64).bfloat16())
+    table = choice.choose(compiled_ops, [w], 512)
+    assert table.source == "forced" and table.plan(w) == [(1, "torch-bf16")]
+    monkeypatch.setenv(choice.FORCE_ENV, "fastest-please")
+    with pytest.raises(ConfigError, match="fastest-please.*own, torch-bf16"):
+        choice.choose(compiled_ops, [w], 512)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """Measurements replaced by canned timings, recorded by shape; a cache of its own."""
+    monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv(choice.FORCE_ENV, raising=False)
+    calls: list[str] = []
+
+    def fake(ops: Ops, w: object, rows: list[int], deadline: float) -> dict[str, dict[str, float]]:
+        calls.append(choice.shape_key(w))  # type: ignore[arg-type]
+        return timings([1.0] * len(rows), [0.5] * len(rows), rows)
+
+    monkeypatch.setattr(choice, "measure", fake)
+    return calls
+
+
+def test_cache_is_used_and_untrusted_entries_are_measured_again(compiled_ops: Ops, counted: list[str],
+                                                                 tmp_path: Path) -> None:
+    w = compiled_ops.pack_linear_weight(torch.randn(64, 96).bfloat16())
+    table = choice.choose(compiled_ops, [w, w], 128)
+    assert counted == ["64x96"] and table.source == "measured" and table.plan(w) == [(1, "torch-bf16")]
+    assert choice.choose(compiled_ops, [w], 128).source == "cache" and counted == ["64x96"]
+    assert choice.choose(compiled_ops, [w], 1024).source == "measured"  # larger prefill chunks
+    path = tmp_path / "kernels" / "linear-choice.json"
+    good = path.read_text()
+    for bad in (good[: len(good) // 2], "\0\0\0", json.dumps({"key": "x", "data": {}})):
+        path.write_text(bad)  # truncated, corrupt, another format
+        before = len(counted)
+        assert choice.choose(compiled_ops, [w], 1024).source == "measured" and len(counted) == before + 1
+    doc = json.loads(good)
+    write_keyed(path, {**doc["key"], "cpu_model": "another CPU"}, doc["data"])  # another machine's
+    assert choice.choose(compiled_ops, [w], 128).source == "measured"
+    doc = json.loads(path.read_text())
+    doc["data"]["shapes"]["64x96"]["timings"]["1"]["own"] = "fast"  # a malformed entry
+    path.write_text(json.dumps(doc))
+    assert choice.choose(compiled_ops, [w], 128).source == "measured"
+
+
+def test_layer_multiplies_by_the_form_for_its_rows(compiled_ops: Ops) -> None:
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(96, [64], dtype=torch.bfloat16)
+    layer.weight.data.copy_(torch.randn(64, 96))
+    plain = layer.weight.data.clone()
+    layer.finalize(compiled_ops)
+    table = ChoiceTable({"64x96": timings([1, 1, 4], [3, 3, 1], [1, 8, 64])})
+    assert layer.packed is not None
+    layer.route(table.forms(layer.packed))
+    assert layer.for_rows(torch.zeros(8, 96)).layout == "panel32"  # type: ignore[union-attr]
+    assert layer.for_rows(torch.zeros(2, 40, 96)).layout == "plain"  # type: ignore[union-attr]
+    for rows in (1, 100):
+        x = torch.randn(rows, 96)
+        want = x.double() @ plain.double().T
+        assert bool(((layer(x).double() - want).abs() <= bf16_bound(x, plain, want)).all())
+
+
+def test_gate_up_layer_with_one_form_drops_the_panels(compiled_ops: Ops) -> None:
+    layer = GateUpSwiGLU(64, 32, dtype=torch.bfloat16)
+    layer.weight.data.copy_(torch.randn(64, 64))
+    layer.finalize(compiled_ops)
+    assert layer.packed is not None
+    layer.route(ChoiceTable({}, forced="torch-bf16").forms(layer.packed))
+    assert layer.packed.layout == "plain" and layer.packed.gate_up
+    assert layer(torch.randn(3, 64)).shape == (3, 32)

@@ -66,16 +66,21 @@ def test_plan_follows_the_timings() -> None:
     assert plan_for(timings([2, 2, 2, 2], [1, 1, 1, 1], rows)) == [(1, "torch-bf16")]  # panels dropped
     # 5% faster is not worth a second copy of the weight
     assert plan_for(timings([1, 1, 1, 1], [1, 1, 0.95, 0.95], rows)) == [(1, "own")]
+    # an fp32 copy is twice the panels' size: 1.5x faster does not pay for it, 3x does
+    fp32 = {str(r): {"own": 3.0, "torch-bf16": 9.0, "torch-fp32": f} for r in rows for f in [2.0]}
+    assert plan_for(fp32) == [(1, "own")]
+    fp32 = {str(r): {"own": 3.0, "torch-bf16": 9.0, "torch-fp32": 1.0} for r in rows}
+    assert plan_for(fp32) == [(1, "torch-fp32")]
 
 
 def test_forced_candidate(monkeypatch: pytest.MonkeyPatch, compiled_ops: Ops) -> None:
     monkeypatch.setenv(choice.FORCE_ENV, "torch-bf16")
     w = compiled_ops.pack_linear_weight(torch.randn(64, 64).bfloat16())
-    table = choice.choose(compiled_ops, [w], 512)
+    table = choice.choose(compiled_ops, [(w, 512)])
     assert table.source == "forced" and table.plan(w) == [(1, "torch-bf16")]
     monkeypatch.setenv(choice.FORCE_ENV, "fastest-please")
     with pytest.raises(ConfigError, match="fastest-please.*own, torch-bf16"):
-        choice.choose(compiled_ops, [w], 512)
+        choice.choose(compiled_ops, [(w, 512)])
 
 
 @pytest.fixture
@@ -85,7 +90,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     monkeypatch.delenv(choice.FORCE_ENV, raising=False)
     calls: list[str] = []
 
-    def fake(ops: Ops, w: object, rows: list[int], deadline: float) -> dict[str, dict[str, float]]:
+    def fake(ops: Ops, w: object, rows: list[int], deadline: float, before: object) -> dict[str, dict[str, float]]:
         calls.append(choice.shape_key(w))  # type: ignore[arg-type]
         return timings([1.0] * len(rows), [0.5] * len(rows), rows)
 
@@ -96,23 +101,23 @@ def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
 def test_cache_is_used_and_untrusted_entries_are_measured_again(compiled_ops: Ops, counted: list[str],
                                                                  tmp_path: Path) -> None:
     w = compiled_ops.pack_linear_weight(torch.randn(64, 96).bfloat16())
-    table = choice.choose(compiled_ops, [w, w], 128)
-    assert counted == ["64x96"] and table.source == "measured" and table.plan(w) == [(1, "torch-bf16")]
-    assert choice.choose(compiled_ops, [w], 128).source == "cache" and counted == ["64x96"]
-    assert choice.choose(compiled_ops, [w], 1024).source == "measured"  # larger prefill chunks
+    table = choice.choose(compiled_ops, [(w, 128), (w, 64)])
+    assert counted == ["64x96"] * choice.PASSES and table.source == "measured" and table.plan(w) == [(1, "torch-bf16")]
+    assert choice.choose(compiled_ops, [(w, 128)]).source == "cache" and len(counted) == choice.PASSES
+    assert choice.choose(compiled_ops, [(w, 1024)]).source == "measured"  # larger prefill chunks
     path = tmp_path / "kernels" / "linear-choice.json"
     good = path.read_text()
     for bad in (good[: len(good) // 2], "\0\0\0", json.dumps({"key": "x", "data": {}})):
         path.write_text(bad)  # truncated, corrupt, another format
         before = len(counted)
-        assert choice.choose(compiled_ops, [w], 1024).source == "measured" and len(counted) == before + 1
+        assert choice.choose(compiled_ops, [(w, 1024)]).source == "measured" and len(counted) == before + choice.PASSES
     doc = json.loads(good)
     write_keyed(path, {**doc["key"], "cpu_model": "another CPU"}, doc["data"])  # another machine's
-    assert choice.choose(compiled_ops, [w], 128).source == "measured"
+    assert choice.choose(compiled_ops, [(w, 128)]).source == "measured"
     doc = json.loads(path.read_text())
     doc["data"]["shapes"]["64x96"]["timings"]["1"]["own"] = "fast"  # a malformed entry
     path.write_text(json.dumps(doc))
-    assert choice.choose(compiled_ops, [w], 128).source == "measured"
+    assert choice.choose(compiled_ops, [(w, 128)]).source == "measured"
 
 
 def test_layer_multiplies_by_the_form_for_its_rows(compiled_ops: Ops) -> None:

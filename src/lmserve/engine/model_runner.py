@@ -42,7 +42,7 @@ class ModelRunner:
         log.info("loaded %s (%s, %s) in %.1fs", self.model_config.architecture, str(self.dtype).split(".")[-1],
                  self.device, time.perf_counter() - start)
         step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
-        self.kernel_choice = choose_linear_kernels(self.model, self.ops, step_tokens)
+        self.kernel_choice = choose_linear_kernels(self.model, self.ops, step_tokens, config.max_num_seqs)
         self.block_size = config.block_size
         cfg = self.model_config
         # This rank's KV heads, as its attention layers hold them (replication included).

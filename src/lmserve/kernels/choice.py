@@ -15,8 +15,9 @@ by adding a candidate that prepares their layout from the layer's weight.
 
 Memory: the layer keeps its packed panels (the decode winner nearly everywhere, and what the
 conversion cache stores) and holds a second copy in another layout only where that copy wins some
-bucket by at least ``MIN_GAIN``; a plain bf16 copy costs as much as the panels, an fp32 one twice.
-When one candidate wins every bucket, only its form is kept.
+bucket by at least ``MIN_GAIN`` times its size relative to the panels (a plain bf16 copy costs as much
+as the panels, so 1.1x; an fp32 one twice, so 2.2x). When one candidate wins every bucket, only its
+form is kept.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ log = logging.getLogger(__name__)
 
 FORCE_ENV = "LMSERVE_LINEAR_KERNEL"  # auto, or one candidate's name for every linear
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
-MIN_GAIN = 1.1  # a second copy of a weight must be this much faster to be kept
-BUDGET_S = 4.0  # measuring one model's shapes from scratch; larger buckets are skipped beyond it
-ROUNDS = 5  # interleaved timing rounds per row count; the best of them counts
+MIN_GAIN = 1.1  # a second form of a weight as large as the panels must be this much faster to be kept
+BUDGET_S = 6.0  # measuring one model's shapes from scratch; larger buckets are skipped beyond it
+ROUNDS = 3  # interleaved timing rounds per row count and pass; the best of them counts
+PASSES = 2  # passes over all shapes, a second or more apart: a burst of other load spoils only one
 CACHE_VERSION = 1
 
 
@@ -113,7 +115,7 @@ def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
     one other candidate, or that candidate alone. The threshold minimizes the summed slowdown
     against the best at each row count, so one bucket disturbed by other load does not flip the
     choice; a second candidate is taken only when it is ``MIN_GAIN`` faster over its rows (it costs
-    a second copy of the weight)."""
+    a second copy of the weight; in proportion to its size)."""
     rows = sorted(int(b) for b in timings)
     if not rows:
         return [(1, "own")]
@@ -127,7 +129,7 @@ def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
             tail = rows[i:]
             gain = math.prod(t[r]["own"] / t[r][name] for r in tail) ** (1 / len(tail))
             cost = sum(t[r]["own"] / best_at[r] for r in rows[:i]) + sum(t[r][name] / best_at[r] for r in tail)
-            if gain >= MIN_GAIN and cost < best_cost:
+            if gain >= MIN_GAIN * CANDIDATES[name].bytes_per_weight / 2 and cost < best_cost:
                 best_cost = cost
                 best_plan = [(1, name)] if i == 0 else [(1, "own"), (start, name)]
     return best_plan
@@ -138,20 +140,22 @@ def chosen_at(plan: list[tuple[int, str]], rows: int) -> str:
     return [name for min_rows, name in plan if rows >= min_rows][-1]
 
 
-def measure(ops: Any, w: PackedLinear, rows: Sequence[int], deadline: float) -> dict[str, dict[str, float]]:
-    """Seconds per call of every candidate at each row count (best of a few interleaved rounds, so
-    other load on the machine falls on all of them alike); stops at ``deadline``."""
+def measure(ops: Any, w: PackedLinear, rows: Sequence[int], deadline: float,
+            before: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+    """Seconds per call of every candidate at each row count: the best of a few interleaved rounds
+    (load from other processes then falls on all candidates alike) and of ``before``, an earlier
+    pass. Row counts left when ``deadline`` passes keep their earlier timings or stay unmeasured."""
     forms = {name: c.prepare(w) for name, c in CANDIDATES.items()}
     call = ops.linear_silu_mul if w.gate_up else ops.linear
-    out: dict[str, dict[str, float]] = {}
+    out = {rows: dict(times) for rows, times in (before or {}).items()}
     for m in rows:
         if out and time.perf_counter() > deadline:
             break
         x = torch.randn(m, w.in_features)
-        best = {name: float("inf") for name in forms}
+        best = out.get(str(m), {name: float("inf") for name in forms})
         reps = {name: 1 for name in forms}
         for name, form in forms.items():  # warm up (thread pools, caches), then size a call to ~1 ms
-            for _ in range(3):
+            for _ in range(2):
                 start = time.perf_counter()
                 call(x, form)
             reps[name] = max(1, min(200, int(1e-3 / max(time.perf_counter() - start, 1e-7))))
@@ -233,27 +237,36 @@ def valid_shapes(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def choose(ops: Any, weights: Iterable[PackedLinear | None], max_rows: int) -> ChoiceTable:
-    """Timings for every distinct shape of ``weights`` up to ``max_rows`` rows: from the cache when it
-    has them for this machine, else measured now (within ``BUDGET_S``) and added to it."""
+def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]]) -> ChoiceTable:
+    """Timings for every distinct shape of ``weights`` (each with the most rows it will multiply),
+    from the cache when it has them for this machine, else measured now (within ``BUDGET_S``) and
+    added to it."""
     from lmserve.cache import cache_subdir
     from lmserve.fsutil import file_lock
     from lmserve.kernels.machine import read_keyed, write_keyed
 
     forced = forced_candidate()
-    wanted = {shape_key(w): w for w in weights if w is not None and choosable(w)}
+    wanted: dict[str, tuple[PackedLinear, int]] = {}
+    for w, max_rows in weights:
+        if w is not None and choosable(w):
+            name = shape_key(w)
+            wanted[name] = (w, max(max_rows, wanted.get(name, (w, 0))[1]))
     if forced or not wanted:
         return ChoiceTable({}, forced, "forced" if forced else "none")
     key = table_key(ops)
     path = cache_subdir("kernels") / "linear-choice.json"
     with file_lock(path.with_name(path.name + ".lock")):  # ranks of one group measure once, not at once
         shapes = valid_shapes(read_keyed(path, key))
-        missing = [s for s in wanted if s not in shapes or shapes[s]["max_rows"] < max_rows]
+        missing = [s for s, (_, rows) in wanted.items() if s not in shapes or shapes[s]["max_rows"] < rows]
         start = time.perf_counter()
-        for i, shape in enumerate(missing):
-            deadline = start + BUDGET_S * (i + 1) / len(missing)
-            shapes[shape] = {"max_rows": max_rows,
-                             "timings": measure(ops, wanted[shape], buckets(max_rows), deadline)}
+        timed: dict[str, Timings] = {}
+        for npass in range(PASSES if missing else 0):
+            for i, shape in enumerate(missing):
+                w, rows = wanted[shape]
+                deadline = start + BUDGET_S * (npass * len(missing) + i + 1) / (PASSES * len(missing))
+                timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape))
+        for shape in missing:
+            shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
         spent = time.perf_counter() - start
         if missing:
             write_keyed(path, key, {"shapes": shapes})

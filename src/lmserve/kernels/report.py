@@ -50,7 +50,7 @@ def report(shapes: list[str], max_rows: int) -> str:
     lines = [f"CPU: {cpu_model()}",
              "flags that matter: " + (" ".join(f for f in FLAGS_THAT_MATTER if f in flags) or "(none reported)"),
              f"kernels: {ops.name}; torch {torch.__version__}, {torch.get_num_threads()} threads"]
-    table = (choose(ops, [random_weight(ops, s) for s in shapes], max_rows) if shapes else cached_table(ops))
+    table = (choose(ops, [(random_weight(ops, s), max_rows) for s in shapes]) if shapes else cached_table(ops))
     if table.forced:
         return "\n".join([*lines, f"linear kernel forced for every shape: {table.forced}"])
     if not table.shapes:

@@ -13,7 +13,7 @@ from lmserve.kernels.choice import ChoiceTable, choosable, choose
 from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.config import ModelConfig
 from lmserve.models.weights import load_weights
-from lmserve.parallel.layers import LinearBase
+from lmserve.parallel.layers import LinearBase, ParallelLMHead
 from lmserve.parallel.presharded import find_conversion, load_rank, remember_packed
 from lmserve.parallel.state import SINGLE, ParallelState
 
@@ -43,11 +43,14 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
     return model, info.config
 
 
-def choose_linear_kernels(model: nn.Module, ops: Ops, max_rows: int) -> ChoiceTable:
+def choose_linear_kernels(model: nn.Module, ops: Ops, max_rows: int, max_seqs: int) -> ChoiceTable:
     """Route every linear layer to the implementation measured fastest on this machine for each
-    row count up to ``max_rows`` (``kernels/choice.py``); layers without a choice stay as they are."""
+    row count it will see (``kernels/choice.py``): up to ``max_rows`` (the step's token budget), the
+    vocabulary head up to ``max_seqs`` (it multiplies only the rows sampled from). Layers without a
+    choice stay as they are."""
     linears = [m for m in model.modules() if isinstance(m, LinearBase) and choosable(m.packed)]
-    table = choose(ops, [m.packed for m in linears], max_rows)
+    table = choose(ops, [(m.packed, min(max_rows, max_seqs) if isinstance(m, ParallelLMHead) else max_rows)
+                         for m in linears])
     for layer in linears:
         assert layer.packed is not None  # choosable() checked it
         layer.route(table.forms(layer.packed))

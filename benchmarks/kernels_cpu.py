@@ -1,6 +1,10 @@
 """CPU kernel benchmark: the compiled ops against torch and the pure-torch fallback.
 
-    python benchmarks/kernels_cpu.py [--threads N] [--rounds 7] [--only linear,mlp,fused,attention,norm]
+    python benchmarks/kernels_cpu.py [--threads N] [--rounds 7] [--only linear,mlp,fused,attention,norm,choice]
+
+``choice`` times the linear kernel candidates the engine chooses between at load (own panels, torch
+bf16, torch fp32; ``lmserve/kernels/choice.py``) through the same ``Ops`` calls the engine makes, and
+shows which each shape would run from which M. ``LMSERVE_CPU_ISA=avx2`` benchmarks the AVX2 build.
 
 Shapes are SmolLM2-135M's (hidden 576, intermediate 1536, 9 query / 3 KV heads of 64, vocab 49152).
 Candidates are timed round-robin, so load from other processes hits them alike; each cell is the
@@ -22,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels import Ops, PackedLinear, ReferenceOps, get_ops
+from lmserve.kernels.choice import CANDIDATES, plan_for
+from lmserve.kernels.machine import FLAGS_THAT_MATTER, cpu_flags, cpu_model
 
 LINEAR_SHAPES = {  # name: (out, in)
     "q/o": (576, 576), "k/v": (192, 576), "qkv": (960, 576), "gate/up": (1536, 576),
@@ -232,18 +238,50 @@ def bench_norm(ops: Ops, rounds: int) -> None:
     table("elementwise", ["op", "rows", "ours us", "torch us", "speedup"], rows)
 
 
+def bench_choice(ops: Ops, rounds: int) -> None:
+    """GFLOP/s of every kernel-choice candidate per M, and the plan the chooser makes from them."""
+    rows = []
+    for name, (n, k) in {**LINEAR_SHAPES, "gate|up+silu": (1536, 576)}.items():
+        if name in ("gate|up", "gate/up"):
+            continue  # the engine runs gate|up fused with SwiGLU (the row above)
+        fused = name.endswith("+silu")
+        w = (ops.pack_gate_up_weight(torch.randn(n, k).bfloat16(), torch.randn(n, k).bfloat16()) if fused
+             else ops.pack_linear_weight(torch.randn(n, k).bfloat16()))
+        if w.layout != "panel32":
+            print(f"\n{ops.name} has no panel kernel: nothing to choose")
+            return
+        forms = {c: cand.prepare(w) for c, cand in CANDIDATES.items()}
+        call = ops.linear_silu_mul if fused else ops.linear
+        timings, cells = {}, []
+        for m in LM_HEAD_M if name == "lm_head" else (1, 2, 4, 8, 16, 32, *LINEAR_M[3:]):
+            x = torch.randn(m, k)
+            t = race({c: partial(call, x, f) for c, f in forms.items()}, rounds)
+            timings[str(m)] = t
+            flops = 2 * m * n * k * (2 if fused else 1)
+            cells.append([name, f"{m}", *(f"{flops / t[c] / 1e9:.0f}" for c in CANDIDATES)])
+        plan = plan_for(timings)
+        for row in cells:
+            row.append([c for start, c in plan if int(row[1]) >= start][-1])
+        rows += cells
+    table("kernel choice: GFLOP/s per candidate as the engine calls it, and the chosen one",
+          ["layer", "M", *CANDIDATES, "chosen"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", default="linear,mlp,fused,attention,norm")
+    parser.add_argument("--only", default="linear,mlp,fused,attention,norm,choice")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ops = get_ops("cpu")
     print(f"# lmserve CPU kernels: {ops.name}, torch {torch.__version__}, {args.threads} threads, "
           f"median of {args.rounds} interleaved rounds")
-    benches = {"linear": bench_linear, "mlp": bench_mlp, "fused": bench_fused, "attention": bench_attention, "norm": bench_norm}
+    flags = cpu_flags()
+    print(f"# CPU: {cpu_model()}; flags: {' '.join(f for f in FLAGS_THAT_MATTER if f in flags)}")
+    benches = {"linear": bench_linear, "mlp": bench_mlp, "fused": bench_fused, "attention": bench_attention,
+               "norm": bench_norm, "choice": bench_choice}
     with torch.inference_mode():
         for name in args.only.split(","):
             benches[name](ops, args.rounds)

@@ -128,13 +128,15 @@ def _kernels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="", help="comma-separated linear shapes to choose for (measured "
                         "unless cached), NxK or IxK+silu for a gate|up pair; default: the shapes already cached")
     parser.add_argument("--max-rows", type=int, default=512, help="largest row count (prefill chunk) to time")
+    parser.add_argument("--measure", action="store_true", help="time --shapes again (on a quiet machine) and "
+                        "replace the cached timings the server will use")
 
 
 def _run_kernels(ns: argparse.Namespace) -> int:
     from lmserve.kernels.report import report
 
     _configure_logging("warning")
-    print(report([s for s in ns.shapes.split(",") if s.strip()], ns.max_rows))
+    print(report([s for s in ns.shapes.split(",") if s.strip()], ns.max_rows, ns.measure))
     return 0
 
 

@@ -237,10 +237,10 @@ def valid_shapes(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]]) -> ChoiceTable:
+def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: bool = False) -> ChoiceTable:
     """Timings for every distinct shape of ``weights`` (each with the most rows it will multiply),
-    from the cache when it has them for this machine, else measured now (within ``BUDGET_S``) and
-    added to it."""
+    from the cache when it has them for this machine (unless ``fresh``), else measured now (within
+    ``BUDGET_S``) and added to it."""
     from lmserve.cache import cache_subdir
     from lmserve.fsutil import file_lock
     from lmserve.kernels.machine import read_keyed, write_keyed
@@ -257,7 +257,8 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]]) -> Choi
     path = cache_subdir("kernels") / "linear-choice.json"
     with file_lock(path.with_name(path.name + ".lock")):  # ranks of one group measure once, not at once
         shapes = valid_shapes(read_keyed(path, key))
-        missing = [s for s, (_, rows) in wanted.items() if s not in shapes or shapes[s]["max_rows"] < rows]
+        missing = [s for s, (_, rows) in wanted.items()
+                   if fresh or s not in shapes or shapes[s]["max_rows"] < rows]
         start = time.perf_counter()
         timed: dict[str, Timings] = {}
         for npass in range(PASSES if missing else 0):

@@ -43,14 +43,15 @@ def cached_table(ops: Ops) -> ChoiceTable:
     return ChoiceTable({s: e["timings"] for s, e in valid_shapes(data).items()}, source="cache")
 
 
-def report(shapes: list[str], max_rows: int) -> str:
-    """The report as text: machine, build, and per shape and row count each candidate's GFLOP/s."""
+def report(shapes: list[str], max_rows: int, measure: bool = False) -> str:
+    """The report as text: machine, build, and per shape and row count each candidate's GFLOP/s
+    (``measure``: time ``shapes`` again, replacing what the cache holds for them)."""
     ops = get_ops("cpu")
     flags = cpu_flags()
     lines = [f"CPU: {cpu_model()}",
              "flags that matter: " + (" ".join(f for f in FLAGS_THAT_MATTER if f in flags) or "(none reported)"),
              f"kernels: {ops.name}; torch {torch.__version__}, {torch.get_num_threads()} threads"]
-    table = (choose(ops, [(random_weight(ops, s), max_rows) for s in shapes]) if shapes else cached_table(ops))
+    table = (choose(ops, [(random_weight(ops, s), max_rows) for s in shapes], fresh=measure) if shapes else cached_table(ops))
     if table.forced:
         return "\n".join([*lines, f"linear kernel forced for every shape: {table.forced}"])
     if not table.shapes:

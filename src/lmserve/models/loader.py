@@ -51,7 +51,12 @@ def choose_linear_kernels(model: nn.Module, ops: Ops, max_rows: int, max_seqs: i
     linears = [m for m in model.modules() if isinstance(m, LinearBase) and choosable(m.packed)]
     table = choose(ops, [(m.packed, min(max_rows, max_seqs) if isinstance(m, ParallelLMHead) else max_rows)
                          for m in linears])
+    before = sum(layer.packed_nbytes for layer in linears)
     for layer in linears:
         assert layer.packed is not None  # choosable() checked it
         layer.route(table.forms(layer.packed))
+    after = sum(layer.packed_nbytes for layer in linears)
+    if after != before:
+        log.info("the linear kernel choice holds %.0f MiB of linear weights (%+.0f MiB for second forms)",
+                 after / 2**20, (after - before) / 2**20)
     return table

@@ -87,6 +87,12 @@ class LinearBase(KernelModule):
         else:
             self._routes = tuple(steps)
 
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of every form of the weight this layer holds (the kernel choice may keep two)."""
+        forms = [self._packed, *(form for _, form in self._routes)]
+        return sum({id(f.data): f.nbytes for f in forms if f is not None}.values())
+
     def for_rows(self, x: torch.Tensor) -> PackedLinear | None:
         """The form of the weight that multiplies ``x`` (by its number of rows)."""
         packed = self._packed

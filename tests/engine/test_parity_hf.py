@@ -56,3 +56,17 @@ def test_half_precision_stays_close_to_fp32(family_model, dtype: str) -> None:
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
     agree = sum(o.token_ids[0] == e[0] for o, e in zip(outputs, expected, strict=True))
     assert agree >= len(prompts) - 1
+
+
+@pytest.mark.parametrize("kernel", ["own", "torch-bf16"])
+def test_each_linear_kernel_stays_close_to_fp32(family_model, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever linear kernel the per-machine choice picks, bf16 output means the same: every
+    candidate forced in turn agrees with fp32 on the first token of all prompts but at most one (a
+    near-tie may part under any change of rounding or accumulation order)."""
+    path, prompts, expected = family_model
+    monkeypatch.setenv("LMSERVE_LINEAR_KERNEL", kernel)
+    llm = LLM(str(path), dtype="bf16")
+    assert llm.engine.runner.kernel_choice.forced == kernel
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    agree = sum(o.token_ids[0] == e[0] for o, e in zip(outputs, expected, strict=True))
+    assert agree >= len(prompts) - 1

@@ -145,3 +145,20 @@ def test_gate_up_layer_with_one_form_drops_the_panels(compiled_ops: Ops) -> None
     layer.route(ChoiceTable({}, forced="torch-bf16").forms(layer.packed))
     assert layer.packed.layout == "plain" and layer.packed.gate_up
     assert layer(torch.randn(3, 64)).shape == (3, 32)
+
+
+def test_kernels_report_prints_the_machine_and_the_table(compiled_ops: Ops, counted: list[str],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from lmserve.cli import main
+    from lmserve.kernels.machine import cpu_model
+
+    assert main(["kernels", "--report"]) == 0
+    assert "none measured yet" in capsys.readouterr().out
+    assert main(["kernels", "--report", "--shapes", "64x96,32x64+silu", "--max-rows", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"CPU: {cpu_model()}" in out and f"kernels: {compiled_ops.name}" in out
+    lines = [line.split() for line in out.splitlines()]
+    assert ["64x96", "64"] in [row[:2] for row in lines] and ["32x64+silu", "1"] in [row[:2] for row in lines]
+    assert all(row[3].endswith("*") for row in lines if row[:1] == ["64x96"])  # torch-bf16 was faster
+    assert main(["kernels"]) == 0 and "64x96" in capsys.readouterr().out  # from the cache now
+    assert main(["kernels", "--shapes", "64x96+gelu"]) == 2

@@ -5,6 +5,7 @@ layer multiplies by the form chosen for its number of rows."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,11 +91,13 @@ def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     monkeypatch.delenv(choice.FORCE_ENV, raising=False)
     calls: list[str] = []
 
-    def fake(ops: Ops, w: object, rows: list[int], deadline: float, before: object) -> dict[str, dict[str, float]]:
+    def fake(ops: Ops, w: object, rows: list[int], deadline: float, before: object,
+             names: object) -> dict[str, dict[str, float]]:
         calls.append(choice.shape_key(w))  # type: ignore[arg-type]
         return timings([1.0] * len(rows), [0.5] * len(rows), rows)
 
     monkeypatch.setattr(choice, "measure", fake)
+    monkeypatch.setattr(choice, "runnable_candidates", lambda: list(CANDIDATES))
     return calls
 
 
@@ -162,3 +165,24 @@ def test_kernels_report_prints_the_machine_and_the_table(compiled_ops: Ops, coun
     assert all(row[3].endswith("*") for row in lines if row[:1] == ["64x96"])  # torch-bf16 was faster
     assert main(["kernels"]) == 0 and "64x96" in capsys.readouterr().out  # from the cache now
     assert main(["kernels", "--shapes", "64x96+gelu"]) == 2
+
+
+def test_a_torch_kernel_that_crashes_is_never_timed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN may pick AMX on a machine that reports it and faults on it: such a candidate is tried
+    in a child process first, and a crash keeps it out of the server process for good."""
+    monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    fine = [sys.executable, "-c", "pass"]
+    monkeypatch.setattr(choice, "_probe_command", lambda name: crash if name == "torch-bf16" else fine)
+    assert choice.runnable_candidates() == ["own", "torch-fp32"]
+    monkeypatch.setattr(choice, "_probe_command", lambda name: fine)  # remembered, not tried again
+    assert choice.runnable_candidates() == ["own", "torch-fp32"]
+    # timings without the refused candidate still make a plan
+    assert plan_for({"1": {"own": 1.0, "torch-fp32": 9.0}, "64": {"own": 5.0, "torch-fp32": 1.0}}) == [
+        (1, "own"), (64, "torch-fp32")]
+
+
+def test_the_real_probe_passes_here() -> None:
+    with pytest.raises(SystemExit) as done:
+        choice.probe_main("torch-bf16")
+    assert done.value.code == 0

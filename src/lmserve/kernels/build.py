@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 from lmserve.errors import ConfigError
-from lmserve.kernels.machine import cpu_flags, is_x86, machine_key, read_keyed, write_keyed
+from lmserve.kernels.machine import cpu_flags, is_x86, machine_key, probe_verdict
 
 log = logging.getLogger(__name__)
 
@@ -144,28 +142,9 @@ def load_cpu_kernels() -> ModuleType | None:
 
 def probe(isa: Isa) -> str | None:
     """Build and try ``isa``'s kernels in a child process: None when they ran and gave the right
-    answer, else why not. A verdict about the machine (success, or death by a signal) is kept under
-    the machine's key; an ordinary failure (compiler missing) is retried at the next start."""
-    from lmserve.cache import cache_subdir
-
+    answer, else why not (``machine.probe_verdict``: a crash is remembered for this machine)."""
     key = machine_key(build=build_key(isa), isa=isa.name)
-    path = cache_subdir("kernels") / f"probe-{isa.name}.json"
-    known = read_keyed(path, key)
-    if known is not None and isinstance(known.get("ok"), bool):
-        return None if known["ok"] else str(known.get("reason", "an earlier probe failed"))
-    try:
-        done = subprocess.run(_probe_command(isa), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return f"the {isa.name} probe did not finish in {PROBE_TIMEOUT_S:.0f} s"
-    if done.returncode == 0:
-        write_keyed(path, key, {"ok": True})
-        return None
-    if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else "a signal"
-        why = f"the {isa.name} kernels were killed by {name} when tried in a child process"
-        write_keyed(path, key, {"ok": False, "reason": why})
-        return why
-    return f"the {isa.name} probe failed: {done.stderr.strip()[-400:]}"
+    return probe_verdict(isa.name, key, _probe_command(isa), PROBE_TIMEOUT_S)
 
 
 def _probe_command(isa: Isa) -> list[str]:

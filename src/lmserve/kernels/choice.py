@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,41 @@ CANDIDATES: dict[str, Candidate] = {
 }
 
 
+PROBE_TIMEOUT_S = 300.0
+
+
+def runnable_candidates() -> list[str]:
+    """The candidates that run here. torch's own matmuls dispatch on the CPU's features themselves
+    (oneDNN picks AMX where the CPU reports it, and some virtual machines report AMX but fault on
+    it), so each is first tried in a child process; one killed by a signal is never timed here."""
+    from lmserve.kernels.machine import machine_key, probe_verdict
+
+    names = ["own"]
+    for name in CANDIDATES:
+        if name != "own":
+            why = probe_verdict(name, machine_key(candidate=name), _probe_command(name), PROBE_TIMEOUT_S)
+            if why is None:
+                names.append(name)
+            else:
+                log.warning("not using the %s linear kernel: %s", name, why)
+    return names
+
+
+def _probe_command(name: str) -> list[str]:
+    return [sys.executable, "-c", f"from lmserve.kernels.choice import probe_main; probe_main({name!r})"]
+
+
+def probe_main(name: str) -> None:
+    """The child side of the candidate probe: one prefill-sized product in ``name``'s form."""
+    import torch.nn.functional as F
+
+    dtype = {"torch-bf16": torch.bfloat16, "torch-fp32": torch.float32}[name]
+    x, w = torch.randn(64, 256), torch.randn(256, 256)
+    got = F.linear(x.to(dtype), w.to(dtype)).double()
+    want = x.to(dtype).double() @ w.to(dtype).double().T
+    sys.exit(0 if torch.allclose(got, want, rtol=0.05, atol=0.5) else 1)
+
+
 def forced_candidate() -> str | None:
     """The candidate ``LMSERVE_LINEAR_KERNEL`` forces for every linear, or None for ``auto``."""
     value = os.environ.get(FORCE_ENV, "auto").strip().lower() or "auto"
@@ -123,7 +159,7 @@ def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
     best_at = {r: min(t[r].values()) for r in rows}
     best_cost, best_plan = sum(t[r]["own"] / best_at[r] for r in rows), [(1, "own")]
     for name in CANDIDATES:
-        if name == "own":
+        if name == "own" or any(name not in t[r] for r in rows):
             continue
         for i, start in enumerate(rows):
             tail = rows[i:]
@@ -141,11 +177,12 @@ def chosen_at(plan: list[tuple[int, str]], rows: int) -> str:
 
 
 def measure(ops: Any, w: PackedLinear, rows: Sequence[int], deadline: float,
-            before: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+            before: dict[str, dict[str, float]] | None = None,
+            names: Sequence[str] = tuple(CANDIDATES)) -> dict[str, dict[str, float]]:
     """Seconds per call of every candidate at each row count: the best of a few interleaved rounds
     (load from other processes then falls on all candidates alike) and of ``before``, an earlier
     pass. Row counts left when ``deadline`` passes keep their earlier timings or stay unmeasured."""
-    forms = {name: c.prepare(w) for name, c in CANDIDATES.items()}
+    forms = {name: CANDIDATES[name].prepare(w) for name in names}
     call = ops.linear_silu_mul if w.gate_up else ops.linear
     out = {rows: dict(times) for rows, times in (before or {}).items()}
     for m in rows:
@@ -223,7 +260,7 @@ def _entry_ok(entry: Any) -> bool:
         return False
     timings = entry.get("timings")
     return isinstance(timings, dict) and all(
-        isinstance(times, dict) and set(times) == set(CANDIDATES)
+        isinstance(times, dict) and "own" in times and set(times) <= set(CANDIDATES)
         and all(isinstance(t, float) and t > 0 for t in times.values()) for times in timings.values())
 
 
@@ -259,13 +296,14 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         shapes = valid_shapes(read_keyed(path, key))
         missing = [s for s, (_, rows) in wanted.items()
                    if fresh or s not in shapes or shapes[s]["max_rows"] < rows]
+        names = runnable_candidates() if missing else []  # child processes, once per machine
         start = time.perf_counter()
         timed: dict[str, Timings] = {}
         for npass in range(PASSES if missing else 0):
             for i, shape in enumerate(missing):
                 w, rows = wanted[shape]
                 deadline = start + BUDGET_S * (npass * len(missing) + i + 1) / (PASSES * len(missing))
-                timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape))
+                timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape), names)
         for shape in missing:
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
         spent = time.perf_counter() - start

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import platform
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,30 @@ def write_keyed(path: Path, key: dict[str, Any], data: dict[str, Any]) -> None:
     """Store ``data`` under ``key`` at ``path`` in one step (readers see the old or the new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"key": key, "data": data}, indent=1, sort_keys=True))
+
+
+def probe_verdict(name: str, key: dict[str, Any], command: list[str], timeout_s: float) -> str | None:
+    """Run ``command`` (a child process that tries something that may fault, e.g. an instruction set)
+    and return None when it exits 0, else why not. Success, and death by a signal (an illegal
+    instruction), are facts about the machine: kept in the cache under ``key`` and not tried again.
+    An ordinary failure (exit code, timeout) is retried next time."""
+    from lmserve.cache import cache_subdir
+
+    path = cache_subdir("kernels") / f"probe-{name}.json"
+    known = read_keyed(path, key)
+    if known is not None and isinstance(known.get("ok"), bool):
+        return None if known["ok"] else str(known.get("reason", f"an earlier {name} probe failed"))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"the {name} probe did not finish in {timeout_s:.0f} s"
+    if done.returncode == 0:
+        write_keyed(path, key, {"ok": True})
+        return None
+    if done.returncode < 0:
+        sig = -done.returncode
+        sig_name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
+        why = f"the {name} probe was killed by {sig_name} when tried in a child process"
+        write_keyed(path, key, {"ok": False, "reason": why})
+        return why
+    return f"the {name} probe failed: {done.stderr.strip()[-400:]}"

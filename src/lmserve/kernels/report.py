@@ -67,6 +67,6 @@ def report(shapes: list[str], max_rows: int, measure: bool = False) -> str:
         for rows in sorted(table.shapes[shape], key=int):
             times = table.shapes[shape][rows]
             cells = [f"{flops_per_row * int(rows) / times[c] / 1e9:10.1f}{'*' if chosen_at(plan, int(rows)) == c else ' '}"
-                     for c in names]
+                     if c in times else f"{'-':>11}" for c in names]
             lines.append(f"{shape:>16} {rows:>6} " + " ".join(cells))
     return "\n".join(lines)

@@ -13,16 +13,18 @@ from lmserve.kernels.build import disabled_reason, load_cpu_kernels
 
 @pytest.fixture(scope="session")
 def compiled_ops() -> Ops:
-    """The AVX-512 ops; compiling them on a fresh machine takes about 30 s, once."""
+    """The compiled ops of the best build for this CPU (AVX-512, else AVX2 with the other ops in
+    torch); compiling them on a fresh machine takes about 30 s, once."""
     reason = disabled_reason()
     if reason is not None:
         pytest.skip(f"compiled CPU kernels unavailable: {reason}")
     ext = load_cpu_kernels()
     if ext is None:
-        pytest.fail("the CPU supports the kernels but building them failed (see the log)")
-    from lmserve.kernels.cpu import CpuOps
+        pytest.fail("the CPU supports the kernels but building or probing them failed (see the log)")
+    from lmserve.kernels.build import ISAS
+    from lmserve.kernels.cpu import CpuOps, PanelLinearOps
 
-    return CpuOps(ext)
+    return PanelLinearOps(ext) if ISAS[ext.lmserve_isa].gemm_only else CpuOps(ext)
 
 
 @pytest.fixture(params=["compiled", "reference"])

@@ -106,3 +106,11 @@ def test_arm_gets_the_torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     w, x = torch.randn(48, 64).bfloat16(), torch.randn(3, 64)
     close(cpu.linear(x, cpu.pack_linear_weight(w)), expected(x, w), 64)
+
+
+def test_forcing_avx2_gives_its_ops(avx2_ops: PanelLinearOps, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(build.ISA_ENV, "avx2")
+    monkeypatch.setattr(ops, "_by_device_type", {})
+    chosen = get_ops("cpu")
+    assert isinstance(chosen, PanelLinearOps) and chosen.name == "cpu-avx2"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16  # bf16 panels still pay here

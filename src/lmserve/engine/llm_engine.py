@@ -4,12 +4,14 @@ produced."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.cpu_threads import cpu_thread_governor
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.prompt_limits import check_prompt_ids
@@ -19,6 +21,7 @@ from lmserve.engine.runner import Runner, make_runner
 from lmserve.engine.sampler import Sampler, SampleResult
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
+from lmserve.engine.step_budget import engine_step_budget
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
@@ -44,9 +47,16 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A request must fit the cache alone, or it could preempt itself forever.
         self.max_model_len = min(mc.max_model_len, self.runner.num_blocks * config.block_size)
-        budget = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.runner.device.type)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        device_type = self.runner.device.type
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs,
+            step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
+            engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
         self.sampler = Sampler(config.seed)
+        # Fewer kernel threads while other processes take part of the cores (one rank only: the
+        # ranks of a group would count each other as the other processes).
+        self.cpu_threads = (cpu_thread_governor(torch.get_num_threads()) if config.adaptive_threads
+                            and self.runner.device.type == "cpu" and config.tensor_parallel_degree == 1 else None)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
@@ -95,10 +105,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         deltas: list[RequestDelta] = []
         if batch.requests:
+            started = time.perf_counter()
             logits = self.runner.execute(self.runner.prepare(batch.requests, batch.num_new_tokens))
             sampled = self._sample(logits, batch.to_sample)
             self.scheduler.update(batch, sampled.token_ids)
+            self.scheduler.budget.record(batch.total_tokens, len(batch), time.perf_counter() - started)
             deltas = self._emit(batch.to_sample, sampled)
+            if self.cpu_threads is not None:
+                self.cpu_threads.after_step()
         self._steps += 1
         if self._aborted:
             deltas, self._aborted = self._aborted + deltas, []

@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from lmserve.engine.cpu_threads import quiet_thread_waits
 from lmserve.engine.protocol import EngineCore
 from lmserve.workers.messages import (
     Abort,
@@ -71,6 +72,7 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _take_placement(env or {}, cpus)
+    quiet_thread_waits(os.environ)  # before the engine imports torch, which starts OpenMP
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.bind(input_address)

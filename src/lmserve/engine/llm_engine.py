@@ -11,7 +11,6 @@ import torch
 
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.cpu_threads import cpu_thread_governor
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.prompt_limits import check_prompt_ids
@@ -53,10 +52,6 @@ class LLMEngine:
             step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
             engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
         self.sampler = Sampler(config.seed)
-        # Fewer kernel threads while other processes take part of the cores (one rank only: the
-        # ranks of a group would count each other as the other processes).
-        self.cpu_threads = (cpu_thread_governor(torch.get_num_threads()) if config.adaptive_threads
-                            and self.runner.device.type == "cpu" and config.tensor_parallel_degree == 1 else None)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
@@ -111,8 +106,6 @@ class LLMEngine:
             self.scheduler.update(batch, sampled.token_ids)
             self.scheduler.budget.record(batch.total_tokens, len(batch), time.perf_counter() - started)
             deltas = self._emit(batch.to_sample, sampled)
-            if self.cpu_threads is not None:
-                self.cpu_threads.after_step()
         self._steps += 1
         if self._aborted:
             deltas, self._aborted = self._aborted + deltas, []

@@ -270,6 +270,8 @@ def main() -> None:
     parser.add_argument("--colocated-settle", type=float, default=3.0,
                         help="seconds the busy process runs before the contended run starts")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline comparison")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a serving.properties key for the server it starts, e.g. option.adaptive_threads=false")
     args = parser.parse_args()
     if args.burst:
         for name, value in (("num_requests", 16), ("prompt_len", 200), ("max_new_tokens", 128)):
@@ -287,7 +289,7 @@ def main() -> None:
         model_dir = str(build_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="lmserve-bench-")) / "tiny"))
     url = args.url
     if url is None:
-        proc, url = start_server(model_dir, args)
+        proc, url = start_server(model_dir, args, [f"--option={item}" for item in args.option])
     try:
         served = run_workload(url, prompts, args, "burst" if args.burst else "workload")
         if args.colocated_load:

@@ -91,9 +91,9 @@ def test_readings_are_taken_once_per_interval_not_every_step():
 
 
 @pytest.mark.parametrize(("others", "current", "expected"), [
-    (0.0, 2, 2), (0.4, 2, 2), (0.6, 2, 1), (1.0, 2, 1),  # stepping down at half a core taken
-    (0.4, 1, 1), (0.2, 1, 2),  # stepping up only when most of a core is free: a band that holds
-    (3.7, 8, 4), (0.0, 4, 8), (9.0, 8, 1),  # larger machines move by more than one; never below one
+    (0.0, 2, 2), (0.6, 2, 2), (0.8, 2, 1), (1.0, 2, 1),  # stepping down when most of a core is taken
+    (0.6, 1, 1), (0.4, 1, 2),  # stepping up when half a core is free: in between the count holds
+    (3.8, 8, 4), (0.0, 4, 8), (9.0, 8, 1),  # larger machines move by more than one; never below one
 ])  # fmt: skip
 def test_threads_for_the_cores_other_processes_leave(others, current, expected):
     cores = 8 if current > 2 or others > 2 else 2

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# Another process's use of a core that makes a thread on it a straggler worth dropping: half a core.
-STEP_DOWN_SLACK = 0.5
-# Free CPU needed to take a thread back: most of a core, so the count does not flap in between.
-STEP_UP_SLACK = 0.3
+# A thread sharing its core with another process that always wants it gets half the core, and then
+# N threads finish a region no sooner than N - 1 would; beside a process that wants the core only
+# part of the time, the extra thread still pays. So a thread is dropped when other processes take
+# more than this much of the core it would run on (in cores) ...
+DROP_AT = 0.7
+# ... and taken back when they take at most this much of it; in between the count holds.
+TAKE_BACK_AT = 0.5
 
 
 def quiet_thread_waits(environ: MutableMapping[str, str]) -> None:
@@ -57,13 +60,13 @@ def threads_for(others: float, cores: int, current: int, max_threads: int) -> in
     """The thread count the measurement asks for, before hysteresis.
 
     ``others`` is the CPU (in cores) that other processes used on our ``cores``. From ``current``
-    threads we step down while the free cores fall more than ``STEP_DOWN_SLACK`` short of them, and
-    step up while at least ``1 - STEP_UP_SLACK`` of a core beyond them is free."""
+    threads we step down while other processes take more than ``DROP_AT`` of the last thread's
+    core, and step up while they would take at most ``TAKE_BACK_AT`` of the next one's."""
     free = cores - max(0.0, others)
     target = current
-    while target > 1 and free < target - STEP_DOWN_SLACK:
+    while target > 1 and free < target - DROP_AT:
         target -= 1
-    while target < max_threads and free >= target + 1 - STEP_UP_SLACK:
+    while target < max_threads and free >= target + 1 - TAKE_BACK_AT:
         target += 1
     return target
 

@@ -6,7 +6,7 @@ from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.request import Request
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler
-from lmserve.engine.step_budget import StepBudget, engine_step_budget
+from lmserve.engine.step_budget import BUDGET_FLOOR, StepBudget, engine_step_budget
 
 
 def test_the_budget_is_the_measured_prefill_speed_times_the_target_step_time():
@@ -46,7 +46,15 @@ def test_an_operators_budget_is_fixed():
     budget = engine_step_budget(300, max_num_seqs=8, device_type="cpu")
     budget.record(300, 1, seconds=10.0)
     assert budget.tokens == budget.cap == 300
-    assert engine_step_budget(None, max_num_seqs=8, device_type="cpu").adaptive
+    adaptive = engine_step_budget(None, max_num_seqs=8, device_type="cpu")
+    assert adaptive.adaptive and adaptive.floor == BUDGET_FLOOR < adaptive.tokens < adaptive.cap
+
+
+def test_a_crowded_machine_does_not_shrink_steps_into_overhead():
+    budget = engine_step_budget(None, max_num_seqs=16, device_type="cpu")
+    for _ in range(20):  # 40 tokens/s: a 0.2 s step would hold 8 tokens
+        budget.record(budget.tokens, 2, seconds=budget.tokens / 40)
+    assert budget.tokens == BUDGET_FLOOR
 
 
 def test_the_scheduler_chunks_prompts_by_the_current_budget():

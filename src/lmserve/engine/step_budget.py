@@ -3,13 +3,14 @@
 A step's duration is the pause every running request sees between two of its tokens, and a prompt
 that arrives finishes its prefill at the end of the step that holds its last chunk. A constant
 token budget is too small on a fast machine (overhead per step dominates) and too large on a slow
-or contended one (a 512-token step of a 2-core CPU stalls every decode for half a second, and holds
-back the first token of every prompt in it). So the budget aims at a step *time*: the engine
+or contended one (at the 1,000 prefill tokens/s of a small model on 2 cores, a 512-token step holds
+every running decode for half a second, and the first token of every prompt in it). So the budget aims at a step *time*: the engine
 reports each step's tokens and seconds, ``StepBudget`` keeps a moving estimate of the tokens per
 second of steps that filled most of their budget (the prefill-bound ones: decode-only steps measure
 per-step overhead, not prefill speed), and the budget is that speed times ``target_step_s``,
-between ``floor`` (every running request must be able to decode) and ``cap`` (what the activation
-memory was planned for). An operator's ``option.max_rolling_batch_prefill_tokens`` fixes it.
+between ``floor`` (every running request must be able to decode, and a step must stay large enough
+to amortize its own overhead) and ``cap`` (what the activation memory was planned for). An
+operator's ``option.max_rolling_batch_prefill_tokens`` fixes it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ FIRST_CUDA_BUDGET = 4096
 # ... and at most this many once it has: activation memory is planned for the cap.
 CPU_BUDGET_CAP = 2048
 CUDA_BUDGET_CAP = 4096
+# Never fewer than this (nor than max_num_seqs): on a slow or crowded machine the per-step work
+# (scheduling, tensors, sampling) would otherwise take a growing share of ever smaller steps, and
+# the measured speed, which includes it, would shrink the budget further. On a 2-core CPU shared
+# with ten busy processes the budget fell to 16-32 tokens and a burst of 16 prompts took 150-200
+# steps instead of 14, with a later median first token than a fixed 512 in two runs of three.
+BUDGET_FLOOR = 256
 
 
 def budget_cap(configured: int | None, max_num_seqs: int, device_type: str) -> int:
@@ -69,4 +76,4 @@ def engine_step_budget(configured: int | None, max_num_seqs: int, device_type: s
     if configured:
         return StepBudget(cap, cap, cap, adaptive=False)
     first = FIRST_CUDA_BUDGET if device_type == "cuda" else FIRST_CPU_BUDGET
-    return StepBudget(first, min(max_num_seqs, cap), cap)
+    return StepBudget(first, min(max(max_num_seqs, BUDGET_FLOOR), cap), cap)

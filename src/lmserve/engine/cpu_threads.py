@@ -4,8 +4,9 @@ Every kernel call is a parallel region that ends at a barrier: the step is as sl
 thread. When another process takes one of the cores (the frontend, a sidecar, a load generator, a
 neighbour's job), the thread that shares that core runs only part of the time, and every barrier of
 the step waits for it, several hundred times a step. Measured on a 2-core machine, one busy process
-cut 16-stream output from 245 to 12 tokens/s. Running one thread fewer than the contended cores
-turns that into the graceful slowdown of losing a core.
+cut 16-stream output from 245 to 12 tokens/s. Two things make it a graceful slowdown instead:
+threads that sleep at barriers rather than spin (``quiet_thread_waits``: spinning threads took the
+CPU their straggler needed), and no kernel thread on a core another process keeps busy (below).
 
 ``CpuThreadGovernor`` measures, once per interval, how much of the cores this process may use was
 taken by *other* processes (all CPU time spent on those cores, less this process's own), and sets

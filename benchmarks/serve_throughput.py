@@ -10,6 +10,14 @@ prints served / offline throughput.
     python benchmarks/serve_throughput.py [MODEL] [--concurrency 32] [--num-requests 64]
     python benchmarks/serve_throughput.py --url http://127.0.0.1:8080
     python benchmarks/serve_throughput.py --fake      # smoke run: the test suite's fake engine
+    python benchmarks/serve_throughput.py --burst     # 16 prompts of 200 tokens arriving together
+    python benchmarks/serve_throughput.py --colocated-load   # then again beside a busy process
+
+``--burst`` sends every request at once (concurrency = number of requests; 16 prompts of 200 tokens
+unless told otherwise) and reports TTFT p50/p95. ``--colocated-load`` runs the workload a second
+time on the same server while a busy process (``while True: pass``) pinned to one core
+(``--colocated-core``, default the last core this process may use) competes for the CPU, and reports
+throughput against the uncontended run and how many requests ran into ``predict_timeout``.
 
 Definitions: TTFT = send to first streamed token; TPOT = (e2e - TTFT) / (output tokens - 1).
 """
@@ -44,6 +52,11 @@ class Sample:
     ttft: float
     e2e: float
     tokens: int
+    error: str | None = None  # why the request failed; None when it completed
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error is not None and ("504" in self.error or "predict_timeout" in self.error)
 
 
 # ---- the workload --------------------------------------------------------------------------------
@@ -60,13 +73,15 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], ma
     sent, first, tokens = time.perf_counter(), None, 0
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
+            error = f"HTTP {r.status_code}: {(await r.aread()).decode()}"
+            return Sample(time.perf_counter() - sent, time.perf_counter() - sent, 0, error)
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
+                return Sample(time.perf_counter() - sent, time.perf_counter() - sent, tokens,
+                              f"stream error: {chunk['error']}")
             if chunk.get("choices") and first is None:
                 first = time.perf_counter()
             if chunk.get("usage"):
@@ -85,7 +100,9 @@ async def drive(url: str, model: str, prompts: list[list[int]], max_new_tokens: 
             async with gate:
                 return await one_request(http, model, prompt, max_new_tokens)
 
-        await one_request(http, model, prompts[0][:8], 2)  # warm-up
+        warm = await one_request(http, model, prompts[0][:8], 2)
+        if warm.error:
+            raise RuntimeError(f"the warm-up request failed: {warm.error}")
         start = time.perf_counter()
         samples = await asyncio.gather(*(gated(p) for p in prompts))
         return list(samples), time.perf_counter() - start
@@ -135,6 +152,25 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+# ---- a co-located load ---------------------------------------------------------------------------
+
+
+def start_busy_process(core: int) -> subprocess.Popen[bytes]:
+    """A process that keeps ``core`` busy (as a sidecar or a neighbour's job would) until stopped."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(proc.pid, {core})
+    except OSError:
+        proc.kill()
+        raise
+    return proc
+
+
+def stop_busy_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
 # ---- the offline baseline ------------------------------------------------------------------------
 
 
@@ -174,18 +210,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def report(samples: list[Sample], wall: float, args: argparse.Namespace) -> float:
+def report(samples: list[Sample], wall: float, args: argparse.Namespace, title: str) -> float:
+    done = [s for s in samples if s.error is None]
     tokens = sum(s.tokens for s in samples)
     throughput = tokens / wall
-    ttft = [s.ttft * 1000 for s in samples]
-    tpot = [(s.e2e - s.ttft) / (s.tokens - 1) * 1000 for s in samples if s.tokens > 1]
-    print(f"\nworkload: {len(samples)} requests, {args.prompt_len} prompt tokens, {args.max_new_tokens} new tokens, "
-          f"concurrency {args.concurrency}")  # fmt: skip
+    ttft = [s.ttft * 1000 for s in done]
+    tpot = [(s.e2e - s.ttft) / (s.tokens - 1) * 1000 for s in done if s.tokens > 1]
+    print(f"\n{title}: {len(samples)} requests, {args.prompt_len} prompt tokens, {args.max_new_tokens} new "
+          f"tokens, concurrency {args.concurrency}")  # fmt: skip
     print(f"{'served output tokens/s':<26}{throughput:>10.1f}   ({tokens} tokens in {wall:.2f}s)")
-    print(f"{'':<26}{'p50':>10}{'p90':>10}{'p99':>10}")
+    print(f"{'':<26}{'p50':>10}{'p90':>10}{'p95':>10}{'p99':>10}")
     for name, values in (("TTFT (ms)", ttft), ("TPOT (ms)", tpot)):
-        print(f"{name:<26}" + "".join(f"{percentile(values, q):>10.1f}" for q in (50, 90, 99)))
+        print(f"{name:<26}" + "".join(f"{percentile(values, q):>10.1f}" for q in (50, 90, 95, 99)))
+    failed = [s for s in samples if s.error is not None]
+    timed_out = sum(s.timed_out for s in failed)
+    print(f"{'failed requests':<26}{len(failed):>10}   ({timed_out} ran into predict_timeout)")
+    for error in sorted({s.error for s in failed if not s.timed_out and s.error})[:3]:
+        print(f"  {error[:200]}")
     return throughput
+
+
+def run_workload(url: str, prompts: list[list[int]], args: argparse.Namespace, title: str) -> float:
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    samples, wall = asyncio.run(drive(url, model, prompts, args.max_new_tokens, args.concurrency))
+    return report(samples, wall, args, title)
+
+
+def run_colocated(url: str, prompts: list[list[int]], args: argparse.Namespace, uncontended: float) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[-1] if args.colocated_core is None else args.colocated_core
+    busy = start_busy_process(core)
+    try:
+        time.sleep(args.colocated_settle)  # as a sidecar would be: already running when traffic comes
+        contended = run_workload(url, prompts, args, f"beside a busy process on core {core} of {cores}")
+    finally:
+        stop_busy_process(busy)
+    print(f"{'contended / uncontended':<26}{contended / uncontended:>10.2f}")
 
 
 def main() -> None:
@@ -202,7 +262,22 @@ def main() -> None:
                         help="prompt token ids are drawn from [LO, HI) (default 100 1000; 3 43 with --fake)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load-timeout", type=float, default=1800)
+    parser.add_argument("--burst", action="store_true",
+                        help="all requests arrive together (default 16 prompts of 200 tokens, 128 new tokens)")
+    parser.add_argument("--colocated-load", action="store_true",
+                        help="run the workload again beside a busy process pinned to one core")
+    parser.add_argument("--colocated-core", type=int, default=None, help="core of the busy process (default: last)")
+    parser.add_argument("--colocated-settle", type=float, default=3.0,
+                        help="seconds the busy process runs before the contended run starts")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline comparison")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a serving.properties key for the server it starts, e.g. option.adaptive_threads=false")
     args = parser.parse_args()
+    if args.burst:
+        for name, value in (("num_requests", 16), ("prompt_len", 200), ("max_new_tokens", 128)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+        args.concurrency = args.num_requests
     lo, hi = args.token_range or ((3, 43) if args.fake else (100, 1000))
     prompts = make_prompts(args.num_requests, args.prompt_len, lo, hi, args.seed)
 
@@ -214,15 +289,15 @@ def main() -> None:
         model_dir = str(build_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="lmserve-bench-")) / "tiny"))
     url = args.url
     if url is None:
-        proc, url = start_server(model_dir, args)
+        proc, url = start_server(model_dir, args, [f"--option={item}" for item in args.option])
     try:
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        samples, wall = asyncio.run(drive(url, model, prompts, args.max_new_tokens, args.concurrency))
+        served = run_workload(url, prompts, args, "burst" if args.burst else "workload")
+        if args.colocated_load:
+            run_colocated(url, prompts, args, served)
     finally:
         if proc is not None:
             stop_server(proc)
-    served = report(samples, wall, args)
-    if proc is None:
+    if proc is None or args.no_offline:
         return
     if model_dir is None:
         from lmserve.store.default_model import pull_default_model

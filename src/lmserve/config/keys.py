@@ -155,6 +155,9 @@ _ENGINE_KEYS = (
     Key("option.seed", v.integer(0), "engine.seed", "Seed of sampling requests that give none."),
     Key("option.num_threads", v.integer(1), "engine.num_threads",
         "CPU threads per rank; unset uses the cores this process may use."),
+    Key("option.adaptive_threads", v.BOOL, "engine.adaptive_threads",
+        "On the CPU, run fewer kernel threads while other processes take part of the cores (measured "
+        "each second) and return to option.num_threads when they are free; false keeps the count fixed."),
 )
 
 _BATCHING_WORKER_KEYS = (

@@ -33,6 +33,7 @@ class EngineConfig:
     trust_remote_code: bool = False  # option.trust_remote_code
     seed: int = 0  # option.seed: the seed of requests that ask for sampling without one
     num_threads: int | None = None  # CPU threads per rank; None = the cores this process may use
+    adaptive_threads: bool = True  # option.adaptive_threads: fewer CPU threads while cores are contended
     served_name: str | None = None  # the model's name in API responses; None = the directory name
 
 

@@ -4,6 +4,7 @@ produced."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from lmserve.engine.runner import Runner, make_runner
 from lmserve.engine.sampler import Sampler, SampleResult
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
+from lmserve.engine.step_budget import engine_step_budget
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
@@ -44,8 +46,11 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A request must fit the cache alone, or it could preempt itself forever.
         self.max_model_len = min(mc.max_model_len, self.runner.num_blocks * config.block_size)
-        budget = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.runner.device.type)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        device_type = self.runner.device.type
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs,
+            step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
+            engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}
@@ -95,9 +100,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         deltas: list[RequestDelta] = []
         if batch.requests:
+            started = time.perf_counter()
             logits = self.runner.execute(self.runner.prepare(batch.requests, batch.num_new_tokens))
             sampled = self._sample(logits, batch.to_sample)
             self.scheduler.update(batch, sampled.token_ids)
+            self.scheduler.budget.record(batch.total_tokens, len(batch), time.perf_counter() - started)
             deltas = self._emit(batch.to_sample, sampled)
         self._steps += 1
         if self._aborted:

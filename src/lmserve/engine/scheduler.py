@@ -1,7 +1,7 @@
 """Which requests run in the next step, and how many of their tokens.
 
-Each step has a token budget (``max_num_batched_tokens``) shared by at most ``max_num_seqs`` running
-requests. Running requests are served first, in admission order: a decoding request needs one token,
+Each step has a token budget (``budget``: ``step_budget.py`` sizes it from the measured speed)
+shared by at most ``max_num_seqs`` running requests. Running requests are served first, in admission order: a decoding request needs one token,
 a request in chunked prefill needs the rest of its prompt (capped by what is left of the budget).
 Then waiting requests are admitted while budget, sequence slots and KV blocks last; a prefix-cache hit
 simply starts a request with some tokens already computed. When KV blocks run out, the most recently
@@ -22,17 +22,13 @@ from dataclasses import dataclass, field
 
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.request import Request, RequestStatus
-
-DEFAULT_CPU_BATCHED_TOKENS = 512
-DEFAULT_CUDA_BATCHED_TOKENS = 4096
+from lmserve.engine.step_budget import StepBudget, budget_cap
 
 
 def step_token_budget(max_num_batched_tokens: int | None, max_num_seqs: int, device_type: str) -> int:
-    """Tokens one step may compute: ``option.max_rolling_batch_prefill_tokens``, else the device's
-    default; never below ``max_num_seqs``, so every running request can decode each step."""
-    budget = max_num_batched_tokens or (
-        DEFAULT_CUDA_BATCHED_TOKENS if device_type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
-    return max(budget, max_num_seqs)
+    """The most tokens one step may compute (what activation memory is planned for); the budget of
+    each step is ``Scheduler.budget``, at most this."""
+    return budget_cap(max_num_batched_tokens, max_num_seqs, device_type)
 
 
 @dataclass
@@ -56,10 +52,15 @@ class ScheduledBatch:
 class Scheduler:
     """Continuous batching over the paged KV cache."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 budget: StepBudget | None = None) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens  # the most any step computes
+        # This step's share of it; adaptive budgets follow the measured speed (``step_budget.py``).
+        self.budget = budget or StepBudget(max_num_batched_tokens, max_num_batched_tokens, max_num_batched_tokens,
+                                           adaptive=False)  # fmt: skip
+        assert self.budget.cap <= max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -73,8 +74,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        budget = self._schedule_running(batch, budget)
+        budget = self._schedule_running(batch, self.budget.tokens)
         if not batch.preempted:  # no point admitting new work while memory is short
             self._schedule_waiting(batch, budget)
         batch.to_sample = [r for r, n in zip(batch.requests, batch.num_new_tokens, strict=True)

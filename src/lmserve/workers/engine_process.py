@@ -4,7 +4,9 @@ Loop, in order: take every waiting message (blocking with a timeout only while t
 apply them, run one ``step()``, and send all of its output as one ``Deltas`` message. Anything the
 engine raises from ``step()`` is fatal: the process reports ``EngineFailed`` and exits non-zero, and
 the frontend fails the requests in flight. ``add_request`` errors fail only that request. A
-``Heartbeat`` thread tells the frontend the process is alive, however long a step takes.
+``Heartbeat`` thread tells the frontend the process is alive, however long a step takes. On the CPU
+the process's OpenMP threads sleep at barriers, and after each step a ``CpuThreadGovernor`` may
+change how many the kernels use (``engine/cpu_threads.py``: other processes taking the cores).
 
 This module is the only place the engine is imported, so torch loads in this process, never in the
 frontend.
@@ -25,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from lmserve.engine.cpu_threads import CpuThreadGovernor, cpu_thread_governor, quiet_thread_waits
 from lmserve.engine.protocol import EngineCore
 from lmserve.workers.messages import (
     Abort,
@@ -71,6 +74,7 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _take_placement(env or {}, cpus)
+    quiet_thread_waits(os.environ)  # before the engine imports torch, which starts OpenMP
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.bind(input_address)
@@ -85,7 +89,7 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
             if heartbeat is not None:
                 heartbeat.start()
             outbox.send(encode(Ready(engine.model_info, os.getpid())))
-            code = 0 if EngineLoop(engine, inbox, outbox).run() else 1
+            code = 0 if EngineLoop(engine, inbox, outbox, _thread_governor(spec_bytes, engine)).run() else 1
     finally:
         if heartbeat is not None:
             heartbeat.stop()  # before ctx.term(), which waits for every socket to close
@@ -116,6 +120,21 @@ def _build_engine(spec_bytes: bytes, outbox: zmq.Socket[Any]) -> EngineCore | No
         logger.exception("engine failed to load")
         outbox.send(encode(EngineFailed(ErrorInfo.of(exc))))
         return None
+
+
+def _thread_governor(spec_bytes: bytes, engine: EngineCore) -> CpuThreadGovernor | None:
+    """Adaptive kernel threads (``option.adaptive_threads``) for an engine that computes with torch
+    on the CPU as one process: the ranks of a tensor-parallel group would count each other as the
+    other processes. Decided here, not in the engine, because the thread count is process-wide:
+    the offline ``LLM`` never changes the count of the process that embeds it."""
+    info = engine.model_info
+    if "torch" not in sys.modules or info.device != "cpu" or info.tensor_parallel_degree != 1:
+        return None
+    if not decode_spec(spec_bytes).config.adaptive_threads:
+        return None
+    import torch  # noqa: PLC0415 - already imported by the engine (checked above)
+
+    return cpu_thread_governor(torch.get_num_threads())
 
 
 class HeartbeatThread:
@@ -162,8 +181,9 @@ class HeartbeatThread:
 class EngineLoop:
     """Drives one ``EngineCore`` from the messages on ``inbox``; see the module docstring."""
 
-    def __init__(self, engine: EngineCore, inbox: zmq.Socket[Any], outbox: zmq.Socket[Any]) -> None:
-        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+    def __init__(self, engine: EngineCore, inbox: zmq.Socket[Any], outbox: zmq.Socket[Any],
+                 threads: CpuThreadGovernor | None = None) -> None:
+        self.engine, self.inbox, self.outbox, self.threads = engine, inbox, outbox, threads
         self._parent = os.getppid()
         self._parent_checked = time.monotonic()
         self._added_at: dict[str, float] = {}  # request id -> when it was added, until its first output
@@ -228,6 +248,8 @@ class EngineLoop:
             logger.exception("engine step failed")
             self._send(EngineFailed(ErrorInfo.of(exc)))
             return False
+        if self.threads is not None:
+            self.threads.after_step()
         if deltas:
             queue_time = {}
             for delta in deltas:

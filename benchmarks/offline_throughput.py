@@ -47,7 +47,23 @@ def run_lmserve(model_dir: str, prompts: list[list[int]], new_tokens: int, args:
     llm.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    return sum(len(o.token_ids) for o in outputs), time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    GENERATED["lmserve"] = [list(o.token_ids) for o in outputs]
+    return sum(len(o.token_ids) for o in outputs), elapsed
+
+
+# Each system's generated ids, in prompt order, where it gives them: greedy agreement with lmserve
+# says every system computed the same model (a broken export or conversion shows up here).
+GENERATED: dict[str, list[list[int]]] = {}
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+    """Mean fraction of each reference sequence that ``other`` reproduces before the first difference."""
+    fractions = []
+    for ref, seq in zip(reference, other, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ref, seq, strict=False)) if a != b), min(len(ref), len(seq)))
+        fractions.append(same / len(ref) if ref else 1.0)
+    return sum(fractions) / len(fractions) if fractions else float("nan")
 
 
 _LLM_CACHE: dict[str, object] = {}
@@ -71,7 +87,7 @@ def _hf_model(model_dir: str, dtype: str):  # noqa: ANN202
 def run_hf_static(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
     model = _hf_model(model_dir, args.dtype)
     pad = 0
-    produced = 0
+    produced, generated = 0, []
     start = time.perf_counter()
     for i in range(0, len(prompts), args.hf_batch):
         chunk = prompts[i:i + args.hf_batch]
@@ -82,7 +98,10 @@ def run_hf_static(model_dir: str, prompts: list[list[int]], new_tokens: int, arg
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         produced += (out.shape[1] - width) * len(chunk)
-    return produced, time.perf_counter() - start
+        generated += out[:, width:].tolist()
+    elapsed = time.perf_counter() - start
+    GENERATED["hf-static"] = generated
+    return produced, elapsed
 
 
 def run_hf_batch(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
@@ -101,9 +120,10 @@ def run_hf_batch(model_dir: str, prompts: list[list[int]], new_tokens: int, args
 def run_ov(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
     from pathlib import Path
 
-    return run_ov_genai(Path(model_dir), prompts, new_tokens, python=ov_python(args.ov_python),
-                        max_num_seqs=args.max_num_seqs, max_batched_tokens=args.ov_batched_tokens,
-                        cache_gb=args.ov_cache_gb, threads=torch.get_num_threads())
+    tokens, seconds, GENERATED["ov-genai"] = run_ov_genai(
+        Path(model_dir), prompts, new_tokens, python=ov_python(args.ov_python), max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.ov_batched_tokens, cache_gb=args.ov_cache_gb, threads=torch.get_num_threads())
+    return tokens, seconds
 
 
 Runner = Callable[[str, list[list[int]], int, argparse.Namespace], tuple[int, float]]
@@ -207,6 +227,12 @@ def main() -> None:
     for name, tokens, seconds, tps in table:
         ratio = base["lmserve"] / tps if "lmserve" in base else float("nan")
         print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio:.2f}x |")
+    if "lmserve" in GENERATED and len(GENERATED) > 1:
+        print("\n| greedy agreement with lmserve (mean share of each output before the first difference) | |")
+        print("|---|---:|")
+        for name, ids in GENERATED.items():
+            if name != "lmserve":
+                print(f"| {name} | {agreement(GENERATED['lmserve'], ids):.0%} |")
     if not args.no_single_stream and "lmserve" in args.systems:
         print("\n| single stream (1 request, decode) | tok/s |")
         print("|---|---:|")

@@ -8,11 +8,13 @@ lmserve's own load generator (``lmserve.bench``, OpenAI ``/v1/completions``, str
 end-of-sequence ignored): at each ``--streams`` level, a closed loop of that many concurrent streams
 of ``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
 Prints output tokens/s, TTFT p50 and TPOT p50 per system and level, the ratios against llama.cpp,
-and the CPU it ran on.
+and the CPU it ran on. ``--busy 1`` repeats each level beside a process spinning on one core and
+prints the share of its uncontended throughput each server kept.
 
     benchmarks/peers/build_llama_server.sh                      # once (long: a C++ build)
     python benchmarks/vs_llama_cpp.py                           # 16 streams and 1, 200 + 128 tokens
     python benchmarks/vs_llama_cpp.py --quantize none,int4      # lmserve as shipped and with 4-bit weights
+    python benchmarks/vs_llama_cpp.py --streams 16 --busy 1     # and with one core taken
     python benchmarks/vs_llama_cpp.py --streams 2 --new-tokens 8 --num-requests 2   # smoke run
 """
 
@@ -20,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,7 @@ class Row:
     system: str
     streams: int
     summary: Summary
+    busy: int = 0  # busy-looping processes sharing the machine during the run
 
 
 def context_size(slots: int, prompt_len: int, new_tokens: int) -> int:
@@ -117,6 +123,29 @@ def default_gguf() -> Path:
     return kept
 
 
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """``n`` processes spinning on the CPU for the duration: the co-located load of issue 16."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def measure_levels(system: str, url: str, levels: dict[int, list[Prompt]], warmup: Prompt,
+                   args: argparse.Namespace) -> list[Row]:
+    """Every stream level, and with ``--busy`` each level again beside that many busy processes."""
+    rows = []
+    for busy in sorted({0, args.busy}):
+        for streams, prompts in levels.items():
+            with busy_processes(busy):
+                rows.append(Row(system, streams, measure(url, prompts, warmup, streams, args.timeout), busy))
+    return rows
+
+
 def measure(url: str, prompts: list[Prompt], warmup: Prompt, streams: int, timeout_s: float) -> Summary:
     """One closed-loop run of ``prompts`` at ``streams`` concurrent streams, after one warm-up request."""
     spec = LoadSpec(url=url, dialect=dialect("openai"), ignore_eos=True, concurrency=streams, timeout_s=timeout_s)
@@ -150,7 +179,7 @@ def run_llama(args: argparse.Namespace, levels: dict[int, list[Prompt]], warmup:
     print("llama.cpp:", " ".join(command), flush=True)
     with LlamaServer(command, f"http://127.0.0.1:{port}", BENCH_RESULTS / "logs" / "llama-server.log") as server:
         server.wait_ready(args.load_timeout)
-        return [Row("llama.cpp", s, measure(server.url, p, warmup, s, args.timeout)) for s, p in levels.items()]
+        return measure_levels("llama.cpp", server.url, levels, warmup, args)
 
 
 def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[Prompt]], warmup: Prompt) -> list[Row]:
@@ -160,18 +189,24 @@ def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[
     with ServerProcess(None, ServeConfig(), "cpu", log, extra_args=(*extra, *args.lmserve_arg)) as server:
         print(f"{name}:", " ".join(server.command), flush=True)
         server.wait_ready(args.load_timeout)
-        return [Row(name, s, measure(server.url, p, warmup, s, args.timeout)) for s, p in levels.items()]
+        return measure_levels(name, server.url, levels, warmup, args)
 
 
 def print_table(rows: list[Row]) -> None:
-    base = {r.streams: r.summary.output_token_throughput for r in rows if r.system == "llama.cpp"}
-    print("\n| system | streams | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | failed | vs llama.cpp |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (-r.streams, r.system != "llama.cpp", r.system)):
+    """One line per system and level; ratios against llama.cpp at the same level, and with ``--busy``
+    the share of its own uncontended throughput each system kept."""
+    tps = {(r.system, r.streams, r.busy): r.summary.output_token_throughput for r in rows}
+    print("\n| system | streams | busy procs | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | failed "
+          "| vs llama.cpp | kept |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r.busy, -r.streams, r.system != "llama.cpp", r.system)):
         s = r.summary
-        ratio = f"{s.output_token_throughput / base[r.streams]:.2f}x" if base.get(r.streams) else "-"
-        print(f"| {r.system} | {r.streams} | {s.output_token_throughput:.1f} | {s.ttft_ms.p50:.0f} | "
-              f"{s.tpot_ms.p50:.1f} | {s.failed} | {ratio} |")
+        base = tps.get(("llama.cpp", r.streams, r.busy))
+        ratio = f"{s.output_token_throughput / base:.2f}x" if base else "-"
+        alone = tps.get((r.system, r.streams, 0))
+        kept = f"{s.output_token_throughput / alone:.0%}" if r.busy and alone else "-"
+        print(f"| {r.system} | {r.streams} | {r.busy} | {s.output_token_throughput:.1f} | {s.ttft_ms.p50:.0f} | "
+              f"{s.tpot_ms.p50:.1f} | {s.failed} | {ratio} | {kept} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="llama-server threads (default: the cores this process may use)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also run each level beside this many busy-looping processes (1: one core taken)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a response or chunk")
     parser.add_argument("--load-timeout", type=float, default=1800.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -56,8 +56,12 @@ def exported_model(model_dir: Path, python: Path) -> Path:
 
 
 def run_ov_genai(model_dir: Path, prompts: list[list[int]], new_tokens: int, *, python: Path,
-                 max_num_seqs: int, max_batched_tokens: int, cache_gb: int, threads: int) -> tuple[int, float]:
-    """Generate ``new_tokens`` per prompt, greedy with end-of-sequence ignored; (tokens, seconds)."""
+                 max_num_seqs: int, max_batched_tokens: int, cache_gb: int,
+                 threads: int) -> tuple[int, float, list[list[int]]]:
+    """Generate ``new_tokens`` per prompt, greedy with end-of-sequence ignored.
+
+    Returns the tokens generated, the seconds it took and each prompt's generated ids.
+    """
     ir_dir = exported_model(model_dir, python)
     job = {"prompts": prompts, "new_tokens": new_tokens, "max_num_seqs": max_num_seqs,
            "max_batched_tokens": max_batched_tokens, "cache_gb": cache_gb, "threads": threads}
@@ -67,4 +71,4 @@ def run_ov_genai(model_dir: Path, prompts: list[list[int]], new_tokens: int, *, 
         done = subprocess.run([str(python), str(WORKER), "run", str(ir_dir), handle.name],
                               check=True, stdout=subprocess.PIPE, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return int(result["tokens"]), float(result["seconds"])
+    return int(result["tokens"]), float(result["seconds"]), result["ids"]

@@ -4,7 +4,7 @@ Kept free of lmserve imports: that environment has OpenVINO, optimum-intel and t
 lmserve's dependencies. Two commands:
 
     python ov_genai_worker.py export HF_DIR IR_DIR     # OpenVINO IR, fp16 weights, no compression
-    python ov_genai_worker.py run IR_DIR JOB.json      # prints one JSON line: tokens, seconds
+    python ov_genai_worker.py run IR_DIR JOB.json      # prints one JSON line: tokens, seconds, ids
 
 JOB.json holds ``prompts`` (lists of token ids), ``new_tokens``, ``max_num_seqs``,
 ``max_batched_tokens``, ``cache_gb``, ``threads`` (0: OpenVINO's default).
@@ -64,8 +64,9 @@ def run(ir_dir: str, job_path: str) -> None:
     start = time.perf_counter()
     results = pipe.generate(prompts, [config(n)] * len(prompts))
     seconds = time.perf_counter() - start
-    tokens = sum(len(r.m_generation_ids[0]) for r in results)
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "openvino_genai": ov_genai.__version__}))
+    ids = [list(r.m_generation_ids[0]) for r in results]
+    print(json.dumps({"tokens": sum(map(len, ids)), "seconds": seconds, "ids": ids,
+                      "openvino_genai": ov_genai.__version__}))
 
 
 if __name__ == "__main__":

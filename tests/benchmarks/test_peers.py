@@ -90,3 +90,30 @@ def test_cpu_description_names_model_and_the_flags_that_matter() -> None:
     line = describe_cpu(text)
     assert line.startswith("AMD EPYC 9R14,")
     assert line.endswith("flags: avx2 fma avx512f avx512_bf16")
+
+
+def test_greedy_agreement_counts_each_output_up_to_its_first_difference() -> None:
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert offline_throughput.agreement(reference, [[1, 2, 3, 4], [5, 6, 7, 8]]) == 1.0
+    # first identical, second parts after one token: (4/4 + 1/4) / 2
+    assert offline_throughput.agreement(reference, [[1, 2, 3, 4], [5, 9, 7, 8]]) == 0.625
+    assert offline_throughput.agreement(reference, [[9, 2, 3, 4], [9, 6, 7, 8]]) == 0.0
+
+
+def _summary(tokens: int, seconds: float) -> object:
+    from lmserve.bench.metrics import summarize
+    from lmserve.bench.records import RequestRecord
+
+    return summarize([RequestRecord(0, send=0.0, end=seconds, chunks=[0.1, seconds], output_tokens=tokens)])
+
+
+def test_table_gives_ratios_at_the_same_level_and_the_share_kept_under_load(capsys: pytest.CaptureFixture[str]) -> None:
+    Row = vs_llama_cpp.Row
+    vs_llama_cpp.print_table([Row("llama.cpp", 16, _summary(100, 1.0)), Row("lmserve", 16, _summary(300, 1.0)),
+                              Row("llama.cpp", 16, _summary(10, 1.0), busy=1),
+                              Row("lmserve", 16, _summary(120, 1.0), busy=1)])  # type: ignore[arg-type]
+    lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| l")}
+    assert "| 3.00x | - |" in lines[("lmserve", "16", "0")]
+    assert "| 12.00x | 40% |" in lines[("lmserve", "16", "1")]
+    assert "| 1.00x | 10% |" in lines[("llama.cpp", "16", "1")]

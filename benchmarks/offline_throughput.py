@@ -225,8 +225,8 @@ def main() -> None:
     print("\n| system | output tokens | seconds | output tok/s | lmserve / system |")
     print("|---|---:|---:|---:|---:|")
     for name, tokens, seconds, tps in table:
-        ratio = base["lmserve"] / tps if "lmserve" in base else float("nan")
-        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio:.2f}x |")
+        ratio = f"{base['lmserve'] / tps:.2f}x" if "lmserve" in base else "-"
+        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio} |")
     if "lmserve" in GENERATED and len(GENERATED) > 1:
         print("\n| greedy agreement with lmserve (mean share of each output before the first difference) | |")
         print("|---|---:|")

@@ -135,12 +135,17 @@ SYSTEMS: dict[str, Runner] = {
 }
 
 
+def single_stream_prompt(vocab: int) -> list[int]:
+    """The 16-token prompt of the single-stream run, drawn from the model's own vocabulary."""
+    return make_workload(vocab, 1, 16, 16, seed=1)[0]
+
+
 def single_stream(model_dir: str, vocab: int, args: argparse.Namespace) -> list[tuple[str, float]]:
     """Decode speed of one request: new tokens / time after the first token."""
     from lmserve import SamplingParams
 
     rows = []
-    prompt = make_workload(vocab, 1, 16, 16, seed=1)[0]
+    prompt = single_stream_prompt(vocab)
     llm = _lmserve(model_dir, args)
     times = []
     for _ in range(3):

@@ -117,3 +117,11 @@ def test_table_gives_ratios_at_the_same_level_and_the_share_kept_under_load(caps
     assert "| 3.00x | - |" in lines[("lmserve", "16", "0")]
     assert "| 12.00x | 40% |" in lines[("lmserve", "16", "1")]
     assert "| 1.00x | 10% |" in lines[("llama.cpp", "16", "1")]
+
+
+def test_single_stream_prompt_fits_a_vocabulary_smaller_than_the_default_models() -> None:
+    # It was drawn from the default model's 49152 ids whatever the model: out of range for 32000.
+    for _ in range(3):
+        prompt = offline_throughput.single_stream_prompt(32000)
+        assert len(prompt) == 16 and max(prompt) < 32000
+    assert offline_throughput.single_stream_prompt(32000) == offline_throughput.single_stream_prompt(32000)

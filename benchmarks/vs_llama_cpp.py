@@ -142,7 +142,12 @@ def measure_levels(system: str, url: str, levels: dict[int, list[Prompt]], warmu
     for busy in sorted({0, args.busy}):
         for streams, prompts in levels.items():
             with busy_processes(busy):
-                rows.append(Row(system, streams, measure(url, prompts, warmup, streams, args.timeout), busy))
+                summary = measure(url, prompts, warmup, streams, args.timeout)
+            rows.append(Row(system, streams, summary, busy))
+            expected = summary.completed * args.new_tokens
+            if summary.total_output_tokens != expected:  # the comparison is only fair at equal work
+                print(f"warning: {system} at {streams} streams generated {summary.total_output_tokens} tokens, "
+                      f"not {expected}: it did not honour max_tokens / ignore_eos", flush=True)
     return rows
 
 

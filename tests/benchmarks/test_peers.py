@@ -1,0 +1,127 @@
+"""The pure helpers of the peer benchmarks: workload choice, the TinyLlama-shaped checkpoint, the
+llama-server command line. No timing: the benchmarks themselves are run by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import offline_throughput  # noqa: E402
+import vs_llama_cpp  # noqa: E402
+from peers.cpuinfo import describe_cpu  # noqa: E402
+from peers.model_shapes import TINYLLAMA_1_1B, LlamaShape, llama_config, random_checkpoint, weight_shapes  # noqa: E402
+
+
+def test_tinyllama_shape_has_the_published_parameter_count() -> None:
+    # TinyLlama-1.1B's model card: 1,100,048,384 parameters.
+    assert TINYLLAMA_1_1B.num_parameters() == 1_100_048_384
+    assert sum(math.prod(d) for d in weight_shapes(TINYLLAMA_1_1B).values()) == 1_100_048_384
+
+
+def test_weight_names_and_shapes_are_what_transformers_builds() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=96, vocab_size=128)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**llama_config(shape)))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert weight_shapes(shape) == expected
+
+
+def test_random_checkpoint_loads_in_transformers_and_lmserve(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmserve.engine.tokenizer import Tokenizer
+
+    shape = LlamaShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=48, vocab_size=300)
+    out = random_checkpoint(shape, tmp_path / "random")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    assert Tokenizer(out).vocab_size == 300
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert random_checkpoint(shape, out) == out  # written once, then reused
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_model_shape_picks_the_issue_workload_unless_overridden() -> None:
+    tiny = offline_throughput.parse_args(["--model-shape", "tinyllama-1.1b"])
+    assert (tiny.num_requests, tiny.min_prompt, tiny.max_prompt, tiny.new_tokens, tiny.hf_batch) == (16, 128, 384, 64, 16)
+    default = offline_throughput.parse_args(["--new-tokens", "8"])
+    assert (default.num_requests, default.min_prompt, default.max_prompt, default.new_tokens) == (64, 64, 512, 8)
+    assert default.hf_batch == 32
+
+
+def test_unknown_system_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        offline_throughput.parse_args(["--systems", "lmserve,openvino"])
+    assert "openvino" in capsys.readouterr().err and "ov-genai" in offline_throughput.SYSTEMS
+
+
+def test_llama_server_gets_a_slot_per_stream_and_room_for_each_request() -> None:
+    args = vs_llama_cpp.parse_args(["--streams", "16,1"])
+    assert args.streams == [16, 1] and args.quantize == ["none"]
+    ctx = vs_llama_cpp.context_size(16, 200, 128)
+    assert ctx // 16 >= 200 + 128
+    command = vs_llama_cpp.llama_server_command(Path("llama-server"), Path("m.gguf"), 8081, slots=16, ctx=ctx,
+                                                threads=2)
+    flags = dict(zip(command[1::2], command[2::2], strict=False))
+    assert flags["--parallel"] == "16" and flags["--ctx-size"] == str(ctx) and flags["--threads"] == "2"
+
+
+def test_bad_streams_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        vs_llama_cpp.parse_args(["--streams", "16,x"])
+    assert "--streams" in capsys.readouterr().err
+
+
+def test_cpu_description_names_model_and_the_flags_that_matter() -> None:
+    text = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 sha_ni\n"
+    line = describe_cpu(text)
+    assert line.startswith("AMD EPYC 9R14,")
+    assert line.endswith("flags: avx2 fma avx512f avx512_bf16")
+
+
+def test_greedy_agreement_counts_each_output_up_to_its_first_difference() -> None:
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert offline_throughput.agreement(reference, [[1, 2, 3, 4], [5, 6, 7, 8]]) == 1.0
+    # first identical, second parts after one token: (4/4 + 1/4) / 2
+    assert offline_throughput.agreement(reference, [[1, 2, 3, 4], [5, 9, 7, 8]]) == 0.625
+    assert offline_throughput.agreement(reference, [[9, 2, 3, 4], [9, 6, 7, 8]]) == 0.0
+
+
+def _summary(tokens: int, seconds: float) -> object:
+    from lmserve.bench.metrics import summarize
+    from lmserve.bench.records import RequestRecord
+
+    return summarize([RequestRecord(0, send=0.0, end=seconds, chunks=[0.1, seconds], output_tokens=tokens)])
+
+
+def test_table_gives_ratios_at_the_same_level_and_the_share_kept_under_load(capsys: pytest.CaptureFixture[str]) -> None:
+    Row = vs_llama_cpp.Row
+    vs_llama_cpp.print_table([Row("llama.cpp", 16, _summary(100, 1.0)), Row("lmserve", 16, _summary(300, 1.0)),
+                              Row("llama.cpp", 16, _summary(10, 1.0), busy=1),
+                              Row("lmserve", 16, _summary(120, 1.0), busy=1)])  # type: ignore[arg-type]
+    lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| l")}
+    assert "| 3.00x | - |" in lines[("lmserve", "16", "0")]
+    assert "| 12.00x | 40% |" in lines[("lmserve", "16", "1")]
+    assert "| 1.00x | 10% |" in lines[("llama.cpp", "16", "1")]
+
+
+def test_single_stream_prompt_fits_a_vocabulary_smaller_than_the_default_models() -> None:
+    # It was drawn from the default model's 49152 ids whatever the model: out of range for 32000.
+    for _ in range(3):
+        prompt = offline_throughput.single_stream_prompt(32000)
+        assert len(prompt) == 16 and max(prompt) < 32000
+    assert offline_throughput.single_stream_prompt(32000) == offline_throughput.single_stream_prompt(32000)

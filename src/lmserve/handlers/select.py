@@ -80,5 +80,5 @@ def handler_properties(model_dir: Path, handler_dir: Path, config: ServingConfig
                    "batch_size": str(config.batching.batch_size),
                    "max_batch_delay": f"{config.batching.max_batch_delay_ms:g}",
                    "predict_timeout": f"{config.workers.predict_timeout_s:g}",
-                   "device": config.engine.device}  # fmt: skip
+                   "device": config.engine.device, "dtype": config.engine.dtype}  # fmt: skip
     return properties

@@ -5,7 +5,7 @@ Request body: ``{"inputs": str | [str]}``. Every text of every request of a batc
 model in one forward pass, truncated to the model's length: for plain BERT checkpoints without any
 padding (``packed_bert.py``), for the others padded to the longest text.
 
-Matrix products run in bf16 (autocast: weights and LayerNorms stay fp32) when ``option.dtype`` is
+Matrix products run in bf16 (the rest, LayerNorm included, in fp32) when ``option.dtype`` is
 bf16, or when it is ``auto`` and, measured once at start on this machine, bf16 is faster and its
 vectors stay within cosine 0.9999 of fp32 ones; else in fp32.
 
@@ -21,6 +21,7 @@ A request that is not of that shape gets its own 400; the others of its batch ar
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 from lmserve.handlers.io import Input, Output
 
+logger = logging.getLogger(__name__)
 _models: dict[str, Any] = {}
 
 
@@ -66,6 +68,12 @@ class _Embedder(_Encoder):
 
         self.packed = PackedBert(self.model) if PackedBert.supports(self.model) else None
 
+    def set_bf16(self, on: bool) -> None:
+        """Matrix products in bf16 (``on``) or fp32."""
+        self.bf16 = on
+        if self.packed is not None:
+            self.packed.set_matmul_dtype(self.torch.bfloat16 if on else self.torch.float32)
+
     def vectors(self, texts: list[str]) -> tuple[Any, list[int]]:
         """``[texts, hidden]`` unit vectors and each text's token count."""
         torch = self.torch
@@ -82,8 +90,8 @@ class _Embedder(_Encoder):
 
         batch = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         counts = [len(ids) for ids in batch["input_ids"]]
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
-            hidden = self.packed(batch["input_ids"], batch.get("token_type_ids")).float()
+        with torch.inference_mode():
+            hidden = self.packed(batch["input_ids"], batch.get("token_type_ids"))
         pooled = first_token(hidden, counts) if self.cls_pooling else mean_pool(hidden, counts)
         return torch.nn.functional.normalize(pooled, p=2, dim=1), counts
 
@@ -119,8 +127,9 @@ def embed(inputs: Input) -> Output | list[Output] | None:
     if inputs.is_empty():
         properties = inputs.get_properties()
         embedder = _Embedder(properties["model_id"])
-        embedder.bf16 = _use_bf16(properties.get("dtype", "auto"), embedder.vectors,
-                                  lambda on: setattr(embedder, "bf16", on))  # fmt: skip
+        bf16 = _use_bf16(properties.get("dtype", "auto"), embedder.vectors, embedder.set_bf16)
+        embedder.set_bf16(bf16)
+        logger.info("text embeddings: matrix products in %s", "bf16" if bf16 else "fp32")
         _models["embed"] = embedder
         return None
     encoder: _Embedder = _models["embed"]

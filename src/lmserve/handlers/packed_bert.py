@@ -24,15 +24,26 @@ class PackedBert:
     """The encoder of a ``transformers`` ``BertModel`` run over packed tokens (see the module docstring)."""
 
     def __init__(self, model: Any) -> None:
+        self.model = model
         self.embeddings = model.embeddings
+        self.heads = model.config.num_attention_heads
+        self.set_matmul_dtype(torch.float32)
+
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """Run the matrix products in ``dtype`` (bf16 where the CPU has fast bf16 dot products),
+        with the weights converted once here rather than on every call as autocast would; the
+        residual stream, LayerNorm, GELU and attention stay fp32."""
+        self.dtype = dtype
         self.layers = []
-        for layer in model.encoder.layer:
+        for layer in self.model.encoder.layer:
             attention = layer.attention.self
             # q|k|v as one matmul: one pass over the activations instead of three.
-            qkv_weight = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight])
-            qkv_bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])
-            self.layers.append((qkv_weight.detach(), qkv_bias.detach(), layer))
-        self.heads = model.config.num_attention_heads
+            qkv = (torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]),
+                   torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))  # fmt: skip
+            linears = [qkv, *((m.weight, m.bias) for m in (layer.attention.output.dense, layer.intermediate.dense,
+                                                            layer.output.dense))]  # fmt: skip
+            weights = [(w.detach().to(dtype), b.detach().to(dtype)) for w, b in linears]
+            self.layers.append((weights, layer.attention.output.LayerNorm, layer.output.LayerNorm))
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -57,24 +68,33 @@ class PackedBert:
         longest = int(lengths.max())
         slots = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lengths.tolist())])
         key_mask = torch.arange(longest)[None, :] < lengths[:, None]  # [texts, longest]
-        for qkv_weight, qkv_bias, layer in self.layers:
-            context = self._attention(F.linear(x, qkv_weight, qkv_bias), slots, key_mask, longest)
-            attn_out = layer.attention.output
-            x = attn_out.LayerNorm(attn_out.dense(context) + x)
-            hidden = F.gelu(layer.intermediate.dense(x))
-            x = layer.output.LayerNorm(layer.output.dense(hidden) + x)
+        for (qkv, attn_out, up, down), norm1, norm2 in self.layers:
+            context = self._attention(_linear(x, *qkv), slots, key_mask, longest)
+            x = norm1(_linear(context, *attn_out) + x)
+            x = norm2(_linear(F.gelu(_linear(x, *up)), *down) + x)
         return x
 
     def _attention(self, qkv: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor,
                    longest: int) -> torch.Tensor:  # fmt: skip
         """Scaled dot-product attention within each text; ``qkv`` is ``[tokens, 3 * hidden]``."""
         texts, width = key_mask.shape[0], qkv.shape[1]
-        padded = qkv.new_zeros(texts * longest, width)
-        padded[slots] = qkv
+        ragged = len(slots) < texts * longest  # texts of equal length (one alone) need no padding
+        padded = qkv
+        if ragged:
+            padded = qkv.new_zeros(texts * longest, width)
+            padded[slots] = qkv
         head_dim = width // 3 // self.heads
         q, k, v = padded.view(texts, longest, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-        return out.transpose(1, 2).reshape(texts * longest, width // 3)[slots]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :] if ragged else None)
+        out = out.transpose(1, 2).reshape(texts * longest, width // 3)
+        return out[slots] if ragged else out
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` in the weight's dtype, returned in fp32."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).float()
 
 
 def mean_pool(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -5,6 +5,7 @@ not bring one (the fake engine stands in for a model)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lmserve.config import load_serving_config
+from lmserve.server.runtime import LoadPlan, ModelRuntime
 from tests.handlers.conftest import start_handler_server
 from tests.server.conftest import FAKE_FACTORY, LiveServer, start_server
 from tests.server.tiny_tokenizer import build_tiny_tokenizer
@@ -104,3 +107,23 @@ def test_a_model_registered_at_run_time_may_not_bring_a_formatter(tiny_model_dir
     assert reply.status_code == 403, reply.text
     assert "option.output_formatter" in reply.json()["error"]
     assert not (path / "imported").exists()
+
+
+def test_the_formatter_comes_from_the_directory_of_serving_properties_that_points_at_the_weights(
+        tiny_model_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    # The containers' usual layout: serving.properties and model.py together, the weights elsewhere.
+    (tmp_path / "model.py").write_text(textwrap.dedent(MODEL_PY))
+    (tmp_path / "serving.properties").write_text(f"option.model_id={tiny_model_dir}\n"
+                                                 "option.output_formatter=per_token\n")  # fmt: skip
+    config = load_serving_config(str(tmp_path), env={})
+    runtime = ModelRuntime(LoadPlan(config, model_arg=str(tmp_path), resolve=True, engine_factory=FAKE_FACTORY))
+
+    async def load_then_stop() -> None:
+        try:
+            await runtime.load()
+        finally:
+            await runtime.shutdown()
+
+    asyncio.run(load_then_stop())
+    assert runtime.error is None
+    assert runtime.output_formatter is not None and runtime.output_formatter.__name__ == "per_token"

@@ -172,6 +172,10 @@ class ModelRuntime:
                                              plan.default_model, policy)  # fmt: skip
         self._created = fetched.created
         self._handler_dir = fetched.properties.parent if fetched.properties is not None else fetched.path
+        if fetched.properties is None and plan.model_arg and (Path(plan.model_arg) / "serving.properties").is_file():
+            # A local directory whose serving.properties sends option.model_id elsewhere: the
+            # configuration came from it, and so do model.py and requirements.txt beside it.
+            self._handler_dir = Path(plan.model_arg)
         with _phase("config"):
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,

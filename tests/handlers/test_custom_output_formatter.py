@@ -32,7 +32,8 @@ MODEL_PY = '''
     def per_token(output: TextGenerationOutput) -> str:
         sequence = output.sequences[output.best_sequence_index]
         token, first, last = sequence.get_next_token()
-        line = {"id": token.id, "text": token.text, "first": first, "last": last, "request": output.request_id}
+        line = {"id": token.id, "text": token.text, "first": first, "last": last, "request": output.request_id,
+                "log_prob": token.log_prob}
         if last:
             line |= {"finish_reason": sequence.finish_reason, "input": output.input.input_text,
                      "generated": "".join(t.text for t in sequence.tokens),
@@ -78,6 +79,7 @@ def test_the_formatter_writes_one_piece_per_token_streaming_and_not(working: Liv
     answers = [json.loads(line) for line in whole.text.splitlines()]
     assert [line["request"] for line in answers] == [0] * 5 + [1] * 5  # request after request, in order
     assert [line["input"] for line in answers if line["last"]] == ["a b", "c"]
+    assert all(line["log_prob"] is not None for line in lines + answers)
 
 
 def test_a_formatter_that_raises_fails_the_request_with_its_message(tmp_path: Path) -> None:

@@ -95,7 +95,9 @@ async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) ->
     if body.stream and not single:
         raise InvalidRequestError("inputs", "streaming takes one input; send a string, not a list")
     new = NewTokens("parameters.max_new_tokens", body.parameters.max_new_tokens, LMI_DEFAULT_MAX_NEW_TOKENS)
-    params = lmi_sampling_params(body.parameters, max_new_tokens=new.initial, logprobs=body.stream)
+    # A custom formatter sees each token's log-probability, streaming or not (as in the containers).
+    params = lmi_sampling_params(body.parameters, max_new_tokens=new.initial,
+                                 logprobs=body.stream or rt.output_formatter is not None)
     fields = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(texts))]
     prompts = [await prompt_ids(rt, text, f, body.parameters.truncate) for text, f in zip(texts, fields, strict=True)]
     streams = gen.start_all(rt, fit(rt, prompts, params, new), "lmi")

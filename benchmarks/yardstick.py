@@ -10,6 +10,23 @@ TTFT p50 and their ratio. GuideLLM is installed from PyPI into its own virtual e
     python benchmarks/yardstick.py [MODEL] [--concurrency 8] [--num-requests 64] [--rounds 2]
 
 Both tools' prompts are made with the model's own tokenizer, so their lengths match exactly.
+
+Definitions, as GuideLLM 0.3.1's source has them (``benchmark/benchmark.py``, ``objects/statistics.py``,
+``backend/openai.py``): each request's start is taken just before it is sent, its end when the
+``[DONE]`` line arrives, its first token at the first line with text, and its output tokens come
+from the server's ``usage``. Its output tokens/s (the mean of ``output_tokens_per_second``) is every
+request's output tokens over the window from the first request's start to the last one's end: the
+same definition as ``lmserve bench``'s throughput over the wall clock, so the table shows GuideLLM's
+own number. Its TTFT is ours; its ``time_per_output_token_ms`` divides (last token - first token) by
+all output tokens, and its ``inter_token_latency_ms`` by output tokens - 1, which is ours (TPOT), so
+the table compares that one.
+
+With the definitions equal, a gap in throughput is a difference in what the server did. To show
+which side it is on, the server's own view is read from ``/metrics`` around each run: its mean
+end-to-end latency (arrival to last token) against the tester's, and its generated tokens over the
+tester's window. A tester whose clock runs ahead of the server's (client-side lag between a
+token's arrival and its timestamp, or between one request's end and the next one's send) shows as
+"tester lag", and the server is idle for it.
 """
 
 from __future__ import annotations
@@ -46,21 +63,54 @@ def default_model_dir() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def run_lmserve_bench(url: str, args: argparse.Namespace, model_dir: str, core: str, out: Path) -> dict[str, float]:
+def server_counters(url: str) -> dict[str, float]:
+    """The server's totals that the diagnosis compares: end-to-end latency sum and count, tokens."""
+    import httpx
+
+    wanted = ("lmserve_e2e_request_latency_seconds_sum", "lmserve_e2e_request_latency_seconds_count",
+              "lmserve_generation_tokens_total")  # fmt: skip
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in totals:
+            totals[name] += float(line.split()[-1])
+    return totals
+
+
+def server_view(before: dict[str, float], after: dict[str, float], window_s: float, client_e2e_ms: float) -> dict[str, float]:
+    """The server's mean e2e latency over a run, its tokens/s over the tester's window, and how much
+    longer the tester saw each request than the server did."""
+    count = after["lmserve_e2e_request_latency_seconds_count"] - before["lmserve_e2e_request_latency_seconds_count"]
+    e2e_ms = 1000 * (after["lmserve_e2e_request_latency_seconds_sum"]
+                     - before["lmserve_e2e_request_latency_seconds_sum"]) / max(count, 1)  # fmt: skip
+    tokens = after["lmserve_generation_tokens_total"] - before["lmserve_generation_tokens_total"]
+    return {"server_e2e_mean_ms": e2e_ms, "server_tokens_per_s": tokens / window_s,
+            "tester_lag_ms": client_e2e_ms - e2e_ms}  # fmt: skip
+
+
+def run_lmserve_bench(url: str, args: argparse.Namespace, model_dir: str, core: str, out: Path,
+                      num_requests: int | None = None) -> dict[str, float]:  # fmt: skip
+    """One ``lmserve bench`` run. No warm-up inside it: the server is warmed once before the first
+    round, so neither tool's window holds requests the other's lacks."""
+    before = server_counters(url)
     subprocess.run(["taskset", "-c", core, sys.executable, "-m", "lmserve.cli", "bench", url, "--no-progress",
-                    "--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
+                    "--concurrency", str(args.concurrency), "--num-requests", str(num_requests or args.num_requests),
                     "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                    "--tokenizer", model_dir, "--warmup", "2", "--output-json", str(out)],
+                    "--tokenizer", model_dir, "--warmup", "0", "--output-json", str(out)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    after = server_counters(url)
     data = json.loads(out.read_text())
     s = data["summary"]
     return {"output_tokens_per_s": s["output_token_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
-            "tpot_p50_ms": s["tpot_ms"]["p50"], "tester_cpu_percent": data["bench_cpu"]["percent_of_one_core"]}  # fmt: skip
+            "tpot_p50_ms": s["tpot_ms"]["p50"], "e2e_mean_ms": s["e2e_ms"]["mean"],
+            **server_view(before, after, s["duration_s"], s["e2e_ms"]["mean"]),
+            "tester_cpu_percent": data["bench_cpu"]["percent_of_one_core"]}  # fmt: skip
 
 
 def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, core: str, out: Path) -> dict[str, float]:
     """One GuideLLM run: the same closed loop (concurrent streams), request count and lengths."""
     out.mkdir(parents=True, exist_ok=True)
+    counters = server_counters(url)
     before = _cpu_of_children()
     start = time.perf_counter()
     subprocess.run(["taskset", "-c", core, str(exe), "benchmark", "--target", url, "--model", Path(model_dir).name,
@@ -70,21 +120,28 @@ def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, 
                     "--output-path", str(out / "benchmarks.json"), "--disable-progress"],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     wall, cpu = time.perf_counter() - start, _cpu_of_children() - before
-    return {**guidellm_metrics(json.loads((out / "benchmarks.json").read_text())),
+    metrics, window = guidellm_metrics(json.loads((out / "benchmarks.json").read_text()))
+    return {**metrics, **server_view(counters, server_counters(url), window, metrics["e2e_mean_ms"]),
             # the whole run, start-up included: an upper bound of its timing loop's use
             "tester_cpu_percent": 100 * cpu / wall}  # fmt: skip
 
 
-def guidellm_metrics(report: dict) -> dict[str, float]:
-    """Throughput by lmserve bench's definition (output tokens from first send to last end) over
-    GuideLLM's own per-request times; TTFT and TPOT medians as GuideLLM reports them."""
+def guidellm_metrics(report: dict) -> tuple[dict[str, float], float]:
+    """GuideLLM's own numbers (see the module docstring for its definitions) and its window in s.
+    Its output tokens/s is checked against the window computed here from its per-request times."""
     bench = report["benchmarks"][0]
     done = bench["requests"]["successful"]
-    wall = max(r["end_time"] for r in done) - min(r["start_time"] for r in done)
+    window = max(r["end_time"] for r in done) - min(r["start_time"] for r in done)
     metrics = bench["metrics"]
-    return {"output_tokens_per_s": sum(r["output_tokens"] for r in done) / wall,
+    reported = metrics["output_tokens_per_second"]["successful"]["mean"]
+    recomputed = sum(r["output_tokens"] for r in done) / window
+    if abs(reported - recomputed) > 0.05 * recomputed:  # its mean is of a rate distribution: close, not equal
+        print(f"warning: GuideLLM reports {reported:.1f} output tok/s, its requests give {recomputed:.1f} over "
+              "their window: its definition is not the one this script assumes")  # fmt: skip
+    return {"output_tokens_per_s": reported,
             "ttft_p50_ms": metrics["time_to_first_token_ms"]["successful"]["median"],
-            "tpot_p50_ms": metrics["time_per_output_token_ms"]["successful"]["median"]}  # fmt: skip
+            "tpot_p50_ms": metrics["inter_token_latency_ms"]["successful"]["median"],
+            "e2e_mean_ms": metrics["request_latency"]["successful"]["mean"] * 1000}, window  # fmt: skip
 
 
 def _cpu_of_children() -> float:
@@ -116,6 +173,7 @@ def main() -> None:
     with ServerProcess(model_dir, config, "cpu", RESULTS / "server.log", server_cores,
                        ("--n-positions", str(args.input_len + args.output_len + 32))) as server:  # fmt: skip
         server.wait_ready(1800)
+        run_lmserve_bench(server.url, args, model_dir, tester_core, RESULTS / "warm-up.json", args.concurrency)
         print(f"server on cores {sorted(server_cores)}, load testers on core {tester_core}; "
               f"{args.num_requests} requests, concurrency {args.concurrency}, {args.input_len} -> {args.output_len} tokens")  # fmt: skip
         for r in range(args.rounds):
@@ -128,7 +186,9 @@ def main() -> None:
     ours, theirs = medians["lmserve bench"], medians["guidellm"]
     print(f"\n{'median of ' + str(args.rounds) + ' rounds':<24}{'lmserve bench':>15}{'guidellm':>12}{'ratio':>8}")
     for key, label in (("output_tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
-                       ("tpot_p50_ms", "TPOT p50 (ms)"), ("tester_cpu_percent", "tester CPU (% core)")):  # fmt: skip
+                       ("tpot_p50_ms", "TPOT p50 (ms)"), ("e2e_mean_ms", "e2e mean (ms)"),
+                       ("server_e2e_mean_ms", "server e2e mean (ms)"), ("tester_lag_ms", "tester lag (ms)"),
+                       ("server_tokens_per_s", "server tokens/s"), ("tester_cpu_percent", "tester CPU (% core)")):  # fmt: skip
         ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
         print(f"{label:<24}{ours[key]:>15.1f}{theirs[key]:>12.1f}{ratio:>8.2f}")
 

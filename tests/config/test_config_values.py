@@ -152,3 +152,15 @@ def test_protect_inference_needs_an_api_key() -> None:
     assert "SERVING_API_KEY" in str(err.value)
     ok = load_serving_config("org/m", env={"SERVING_PROTECT_INFERENCE": "true", "SERVING_API_KEY": "k"})
     assert ok.server.protect_inference is True
+
+
+@pytest.mark.parametrize(("text", "expected"), [("JSON", "json"), ("sse", "sse"), ("my_formatter", "my_formatter")])
+def test_output_formatter_is_a_built_in_format_or_a_function_name(text: str, expected: str) -> None:
+    assert load_serving_config("org/m", env={"OPTION_OUTPUT_FORMATTER": text}).model.output_formatter == expected
+
+
+def test_an_output_formatter_that_is_no_function_name_is_refused_with_what_is_allowed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_serving_config("org/m", env={"OPTION_OUTPUT_FORMATTER": "model.py:fmt"})
+    assert err.value.key == "option.output_formatter" and "model.py:fmt" in str(err.value)
+    assert "a function defined in the model directory's model.py" in str(err.value)

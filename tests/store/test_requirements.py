@@ -1,16 +1,20 @@
-"""A model's requirements.txt: installed once into the cache, without network (a local package)."""
+"""A model's requirements.txt: installed once into the cache, without network (a local package), or into
+a virtual environment of its own (option.enable_venv)."""
 
 from __future__ import annotations
 
 import importlib
 import subprocess
 import sys
+import venv
 from pathlib import Path
 
 import pytest
 
 from lmserve.errors import UnsupportedModelError
 from lmserve.store import install_requirements
+from lmserve.store.requirements import install_requirements_venv
+from tests.handlers.test_requirements import build_wheel
 
 PACKAGE = "lmserve_tinypkg_for_tests"
 
@@ -77,3 +81,25 @@ def test_pip_failure_is_reported_with_pips_own_words(model_dir: Path, tmp_path: 
     assert str(model_dir / "requirements.txt") in message
     assert "no-such-package-dir" in message  # from pip's output
     assert list((tmp_path / "cache" / "pydeps").iterdir()) == []  # no half-finished install kept
+
+
+def test_a_model_venv_gets_its_wheel_offline_when_the_server_has_no_pip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server installed without pip (a venv made --without-pip, a slim image): its interpreter
+    # cannot run "python -m pip", so the model venv must get its installer another way.
+    monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "server-env")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "server-env" / "bin" / "python"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "requirements.txt").write_text("lmserve-wheel-probe==1.0\n")
+    build_wheel(model / "requirements")
+
+    python = install_requirements_venv(model)
+
+    assert python is not None and python.is_relative_to(tmp_path / "cache" / "venvs")
+    probe = subprocess.run([str(python), "-c", "import lmserve_wheel_probe as m; print(m.VALUE)"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert probe.stdout.strip() == "from the wheel"

@@ -84,12 +84,14 @@ _MODEL_KEYS = (
         "The default handler's task; absent: picked from the checkpoint's architectures "
         "(...ForSequenceClassification: text-classification; encoder-only models such as BertModel: "
         "text-embedding; else text-generation)."),
-    Key("option.output_formatter", v.choice({"json": "json", "jsonlines": "jsonlines", "sse": "sse"}),
-        "model.output_formatter",
+    Key("option.output_formatter", v.OUTPUT_FORMATTER, "model.output_formatter",
         "Shape of /invocations answers of the text-generation handler: json (one JSON document, "
         "streamed piece by piece when streaming), jsonlines (one JSON line per token, or per input "
         "without streaming), sse (those lines as Server-Sent Events); unset: json, and jsonlines "
-        "when streaming."),
+        "when streaming. Any other name is a function of the model directory's model.py, called "
+        "once per generated token with a TextGenerationOutput (djl_python.output_formatter); the "
+        "strings it returns make the answer. It runs in the server process; models registered "
+        "through the management API may not name one."),
     Key("option.enable_venv", v.BOOL, "model.enable_venv",
         "Install a custom handler's requirements.txt into a virtual environment of the model's own."),
     Key("option.model_id", v.TEXT, "model.model_id",

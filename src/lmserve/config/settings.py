@@ -99,7 +99,7 @@ class ModelSpec:
     entry_point: str = "lmserve.default"  # option.entryPoint; LMI entry points map to the default
     rolling_batch: Literal["auto", "disable"] = "auto"  # option.rolling_batch
     task: str | None = None  # option.task: None picks the default handler from the checkpoint
-    output_formatter: str | None = None  # option.output_formatter: json, jsonlines or sse (/invocations)
+    output_formatter: str | None = None  # option.output_formatter: json, jsonlines, sse or a model.py function
     enable_venv: bool = False  # option.enable_venv: a custom handler's requirements in a model venv
     revision: str | None = None  # option.revision (Hub)
     max_tokens_policy: Literal["error", "clamp"] = "error"  # option.max_tokens_policy

@@ -210,3 +210,24 @@ ENTRY_POINT = ValueType(
     "'module:function' naming a handler function",
     _entry_point,
 )
+
+
+OUTPUT_FORMATS = ("json", "jsonlines", "sse")
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+
+
+def _output_formatter(raw: object) -> str:
+    text = _text(raw).strip()
+    if text.lower() in OUTPUT_FORMATS:
+        return text.lower()
+    if _IDENTIFIER.fullmatch(text):
+        return text  # a function of the model directory's model.py
+    raise ValueError(text)
+
+
+OUTPUT_FORMATTER = ValueType(
+    "str",
+    f"one of {', '.join(OUTPUT_FORMATS)}, or the name of a function defined in the model directory's model.py",
+    _output_formatter,
+)
+

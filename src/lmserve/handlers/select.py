@@ -1,7 +1,8 @@
 """Which handler serves a model: the generative engine (``None``), a default handler, or custom code.
 
 In order: ``option.entryPoint`` naming a ``.py`` file or ``module:function``; a ``model.py`` beside
-the model's ``serving.properties`` (as the managed containers do); ``option.task``; else the
+the model's ``serving.properties`` (as the managed containers do), unless ``option.output_formatter``
+names a function of it; ``option.task``; else the
 checkpoint's ``architectures`` (``...ForSequenceClassification``: text classification; an encoder
 without a language-model head, e.g. ``BertModel``: text embedding; anything else: generation).
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from lmserve.config.properties import read_properties
 from lmserve.config.settings import ServingConfig
+from lmserve.config.values import OUTPUT_FORMATS
 from lmserve.errors import UnsupportedModelError
 
 EMBEDDING = "lmserve.handlers.encoders:embed"
@@ -47,10 +49,17 @@ def choose_handler(model_dir: Path, handler_dir: Path, config: ServingConfig) ->
         built_in = entry in _BUILT_IN.values()
         task = next((t for t, e in _BUILT_IN.items() if e == entry), "custom")
         return HandlerChoice(entry, custom=not built_in, task=task)
-    if (handler_dir / "model.py").is_file():
+    if (handler_dir / "model.py").is_file() and not _names_formatter(config):
         return HandlerChoice(str((handler_dir / "model.py").resolve()), custom=True, task="custom")
     task = config.model.task or _task_of(model_dir)
     return HandlerChoice(_BUILT_IN[task], custom=False, task=task) if task in _BUILT_IN else None
+
+
+def _names_formatter(config: ServingConfig) -> bool:
+    """Whether ``option.output_formatter`` names a function of model.py: model.py then holds that
+    formatter of the default handler's answers, not a handler (as in the managed containers)."""
+    formatter = config.model.output_formatter
+    return formatter is not None and formatter not in OUTPUT_FORMATS
 
 
 def _task_of(model_dir: Path) -> str:
@@ -80,5 +89,5 @@ def handler_properties(model_dir: Path, handler_dir: Path, config: ServingConfig
                    "batch_size": str(config.batching.batch_size),
                    "max_batch_delay": f"{config.batching.max_batch_delay_ms:g}",
                    "predict_timeout": f"{config.workers.predict_timeout_s:g}",
-                   "device": config.engine.device}  # fmt: skip
+                   "device": config.engine.device, "dtype": config.engine.dtype}  # fmt: skip
     return properties

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmserve.config.settings import ServingConfig
+from lmserve.config.values import OUTPUT_FORMATS
 from lmserve.engine.protocol import ModelInfo
 from lmserve.errors import (
     EngineDeadError,
@@ -33,6 +34,7 @@ from lmserve.errors import (
     ShuttingDownError,
 )
 from lmserve.handlers.launcher import HandlerLauncher
+from lmserve.handlers.output_formatter import Formatter, load_output_formatter
 from lmserve.handlers.select import HandlerChoice, choose_handler
 from lmserve.handlers.setup import PreparedHandler, handler_launcher, prepare_handler
 from lmserve.metrics import ServerMetrics
@@ -93,6 +95,7 @@ class ModelRuntime:
         self.state = State.LOADING
         self.error: BaseException | None = None
         self.tokenizer: Tokenizer | None = None
+        self.output_formatter: Formatter | None = None  # a model.py function (option.output_formatter)
         self.launcher: Launcher | None = None
         self.handler: HandlerLauncher | None = None  # set when a handler serves it, not the engine
         self.handler_task: str | None = None  # "custom", "text-embedding", "text-classification"
@@ -124,6 +127,7 @@ class ModelRuntime:
                 if choice is None:
                     with _phase("tokenizer"):
                         self.tokenizer = await asyncio.to_thread(_load_tokenizer, path, self.config)
+                        self.output_formatter = await asyncio.to_thread(self._load_output_formatter)
                 else:
                     with _phase("handler setup"):
                         prepared = await asyncio.to_thread(prepare_handler, choice, path, self._handler_dir,
@@ -168,6 +172,10 @@ class ModelRuntime:
                                              plan.default_model, policy)  # fmt: skip
         self._created = fetched.created
         self._handler_dir = fetched.properties.parent if fetched.properties is not None else fetched.path
+        if fetched.properties is None and plan.model_arg and (Path(plan.model_arg) / "serving.properties").is_file():
+            # A local directory whose serving.properties sends option.model_id elsewhere: the
+            # configuration came from it, and so do model.py and requirements.txt beside it.
+            self._handler_dir = Path(plan.model_arg)
         with _phase("config"):
             model_arg = fetched.model_id if plan.default_model else plan.model_arg
             self.config = load_serving_config(model_arg, cli=plan.cli,
@@ -204,6 +212,19 @@ class ModelRuntime:
                 "model.py); a model registered at run time may only use the built-in handlers. Serve it "
                 "by naming it when the server starts instead")  # fmt: skip
         return choice
+
+    def _load_output_formatter(self) -> Formatter | None:
+        """The model.py function ``option.output_formatter`` names, if it names one; refused for a
+        model registered at run time, like any code that comes with a model."""
+        name = self.config.model.output_formatter
+        if name is None or name in OUTPUT_FORMATS:
+            return None
+        if not self.loaded_at_startup:
+            raise NotAllowedError(
+                f"model '{self.name}' names a custom output formatter (option.output_formatter={name!r}), which runs "
+                "code from its model.py; a model registered at run time may only use json, jsonlines or sse. Serve "
+                "it by naming it when the server starts instead")  # fmt: skip
+        return load_output_formatter(self._handler_dir, name)
 
     async def _start_handler(self, path: Path, task: str, prepared: PreparedHandler) -> None:
         devices = await asyncio.to_thread(detect_devices, self.config.engine.device, self.config.workers.cpu_devices)

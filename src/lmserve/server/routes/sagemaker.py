@@ -8,7 +8,8 @@ Body ``{"inputs": str | [str], "parameters": {...}, "stream": bool}``. Without s
 
 ``option.output_formatter`` changes that shape: ``json`` streams one JSON document
 (``{"generated_text": ...}``, written piece by piece), ``jsonlines`` answers a JSON line per input
-without streaming, ``sse`` sends the lines as Server-Sent Events (``data: {...}``).
+without streaming, ``sse`` sends the lines as Server-Sent Events (``data: {...}``); the name of a
+model.py function hands the answer to that function (``server/formatting.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
 
 from lmserve.errors import InvalidRequestError
+from lmserve.server import formatting
 from lmserve.server import generation as gen
 from lmserve.server.errors import jsonlines_error, sse_error_event
 from lmserve.server.params import LMI_DEFAULT_MAX_NEW_TOKENS, lmi_sampling_params
@@ -93,10 +95,18 @@ async def invoke(rt: ModelRuntime, request: Request, body: InvocationRequest) ->
     if body.stream and not single:
         raise InvalidRequestError("inputs", "streaming takes one input; send a string, not a list")
     new = NewTokens("parameters.max_new_tokens", body.parameters.max_new_tokens, LMI_DEFAULT_MAX_NEW_TOKENS)
-    params = lmi_sampling_params(body.parameters, max_new_tokens=new.initial, logprobs=body.stream)
+    # A custom formatter sees each token's log-probability, streaming or not (as in the containers).
+    params = lmi_sampling_params(body.parameters, max_new_tokens=new.initial,
+                                 logprobs=body.stream or rt.output_formatter is not None)
     fields = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(texts))]
     prompts = [await prompt_ids(rt, text, f, body.parameters.truncate) for text, f in zip(texts, fields, strict=True)]
     streams = gen.start_all(rt, fit(rt, prompts, params, new), "lmi")
+    if rt.output_formatter is not None:
+        parameters = body.parameters.model_dump(exclude_unset=True)
+        views = [formatting.new_output(i, t, p, parameters) for i, (t, p) in enumerate(zip(texts, prompts, strict=True))]
+        if body.stream:
+            return await formatting.streamed(rt, request, rt.output_formatter, views[0], streams[0])
+        return await formatting.whole(rt, request, rt.output_formatter, views, streams)
     formatter = rt.config.model.output_formatter
     if body.stream:
         first = await gen.first_delta(request, streams[0])

@@ -1,0 +1,110 @@
+"""A padding-free forward pass of a BERT encoder, for the text-embedding handler.
+
+A dynamic batch holds texts of different lengths. Padded to the longest, every linear layer, the
+LayerNorms and the GELU also run over the padding, which is 20-40% of the work for a batch of short
+sentences. Here those run over the real tokens only, concatenated into one ``[tokens, hidden]``
+matrix (one large matmul per layer, as efficient as the padded one); only attention, which mixes
+tokens within a text, scatters them into a padded ``[texts, heads, longest, head_dim]`` layout and
+gathers them back. It is the same arithmetic as Hugging Face's ``BertModel`` in the same dtype, so
+its vectors match (the handler's tests compare them against transformers).
+
+Only plain BERT (absolute positions, GELU, no cross-attention) qualifies; ``PackedBert.supports``
+says whether a model does, and the handler keeps transformers' padded forward for the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+
+
+class PackedBert:
+    """The encoder of a ``transformers`` ``BertModel`` run over packed tokens (see the module docstring)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.embeddings = model.embeddings
+        self.heads = model.config.num_attention_heads
+        self.set_matmul_dtype(torch.float32)
+
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """Run the matrix products in ``dtype`` (bf16 where the CPU has fast bf16 dot products),
+        with the weights converted once here rather than on every call as autocast would; the
+        residual stream, LayerNorm, GELU and attention stay fp32."""
+        self.dtype = dtype
+        self.layers = []
+        for layer in self.model.encoder.layer:
+            attention = layer.attention.self
+            # q|k|v as one matmul: one pass over the activations instead of three.
+            qkv = (torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]),
+                   torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))  # fmt: skip
+            linears = [qkv, *((m.weight, m.bias) for m in (layer.attention.output.dense, layer.intermediate.dense,
+                                                            layer.output.dense))]  # fmt: skip
+            weights = [(w.detach().to(dtype), b.detach().to(dtype)) for w, b in linears]
+            self.layers.append((weights, layer.attention.output.LayerNorm, layer.output.LayerNorm))
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether ``model`` is a plain BERT encoder this forward reproduces exactly."""
+        config = model.config
+        return (getattr(config, "model_type", None) == "bert"
+                and getattr(config, "position_embedding_type", "absolute") == "absolute"
+                and config.hidden_act == "gelu" and not getattr(config, "add_cross_attention", False)
+                and not getattr(config, "is_decoder", False))  # fmt: skip
+
+    def __call__(self, ids: list[list[int]], token_types: list[list[int]] | None = None) -> torch.Tensor:
+        """The last hidden state of every text's tokens, concatenated: ``[sum of lengths, hidden]``."""
+        lengths = torch.tensor([len(t) for t in ids])
+        flat = torch.tensor([token for text in ids for token in text])
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        types = (torch.tensor([t for text in token_types for t in text]) if token_types is not None
+                 else torch.zeros_like(flat))  # fmt: skip
+        e = self.embeddings
+        x = e.word_embeddings(flat) + e.position_embeddings(positions) + e.token_type_embeddings(types)
+        x = e.LayerNorm(x)
+        # Where each real token sits in the padded [texts * longest] layout attention uses.
+        longest = int(lengths.max())
+        slots = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lengths.tolist())])
+        key_mask = torch.arange(longest)[None, :] < lengths[:, None]  # [texts, longest]
+        for (qkv, attn_out, up, down), norm1, norm2 in self.layers:
+            context = self._attention(_linear(x, *qkv), slots, key_mask, longest)
+            x = norm1(_linear(context, *attn_out) + x)
+            x = norm2(_linear(F.gelu(_linear(x, *up)), *down) + x)
+        return x
+
+    def _attention(self, qkv: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor,
+                   longest: int) -> torch.Tensor:  # fmt: skip
+        """Scaled dot-product attention within each text; ``qkv`` is ``[tokens, 3 * hidden]``."""
+        texts, width = key_mask.shape[0], qkv.shape[1]
+        ragged = len(slots) < texts * longest  # texts of equal length (one alone) need no padding
+        padded = qkv
+        if ragged:
+            padded = qkv.new_zeros(texts * longest, width)
+            padded[slots] = qkv
+        head_dim = width // 3 // self.heads
+        q, k, v = padded.view(texts, longest, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :] if ragged else None)
+        out = out.transpose(1, 2).reshape(texts * longest, width // 3)
+        return out[slots] if ragged else out
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` in the weight's dtype, returned in fp32."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).float()
+
+
+def mean_pool(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The mean of each text's rows of the packed ``hidden``: ``[texts, hidden]``."""
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    sums = hidden.new_zeros(len(lengths), hidden.shape[1]).index_add_(0, owner, hidden)
+    return sums / torch.tensor(lengths, dtype=hidden.dtype)[:, None]
+
+
+def first_token(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each text's first row (the CLS token) of the packed ``hidden``: ``[texts, hidden]``."""
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    return hidden[starts]

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "LMSERVE_CPU_KERNELS"
 CSRC = Path(__file__).with_name("csrc")
 # Sources compiled into the extension; headers only feed the cache key.
-SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_cache.cpp")
+SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_cache.cpp", "quant_gemm.cpp")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                  "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")

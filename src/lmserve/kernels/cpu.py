@@ -13,6 +13,7 @@ from types import ModuleType
 import torch
 
 from lmserve.kernels.packed import PackedLinear, interleave_gate_up, pack_panels
+from lmserve.kernels.quant import QuantLinear
 from lmserve.kernels.reference import ReferenceOps
 
 _PLAIN, _SILU_MUL = 0, 1  # lmserve::Epilogue in csrc/kernels.h
@@ -47,14 +48,22 @@ class CpuOps(ReferenceOps):
                             layout="panel32", gate_up=True)
 
     def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, QuantLinear) and not w.gate_up and x.device.type == "cpu":
+            return self._quant(x, w, bias)
         if w.layout != "panel32" or w.gate_up:
             return super().linear(x, w, bias)
         return self.ext.linear(x, w.data, w.out_features, bias, _PLAIN, torch.get_num_threads())
 
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor:
+        if isinstance(w, QuantLinear) and w.gate_up and x.device.type == "cpu":
+            return self._quant(x, w, None)
         if w.layout != "panel32" or not w.gate_up:
             return super().linear_silu_mul(x, w)
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
+
+    def _quant(self, x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,
+                                     w.group, w.bits, bias, w.gate_up, torch.get_num_threads())
 
     # -- elementwise -------------------------------------------------------------------------
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ import torch
 
 from lmserve.kernels.packed import PANEL, PackedLinear
 
-MODES = ("none", "int8", "int4", "gguf")
 GROUP = 32  # own int8/int4 group; 64 costs int4 quality for 0.06 bytes per weight (benchmarks/quality.py)
 
 

@@ -1,0 +1,29 @@
+// Torch-free interface of the quantized linear kernel (quant_gemm.cpp); layouts in kernels/quant.py.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace lmserve {
+
+struct QuantLinearArgs {
+    const float* x;          // [M, K], row stride ldx
+    int64_t ldx;
+    const uint8_t* q;        // panels of values: [P, K, 32] int8 (bits 8) or [P, K, 16] nibble pairs (bits 4)
+    const float* scales;     // [P, K / group, 32]
+    const float* mins;       // [P, K / group, 32] or null (zero)
+    const float* bias;       // [N] or null (not with silu_mul)
+    float* y;                // [M, N], row stride ldy
+    int64_t ldy;
+    int64_t M, N, K;         // N: output columns (the gate width with silu_mul)
+    int64_t panels;
+    int64_t group;           // a multiple of 16 dividing K
+    int bits;                // 8 or 4
+    bool silu_mul;           // panels alternate gate/up: y = silu(gate) * up
+    int nthreads;
+};
+
+void linear_quant(const QuantLinearArgs& a);
+
+}  // namespace lmserve

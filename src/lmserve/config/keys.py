@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmserve.config import values as v
+from lmserve.config.settings import QUANTIZE_MODES
 from lmserve.dtypes import ALIASES as DTYPE_ALIASES
 from lmserve.dtypes import DTYPES
-from lmserve.config.settings import QUANTIZE_MODES
 
 Scope = Literal["model", "server"]
 

@@ -198,9 +198,9 @@ def _read_packed(path: Path, model: nn.Module) -> dict[str, PackedLinear]:
             if "group" not in fields:
                 packs[name] = PackedLinear(data=f.get_tensor(name), **fields)
                 continue
-            extra = {k: f.get_tensor(f"{name}:{k}") if f"{name}:{k}" in names else torch.empty(0)
-                     for k in ("scales", "mins")}
-            packs[name] = QuantLinear(data=f.get_tensor(name), **extra, **fields)
+            scales, mins = (f.get_tensor(f"{name}:{k}") if f"{name}:{k}" in names else torch.empty(0)
+                            for k in ("scales", "mins"))
+            packs[name] = QuantLinear(data=f.get_tensor(name), scales=scales, mins=mins, **fields)
     linears = _linears(model)
     if not packs or any(name not in linears or not linears[name].fits(p) for name, p in packs.items()):
         return {}  # made for another model layout (or lmserve version): the weights get packed afresh

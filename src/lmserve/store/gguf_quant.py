@@ -93,10 +93,10 @@ def _q6_k(raw: np.ndarray, n: int, k: int) -> _Parts:
     ql, qh = b[:, :128], b[:, 128:192]
     sc = b[:, 192:208].view(np.int8).astype(np.float32)
     d = _f16(b[:, 208:210])[:, None]
-    low = ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    low = (low & 0x0F).reshape(-1, 8, 32)
-    high = qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    high = (high & 0x03).reshape(-1, 8, 32)
+    low_bits = ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    high_bits = qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    low = (low_bits & 0x0F).reshape(-1, 8, 32)
+    high = (high_bits & 0x03).reshape(-1, 8, 32)
     q = (low | (high << 4)).astype(np.int16) - 32
     return q.reshape(-1, _QK_K), d * sc, None, 8, 16
 

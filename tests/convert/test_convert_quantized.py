@@ -9,15 +9,16 @@ import torch
 
 from lmserve.convert import convert
 from lmserve.convert.converter import store_quantized
-from lmserve.kernels import ReferenceOps
+from lmserve.kernels import get_ops
 from lmserve.kernels.quant import QuantLinear
 from lmserve.models import loader as loader_module
 from lmserve.models.loader import load_model
+from lmserve.models.quantize import cache_name
 from lmserve.parallel.layers import LinearBase
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-OPS = ReferenceOps("cpu")
+OPS = get_ops("cpu")  # the kernels lmserve convert packs for
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def _packs(model: torch.nn.Module) -> dict[str, object]:
 
 def test_convert_stores_quantized_weights_under_the_mode_name(converted: tuple[Path, Path]) -> None:
     _, out = converted
-    assert (out / "rank0.packed-int8.safetensors").is_file()
-    assert not (out / "rank0.packed-int4.safetensors").exists()
+    assert (out / f"rank0.packed-{cache_name('int8', OPS)}.safetensors").is_file()
+    assert not (out / f"rank0.packed-{cache_name('int4', OPS)}.safetensors").exists()
 
 
 def test_a_load_with_the_same_mode_restores_them_without_quantizing(converted: tuple[Path, Path],
@@ -62,6 +63,6 @@ def test_another_mode_does_not_take_them(converted: tuple[Path, Path]) -> None:
     _, out = converted
     model, _ = load_model(out, torch.float32, torch.device("cpu"), OPS, quantize="int4")
     packs = _packs(model)
-    assert {p.layout for name, p in packs.items() if name != "lm_head"} == {"q4"}  # type: ignore[attr-defined]
+    assert {p.layout for name, p in packs.items() if name != "lm_head"} == {"q4"}  # type: ignore[union-attr]
     plain, _ = load_model(out, torch.float32, torch.device("cpu"), OPS)
     assert not any(isinstance(p, QuantLinear) for p in _packs(plain).values())

@@ -13,8 +13,10 @@ from lmserve.kernels.quant import (
     dequantize_packed,
     pack_quant,
     quantize,
+    quantize_activations,
     quantize_int4,
     quantize_int8,
+    to_vnni,
 )
 
 
@@ -121,3 +123,42 @@ def test_packing_round_trips_the_grouped_form() -> None:
     torch.manual_seed(3)
     for g in (quantize_int8(torch.randn(45, 96)), quantize_int4(torch.randn(45, 96)), q6k_like(45, 96)):
         assert torch.equal(dequantize_packed(pack_quant(g)), g.dequantize())
+
+
+# -- the VNNI layout: int8 weights x int8-rounded activations ------------------------------------
+def vnni_oracle(x: torch.Tensor, g: Grouped, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return oracle(quantize_activations(x, g.group), g, bias)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q6k-like"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 96), (3, 33, 512), (6, 130, 1056), (13, 576, 1536)])
+def test_vnni_layout_matches_dequantize_then_matmul_of_rounded_activations(ops: Ops, fmt: str, m: int, n: int,
+                                                                          k: int) -> None:
+    torch.manual_seed(m + n)
+    g = FORMATS[fmt](torch.randn(n, k))
+    x, bias = torch.randn(m, k), torch.randn(n)
+    packed = to_vnni(pack_quant(g))
+    assert packed.layout == "q8v" and torch.equal(dequantize_packed(packed), g.dequantize())
+    close(ops.linear(x, packed, bias), vnni_oracle(x, g, bias), k)
+    gate_up = to_vnni(pack_quant(concat([g, g]), n, gate_up=True))
+    want = torch.nn.functional.silu(vnni_oracle(x, g).double()) * vnni_oracle(x, g).double()
+    close(ops.linear_silu_mul(x, gate_up), want.float(), k)
+
+
+def test_vnni_results_stay_within_activation_rounding_of_weight_only(compiled_ops: Ops) -> None:
+    torch.manual_seed(4)
+    g, x = quantize_int8(torch.randn(256, 576)), torch.randn(8, 576)
+    exact = oracle(x, g)
+    err = (compiled_ops.linear(x, to_vnni(pack_quant(g))) - exact).abs().max() / exact.abs().max()
+    assert float(err) < 0.02
+
+
+def test_vnni_layout_packed_elsewhere_runs_without_vnni(compiled_ops: Ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled_ops, "vnni", False)
+    g, x = quantize_int8(torch.randn(40, 64)), torch.randn(2, 64)
+    close(compiled_ops.linear(x, to_vnni(pack_quant(g))), vnni_oracle(x, g), 64)
+
+
+def test_only_int8_without_mins_takes_the_vnni_layout() -> None:
+    for g in (quantize_int4(torch.randn(32, 64)), concat([quantize_int4(torch.randn(32, 64)), q6k_like(32, 64)])):
+        assert to_vnni(pack_quant(g)).layout != "q8v"

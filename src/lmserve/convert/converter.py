@@ -75,11 +75,11 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
 
 def store_quantized(model_dir: Path | str, conversion: Path | str, quantize: str) -> int:
     """Quantize every rank of ``conversion`` as ``quantize`` says and keep the packed weights beside
-    it (``rank{r}.packed-{quantize}.safetensors``, the file a load with that setting reads), so
+    it (``rank{r}.packed-{quantize}[-vnni].safetensors``, the file a load with that setting reads), so
     serving skips quantizing. ``model_dir`` is the original (a GGUF import's blocks live there).
     Returns the bytes of the quantized linear weights of all ranks."""
     from lmserve.kernels import get_ops
-    from lmserve.models.quantize import check_mode, quantize_model, weight_bytes
+    from lmserve.models.quantize import cache_name, check_mode, quantize_model, weight_bytes
 
     model_dir, conversion = Path(model_dir), Path(conversion)
     if check_mode(quantize) == "none":
@@ -94,8 +94,9 @@ def store_quantized(model_dir: Path | str, conversion: Path | str, quantize: str
         state = ParallelState(rank, degree)
         model = info.empty_model(state)
         presharded.load_rank(model, conversion, rank)
-        quantize_model(model, quantize, model_dir, info.family.weights, state)
-        presharded.remember_packed(model, conversion, rank, get_ops("cpu"), quantize)
+        ops = get_ops("cpu")
+        quantize_model(model, quantize, model_dir, info.family.weights, state, ops)
+        presharded.remember_packed(model, conversion, rank, ops, cache_name(quantize, ops))
         total += weight_bytes(model)[1]
     return total
 

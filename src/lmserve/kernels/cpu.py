@@ -8,10 +8,12 @@ batch sizes a few microseconds of Python per call are a visible share of a layer
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
 
+from lmserve.kernels.build import cpu_flags
 from lmserve.kernels.packed import PackedLinear, interleave_gate_up, pack_panels
 from lmserve.kernels.quant import QuantLinear
 from lmserve.kernels.reference import ReferenceOps
@@ -28,6 +30,9 @@ class CpuOps(ReferenceOps):
     def __init__(self, ext: ModuleType) -> None:
         super().__init__("cpu")
         self.ext = ext
+        # int8 weights x int8 activations with vpdpbusd: 2-6x the weight-only int8 kernel at every M
+        # measured (benchmarks in the kernels' commit); off with LMSERVE_QUANT_VNNI=0.
+        self.vnni = "avx512_vnni" in cpu_flags() and os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0"
 
     @property
     def fast_bf16(self) -> bool:
@@ -62,8 +67,10 @@ class CpuOps(ReferenceOps):
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
 
     def _quant(self, x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
+        if w.layout == "q8v" and not self.vnni:  # packed on another machine: never run what may fault
+            return super().linear_silu_mul(x, w) if w.gate_up else super().linear(x, w, bias)
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,
-                                     w.group, w.bits, bias, w.gate_up, torch.get_num_threads())
+                                     w.group, w.kernel_bits, bias, w.gate_up, torch.get_num_threads())
 
     # -- elementwise -------------------------------------------------------------------------
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ holding column ``j`` in its low nibble and column ``16 + j`` in its high one) an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,8 @@ def kernel_groups_ok(k: int, group: int) -> bool:
 
 @dataclass(frozen=True)
 class QuantLinear(PackedLinear):
-    """A quantized weight in panels (layout ``"q8"`` or ``"q4"``, see the module docstring).
+    """A quantized weight in panels (layout ``"q8"``, ``"q4"`` or ``"q8v"``, see the module docstring
+    and :func:`to_vnni`).
     ``data`` holds the values; ``mins`` is empty when the format has none."""
 
     scales: torch.Tensor = torch.empty(0)
@@ -139,6 +141,11 @@ class QuantLinear(PackedLinear):
     @property
     def bits(self) -> int:
         return 4 if self.layout == "q4" else 8
+
+    @property
+    def kernel_bits(self) -> int:
+        """What the compiled kernel is told: 8, 4, or 0 for the VNNI layout."""
+        return 0 if self.layout == "q8v" else self.bits
 
 
 def _panels(t: torch.Tensor, panels: int) -> torch.Tensor:
@@ -178,15 +185,43 @@ def pack_quant(g: Grouped, out_features: int | None = None, gate_up: bool = Fals
                        scales=scales, mins=mins, group=g.group)
 
 
+def to_vnni(w: QuantLinear) -> QuantLinear:
+    """An int8 weight without mins in the layout of the VNNI kernel (``"q8v"``): per panel, four
+    consecutive k of each column side by side (``[P, K/4, 32, 4]``), stored as value + 128, because
+    vpdpbusd multiplies four unsigned bytes by four signed ones. Anything else is returned as is."""
+    if w.layout != "q8" or w.mins.numel() or w.in_features % 4:
+        return w
+    p, k = int(w.data.shape[0]), w.in_features
+    shifted = (w.data.to(torch.int16) + 128).to(torch.uint8)
+    data = shifted.view(p, k // 4, 4, PANEL).transpose(2, 3).reshape(p, k // 4, 4 * PANEL).contiguous()
+    return dataclasses.replace(w, data=data, layout="q8v")
+
+
+def _values(w: QuantLinear) -> torch.Tensor:
+    """The quantized values of any layout as ``[P, K, 32]`` floats."""
+    if w.layout == "q4":
+        b = w.data
+        return torch.cat([(b & 0xF), (b >> 4)], dim=-1).float()
+    if w.layout == "q8v":
+        p, k = int(w.data.shape[0]), w.in_features
+        return (w.data.view(p, k // 4, PANEL, 4).transpose(2, 3).reshape(p, k, PANEL).float() - 128.0)
+    return w.data.float()
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x[M, K]`` rounded as the VNNI kernel rounds it: int8 per row and group, scale max|x| / 127."""
+    m, k = x.shape
+    g = x.float().reshape(m, k // group, group)
+    scale = g.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(g * inv) * scale).reshape(m, k)
+
+
 def dequantize_packed(w: QuantLinear) -> torch.Tensor:
     """The fp32 weight a ``QuantLinear`` multiplies by: ``[N, K]``, or ``cat([gate, up])`` for gate|up
     (the reference the kernels are tested against)."""
     panels, k = int(w.data.shape[0]), w.in_features
-    if w.bits == 4:
-        b = w.data
-        q = torch.cat([(b & 0xF), (b >> 4)], dim=-1).float()  # [P, K, 32]
-    else:
-        q = w.data.float()
+    q = _values(w)  # [P, K, 32]
     groups = k // w.group
     q = q.view(panels, groups, w.group, PANEL)
     full = q * w.scales.view(panels, groups, 1, PANEL)
@@ -204,5 +239,8 @@ def dequantize_packed(w: QuantLinear) -> torch.Tensor:
 def reference_linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ dequantize(W)^T + bias`` in fp32, returned in ``x``'s dtype."""
     weight = dequantize_packed(w)
-    y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
+    xf = x.float()
+    if w.layout == "q8v":  # the kernel multiplies int8-rounded activations
+        xf = quantize_activations(xf.reshape(-1, w.in_features), w.group).reshape(xf.shape)
+    y = torch.nn.functional.linear(xf, weight, None if bias is None else bias.float())
     return y.to(x.dtype)

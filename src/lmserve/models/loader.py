@@ -12,7 +12,7 @@ from lmserve.errors import UnsupportedModelError
 from lmserve.kernels import KernelModule, Ops
 from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.config import ModelConfig
-from lmserve.models.quantize import check_mode, quantize_model, weight_bytes
+from lmserve.models.quantize import cache_name, check_mode, quantize_model, weight_bytes
 from lmserve.models.weights import load_weights
 from lmserve.parallel.presharded import find_conversion, load_rank, remember_packed
 from lmserve.parallel.state import SINGLE, ParallelState
@@ -34,17 +34,17 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
     info = describe_checkpoint(model_dir, dtype, device, max_model_len)
     model = info.empty_model(state)
     conversion = find_conversion(model_dir, state.world_size, dtype)
-    packed = conversion is not None and load_rank(model, conversion, state.rank, ops, quantize)
+    packed = conversion is not None and load_rank(model, conversion, state.rank, ops, cache_name(quantize, ops))
     if conversion is None:
         load_weights(model, model_dir, info.family.weights, progress=progress)
     if not packed:
-        quantize_model(model, quantize, model_dir, info.family.weights, state)
+        quantize_model(model, quantize, model_dir, info.family.weights, state, ops)
     model = model.to(device)
     for module in model.modules():
         if isinstance(module, KernelModule):
             module.finalize(ops)
     if conversion is not None and not packed:
-        remember_packed(model, conversion, state.rank, ops, quantize)
+        remember_packed(model, conversion, state.rank, ops, cache_name(quantize, ops))
     total, linear = weight_bytes(model)
     log.info("weights: %.1f MiB in memory, %.1f MiB of them linear layers (quantize=%s)", total / 2**20,
              linear / 2**20, quantize)

@@ -18,7 +18,17 @@ from torch import nn
 
 from lmserve.config.settings import QUANTIZE_MODES
 from lmserve.errors import ConfigError, UnsupportedModelError
-from lmserve.kernels.quant import GROUP, Grouped, QuantLinear, concat, kernel_groups_ok, pack_quant, quantize
+from lmserve.kernels import Ops
+from lmserve.kernels.quant import (
+    GROUP,
+    Grouped,
+    QuantLinear,
+    concat,
+    kernel_groups_ok,
+    pack_quant,
+    quantize,
+    to_vnni,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import GateUpSwiGLU, LinearBase, ParallelLMHead
 from lmserve.parallel.state import ParallelState
@@ -34,9 +44,20 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def uses_vnni(ops: Ops) -> bool:
+    """Whether ``ops`` multiply int8 weights in the VNNI layout (``kernels.quant.to_vnni``)."""
+    return bool(getattr(ops, "vnni", False))
+
+
+def cache_name(mode: str, ops: Ops) -> str:
+    """The name packed ``mode`` weights are cached under: the VNNI layout is kept apart."""
+    return f"{mode}-vnni" if mode != "none" and uses_vnni(ops) else mode
+
+
 def quantize_model(model: nn.Module, mode: str, model_dir: Path, weight_map: WeightMap,
-                   state: ParallelState) -> None:
-    """Replace the weight of each linear layer of ``model`` by its ``mode`` form (``restore_packed``)."""
+                   state: ParallelState, ops: Ops | None = None) -> None:
+    """Replace the weight of each linear layer of ``model`` by its ``mode`` form (``restore_packed``),
+    int8 ones without mins in the VNNI layout when ``ops`` use it."""
     if check_mode(mode) == "none":
         return
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LinearBase) and m.packed is None}
@@ -47,8 +68,10 @@ def quantize_model(model: nn.Module, mode: str, model_dir: Path, weight_map: Wei
         grouped = gguf_layers(model_dir, weight_map, linears)
     else:
         grouped = {name: g for name, layer in linears.items() if (g := _own(layer, mode)) is not None}
+    vnni = ops is not None and uses_vnni(ops)
     for name, g in grouped.items():
-        linears[name].restore_packed(pack_layer(linears[name], g))
+        packed = pack_layer(linears[name], g)
+        linears[name].restore_packed(to_vnni(packed) if vnni else packed)
     kept = sorted(set(linears) - set(grouped))
     if kept:
         log.info("quantize=%s: %d linear layers keep float weights (e.g. %s)", mode, len(kept), ", ".join(kept[:3]))

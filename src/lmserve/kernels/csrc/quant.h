@@ -22,6 +22,12 @@ struct QuantLinearArgs {
     int bits;                // 8 or 4
     bool silu_mul;           // panels alternate gate/up: y = silu(gate) * up
     int nthreads;
+    // VNNI layout ("q8v"): q is [P, K/4, 32, 4] bytes holding value + 128, no mins. Activations are
+    // quantized per row and group first (xq int8 [M, K], xscale [M, K/group], xsum [M, K/group]).
+    bool vnni;
+    const int8_t* xq;
+    const float* xscale;
+    const int32_t* xsum;
 };
 
 void linear_quant(const QuantLinearArgs& a);

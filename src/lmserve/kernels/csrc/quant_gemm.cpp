@@ -5,11 +5,13 @@
 // multiplied with broadcast fp32 activations, exactly like the bf16 kernel in gemm.cpp. Decode reads
 // a quarter (int8: half) of the bf16 weight bytes; the few extra instructions per k are hidden
 // behind the loads at small M and amortized over up to kMR rows at large M. Threads split output
-// columns first, then rows, as gemm.cpp does.
+// columns first, then rows, as gemm.cpp does. Where the CPU has AVX-512 VNNI, int8 weights without
+// mins may instead be stored for vpdpbusd ("q8v") and multiplied by int8-quantized activations.
 #include <omp.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -135,6 +137,106 @@ void qpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, fl
 
 using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, bool);
 
+// -- VNNI: int8 weights x int8 activations, 64 multiply-adds per vpdpbusd ------------------------
+// vpdpbusd multiplies unsigned by signed bytes, so weights are stored + 128 and the excess removed
+// per group with the activations' integer sum: sum (q + 128) x = sum q x + 128 sum x.
+constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
+
+#define LMSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
+
+template <int MR>
+LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc, const QTile& t,
+                         bool first) {
+    const int64_t groups = a.K / a.group;
+    const uint8_t* q = a.q + p * a.K * kPanel;  // [K/4][32][4]
+    const float* sc = a.scales + p * groups * kPanel;
+    __m512 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
+        const int64_t gi = g0 / a.group;
+        __m512i iacc[MR][2];
+        for (int r = 0; r < MR; ++r) iacc[r][0] = iacc[r][1] = _mm512_setzero_si512();
+        for (int64_t k = g0; k < g0 + a.group; k += 4) {
+            const uint8_t* wk = q + k * kPanel;  // (k / 4) * 32 * 4
+            const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
+            for (int r = 0; r < MR; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, a.xq + (m + r) * a.K + k, 4);
+                const __m512i xv = _mm512_set1_epi32(four);
+                iacc[r][0] = _mm512_dpbusd_epi32(iacc[r][0], w0, xv);
+                iacc[r][1] = _mm512_dpbusd_epi32(iacc[r][1], w1, xv);
+            }
+        }
+        const __m512 s0 = _mm512_loadu_ps(sc + gi * kPanel), s1 = _mm512_loadu_ps(sc + gi * kPanel + 16);
+        for (int r = 0; r < MR; ++r) {
+            const int64_t xi = (m + r) * groups + gi;
+            const __m512i fix = _mm512_set1_epi32(128 * a.xsum[xi]);
+            const __m512 xs = _mm512_set1_ps(a.xscale[xi]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[r][0], fix)), _mm512_mul_ps(s0, xs),
+                                        acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[r][1], fix)), _mm512_mul_ps(s1, xs),
+                                        acc[r][1]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float* cr = t.c + r * t.ldc;
+        __m512 a0 = acc[r][0], a1 = acc[r][1];
+        if (!first) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
+        } else if (t.bias) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
+        }
+        _mm512_mask_storeu_ps(cr, t.m0, a0);
+        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
+    }
+}
+
+LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
+                              int64_t ncols, bool with_adds) {
+    const int64_t nkb = (a.K + kKC - 1) / kKC;
+    int64_t kc_full = (a.K + nkb - 1) / nkb;
+    kc_full = (kc_full + a.group - 1) / a.group * a.group;
+    QTile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
+            with_adds && a.bias ? a.bias + p * kPanel : nullptr};
+    for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
+        const int64_t kc = std::min(kc_full, a.K - k0);
+        for (int64_t m = m0; m < m1; m += kVR) {
+            QTile tm = t;
+            tm.c = c + (m - m0) * ldc;
+            switch (std::min<int64_t>(kVR, m1 - m)) {
+                case 1: vmicro<1>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 2: vmicro<2>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 3: vmicro<3>(a, p, m, k0, kc, tm, k0 == 0); break;
+                default: vmicro<4>(a, p, m, k0, kc, tm, k0 == 0); break;
+            }
+        }
+    }
+}
+
+// Per row and group: scale = max|x| / 127, xq = round(x / scale), xsum = sum of xq.
+void quantize_rows(const QuantLinearArgs& a, int8_t* xq, float* xscale, int32_t* xsum) {
+    const int64_t groups = a.K / a.group;
+#pragma omp parallel for num_threads(a.nthreads) schedule(static) if (a.M * a.K > 65536)
+    for (int64_t m = 0; m < a.M; ++m) {
+        const float* x = a.x + m * a.ldx;
+        for (int64_t g = 0; g < groups; ++g) {
+            float amax = 0.0f;
+            for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) amax = std::max(amax, std::abs(x[k]));
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) {
+                const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inv));
+                xq[m * a.K + k] = static_cast<int8_t>(v);
+                sum += v;
+            }
+            xscale[m * groups + g] = scale;
+            xsum[m * groups + g] = sum;
+        }
+    }
+}
+
 inline __m512 silu_mul(__m512 g, __m512 u) {
     const __m512 e = exp2_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.4426950408889634f)));
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
@@ -165,10 +267,24 @@ void run_qtask(const QuantLinearArgs& a, PanelFn panel, int64_t m0, int64_t m1, 
 
 }  // namespace
 
-void linear_quant(const QuantLinearArgs& a) {
-    if (a.M <= 0 || a.panels <= 0) return;
+void linear_quant(const QuantLinearArgs& a_in) {
+    if (a_in.M <= 0 || a_in.panels <= 0) return;
+    QuantLinearArgs a = a_in;
+    std::vector<int8_t> xq;
+    std::vector<float> xscale;
+    std::vector<int32_t> xsum;
     PanelFn panel = a.bits == 4 ? (a.mins ? &qpanel_rows<4, true> : &qpanel_rows<4, false>)
                                 : (a.mins ? &qpanel_rows<8, true> : &qpanel_rows<8, false>);
+    if (a.vnni) {
+        xq.resize(static_cast<size_t>(a.M * a.K));
+        xscale.resize(static_cast<size_t>(a.M * (a.K / a.group)));
+        xsum.resize(xscale.size());
+        quantize_rows(a, xq.data(), xscale.data(), xsum.data());
+        a.xq = xq.data();
+        a.xscale = xscale.data();
+        a.xsum = xsum.data();
+        panel = &vpanel_rows;
+    }
     const int64_t unit = a.silu_mul ? 2 : 1;
     const int64_t units = a.panels / unit;
     const int64_t threads = std::max(1, a.nthreads);

@@ -125,29 +125,30 @@ def test_packing_round_trips_the_grouped_form() -> None:
         assert torch.equal(dequantize_packed(pack_quant(g)), g.dequantize())
 
 
-# -- the VNNI layout: int8 weights x int8-rounded activations ------------------------------------
+# -- the VNNI layouts: 8- and 4-bit weights x int8-rounded activations ------------------------------------
 def vnni_oracle(x: torch.Tensor, g: Grouped, bias: torch.Tensor | None = None) -> torch.Tensor:
     return oracle(quantize_activations(x, g.group), g, bias)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q6k-like"])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 96), (3, 33, 512), (6, 130, 1056), (13, 576, 1536)])
+@pytest.mark.parametrize("fmt", ["int8", "q6k-like", "int4"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 96), (3, 33, 512), (13, 130, 1056)])
 def test_vnni_layout_matches_dequantize_then_matmul_of_rounded_activations(ops: Ops, fmt: str, m: int, n: int,
                                                                           k: int) -> None:
     torch.manual_seed(m + n)
     g = FORMATS[fmt](torch.randn(n, k))
     x, bias = torch.randn(m, k), torch.randn(n)
     packed = to_vnni(pack_quant(g))
-    assert packed.layout == "q8v" and torch.equal(dequantize_packed(packed), g.dequantize())
+    assert packed.layout in ("q8v", "q4v") and torch.equal(dequantize_packed(packed), g.dequantize())
     close(ops.linear(x, packed, bias), vnni_oracle(x, g, bias), k)
     gate_up = to_vnni(pack_quant(concat([g, g]), n, gate_up=True))
     want = torch.nn.functional.silu(vnni_oracle(x, g).double()) * vnni_oracle(x, g).double()
     close(ops.linear_silu_mul(x, gate_up), want.float(), k)
 
 
-def test_vnni_results_stay_within_activation_rounding_of_weight_only(compiled_ops: Ops) -> None:
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_vnni_results_stay_within_activation_rounding_of_weight_only(compiled_ops: Ops, mode: str) -> None:
     torch.manual_seed(4)
-    g, x = quantize_int8(torch.randn(256, 576)), torch.randn(8, 576)
+    g, x = quantize(torch.randn(256, 576), mode), torch.randn(8, 576)
     exact = oracle(x, g)
     err = (compiled_ops.linear(x, to_vnni(pack_quant(g))) - exact).abs().max() / exact.abs().max()
     assert float(err) < 0.02
@@ -159,6 +160,8 @@ def test_vnni_layout_packed_elsewhere_runs_without_vnni(compiled_ops: Ops, monke
     close(compiled_ops.linear(x, to_vnni(pack_quant(g))), vnni_oracle(x, g), 64)
 
 
-def test_only_int8_without_mins_takes_the_vnni_layout() -> None:
-    for g in (quantize_int4(torch.randn(32, 64)), concat([quantize_int4(torch.randn(32, 64)), q6k_like(32, 64)])):
-        assert to_vnni(pack_quant(g)).layout != "q8v"
+def test_vnni_layouts_are_taken_by_int8_without_mins_and_4_bit() -> None:
+    assert to_vnni(pack_quant(quantize_int8(torch.randn(32, 64)))).layout == "q8v"
+    assert to_vnni(pack_quant(quantize_int4(torch.randn(32, 64)))).layout == "q4v"
+    mixed = pack_quant(concat([quantize_int4(torch.randn(32, 64)), q6k_like(32, 64)]))  # 8-bit with mins
+    assert to_vnni(mixed).layout == "q8"

@@ -67,7 +67,7 @@ class CpuOps(ReferenceOps):
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
 
     def _quant(self, x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
-        if w.layout == "q8v" and not self.vnni:  # packed on another machine: never run what may fault
+        if w.layout in ("q8v", "q4v") and not self.vnni:  # packed on another machine: never run what may fault
             return super().linear_silu_mul(x, w) if w.gate_up else super().linear(x, w, bias)
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,
                                      w.group, w.kernel_bits, bias, w.gate_up, torch.get_num_threads())

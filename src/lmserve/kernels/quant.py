@@ -140,12 +140,12 @@ class QuantLinear(PackedLinear):
 
     @property
     def bits(self) -> int:
-        return 4 if self.layout == "q4" else 8
+        return 4 if self.layout in ("q4", "q4v") else 8
 
     @property
     def kernel_bits(self) -> int:
-        """What the compiled kernel is told: 8, 4, or 0 for the VNNI layout."""
-        return 0 if self.layout == "q8v" else self.bits
+        """What the compiled kernel is told: 8 or 4, 0 or -4 for the VNNI layouts."""
+        return {"q8v": 0, "q4v": -4}.get(self.layout, self.bits)
 
 
 def _panels(t: torch.Tensor, panels: int) -> torch.Tensor:
@@ -186,15 +186,21 @@ def pack_quant(g: Grouped, out_features: int | None = None, gate_up: bool = Fals
 
 
 def to_vnni(w: QuantLinear) -> QuantLinear:
-    """An int8 weight without mins in the layout of the VNNI kernel (``"q8v"``): per panel, four
-    consecutive k of each column side by side (``[P, K/4, 32, 4]``), stored as value + 128, because
-    vpdpbusd multiplies four unsigned bytes by four signed ones. Anything else is returned as is."""
-    if w.layout != "q8" or w.mins.numel() or w.in_features % 4:
+    """A weight in the layout of the VNNI kernel, which multiplies four unsigned weight bytes by four
+    signed activation bytes (vpdpbusd): per panel, four consecutive k of a column side by side.
+    ``"q8v"`` (int8 without mins): ``[P, K/4, 32, 4]`` holding value + 128. ``"q4v"``: ``[P, K/4, 64]``,
+    byte ``4c + j`` holding column ``c`` in its low nibble and column ``16 + c`` in its high one.
+    Anything else (int8 with mins, a layout already converted) is returned as is."""
+    if w.layout not in ("q8", "q4") or (w.layout == "q8" and w.mins.numel()) or w.in_features % 4:
         return w
     p, k = int(w.data.shape[0]), w.in_features
-    shifted = (w.data.to(torch.int16) + 128).to(torch.uint8)
-    data = shifted.view(p, k // 4, 4, PANEL).transpose(2, 3).reshape(p, k // 4, 4 * PANEL).contiguous()
-    return dataclasses.replace(w, data=data, layout="q8v")
+    quads = _values(w).to(torch.int16).view(p, k // 4, 4, PANEL).transpose(2, 3)  # [P, K/4, 32, 4]
+    if w.layout == "q8":
+        data = (quads + 128).to(torch.uint8).reshape(p, k // 4, 4 * PANEL).contiguous()
+        return dataclasses.replace(w, data=data, layout="q8v")
+    u = quads.to(torch.uint8)
+    data = (u[:, :, :16] | (u[:, :, 16:] << 4)).reshape(p, k // 4, 2 * PANEL).contiguous()
+    return dataclasses.replace(w, data=data, layout="q4v")
 
 
 def _values(w: QuantLinear) -> torch.Tensor:
@@ -202,9 +208,13 @@ def _values(w: QuantLinear) -> torch.Tensor:
     if w.layout == "q4":
         b = w.data
         return torch.cat([(b & 0xF), (b >> 4)], dim=-1).float()
+    p, k = int(w.data.shape[0]), w.in_features
     if w.layout == "q8v":
-        p, k = int(w.data.shape[0]), w.in_features
-        return (w.data.view(p, k // 4, PANEL, 4).transpose(2, 3).reshape(p, k, PANEL).float() - 128.0)
+        return w.data.view(p, k // 4, PANEL, 4).transpose(2, 3).reshape(p, k, PANEL).float() - 128.0
+    if w.layout == "q4v":
+        b = w.data.view(p, k // 4, 16, 4)
+        quads = torch.cat([b & 0xF, b >> 4], dim=2)  # [P, K/4, 32, 4]
+        return quads.transpose(2, 3).reshape(p, k, PANEL).float()
     return w.data.float()
 
 
@@ -240,7 +250,7 @@ def reference_linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None)
     """``x @ dequantize(W)^T + bias`` in fp32, returned in ``x``'s dtype."""
     weight = dequantize_packed(w)
     xf = x.float()
-    if w.layout == "q8v":  # the kernel multiplies int8-rounded activations
+    if w.layout in ("q8v", "q4v"):  # the kernel multiplies int8-rounded activations
         xf = quantize_activations(xf.reshape(-1, w.in_features), w.group).reshape(xf.shape)
     y = torch.nn.functional.linear(xf, weight, None if bias is None else bias.float())
     return y.to(x.dtype)

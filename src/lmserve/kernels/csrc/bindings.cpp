@@ -74,12 +74,13 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
                     int64_t n, int64_t group, int64_t bits, const std::optional<Tensor>& bias_in, bool silu_mul,
                     int64_t nthreads) {
     TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
-    TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 0, "bits must be 8, 4 or 0 (VNNI int8)");
-    const bool vnni = bits == 0;
-    const int64_t width = vnni ? 4 * lmserve::kPanel : (bits == 8 ? lmserve::kPanel : 16);
+    // bits: 8 or 4 (weight-only layouts), 0 or -4 (the VNNI layouts of 8- and 4-bit values)
+    TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 0 || bits == -4, "bits must be 8, 4, 0 or -4");
+    const bool vnni = bits <= 0;
+    const int64_t width = vnni ? (bits == 0 ? 4 : 2) * lmserve::kPanel : (bits == 8 ? lmserve::kPanel : 16);
     TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous() && q.size(2) == width && q.element_size() == 1,
                       "quantized values must be contiguous 1-byte [panels, K", vnni ? " / 4" : "", ", ", width, "]");
-    TORCH_CHECK_VALUE(!vnni || !mins, "the VNNI layout has no mins");
+    TORCH_CHECK_VALUE(bits != 0 || !mins, "the 8-bit VNNI layout has no mins");
     const int64_t K = vnni ? 4 * q.size(1) : q.size(1);
     TORCH_CHECK_VALUE(group >= 16 && group % 16 == 0 && K % group == 0, "group ", group, " must be a multiple of 16 "
                       "dividing K = ", K);
@@ -114,7 +115,7 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
     a.K = K;
     a.panels = q.size(0);
     a.group = group;
-    a.bits = vnni ? 8 : static_cast<int>(bits);
+    a.bits = bits == 0 ? 8 : (bits == -4 ? 4 : static_cast<int>(bits));
     a.vnni = vnni;
     a.silu_mul = silu_mul;
     a.nthreads = static_cast<int>(nthreads);

@@ -22,8 +22,9 @@ struct QuantLinearArgs {
     int bits;                // 8 or 4
     bool silu_mul;           // panels alternate gate/up: y = silu(gate) * up
     int nthreads;
-    // VNNI layout ("q8v"): q is [P, K/4, 32, 4] bytes holding value + 128, no mins. Activations are
-    // quantized per row and group first (xq int8 [M, K], xscale [M, K/group], xsum [M, K/group]).
+    // VNNI layouts: "q8v" [P, K/4, 32, 4] bytes holding value + 128; "q4v" [P, K/4, 64] nibble pairs
+    // (quant_gemm.cpp). Activations are quantized per row and group first (xq int8 [M, K], xscale and
+    // xsum [M, K/group]).
     bool vnni;
     const int8_t* xq;
     const float* xscale;

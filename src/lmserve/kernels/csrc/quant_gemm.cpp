@@ -144,12 +144,15 @@ constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
 
 #define LMSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
 
-template <int MR>
+// 4-bit VNNI layout: per k-quad 64 bytes, byte 4c + j holding (k + j, column c) in its low nibble and
+// (k + j, column 16 + c) in its high one; the values 0..15 need no offset, the min adds min * sum x.
+template <int MR, int BITS, bool MIN>
 LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc, const QTile& t,
                          bool first) {
     const int64_t groups = a.K / a.group;
-    const uint8_t* q = a.q + p * a.K * kPanel;  // [K/4][32][4]
+    const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);  // [K/4][32][4] or [K/4][64]
     const float* sc = a.scales + p * groups * kPanel;
+    const float* mn = MIN ? a.mins + p * groups * kPanel : nullptr;
     __m512 acc[MR][2];
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
@@ -157,8 +160,17 @@ LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t
         __m512i iacc[MR][2];
         for (int r = 0; r < MR; ++r) iacc[r][0] = iacc[r][1] = _mm512_setzero_si512();
         for (int64_t k = g0; k < g0 + a.group; k += 4) {
-            const uint8_t* wk = q + k * kPanel;  // (k / 4) * 32 * 4
-            const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
+            __m512i w0, w1;
+            if constexpr (BITS == 8) {
+                const uint8_t* wk = q + k * kPanel;  // (k / 4) * 32 * 4
+                w0 = _mm512_loadu_si512(wk);
+                w1 = _mm512_loadu_si512(wk + 64);
+            } else {
+                const __m512i v = _mm512_loadu_si512(q + k * (kPanel / 2));  // (k / 4) * 64
+                const __m512i low = _mm512_set1_epi8(0x0F);
+                w0 = _mm512_and_si512(v, low);
+                w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
             for (int r = 0; r < MR; ++r) {
                 int32_t four;
                 __builtin_memcpy(&four, a.xq + (m + r) * a.K + k, 4);
@@ -168,14 +180,26 @@ LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t
             }
         }
         const __m512 s0 = _mm512_loadu_ps(sc + gi * kPanel), s1 = _mm512_loadu_ps(sc + gi * kPanel + 16);
+        __m512 n0 = _mm512_setzero_ps(), n1 = _mm512_setzero_ps();
+        if constexpr (MIN) {
+            n0 = _mm512_loadu_ps(mn + gi * kPanel);
+            n1 = _mm512_loadu_ps(mn + gi * kPanel + 16);
+        }
         for (int r = 0; r < MR; ++r) {
             const int64_t xi = (m + r) * groups + gi;
-            const __m512i fix = _mm512_set1_epi32(128 * a.xsum[xi]);
             const __m512 xs = _mm512_set1_ps(a.xscale[xi]);
-            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[r][0], fix)), _mm512_mul_ps(s0, xs),
-                                        acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[r][1], fix)), _mm512_mul_ps(s1, xs),
-                                        acc[r][1]);
+            if constexpr (BITS == 8) {  // stored + 128: remove 128 * sum x
+                const __m512i fix = _mm512_set1_epi32(128 * a.xsum[xi]);
+                iacc[r][0] = _mm512_sub_epi32(iacc[r][0], fix);
+                iacc[r][1] = _mm512_sub_epi32(iacc[r][1], fix);
+            }
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][0]), _mm512_mul_ps(s0, xs), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][1]), _mm512_mul_ps(s1, xs), acc[r][1]);
+            if constexpr (MIN) {
+                const __m512 xsum = _mm512_set1_ps(a.xscale[xi] * static_cast<float>(a.xsum[xi]));
+                acc[r][0] = _mm512_fmadd_ps(n0, xsum, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(n1, xsum, acc[r][1]);
+            }
         }
     }
     for (int r = 0; r < MR; ++r) {
@@ -193,6 +217,7 @@ LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t
     }
 }
 
+template <int BITS, bool MIN>
 LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
                               int64_t ncols, bool with_adds) {
     const int64_t nkb = (a.K + kKC - 1) / kKC;
@@ -206,10 +231,10 @@ LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, i
             QTile tm = t;
             tm.c = c + (m - m0) * ldc;
             switch (std::min<int64_t>(kVR, m1 - m)) {
-                case 1: vmicro<1>(a, p, m, k0, kc, tm, k0 == 0); break;
-                case 2: vmicro<2>(a, p, m, k0, kc, tm, k0 == 0); break;
-                case 3: vmicro<3>(a, p, m, k0, kc, tm, k0 == 0); break;
-                default: vmicro<4>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 2: vmicro<2, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 3: vmicro<3, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                default: vmicro<4, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
             }
         }
     }
@@ -283,7 +308,8 @@ void linear_quant(const QuantLinearArgs& a_in) {
         a.xq = xq.data();
         a.xscale = xscale.data();
         a.xsum = xsum.data();
-        panel = &vpanel_rows;
+        panel = a.bits == 4 ? (a.mins ? &vpanel_rows<4, true> : &vpanel_rows<4, false>)
+                            : (a.mins ? &vpanel_rows<8, true> : &vpanel_rows<8, false>);
     }
     const int64_t unit = a.silu_mul ? 2 : 1;
     const int64_t units = a.panels / unit;

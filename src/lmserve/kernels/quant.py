@@ -24,7 +24,8 @@ import torch
 
 from lmserve.kernels.packed import PANEL, PackedLinear
 
-GROUP = 32  # own int8/int4 group; 64 costs int4 quality for 0.06 bytes per weight (benchmarks/quality.py)
+LAYOUT_VERSION = 2  # bump when a packed layout changes: cached packed weights of older ones are not read
+GROUP = 32  # own int8/int4 group, as llama.cpp's Q8_0/Q4_1 (64 would save 0.06 bytes per weight; not measured)
 
 
 @dataclass(frozen=True)

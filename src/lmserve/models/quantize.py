@@ -21,6 +21,7 @@ from lmserve.errors import ConfigError, UnsupportedModelError
 from lmserve.kernels import Ops
 from lmserve.kernels.quant import (
     GROUP,
+    LAYOUT_VERSION,
     Grouped,
     QuantLinear,
     concat,
@@ -50,8 +51,10 @@ def uses_vnni(ops: Ops) -> bool:
 
 
 def cache_name(mode: str, ops: Ops) -> str:
-    """The name packed ``mode`` weights are cached under: the VNNI layout is kept apart."""
-    return f"{mode}-vnni" if mode != "none" and uses_vnni(ops) else mode
+    """The name packed ``mode`` weights are cached under: the layouts' version, VNNI ones apart."""
+    if mode == "none":
+        return mode
+    return f"{mode}-v{LAYOUT_VERSION}" + ("-vnni" if uses_vnni(ops) else "")
 
 
 def quantize_model(model: nn.Module, mode: str, model_dir: Path, weight_map: WeightMap,

@@ -67,8 +67,8 @@ def test_config_objects_are_frozen(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "key",
     ["option.compiled_graph_path", "option.context_length_estimate", "option.load_split_model",
-     "option.enable_mixed_precision_accumulation", "option.amp", "option.quantize",
-     "option.load_in_8bit", "option.enable_streaming"],
+     "option.enable_mixed_precision_accumulation", "option.amp", "option.load_in_8bit",
+     "option.enable_streaming"],
 )  # fmt: skip
 def test_hardware_only_keys_leave_exactly_one_warning(key: str, tmp_path: Path) -> None:
     config = load_props(tmp_path, f"{key}=anything\n", "org/m")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmserve.config import values as v
+from lmserve.config.settings import QUANTIZE_MODES
 from lmserve.dtypes import ALIASES as DTYPE_ALIASES
 from lmserve.dtypes import DTYPES
 
@@ -67,6 +68,9 @@ class Key:
         return (self.name, *self.aliases)
 
 
+# Other LMI engines' formats; named in the error, so a managed-container config fails clearly.
+_QUANTIZE_OTHERS = ("; awq, gptq, fp8, bitsandbytes, smoothquant and the other GPU engines' formats "
+                    "are not supported")
 _NO_DYNAMIC = ("used by handler models (model.py, embeddings, classification) only: text generation batches "
                "continuously and does not use it")
 _DTYPES = {**{name: name for name in DTYPES}, "auto": "auto", **DTYPE_ALIASES}
@@ -124,6 +128,11 @@ _ENGINE_KEYS = (
         flag="--tensor-parallel-degree", shortcut="TENSOR_PARALLEL_DEGREE"),
     Key("option.dtype", v.choice(_DTYPES), "engine.dtype", "Weight and activation dtype.",
         flag="--dtype"),
+    Key("option.quantize", v.choice({mode: mode for mode in QUANTIZE_MODES}, _QUANTIZE_OTHERS), "engine.quantize",
+        "Linear weights in fewer bits, in the CPU kernels: int8 (symmetric, one scale per 32 weights) "
+        "or int4 (one scale and min per 32) quantizes a float checkpoint at load (and in lmserve "
+        "convert); gguf serves a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights as they are (other "
+        "types load dequantized). Embeddings and norms stay in option.dtype.", flag="--quantize"),
     Key("option.device", v.choice({"auto": "auto", "cpu": "cpu", "cuda": "cuda"}), "engine.device",
         "Device kind; auto picks cuda when available.", flag="--device"),
     Key("option.n_positions", v.integer(1), "engine.max_model_len",
@@ -242,7 +251,7 @@ _SERVER_KEYS = (
 )
 
 _NEURON = "only means something on AWS Neuron (Inferentia/Trainium) hardware"
-_QUANT = "lmserve does not quantise; weights load in option.dtype"
+_QUANT = "lmserve quantizes with option.quantize (none, int8, int4, gguf); weights load as that says"
 _OTHER_ENGINE = "an option of another LMI engine (DeepSpeed, HF Accelerate, vLLM, TensorRT-LLM)"
 _IGNORED: dict[str, tuple[str, ...]] = {
     _NEURON: ("neuron_optimize_level", "compiled_graph_path", "context_length_estimate",
@@ -251,7 +260,7 @@ _IGNORED: dict[str, tuple[str, ...]] = {
               "rolling_batch_strategy", "fuse_qkv", "on_device_embedding", "attention_layout",
               "collectives_layout", "cache_layout", "partition_schema", "all_reduce_dtype",
               "cast_logits_dtype", "draft_model_compiled_path"),
-    _QUANT: ("quantize", "load_in_8bit", "load_in_4bit", "smoothquant_alpha"),
+    _QUANT: ("load_in_8bit", "load_in_4bit", "smoothquant_alpha"),
     _OTHER_ENGINE: ("mpi_mode", "low_cpu_mem_usage", "enable_cuda_graph", "triangular_masking",
                     "return_tuple", "training_mp_size", "checkpoint", "device_map",
                     "decoding_strategy", "max_sparsity", "max_splits", "disable_flash_attn",

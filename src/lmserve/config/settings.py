@@ -12,6 +12,8 @@ from typing import Literal
 
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
+Quantize = Literal["none", "int8", "int4", "gguf"]
+QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "int8", "int4", "gguf")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class EngineConfig:
     model: str  # the model as configured; the store replaces it with the fetched local directory
     dtype: Dtype = "auto"  # option.dtype; auto = bf16 where the device runs it well, else fp32
     device: Device = "auto"  # option.device; auto = cuda when available, else cpu
+    quantize: Quantize = "none"  # option.quantize: linear weights as int8, int4 or a GGUF's own types
     tensor_parallel_degree: int = 1  # option.tensor_parallel_degree; TENSOR_PARALLEL_MAX until placed
     max_model_len: int | None = None  # option.n_positions; None = the model's own limit
     max_num_seqs: int = 64  # option.max_rolling_batch_size: requests decoded together

@@ -1,4 +1,4 @@
-"""``lmserve convert MODEL --tp N --dtype bf16 [-o DIR]``: pre-shard a model ahead of serving it.
+"""``lmserve convert MODEL --tp N --dtype bf16 [--quantize int8] [-o DIR]``: pre-shard a model ahead of serving it.
 
 Without ``-o`` the conversion goes to the cache, where ``lmserve serve MODEL`` with the same degree
 and dtype finds it; with ``-o DIR`` it is a self-contained directory that can be served directly.
@@ -24,6 +24,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype to store weights in; auto = what serving on --device would pick")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="the device 'auto' dtype is resolved for (default: cuda if present)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4", "gguf"), default="none",
+                        help="also store the linear weights quantized so (the packed form serving with "
+                             "the same option.quantize loads)")
     parser.add_argument("-o", "--output", default=None,
                         help="write to this new directory instead of the lmserve cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -41,7 +44,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert as ``args`` say and print where the conversion is; returns the exit status."""
-    from lmserve.convert.converter import convert, ensure_converted
+    from lmserve.convert.converter import convert, ensure_converted, store_quantized
     from lmserve.dtypes import dtype_name
 
     model_dir = _model_dir(args.model, progress=not args.quiet)
@@ -51,7 +54,9 @@ def run_convert(args: argparse.Namespace) -> int:
         out = convert(model_dir, Path(args.output), args.tp, dtype, progress=not args.quiet)
     else:
         out = ensure_converted(model_dir, args.tp, dtype, progress=not args.quiet)
-    print(f"{model_dir} -> {out} (tensor_parallel_degree {args.tp}, {dtype_name(dtype)}, "
+    quantized = store_quantized(model_dir, out, args.quantize)
+    extra = f", {args.quantize} linear weights {quantized / 2**20:.1f} MiB" if quantized else ""
+    print(f"{model_dir} -> {out} (tensor_parallel_degree {args.tp}, {dtype_name(dtype)}{extra}, "
           f"{time.perf_counter() - start:.1f}s)")
     return 0
 

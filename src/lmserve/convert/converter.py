@@ -73,6 +73,34 @@ def convert(model_dir: Path | str, out_dir: Path | str, tensor_parallel_degree: 
     return out_dir
 
 
+def store_quantized(model_dir: Path | str, conversion: Path | str, quantize: str) -> int:
+    """Quantize every rank of ``conversion`` as ``quantize`` says and keep the packed weights beside
+    it (``rank{r}.packed-{quantize}[-vnni].safetensors``, the file a load with that setting reads), so
+    serving skips quantizing. ``model_dir`` is the original (a GGUF import's blocks live there).
+    Returns the bytes of the quantized linear weights of all ranks."""
+    from lmserve.kernels import get_ops
+    from lmserve.models.quantize import cache_name, check_mode, quantize_model, weight_bytes
+
+    model_dir, conversion = Path(model_dir), Path(conversion)
+    if check_mode(quantize) == "none":
+        return 0
+    manifest = presharded.read_manifest(conversion)
+    if manifest is None:
+        raise UnsupportedModelError(f"{conversion} is not a finished conversion")
+    degree, dtype = manifest["tensor_parallel_degree"], torch_dtype(manifest["dtype"])
+    info = describe_checkpoint(model_dir, dtype, torch.device("cpu"))
+    total = 0
+    for rank in range(degree):
+        state = ParallelState(rank, degree)
+        model = info.empty_model(state)
+        presharded.load_rank(model, conversion, rank)
+        ops = get_ops("cpu")
+        quantize_model(model, quantize, model_dir, info.family.weights, state, ops)
+        presharded.remember_packed(model, conversion, rank, ops, cache_name(quantize, ops))
+        total += weight_bytes(model)[1]
+    return total
+
+
 def conversion_pays(model_dir: Path, degree: int, dtype: torch.dtype) -> bool:
     """Whether loading would do work a conversion saves: slicing for several ranks, casting to
     another dtype, or reading pickled ``.bin`` weights."""

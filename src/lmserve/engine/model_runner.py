@@ -38,7 +38,8 @@ class ModelRunner:
         self.ops = get_ops(self.device)
         start = time.perf_counter()
         self.model, self.model_config = load_model(Path(config.model), self.dtype, self.device, self.ops,
-                                                   config.max_model_len, state, progress=progress and state.is_first)
+                                                   config.max_model_len, state, progress=progress and state.is_first,
+                                                   quantize=config.quantize)
         log.info("loaded %s (%s, %s) in %.1fs", self.model_config.architecture, str(self.dtype).split(".")[-1],
                  self.device, time.perf_counter() - start)
         step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)

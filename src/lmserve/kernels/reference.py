@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels.packed import PackedLinear
+from lmserve.kernels.quant import QuantLinear, reference_linear
 from lmserve.kernels.reference_attention import paged_attention
 
 
@@ -57,6 +58,8 @@ class ReferenceOps:
         return self.silu_and_mul(self._matmul(x, w, None))
 
     def _matmul(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(w, QuantLinear):
+            return reference_linear(x, w, bias)
         if w.layout != "plain":
             raise ValueError(f"weight layout {w.layout!r} was packed for other kernels than {self.name!r}")
         data = w.data

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmserve.errors import UnsupportedModelError
 from lmserve.kernels import KernelModule, Ops
 from lmserve.kernels.choice import ChoiceTable, choosable, choose
 from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.config import ModelConfig
+from lmserve.models.quantize import cache_name, check_mode, quantize_model, weight_bytes
 from lmserve.models.weights import load_weights
 from lmserve.parallel.layers import LinearBase, ParallelLMHead
 from lmserve.parallel.presharded import find_conversion, load_rank, remember_packed
@@ -22,23 +24,32 @@ log = logging.getLogger(__name__)
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: Ops,
                max_model_len: int | None = None, state: ParallelState = SINGLE,
-               progress: bool = False) -> tuple[nn.Module, ModelConfig]:
-    """Instantiate the family's model, load and shard its weights, and prepare them for ``ops``.
+               progress: bool = False, quantize: str = "none") -> tuple[nn.Module, ModelConfig]:
+    """Instantiate the family's model, load and shard its weights, and prepare them for ``ops``
+    (linear weights quantized as ``quantize`` says, see ``models.quantize``).
 
     A matching pre-sharded conversion (``model_dir`` itself, or one in the cache) is loaded as is.
     """
+    if check_mode(quantize) != "none" and device.type != "cpu":
+        raise UnsupportedModelError(f"quantize={quantize!r} runs on the CPU kernels; on {device.type} use "
+                                    "quantize='none'")
     info = describe_checkpoint(model_dir, dtype, device, max_model_len)
     model = info.empty_model(state)
     conversion = find_conversion(model_dir, state.world_size, dtype)
-    packed = conversion is not None and load_rank(model, conversion, state.rank, ops)
+    packed = conversion is not None and load_rank(model, conversion, state.rank, ops, cache_name(quantize, ops))
     if conversion is None:
         load_weights(model, model_dir, info.family.weights, progress=progress)
+    if not packed:
+        quantize_model(model, quantize, model_dir, info.family.weights, state, ops)
     model = model.to(device)
     for module in model.modules():
         if isinstance(module, KernelModule):
             module.finalize(ops)
     if conversion is not None and not packed:
-        remember_packed(model, conversion, state.rank, ops)
+        remember_packed(model, conversion, state.rank, ops, cache_name(quantize, ops))
+    total, linear = weight_bytes(model)
+    log.info("weights: %.1f MiB in memory, %.1f MiB of them linear layers (quantize=%s)", total / 2**20,
+             linear / 2**20, quantize)
     model.eval()
     return model, info.config
 

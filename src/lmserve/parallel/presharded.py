@@ -32,6 +32,7 @@ from lmserve.dtypes import dtype_name
 from lmserve.errors import UnsupportedModelError
 from lmserve.fsutil import staged_file
 from lmserve.kernels import Ops, PackedLinear
+from lmserve.kernels.quant import QuantLinear
 from lmserve.parallel.layers import LinearBase
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,13 @@ def save_rank(model: nn.Module, path: Path) -> tuple[int, int]:
     return path.stat().st_size, len(tensors)
 
 
-def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Ops | None = None) -> bool:
+def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Ops | None = None, quantize: str = "none") -> bool:
     """Give ``model`` rank ``rank``'s tensors from a conversion, without casting or slicing; with
-    ``ops``, also the weights packed for those kernels by an earlier load (``remember_packed``).
-    Returns whether packed weights were restored."""
+    ``ops``, also the weights packed for those kernels (and ``quantize``) by an earlier load
+    (``remember_packed``). Returns whether packed weights were restored."""
     path = conversion / rank_file(rank)
     wanted = dict(named_tensors(model))
-    packs = _read_packed(conversion / packed_file(rank, ops), model) if ops is not None else {}
+    packs = _read_packed(conversion / packed_file(rank, ops, quantize), model) if ops is not None else {}
     skip = {f"{name}.weight" for name in packs}  # replaced by their packed form below
     with safe_open(str(path), framework="pt", device="cpu") as f:
         names = set(f.keys())
@@ -160,24 +161,28 @@ def load_rank(model: nn.Module, conversion: Path, rank: int, ops: Ops | None = N
     return bool(packs)
 
 
-def packed_file(rank: int, ops: Ops) -> str:
-    return f"rank{rank}.packed-{ops.name}.safetensors"
+def packed_file(rank: int, ops: Ops, quantize: str = "none") -> str:
+    """The packed weights of one rank; quantized ones are the same for every kernel set."""
+    return f"rank{rank}.packed-{ops.name if quantize == 'none' else quantize}.safetensors"
 
 
-def remember_packed(model: nn.Module, conversion: Path, rank: int, ops: Ops) -> None:
-    """Keep the weights ``ops`` packed (after ``finalize``) next to the conversion, so later loads
-    skip packing: the kernels' half of the compiled-model cache. Plain layouts are not kept (they
-    cost nothing to rebuild); a read-only conversion just stays without them."""
+def remember_packed(model: nn.Module, conversion: Path, rank: int, ops: Ops, quantize: str = "none") -> None:
+    """Keep the weights ``ops`` packed (after ``finalize``, quantized as ``quantize`` says) next to
+    the conversion, so later loads skip packing: the kernels' half of the compiled-model cache. Plain
+    layouts are not kept (they cost nothing to rebuild); a read-only conversion stays without them."""
     packs = {name: m.packed for name, m in model.named_modules()
              if isinstance(m, LinearBase) and m.packed is not None and m.packed.layout != "plain"}
     if not packs:
         return
-    meta = {name: {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "data"}
-            for name, p in packs.items()}
+    meta, tensors = {}, {}
+    for name, p in packs.items():
+        values = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+        meta[name] = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({name if k == "data" else f"{name}:{k}": v.contiguous()
+                        for k, v in values.items() if isinstance(v, torch.Tensor) and v.numel()})
     try:
-        with staged_file(conversion / packed_file(rank, ops)) as tmp:
-            save_file({name: p.data.contiguous() for name, p in packs.items()}, str(tmp),
-                      metadata={"packed": json.dumps(meta)})
+        with staged_file(conversion / packed_file(rank, ops, quantize)) as tmp:
+            save_file(tensors, str(tmp), metadata={"packed": json.dumps(meta)})
     except OSError as exc:
         log.info("not keeping packed weights in %s: %s", conversion, exc)
 
@@ -187,7 +192,15 @@ def _read_packed(path: Path, model: nn.Module) -> dict[str, PackedLinear]:
         return {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = json.loads((f.metadata() or {}).get("packed", "{}"))
-        packs = {name: PackedLinear(data=f.get_tensor(name), **fields) for name, fields in meta.items()}
+        names = set(f.keys())
+        packs: dict[str, PackedLinear] = {}
+        for name, fields in meta.items():
+            if "group" not in fields:
+                packs[name] = PackedLinear(data=f.get_tensor(name), **fields)
+                continue
+            scales, mins = (f.get_tensor(f"{name}:{k}") if f"{name}:{k}" in names else torch.empty(0)
+                            for k in ("scales", "mins"))
+            packs[name] = QuantLinear(data=f.get_tensor(name), scales=scales, mins=mins, **fields)
     linears = _linears(model)
     if not packs or any(name not in linears or not linears[name].fits(p) for name, p in packs.items()):
         return {}  # made for another model layout (or lmserve version): the weights get packed afresh

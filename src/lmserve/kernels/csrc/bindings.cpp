@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "quant.h"
 
 namespace {
 
@@ -71,6 +72,64 @@ Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optiona
 // The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
 // to their pure-torch versions in Python.
 #ifndef LMSERVE_GEMM_ONLY
+// Quantized weight (kernels/quant.py): q [P, K, 32] int8 or [P, K, 16] uint8, scales/mins [P, K/group, 32].
+Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, const std::optional<Tensor>& mins,
+                    int64_t n, int64_t group, int64_t bits, const std::optional<Tensor>& bias_in, bool silu_mul,
+                    int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
+    // bits: 8 or 4 (weight-only layouts), 0 or -4 (the VNNI layouts of 8- and 4-bit values)
+    TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 0 || bits == -4, "bits must be 8, 4, 0 or -4");
+    const bool vnni = bits <= 0;
+    const int64_t width = vnni ? (bits == 0 ? 4 : 2) * lmserve::kPanel : (bits == 8 ? lmserve::kPanel : 16);
+    TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous() && q.size(2) == width && q.element_size() == 1,
+                      "quantized values must be contiguous 1-byte [panels, K", vnni ? " / 4" : "", ", ", width, "]");
+    TORCH_CHECK_VALUE(bits != 0 || !mins, "the 8-bit VNNI layout has no mins");
+    const int64_t K = vnni ? 4 * q.size(1) : q.size(1);
+    TORCH_CHECK_VALUE(group >= 16 && group % 16 == 0 && K % group == 0, "group ", group, " must be a multiple of 16 "
+                      "dividing K = ", K);
+    TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 3 &&
+                          scales.size(0) == q.size(0) && scales.size(1) == K / group && scales.size(2) == lmserve::kPanel,
+                      "scales must be contiguous fp32 [panels, K / group, 32]");
+    if (mins) TORCH_CHECK_VALUE(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kFloat &&
+                                    mins->is_contiguous(), "mins must be shaped and typed like scales");
+    TORCH_CHECK_VALUE(x_in.size(-1) == K, "x has ", x_in.size(-1), " features, the weight expects ", K);
+    const int64_t cover = silu_mul ? q.size(0) / 2 : q.size(0);
+    TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
+                      "output width ", n, " does not match ", q.size(0), " packed panels");
+    TORCH_CHECK_VALUE(!silu_mul || !bias_in, "silu_mul takes no bias");
+    const Tensor x = as_rows(x_in);
+    Tensor y = torch::empty({x.size(0), n}, x.options());
+    lmserve::QuantLinearArgs a{};
+    a.x = x.data_ptr<float>();
+    a.ldx = x.stride(0);
+    a.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
+    a.scales = scales.data_ptr<float>();
+    a.mins = mins ? mins->data_ptr<float>() : nullptr;
+    Tensor bias;
+    if (bias_in) {
+        bias = bias_in->to(at::kFloat).contiguous();
+        TORCH_CHECK_VALUE(bias.numel() == n, "bias must have ", n, " elements, got ", bias.numel());
+        a.bias = bias.data_ptr<float>();
+    }
+    a.y = y.data_ptr<float>();
+    a.ldy = y.stride(0);
+    a.M = x.size(0);
+    a.N = n;
+    a.K = K;
+    a.panels = q.size(0);
+    a.group = group;
+    a.bits = bits == 0 ? 8 : (bits == -4 ? 4 : static_cast<int>(bits));
+    a.vnni = vnni;
+    a.silu_mul = silu_mul;
+    a.nthreads = static_cast<int>(nthreads);
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::linear_quant(a);
+    }
+    if (x_in.dim() != 2) y = y.view(out_shape(x_in, n));
+    return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
 Tensor int32_rows(const Tensor& t) {
     Tensor r = t.scalar_type() == at::kInt ? t : t.to(at::kInt);
     return r.is_contiguous() ? r : r.contiguous();
@@ -253,6 +312,7 @@ void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear", &linear, "y = x W^T (+ bias) with a packed bf16 weight");
 #ifndef LMSERVE_GEMM_ONLY
+    m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");

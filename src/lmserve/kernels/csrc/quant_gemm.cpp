@@ -1,0 +1,333 @@
+// y = x W^T with quantized weights (kernels/quant.py): W[n, k] = q * scale + min per group of k.
+//
+// Weight-only: each k-row of a 32-column panel is dequantized to two fp32 vectors in registers
+// (int8: one 32-byte load and two sign-extends; 4-bit: one 16-byte load, an AND and a shift) and
+// multiplied with broadcast fp32 activations, exactly like the bf16 kernel in gemm.cpp. Decode reads
+// a quarter (int8: half) of the bf16 weight bytes; the few extra instructions per k are hidden
+// behind the loads at small M and amortized over up to kMR rows at large M. Threads split output
+// columns first, then rows, as gemm.cpp does. Where the CPU has AVX-512 VNNI, int8 weights without
+// mins may instead be stored for vpdpbusd ("q8v") and multiplied by int8-quantized activations.
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "quant.h"
+#include "vec.h"
+
+namespace lmserve {
+namespace {
+
+constexpr int kMR = 8;         // rows per micro-tile: 16 accumulators + 2 weights + scales/mins
+constexpr int64_t kMC = 128;   // rows per task, a multiple of kMR
+constexpr int64_t kKC = 512;   // K block (rounded to whole groups)
+
+struct QTile {
+    float* c;
+    int64_t ldc;
+    __mmask16 m0, m1;
+    const float* bias;
+};
+
+// Panel row k, dequantized: lanes 0..15 and 16..31 of the panel's columns.
+template <int BITS>
+inline void load_q(const uint8_t* q, int64_t k, __m512& w0, __m512& w1) {
+    if constexpr (BITS == 8) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * kPanel));
+        w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    } else {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k * 16)));
+        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+    }
+}
+
+// Accumulates MR rows of x[:, k0:k0+kc] (kc whole groups) against one panel into the tile.
+template <int MR, int BITS, bool MIN>
+void qmicro(const float* x, int64_t ldx, const QuantLinearArgs& a, int64_t p, int64_t k0, int64_t kc,
+            const QTile& t, bool first) {
+    constexpr int S = MR >= 4 ? 1 : 2;  // independent accumulator sets hide FMA latency at small MR
+    const int64_t groups = a.K / a.group;
+    const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : 16);
+    const float* sc = a.scales + p * groups * kPanel;
+    const float* mn = MIN ? a.mins + p * groups * kPanel : nullptr;
+    __m512 acc[S][MR][2];
+    for (int s = 0; s < S; ++s)
+        for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
+    for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
+        const int64_t gi = g0 / a.group;
+        const __m512 s0 = _mm512_loadu_ps(sc + gi * kPanel), s1 = _mm512_loadu_ps(sc + gi * kPanel + 16);
+        __m512 n0 = _mm512_setzero_ps(), n1 = _mm512_setzero_ps();
+        if constexpr (MIN) {
+            n0 = _mm512_loadu_ps(mn + gi * kPanel);
+            n1 = _mm512_loadu_ps(mn + gi * kPanel + 16);
+        }
+        for (int64_t k = g0; k < g0 + a.group; k += S) {  // groups are multiples of 16, so of S
+            for (int s = 0; s < S; ++s) {
+                __m512 w0, w1;
+                load_q<BITS>(q, k + s, w0, w1);
+                if constexpr (MIN) {
+                    w0 = _mm512_fmadd_ps(w0, s0, n0);
+                    w1 = _mm512_fmadd_ps(w1, s1, n1);
+                } else {
+                    w0 = _mm512_mul_ps(w0, s0);
+                    w1 = _mm512_mul_ps(w1, s1);
+                }
+                for (int r = 0; r < MR; ++r) {
+                    const __m512 xv = _mm512_set1_ps(x[r * ldx + (k + s - k0)]);
+                    acc[s][r][0] = _mm512_fmadd_ps(xv, w0, acc[s][r][0]);
+                    acc[s][r][1] = _mm512_fmadd_ps(xv, w1, acc[s][r][1]);
+                }
+            }
+        }
+    }
+    for (int s = 1; s < S; ++s)
+        for (int r = 0; r < MR; ++r) {
+            acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
+            acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
+        }
+    for (int r = 0; r < MR; ++r) {
+        float* cr = t.c + r * t.ldc;
+        __m512 a0 = acc[0][r][0], a1 = acc[0][r][1];
+        if (!first) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
+        } else if (t.bias) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
+        }
+        _mm512_mask_storeu_ps(cr, t.m0, a0);
+        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
+    }
+}
+
+using QMicroFn = void (*)(const float*, int64_t, const QuantLinearArgs&, int64_t, int64_t, int64_t, const QTile&,
+                          bool);
+
+template <int BITS, bool MIN, int... R>
+constexpr auto make_qtable(std::integer_sequence<int, R...>) {
+    return std::array<QMicroFn, sizeof...(R)>{&qmicro<R + 1, BITS, MIN>...};
+}
+
+template <int BITS, bool MIN>
+constexpr auto kQMicro = make_qtable<BITS, MIN>(std::make_integer_sequence<int, kMR>{});
+
+template <int BITS, bool MIN>
+void qpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
+                 int64_t ncols, bool with_adds) {
+    const int64_t nkb = (a.K + kKC - 1) / kKC;
+    int64_t kc_full = (a.K + nkb - 1) / nkb;
+    kc_full = (kc_full + a.group - 1) / a.group * a.group;
+    QTile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
+            with_adds && a.bias ? a.bias + p * kPanel : nullptr};
+    for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
+        const int64_t kc = std::min(kc_full, a.K - k0);
+        for (int64_t m = m0; m < m1; m += kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
+            QTile tm = t;
+            tm.c = c + (m - m0) * ldc;
+            kQMicro<BITS, MIN>[mr - 1](a.x + m * a.ldx + k0, a.ldx, a, p, k0, kc, tm, k0 == 0);
+        }
+    }
+}
+
+using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, bool);
+
+// -- VNNI: int8 weights x int8 activations, 64 multiply-adds per vpdpbusd ------------------------
+// vpdpbusd multiplies unsigned by signed bytes, so weights are stored + 128 and the excess removed
+// per group with the activations' integer sum: sum (q + 128) x = sum q x + 128 sum x.
+constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
+
+#define LMSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
+
+// 4-bit VNNI layout: per k-quad 64 bytes, byte 4c + j holding (k + j, column c) in its low nibble and
+// (k + j, column 16 + c) in its high one; the values 0..15 need no offset, the min adds min * sum x.
+template <int MR, int BITS, bool MIN>
+LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc, const QTile& t,
+                         bool first) {
+    const int64_t groups = a.K / a.group;
+    const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);  // [K/4][32][4] or [K/4][64]
+    const float* sc = a.scales + p * groups * kPanel;
+    const float* mn = MIN ? a.mins + p * groups * kPanel : nullptr;
+    __m512 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
+        const int64_t gi = g0 / a.group;
+        __m512i iacc[MR][2];
+        for (int r = 0; r < MR; ++r) iacc[r][0] = iacc[r][1] = _mm512_setzero_si512();
+        for (int64_t k = g0; k < g0 + a.group; k += 4) {
+            __m512i w0, w1;
+            if constexpr (BITS == 8) {
+                const uint8_t* wk = q + k * kPanel;  // (k / 4) * 32 * 4
+                w0 = _mm512_loadu_si512(wk);
+                w1 = _mm512_loadu_si512(wk + 64);
+            } else {
+                const __m512i v = _mm512_loadu_si512(q + k * (kPanel / 2));  // (k / 4) * 64
+                const __m512i low = _mm512_set1_epi8(0x0F);
+                w0 = _mm512_and_si512(v, low);
+                w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            for (int r = 0; r < MR; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, a.xq + (m + r) * a.K + k, 4);
+                const __m512i xv = _mm512_set1_epi32(four);
+                iacc[r][0] = _mm512_dpbusd_epi32(iacc[r][0], w0, xv);
+                iacc[r][1] = _mm512_dpbusd_epi32(iacc[r][1], w1, xv);
+            }
+        }
+        const __m512 s0 = _mm512_loadu_ps(sc + gi * kPanel), s1 = _mm512_loadu_ps(sc + gi * kPanel + 16);
+        __m512 n0 = _mm512_setzero_ps(), n1 = _mm512_setzero_ps();
+        if constexpr (MIN) {
+            n0 = _mm512_loadu_ps(mn + gi * kPanel);
+            n1 = _mm512_loadu_ps(mn + gi * kPanel + 16);
+        }
+        for (int r = 0; r < MR; ++r) {
+            const int64_t xi = (m + r) * groups + gi;
+            const __m512 xs = _mm512_set1_ps(a.xscale[xi]);
+            if constexpr (BITS == 8) {  // stored + 128: remove 128 * sum x
+                const __m512i fix = _mm512_set1_epi32(128 * a.xsum[xi]);
+                iacc[r][0] = _mm512_sub_epi32(iacc[r][0], fix);
+                iacc[r][1] = _mm512_sub_epi32(iacc[r][1], fix);
+            }
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][0]), _mm512_mul_ps(s0, xs), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][1]), _mm512_mul_ps(s1, xs), acc[r][1]);
+            if constexpr (MIN) {
+                const __m512 xsum = _mm512_set1_ps(a.xscale[xi] * static_cast<float>(a.xsum[xi]));
+                acc[r][0] = _mm512_fmadd_ps(n0, xsum, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(n1, xsum, acc[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float* cr = t.c + r * t.ldc;
+        __m512 a0 = acc[r][0], a1 = acc[r][1];
+        if (!first) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
+        } else if (t.bias) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
+        }
+        _mm512_mask_storeu_ps(cr, t.m0, a0);
+        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
+    }
+}
+
+template <int BITS, bool MIN>
+LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
+                              int64_t ncols, bool with_adds) {
+    const int64_t nkb = (a.K + kKC - 1) / kKC;
+    int64_t kc_full = (a.K + nkb - 1) / nkb;
+    kc_full = (kc_full + a.group - 1) / a.group * a.group;
+    QTile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
+            with_adds && a.bias ? a.bias + p * kPanel : nullptr};
+    for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
+        const int64_t kc = std::min(kc_full, a.K - k0);
+        for (int64_t m = m0; m < m1; m += kVR) {
+            QTile tm = t;
+            tm.c = c + (m - m0) * ldc;
+            switch (std::min<int64_t>(kVR, m1 - m)) {
+                case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 2: vmicro<2, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 3: vmicro<3, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                default: vmicro<4, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+            }
+        }
+    }
+}
+
+// Per row and group: scale = max|x| / 127, xq = round(x / scale), xsum = sum of xq.
+void quantize_rows(const QuantLinearArgs& a, int8_t* xq, float* xscale, int32_t* xsum) {
+    const int64_t groups = a.K / a.group;
+#pragma omp parallel for num_threads(a.nthreads) schedule(static) if (a.M * a.K > 65536)
+    for (int64_t m = 0; m < a.M; ++m) {
+        const float* x = a.x + m * a.ldx;
+        for (int64_t g = 0; g < groups; ++g) {
+            float amax = 0.0f;
+            for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) amax = std::max(amax, std::abs(x[k]));
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) {
+                const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inv));
+                xq[m * a.K + k] = static_cast<int8_t>(v);
+                sum += v;
+            }
+            xscale[m * groups + g] = scale;
+            xsum[m * groups + g] = sum;
+        }
+    }
+}
+
+inline __m512 silu_mul(__m512 g, __m512 u) {
+    const __m512 e = exp2_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.4426950408889634f)));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+void run_qtask(const QuantLinearArgs& a, PanelFn panel, int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
+    if (!a.silu_mul) {
+        for (int64_t p = u0; p < u1; ++p)
+            panel(a, p, m0, m1, a.y + m0 * a.ldy + p * kPanel, a.ldy, a.N - p * kPanel, true);
+        return;
+    }
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<size_t>((m1 - m0) * 2 * kPanel));
+    float* s = scratch.data();
+    for (int64_t u = u0; u < u1; ++u) {
+        panel(a, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
+        panel(a, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);
+        const int ncols = static_cast<int>(std::min<int64_t>(kPanel, a.N - u * kPanel));
+        const __mmask16 k0 = tail_mask(ncols), k1 = tail_mask(ncols - 16);
+        for (int64_t m = m0; m < m1; ++m) {
+            const float* g = s + (m - m0) * 2 * kPanel;
+            float* y = a.y + m * a.ldy + u * kPanel;
+            _mm512_mask_storeu_ps(y, k0, silu_mul(_mm512_loadu_ps(g), _mm512_loadu_ps(g + kPanel)));
+            _mm512_mask_storeu_ps(y + 16, k1, silu_mul(_mm512_loadu_ps(g + 16), _mm512_loadu_ps(g + kPanel + 16)));
+        }
+    }
+}
+
+}  // namespace
+
+void linear_quant(const QuantLinearArgs& a_in) {
+    if (a_in.M <= 0 || a_in.panels <= 0) return;
+    QuantLinearArgs a = a_in;
+    std::vector<int8_t> xq;
+    std::vector<float> xscale;
+    std::vector<int32_t> xsum;
+    PanelFn panel = a.bits == 4 ? (a.mins ? &qpanel_rows<4, true> : &qpanel_rows<4, false>)
+                                : (a.mins ? &qpanel_rows<8, true> : &qpanel_rows<8, false>);
+    if (a.vnni) {
+        xq.resize(static_cast<size_t>(a.M * a.K));
+        xscale.resize(static_cast<size_t>(a.M * (a.K / a.group)));
+        xsum.resize(xscale.size());
+        quantize_rows(a, xq.data(), xscale.data(), xsum.data());
+        a.xq = xq.data();
+        a.xscale = xscale.data();
+        a.xsum = xsum.data();
+        panel = a.bits == 4 ? (a.mins ? &vpanel_rows<4, true> : &vpanel_rows<4, false>)
+                            : (a.mins ? &vpanel_rows<8, true> : &vpanel_rows<8, false>);
+    }
+    const int64_t unit = a.silu_mul ? 2 : 1;
+    const int64_t units = a.panels / unit;
+    const int64_t threads = std::max(1, a.nthreads);
+    const int64_t nb = std::min(units, threads);
+    int64_t mb = (a.M + kMC - 1) / kMC;
+    const int64_t max_mb = (a.M + kMR - 1) / kMR;
+    if (nb * mb < threads) mb = std::min(max_mb, (threads + nb - 1) / nb);
+    const int64_t rows_per = ((a.M + mb - 1) / mb + kMR - 1) / kMR * kMR;
+    mb = (a.M + rows_per - 1) / rows_per;
+    const int64_t tasks = nb * mb;
+#pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (tasks > 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t ni = t / mb, mi = t % mb;
+        const int64_t u0 = ni * units / nb, u1 = (ni + 1) * units / nb;
+        const int64_t m0 = mi * rows_per, m1 = std::min(a.M, m0 + rows_per);
+        run_qtask(a, panel, m0, m1, u0, u1);
+    }
+}
+
+}  // namespace lmserve

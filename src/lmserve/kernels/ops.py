@@ -85,7 +85,8 @@ _by_device_type: dict[str, Ops] = {}
 
 def get_ops(device: torch.device | str = "cpu") -> Ops:
     """The kernels for ``device``: compiled AVX-512 ones on capable CPUs (built on first call, cached
-    on disk; ``LMSERVE_CPU_KERNELS=0`` turns them off), the pure-torch ones everywhere else."""
+    on disk; ``LMSERVE_CPU_KERNELS=0`` turns them off), Triton attention on CUDA (``LMSERVE_TRITON=0``
+    turns it off), the pure-torch ones everywhere else."""
     kind = torch.device(device).type
     with _lock:
         ops = _by_device_type.get(kind)
@@ -102,4 +103,8 @@ def _choose(kind: str) -> Ops:
             from lmserve.kernels.cpu import CpuOps
 
             return CpuOps(ext)
+    if kind == "cuda":
+        from lmserve.kernels.cuda import cuda_ops
+
+        return cuda_ops()
     return ReferenceOps(kind)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lmserve.config.settings import EngineConfig
+from lmserve.engine.cuda_graphs import Capture, DecodeBuffers, DecodeGraphs, cuda_graph_capture
 from lmserve.engine.kv_cache import KVCacheSpec, activation_reserve, allocate_kv_cache, plan_num_blocks
 from lmserve.engine.request import Request
 from lmserve.engine.scheduler import step_token_budget
@@ -53,13 +54,38 @@ class ModelRunner:
         self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
                                           config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
                                           config.kv_cache_bytes, reserve)
-        self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks, self.device)
+        # One block more than the block manager is told of: padded rows of a graph-replayed decode
+        # step write there (block ``num_blocks``), never into a live request's blocks.
+        self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks + 1, self.device)
+        self.decode_graphs: DecodeGraphs | None = None
+        self._graph_capture: Capture | None = None
+        if self._wants_graphs():
+            self.use_decode_graphs(cuda_graph_capture())
+
+    def _wants_graphs(self) -> bool:
+        # Graphs need ops that never read device values on the host (the Triton attention), and
+        # one rank: NCCL collectives inside graphs are left for later.
+        return (self.device.type == "cuda" and not self.config.enforce_eager and self.state.world_size == 1
+                and getattr(self.ops, "graph_safe", False))
+
+    def use_decode_graphs(self, capture: Capture) -> None:
+        """Serve pure-decode steps by replaying forwards captured now with ``capture`` (CUDA graphs
+        on a GPU; the tests pass an eager stand-in to run the same path on the CPU)."""
+        blocks_per_seq = -(-self.model_config.max_model_len // self.block_size)
+        self._graph_capture = capture
+        self.decode_graphs = DecodeGraphs(self._graph_forward, self.config.max_num_seqs, blocks_per_seq, self.device,
+                                          pad_block=self.num_blocks, block_size=self.block_size, capture=capture)
+        with torch.inference_mode():
+            self.decode_graphs.capture_all()
 
     def shrink_kv_cache(self, num_blocks: int) -> None:
         """Keep only ``num_blocks`` KV-cache blocks (the ranks of a group agree on the smallest)."""
+        self.decode_graphs = None  # they hold the old cache
         self.kv_caches = []  # free the larger cache before allocating the smaller one
-        self.kv_caches = allocate_kv_cache(self.kv_spec, num_blocks, self.device)
+        self.kv_caches = allocate_kv_cache(self.kv_spec, num_blocks + 1, self.device)
         self.num_blocks = num_blocks
+        if self._graph_capture is not None:
+            self.use_decode_graphs(self._graph_capture)
 
     def shutdown(self) -> None:
         """Nothing to stop: one rank owns no processes, and its memory goes with the runner."""
@@ -100,7 +126,12 @@ class ModelRunner:
     # -- execution -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Run the forward pass; returns float32 logits [rows to sample, vocab] on the CPU (rank 0)."""
+        """Run the forward pass; returns float32 logits [rows to sample, vocab] on rank 0: on the
+        device on CUDA (the GPU sampler reads them there), else on the CPU."""
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(inputs)
+            if logits is not None:
+                return self._logits_out(logits)
         dev = self.device
         ctx = ForwardContext(
             slot_mapping=inputs.slot_mapping.to(dev), block_tables=inputs.block_tables.to(dev),
@@ -111,4 +142,18 @@ class ModelRunner:
         if inputs.logits_indices.numel() == 0:
             return None
         logits = model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
-        return logits.float().cpu() if self.state.is_first else None
+        return self._logits_out(logits)
+
+    def _logits_out(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if not self.state.is_first:
+            return None
+        return logits.float() if self.device.type == "cuda" else logits.float().cpu()
+
+    def _graph_forward(self, buffers: DecodeBuffers, batch: int) -> torch.Tensor:
+        """The forward of a decode batch of ``batch`` rows read from ``buffers`` (what is captured)."""
+        b = buffers
+        ctx = ForwardContext(slot_mapping=b.slot_mapping[:batch], block_tables=b.block_tables[:batch],
+                             context_lens=b.context_lens[:batch], query_start_loc=b.query_start_loc[:batch + 1],
+                             kv_caches=self.kv_caches, ops=self.ops)
+        model: Any = self.model
+        return model.compute_logits(model(b.input_ids[:batch], b.positions[:batch], ctx))

@@ -14,6 +14,7 @@ import torch
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.cuda_graphs import Capture, DecodeBuffers, DecodeGraphs, cuda_graph_capture
 from lmserve.engine.kv_cache import KVCacheSpec, activation_reserve, allocate_kv_cache, plan_num_blocks
+from lmserve.engine.memory_profile import profile_activation_bytes, profiling_step
 from lmserve.engine.request import Request
 from lmserve.engine.scheduler import step_token_budget
 from lmserve.kernels import get_ops
@@ -51,6 +52,11 @@ class ModelRunner:
         intermediate = cfg.get("intermediate_size", "ffn_dim", default=4 * cfg.hidden_size) // state.world_size
         reserve = activation_reserve(step_tokens, config.max_num_seqs, cfg.hidden_size, intermediate, cfg.vocab_size,
                                      torch.empty(0, dtype=cfg.act_dtype).element_size())  # fmt: skip
+        if self.device.type == "cuda" and config.kv_cache_tokens is None and config.kv_cache_bytes is None:
+            # Every rank takes this branch (same configuration), so the profiling forward's
+            # collectives match across a tensor-parallel group.
+            step = profiling_step(step_tokens, cfg.max_model_len, config.block_size, config.max_num_seqs)
+            reserve = profile_activation_bytes(self._forward, self.kv_spec, step, cfg.vocab_size, self.device)
         self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
                                           config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
                                           config.kv_cache_bytes, reserve)
@@ -132,17 +138,22 @@ class ModelRunner:
             logits = self.decode_graphs.run(inputs)
             if logits is not None:
                 return self._logits_out(logits)
+        logits = self._forward(inputs, self.kv_caches)
+        return None if logits is None else self._logits_out(logits)
+
+    @torch.inference_mode()
+    def _forward(self, inputs: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """One eager forward over ``kv_caches``; the logits of the sampled rows, on the device."""
         dev = self.device
         ctx = ForwardContext(
             slot_mapping=inputs.slot_mapping.to(dev), block_tables=inputs.block_tables.to(dev),
             context_lens=inputs.context_lens.to(dev), query_start_loc=inputs.query_start_loc.to(dev),
-            kv_caches=self.kv_caches, ops=self.ops)
+            kv_caches=kv_caches, ops=self.ops)
         model: Any = self.model
         hidden = model(inputs.input_ids.to(dev), inputs.positions.to(dev), ctx)
         if inputs.logits_indices.numel() == 0:
             return None
-        logits = model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
-        return self._logits_out(logits)
+        return model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
 
     def _logits_out(self, logits: torch.Tensor) -> torch.Tensor | None:
         if not self.state.is_first:

@@ -89,3 +89,15 @@ def test_refuses_heads_that_do_not_group() -> None:
     b = make_batch([1], [4], 6, 4, 64, 16)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         paged_attention(*b.args(), SCALE)
+
+
+def test_queries_as_a_strided_view_of_fused_qkv(device: str) -> None:
+    # The model hands over q as a view into its fused q|k|v projection: rows are not contiguous.
+    b = make_batch([1, 5], [12, 5], 4, 2, 64, 16, seed=9)
+    qkv = torch.randn(b.q.shape[0], (4 + 2 * 2) * 64)
+    qkv[:, :4 * 64] = b.q.reshape(-1, 4 * 64)
+    strided = qkv[:, :4 * 64].reshape(-1, 4, 64)
+    assert not strided.is_contiguous()
+    args = [t.to(device) for t in b.args()[1:]]
+    got = paged_attention(strided.to(device), *args, SCALE).float().cpu()
+    torch.testing.assert_close(got, naive_attention(b, SCALE), rtol=2e-3, atol=2e-3)

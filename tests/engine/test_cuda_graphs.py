@@ -126,3 +126,22 @@ def test_graph_replayed_decoding_gives_the_eager_tokens_and_logprobs(tmp_path: P
         assert a.logprobs is not None and b.logprobs is not None
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path: Path, tokenizer_dir: Path) -> None:
+    make_tiny_model(tmp_path, "llama", tokenizer_dir)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [4, 3, 2, 1, 20, 21, 22]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=2) for n in (9, 6, 12)]
+    results = []
+    for eager in (True, False):
+        llm = LLM(str(tmp_path), device="cuda", dtype="fp32", max_model_len=64, max_num_seqs=4, kv_cache_tokens=512,
+                  enforce_eager=eager)
+        results.append(llm.generate(prompts, params))
+        graphs = llm.engine.runner.decode_graphs  # type: ignore[attr-defined]
+        assert (graphs is None) == eager and (eager or graphs.replays > 0)
+        del llm
+    for a, b in zip(*results, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-3)

@@ -39,8 +39,8 @@ def _paged_attention_fn(
     kv_head = tl.program_id(1)
 
     # The sequence owning this tile: the last s with qsl[s] // BLOCK_Q + s <= tile.
-    lo = 0
-    hi = num_seqs
+    lo: tl.int32 = 0  # typed: loop-carried values must keep one type when compiled
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= tile:
@@ -109,7 +109,8 @@ def _paged_attention_fn(
 
 # Whether this runs compiled or interpreted is fixed when triton is imported (its own library
 # functions are decorated then): TRITON_INTERPRET=1 must be set before that, as the tests do.
-_kernel: Any = triton.jit(_paged_attention_fn)
+# num_seqs is never specialised: as the constant 1 it could not be the binary search's bound.
+_kernel: Any = triton.jit(_paged_attention_fn, do_not_specialize=["num_seqs"])
 
 
 def tile_rows(group: int, num_tokens: int, num_seqs: int) -> tuple[int, int]:
@@ -147,7 +148,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, HAS_ALIBI=alibi_slopes is not None,
         F32_DOT=interpreting() or k_cache.dtype == torch.float32,
     )

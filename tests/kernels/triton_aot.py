@@ -1,0 +1,33 @@
+"""Compile the Triton paged-attention kernel ahead of time for a CUDA architecture, on any machine
+(Triton ships its own ptxas). Run as a script with TRITON_INTERPRET unset: the interpreter, which
+the CPU tests use, replaces the compiler. Prints one line per variant compiled."""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lmserve.kernels.triton import paged_attention as pa
+
+# (q and out dtype, cache dtype, head dim, group, tokens per tile, ALiBi)
+VARIANTS = [("bf16", "bf16", 64, 3, 21, True), ("fp32", "fp32", 16, 2, 1, False)]
+
+
+def compile_variant(arch: int, q: str, cache: str, head_dim: int, group: int, block_q: int, alibi: bool) -> int:
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=16,
+                  BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)), BLOCK_N=64,
+                  HAS_ALIBI=alibi, F32_DOT=cache == "fp32")
+    types = {"q_ptr": f"*{q}", "out_ptr": f"*{q}", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "tables_ptr": "*i32",
+             "ctx_ptr": "*i32", "qsl_ptr": "*i32", "slopes_ptr": "*fp32", "scale": "fp32"}
+    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in pa._kernel.arg_names}
+    kernel = triton.compile(ASTSource(pa._kernel, signature, consts), target=GPUTarget("cuda", arch, 32))
+    return len(kernel.asm["cubin"])
+
+
+if __name__ == "__main__":
+    for arch in map(int, sys.argv[1:] or ["90"]):
+        for variant in VARIANTS:
+            print(f"sm_{arch} {variant}: cubin of {compile_variant(arch, *variant)} bytes", flush=True)

@@ -12,7 +12,7 @@
 # $WHEELS (default .whl), which are installed --no-index into a private directory first.
 #
 # Environment: PYTHON (default python3), WHEELS, GPU_TEST_PATHS (default: tests/kernels tests/engine
-# tests/models), BENCH_SHAPES (default 135m,1.1b,7b), BENCH_ARGS (extra benchmark flags),
+# tests/models, and tests/replicas where the server's packages are installed), BENCH_SHAPES (default 135m,1.1b,7b), BENCH_ARGS (extra benchmark flags),
 # TEST_TIMEOUT (default 240 s), BENCH_TIMEOUT (default 330 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,9 +49,14 @@ sys.exit(0 if torch.cuda.is_available() else "torch sees no CUDA device")
 EOF
 
 section "GPU-marked tests"
+paths=${GPU_TEST_PATHS:-tests/kernels tests/engine tests/models}
+# The replica tests start servers: only where the server's packages are there too.
+if [[ -z ${GPU_TEST_PATHS:-} ]] && "$PY" -c 'import fastapi, uvicorn, zmq, msgspec, pydantic' 2>/dev/null; then
+  paths="$paths tests/replicas"
+fi
+echo "test paths: $paths"
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=10 \
-  ${GPU_TEST_PATHS:-tests/kernels tests/engine tests/models} || status=1
+timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=10 $paths || status=1
 
 section "throughput against Hugging Face generate_batch, and the roofline"
 # shellcheck disable=SC2086

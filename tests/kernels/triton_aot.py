@@ -10,6 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from lmserve.kernels.triton import elementwise as ew
 from lmserve.kernels.triton import paged_attention as pa
 
 # (q and out dtype, cache dtype, head dim, group, tokens per tile, ALiBi)
@@ -27,7 +28,21 @@ def compile_variant(arch: int, q: str, cache: str, head_dim: int, group: int, bl
     return len(kernel.asm["cubin"])
 
 
+def compile_elementwise(arch: int, dtype: str) -> int:
+    target = GPUTarget("cuda", arch, 32)
+    norm_consts = dict(HAS_RES=True, BLOCK=1024)
+    norm_types = {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                  "sum_ptr": f"*{dtype}", "eps": "fp32"}
+    norm_sig = {n: "constexpr" if n in norm_consts else norm_types.get(n, "i32") for n in ew._rms_norm.arg_names}
+    size = len(triton.compile(ASTSource(ew._rms_norm, norm_sig, norm_consts), target=target).asm["cubin"])
+    rot_consts = dict(HALF=32, NEOX=True, BLOCK_H=16, BLOCK_R=32)
+    rot_types = {"pos_ptr": "*i64", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    rot_sig = {n: "constexpr" if n in rot_consts else rot_types.get(n, "i32") for n in ew._rotary.arg_names}
+    return size + len(triton.compile(ASTSource(ew._rotary, rot_sig, rot_consts), target=target).asm["cubin"])
+
+
 if __name__ == "__main__":
     for arch in map(int, sys.argv[1:] or ["90"]):
         for variant in VARIANTS:
             print(f"sm_{arch} {variant}: cubin of {compile_variant(arch, *variant)} bytes", flush=True)
+        print(f"sm_{arch} norm and rotary: cubin of {compile_elementwise(arch, 'bf16')} bytes", flush=True)

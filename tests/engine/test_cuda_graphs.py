@@ -145,3 +145,24 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path: Path, tokenizer_di
         assert a.token_ids == b.token_ids
         assert a.logprobs is not None and b.logprobs is not None
         assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-3)
+
+
+def test_the_decode_fast_path_prepares_what_the_general_path_does() -> None:
+    from lmserve.engine.model_runner import ModelRunner
+    from lmserve.engine.request import Request
+
+    class Prep(ModelRunner):
+        def __init__(self) -> None:  # only what prepare reads
+            self.block_size = 4
+
+    requests = []
+    for i, (prompt, out) in enumerate([(5, 0), (3, 4), (9, 7)]):
+        r = Request(str(i), list(range(10, 10 + prompt)), SamplingParams())
+        r.output_token_ids = list(range(50, 50 + out))
+        r.num_computed_tokens = r.num_tokens - 1
+        r.block_ids = [7 * i + b for b in range(-(-r.num_tokens // 4))]
+        requests.append(r)
+    fast, general = Prep().prepare(requests, [1, 1, 1]), Prep()._prepare_any(requests, [1, 1, 1])
+    for name in vars(general):
+        got, want = getattr(fast, name), getattr(general, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name

@@ -48,18 +48,7 @@ class ModelRunner:
         # This rank's KV heads, as its attention layers hold them (replication included).
         heads = next(m.num_kv_heads for m in self.model.modules() if isinstance(m, PagedAttention))
         self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
-        step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
-        intermediate = cfg.get("intermediate_size", "ffn_dim", default=4 * cfg.hidden_size) // state.world_size
-        reserve = activation_reserve(step_tokens, config.max_num_seqs, cfg.hidden_size, intermediate, cfg.vocab_size,
-                                     torch.empty(0, dtype=cfg.act_dtype).element_size())  # fmt: skip
-        if self.device.type == "cuda" and config.kv_cache_tokens is None and config.kv_cache_bytes is None:
-            # Every rank takes this branch (same configuration), so the profiling forward's
-            # collectives match across a tensor-parallel group.
-            step = profiling_step(step_tokens, cfg.max_model_len, config.block_size, config.max_num_seqs)
-            reserve = profile_activation_bytes(self._forward, self.kv_spec, step, cfg.vocab_size, self.device)
-        self.num_blocks = plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens,
-                                          config.kv_cache_memory_fraction, config.max_num_seqs * cfg.max_model_len,
-                                          config.kv_cache_bytes, reserve)
+        self.num_blocks = self._plan_num_blocks()
         # One block more than the block manager is told of: padded rows of a graph-replayed decode
         # step write there (block ``num_blocks``), never into a live request's blocks.
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_blocks + 1, self.device)
@@ -67,6 +56,22 @@ class ModelRunner:
         self._graph_capture: Capture | None = None
         if self._wants_graphs():
             self.use_decode_graphs(cuda_graph_capture())
+
+    def _plan_num_blocks(self) -> int:
+        """KV blocks that fit beside the weights and one step's activations: measured by a
+        profiling forward on CUDA (unless the cache size is given), estimated on the CPU."""
+        config, cfg = self.config, self.model_config
+        step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
+        intermediate = cfg.get("intermediate_size", "ffn_dim", default=4 * cfg.hidden_size) // self.state.world_size
+        reserve = activation_reserve(step_tokens, config.max_num_seqs, cfg.hidden_size, intermediate, cfg.vocab_size,
+                                     torch.empty(0, dtype=cfg.act_dtype).element_size())  # fmt: skip
+        if self.device.type == "cuda" and config.kv_cache_tokens is None and config.kv_cache_bytes is None:
+            # Every rank takes this branch (same configuration), so the profiling forward's
+            # collectives match across a tensor-parallel group.
+            step = profiling_step(step_tokens, cfg.max_model_len, config.block_size, config.max_num_seqs)
+            reserve = profile_activation_bytes(self._forward, self.kv_spec, step, cfg.vocab_size, self.device)
+        return plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens, config.kv_cache_memory_fraction,
+                               config.max_num_seqs * cfg.max_model_len, config.kv_cache_bytes, reserve)
 
     def _wants_graphs(self) -> bool:
         # Graphs need ops that never read device values on the host (the Triton attention), and

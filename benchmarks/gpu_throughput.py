@@ -10,7 +10,7 @@ of every sequence in the batch at its mean context) over the bandwidth measured 
 device-to-device copy. A batch-1 row per shape gives the per-token step time of one request.
 
     python benchmarks/gpu_throughput.py                       # all three shapes, on CUDA
-    python benchmarks/gpu_throughput.py --shapes 135m --no-hf
+    python benchmarks/gpu_throughput.py --shapes 135m --no-hf --eager-rows   # graphs on and off
     python benchmarks/gpu_throughput.py --smoke               # a tiny shape on the CPU, seconds
 """
 
@@ -254,8 +254,19 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, band
     graph_note = "none" if graphs is None else f"{graphs.replays} replays, {graphs.eager_fallbacks} eager steps"
     del llm, graphs
     _release(device)
+    runs = [(f"{shape} x{len(prompts)}", ours, hf), (f"{shape} batch-1", single, None)]
+    if args.eager_rows:  # what the decode graphs buy: the same runs with graphs off
+        llm = LLM(str(model_dir), device=device.type, dtype="bf16" if device.type == "cuda" else "fp32",
+                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_prompt + args.new_tokens + 16,
+                  enforce_eager=True)
+        run_lmserve(llm, prompts[:2], 4)
+        runs.append((f"{shape} x{len(prompts)} eager", run_lmserve(llm, prompts, args.new_tokens), None))
+        single_prompt = make_workload(vocab, 1, single_len, single_len, seed=1)
+        runs.append((f"{shape} batch-1 eager", run_lmserve(llm, single_prompt, args.new_tokens), None))
+        del llm
+        _release(device)
     rows = []
-    for label, st, other in ((f"{shape} x{len(prompts)}", ours, hf), (f"{shape} batch-1", single, None)):
+    for label, st, other in runs:
         roof_ms = 1e3 * step_bytes(shape, st.batch, st.context) / bandwidth
         hf_cell = ratio = "-"
         if isinstance(other, RunStats):
@@ -288,6 +299,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="lmserve only")
+    parser.add_argument("--eager-rows", action="store_true",
+                        help="also run lmserve with CUDA graphs off (option.enforce_eager), to show what they buy")
     parser.add_argument("--smoke", action="store_true", help="the tiny shape, few short requests, on the CPU")
     args = parser.parse_args()
     if args.smoke:

@@ -10,6 +10,20 @@ import pytest
 from tests.tiny_models import build_tokenizer
 
 
+def _use_triton_interpreter() -> None:
+    """Without a CUDA device the Triton kernels are tested in Triton's interpreter, which must be
+    chosen before triton is first imported (it decorates its own library functions then), so here,
+    before any test module imports it. With a device they run compiled."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_use_triton_interpreter()
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

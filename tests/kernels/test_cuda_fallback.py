@@ -1,4 +1,5 @@
-"""The pure-torch ops are what CUDA gets: the same semantics on the device."""
+"""CUDA gets torch's own ops with the Triton attention (the pure-torch ops without Triton): the same
+semantics on the device."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import pytest
 import torch
 
 from lmserve.kernels import ReferenceOps, get_ops
+from lmserve.kernels.cuda import CudaOps
+from lmserve.kernels.triton import available as triton_available
 
 from .paged import make_batch, naive_attention
 
 pytestmark = pytest.mark.gpu
 
 
-def test_cuda_gets_the_fallback() -> None:
-    assert isinstance(get_ops("cuda"), ReferenceOps)
+def test_cuda_gets_torch_ops_with_triton_attention() -> None:
+    ops = get_ops("cuda")
+    assert isinstance(ops, ReferenceOps)
+    assert isinstance(ops, CudaOps) == triton_available()
 
 
 def test_attention_and_linear_on_cuda() -> None:

@@ -34,6 +34,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9  # option.gpu_memory_utilization: vLLM's share of total GPU memory
     enable_prefix_caching: bool = True  # option.enable_prefix_caching
     trust_remote_code: bool = False  # option.trust_remote_code
+    enforce_eager: bool = False  # option.enforce_eager: no CUDA graphs for decode steps
     seed: int = 0  # option.seed: the seed of requests that ask for sampling without one
     num_threads: int | None = None  # CPU threads per rank; None = the cores this process may use
     adaptive_threads: bool = True  # option.adaptive_threads: fewer CPU threads while cores are contended

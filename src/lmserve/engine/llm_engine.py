@@ -12,12 +12,13 @@ import torch
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.gpu_sampler import make_sampler
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
 from lmserve.engine.prompt_limits import check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.runner import Runner, make_runner
-from lmserve.engine.sampler import Sampler, SampleResult
+from lmserve.engine.sampler import SampleResult
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
 from lmserve.engine.step_budget import engine_step_budget
@@ -51,7 +52,7 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs,
             step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
             engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
-        self.sampler = Sampler(config.seed)
+        self.sampler = make_sampler(self.runner.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []

@@ -86,7 +86,8 @@ _by_device_type: dict[str, Ops] = {}
 def get_ops(device: torch.device | str = "cpu") -> Ops:
     """The kernels for ``device``: compiled ones on capable x86 CPUs (AVX-512, else AVX2 + FMA for
     the linear layers; built and probed on first call, cached on disk; ``LMSERVE_CPU_KERNELS=0``
-    turns them off, ``LMSERVE_CPU_ISA`` forces a build), the pure-torch ones everywhere else."""
+    turns them off, ``LMSERVE_CPU_ISA`` forces a build), Triton attention on CUDA (``LMSERVE_TRITON=0``
+    turns it off), the pure-torch ones everywhere else."""
     kind = torch.device(device).type
     with _lock:
         ops = _by_device_type.get(kind)
@@ -104,4 +105,8 @@ def _choose(kind: str) -> Ops:
             from lmserve.kernels.cpu import CpuOps, PanelLinearOps
 
             return PanelLinearOps(ext) if ISAS[ext.lmserve_isa].gemm_only else CpuOps(ext)
+    if kind == "cuda":
+        from lmserve.kernels.cuda import cuda_ops
+
+        return cuda_ops()
     return ReferenceOps(kind)

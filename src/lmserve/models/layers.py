@@ -137,7 +137,9 @@ class RotaryEmbedding(KernelModule):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q``: [T, Hq, D], ``k``: [T, Hk, D]; returns them rotated (in place when the kernels can)."""
-        if self.ops is not None and q.dtype == torch.float32 and q.stride(-1) == 1 and k.stride(-1) == 1:
+        # The ops rotate in place in the dtypes they list (float32 only, unless they say more).
+        in_place = getattr(self.ops, "rotary_in_place_dtypes", (torch.float32,))
+        if self.ops is not None and q.dtype in in_place and q.stride(-1) == 1 and k.stride(-1) == 1:
             self.ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.rotary_dim, self.neox_style)
             return q, k
         # Every layer rotates at the same positions in a step: gather cos/sin once per positions tensor.

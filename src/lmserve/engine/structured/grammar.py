@@ -8,7 +8,7 @@ model's tokenizer (``manager.py``).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
@@ -16,17 +16,24 @@ from llguidance.gbnf_to_lark import any_to_lark
 from lmserve.engine.structured_spec import StructuredOutputs
 from lmserve.errors import InvalidRequestError
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # What any-JSON means for ``json_object``: OpenAI's JSON mode asks for an object, not any value.
 _ANY_OBJECT = '{"type": "object"}'
+# JSON is written on one line with json.dumps's separators: free whitespace lets a small model spend
+# its whole budget on newlines. A schema may override this with llguidance's "x-guidance" options.
+_JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def grammar_text(spec: StructuredOutputs, field: str = "structured_outputs") -> str:
     """The llguidance grammar for ``spec``. Raises ``InvalidRequestError`` naming ``field`` when the
     constraint cannot even be translated (malformed JSON, a grammar that is neither GBNF nor Lark)."""
     if spec.json is not None:
-        return llguidance.LLMatcher.grammar_from_json_schema(_schema(spec.json, field))
+        return llguidance.LLMatcher.grammar_from_json_schema(_schema(spec.json, field), _JSON_OPTIONS)
     if spec.json_object:
-        return llguidance.LLMatcher.grammar_from_json_schema(_ANY_OBJECT)
+        return llguidance.LLMatcher.grammar_from_json_schema(_ANY_OBJECT, _JSON_OPTIONS)
     if spec.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:

@@ -68,7 +68,9 @@ def _candidate(field: str, **kinds: Any) -> Candidate:
     try:
         spec = StructuredOutputs(**kinds)
     except InvalidRequestError as exc:
-        raise InvalidRequestError(field + exc.field.removeprefix("structured_outputs"), exc.message) from None
+        # structured_outputs.choice names the sub-field; guided_choice is already the field
+        sub = exc.field.removeprefix("structured_outputs") if field.endswith("structured_outputs") else ""
+        raise InvalidRequestError(field + sub, exc.message) from None
     if spec.kind in ("regex", "grammar") and not getattr(spec, spec.kind):
         raise InvalidRequestError(field, "must not be empty")
     return field, spec

@@ -25,17 +25,17 @@ import torch
 
 from lmserve.engine.outputs import TokenLogprob
 from lmserve.engine.request import Request
-from lmserve.engine.sampler import Sampler, SampleResult
+from lmserve.engine.sampler import LogitsMask, Sampler, SampleResult
 
 
 class GpuSampler:
     """Batched sampling on ``device``; keeps a generator per seeded request, on that device."""
 
-    def __init__(self, device: torch.device | str, seed: int = 0) -> None:
+    def __init__(self, device: torch.device | str, seed: int = 0, logits_mask: LogitsMask | None = None) -> None:
         self.device = torch.device(device)
         self._default = torch.Generator(device=self.device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self.host = Sampler(seed)  # for steps this sampler does not handle
+        self.host = Sampler(seed, logits_mask)  # for steps this sampler does not handle
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -164,8 +164,10 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def make_sampler(device: torch.device | str, seed: int = 0) -> Sampler | GpuSampler:
-    """The sampler for logits on ``device``: batched on the device for CUDA, ``Sampler`` on the CPU."""
+def make_sampler(device: torch.device | str, seed: int = 0,
+                 logits_mask: LogitsMask | None = None) -> Sampler | GpuSampler:
+    """The sampler for logits on ``device``: batched on the device for CUDA, ``Sampler`` on the CPU;
+    ``logits_mask`` is the structured-output hook (see ``Sampler``)."""
     if torch.device(device).type == "cuda":
-        return GpuSampler(device, seed)
-    return Sampler(seed)
+        return GpuSampler(device, seed, logits_mask)
+    return Sampler(seed, logits_mask)

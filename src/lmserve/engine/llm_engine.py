@@ -1,5 +1,10 @@
 """The engine: one step is schedule, run, sample, update the scheduler, and emit what each request
-produced."""
+produced.
+
+A request with a structured-output constraint waits outside the scheduler while its grammar
+compiles on the compile pool; each step first admits those whose grammar is ready, so the batch
+never waits for a compilation.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from lmserve.engine.sampler import SampleResult
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
 from lmserve.engine.step_budget import engine_step_budget
+from lmserve.engine.structured.manager import StructuredOutputManager
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
@@ -52,8 +58,10 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs,
             step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
             engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
-        self.sampler = make_sampler(self.runner.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.structured = StructuredOutputManager(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
+        self.sampler = make_sampler(self.runner.device, config.seed, self.structured.apply_masks)
+        self._compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
         self._generated_tokens = self._steps = 0
@@ -84,29 +92,35 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens,
                                        params.include_stop_str_in_output)
         self._live[request_id] = _Live(request, detok)
-        self.scheduler.add(request)
+        if params.structured is not None:
+            self.structured.add(request)
+            self._compiling.append(request)
+        else:
+            self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)
         if live is None:
             return
+        if live.request in self._compiling:
+            self._compiling.remove(live.request)
         self.scheduler.finish(live.request, RequestStatus.FINISHED_ABORTED)
-        self.sampler.release(request_id)
+        self._release(request_id)
         self._aborted.append(self._delta(live, [], None, "abort"))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted or self._compiling)
 
     def step(self) -> list[RequestDelta]:
+        deltas = self._admit_compiled()
         batch = self.scheduler.schedule()
-        deltas: list[RequestDelta] = []
         if batch.requests:
             started = time.perf_counter()
             logits = self.runner.execute(self.runner.prepare(batch.requests, batch.num_new_tokens))
             sampled = self._sample(logits, batch.to_sample)
             self.scheduler.update(batch, sampled.token_ids)
             self.scheduler.budget.record(batch.total_tokens, len(batch), time.perf_counter() - started)
-            deltas = self._emit(batch.to_sample, sampled)
+            deltas += self._emit(batch.to_sample, sampled)
         self._steps += 1
         if self._aborted:
             deltas, self._aborted = self._aborted + deltas, []
@@ -121,6 +135,35 @@ class LLMEngine:
             prefix_cache_hit_tokens_total=self.block_manager.prefix_hit_tokens, steps_total=self._steps)
 
     # -- one step --------------------------------------------------------------------------------
+    def _admit_compiled(self) -> list[RequestDelta]:
+        """Hand requests whose grammar is compiled to the scheduler; fail those whose grammar could
+        not be compiled. With nothing else to do, wait a little for a compilation."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished():
+            self.structured.wait_any([r.request_id for r in self._compiling], timeout_s=0.05)
+        failed: list[RequestDelta] = []
+        for req in [r for r in self._compiling if self.structured.is_ready(r.request_id)]:
+            self._compiling.remove(req)
+            error = self.structured.error(req.request_id)
+            if error is None:
+                self.scheduler.add(req)
+            else:
+                failed.append(self._fail(req, error))
+        return failed
+
+    def _fail(self, req: Request, error: InvalidRequestError) -> RequestDelta:
+        live = self._live.pop(req.request_id)
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        self._release(req.request_id)
+        delta = self._delta(live, [], None, "error")
+        delta.error, delta.error_kind, delta.error_field = error.message, "invalid_request", error.field
+        return delta
+
+    def _release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+        self.structured.release(request_id)
+
     def _sample(self, logits: torch.Tensor | None, requests: list[Request]) -> SampleResult:
         if not requests:
             return SampleResult([], [])
@@ -136,12 +179,18 @@ class LLMEngine:
         req, detok = live.request, live.detok
         self._generated_tokens += 1
         detok.add_tokens([token])
-        reason = self._stop_reason(req, token, detok)
+        grammar_done = False
+        if req.params.structured is not None:
+            try:
+                grammar_done = self.structured.accept(req, token)
+            except InvalidRequestError as exc:
+                return self._fail(req, exc)
+        reason = "stop" if grammar_done else self._stop_reason(req, token, detok)
         if reason is not None:
             detok.flush()
             status = RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_STOPPED
             self.scheduler.finish(req, status)
-            self.sampler.release(req.request_id)
+            self._release(req.request_id)
             del self._live[req.request_id]
         return self._delta(live, [token], [logprob] if logprob is not None else None, reason)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ErrorKind = Literal["out_of_memory", "internal"]  # why a request ended with finish_reason "error"
+ErrorKind = Literal["out_of_memory", "invalid_request", "internal"]  # why a request ended with finish_reason "error"
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class RequestDelta:
     ``finish_reason`` is set on the last delta of a request: ``"stop"`` (end-of-sequence token, stop
     token or stop string), ``"length"`` (``max_new_tokens`` or the context limit), ``"abort"`` or
     ``"error"`` (then ``error`` says why, and ``error_kind`` what kind of failure it was, so the
-    server can answer 507 for ``"out_of_memory"`` and 500 for ``"internal"``).
+    server can answer 507 for ``"out_of_memory"``, 400 for ``"invalid_request"`` (naming
+    ``error_field``: a grammar the engine could not compile) and 500 for ``"internal"``).
     """
 
     request_id: str
@@ -39,6 +40,7 @@ class RequestDelta:
     num_cached_tokens: int = 0
     error: str | None = None
     error_kind: ErrorKind | None = None
+    error_field: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -4,17 +4,22 @@ Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, th
 own ``torch.Generator`` when the request has a seed, so a seeded request gives the same tokens
 whatever else shares its batch. Repetition penalty (as in Hugging Face: divide positive logits,
 multiply negative ones, for every token already in prompt or output) applies to both.
+
+A ``logits_mask`` (the engine's structured-output constraints) runs first, in place, so every later
+step, greedy or sampled, sees only the tokens each request's grammar allows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lmserve.engine.outputs import TokenLogprob
 from lmserve.engine.request import Request
+
+LogitsMask = Callable[[torch.Tensor, Sequence[Request]], None]
 
 
 @dataclass
@@ -26,7 +31,8 @@ class SampleResult:
 class Sampler:
     """Stateless but for the per-request random generators it keeps for seeded requests."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, logits_mask: LogitsMask | None = None) -> None:
+        self._mask = logits_mask
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -46,6 +52,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """``logits``: [len(requests), vocab] float32 on the CPU."""
         logits = logits.float()
+        if self._mask is not None:
+            self._mask(logits, requests)
         for i, req in enumerate(requests):
             if req.params.repetition_penalty != 1.0:
                 _apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)

@@ -183,8 +183,11 @@ def _field_name(loc: Any) -> str:
 
 def request_failure(delta: RequestDelta) -> LMServeError:
     """The error for a delta that ended its request with ``finish_reason="error"``: 507 when the
-    engine ran out of memory for it, else ``GenerationError`` (500)."""
+    engine ran out of memory for it, 400 when it could not compile the request's grammar, else
+    ``GenerationError`` (500)."""
     reason = delta.error or "no reason given"
+    if delta.error_kind == "invalid_request":
+        return InvalidRequestError(delta.error_field or "structured_outputs", reason)
     if delta.error_kind == "out_of_memory":
         return OutOfMemoryError(f"the engine ran out of memory for this request: {reason}")
     return GenerationError(f"the engine failed this request: {reason}")

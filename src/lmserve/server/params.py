@@ -9,6 +9,7 @@ from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import InvalidRequestError
 from lmserve.server.protocol.lmi import GenerationParameters
 from lmserve.server.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from lmserve.server.structured import lmi_structured, openai_structured
 
 LMI_DEFAULT_MAX_NEW_TOKENS = 30  # as LMI's rolling-batch handlers
 TGI_DEFAULT_MAX_NEW_TOKENS = 100  # as TGI
@@ -53,7 +54,6 @@ def lmi_sampling_params(p: GenerationParameters, *, max_new_tokens: int, logprob
         (p.watermark, "parameters.watermark", "watermarking is not supported"),
         (p.frequency_penalty not in (None, 0.0), "parameters.frequency_penalty",
          "is not supported; use repetition_penalty"),
-        (p.grammar is not None, "parameters.grammar", "constrained decoding is not supported"),
         (p.adapter_id is not None, "parameters.adapter_id", "no adapters are loaded"),
     ])  # fmt: skip
     if p.do_sample is False:
@@ -73,7 +73,7 @@ def lmi_sampling_params(p: GenerationParameters, *, max_new_tokens: int, logprob
         top_p=1.0 if p.top_p is None else p.top_p,
         repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
         seed=p.seed, stop=tuple(stop), ignore_eos=p.ignore_eos,
-        logprobs=top_n if top_n else (0 if logprobs or p.details else None),
+        logprobs=top_n if top_n else (0 if logprobs or p.details else None), structured=lmi_structured(p),
     )  # fmt: skip
 
 
@@ -96,9 +96,7 @@ def openai_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, ma
                    (req.suffix is not None, "suffix", "insertion (suffix) is not supported")]  # fmt: skip
     else:
         checks += [(bool(req.tools), "tools", "tool calling is not supported"),
-                   (req.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported"),
-                   (req.response_format is not None and req.response_format.type != "text", "response_format",
-                    "only {'type': 'text'} is supported")]  # fmt: skip
+                   (req.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported")]  # fmt: skip
     _refuse(checks)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
     for i, s in enumerate(stop):
@@ -109,4 +107,5 @@ def openai_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, ma
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         seed=req.seed, stop=tuple(stop), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        structured=openai_structured(req, req.response_format),
     )  # fmt: skip

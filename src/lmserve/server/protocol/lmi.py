@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
-from lmserve.server.protocol.common import Count, Seed, StrictModel, TopN
+from lmserve.server.protocol.common import Count, GuidedFields, Seed, StrictModel, TopN
 
 
-class GenerationParameters(StrictModel):
+class TGIGrammar(StrictModel):
+    """TGI's ``grammar`` parameter: a JSON schema (object or text) or a regular expression."""
+
+    type: Literal["json", "json_schema", "regex"]
+    value: str | dict[str, Any]
+
+
+class GenerationParameters(GuidedFields):
     """LMI/TGI generation parameters. Unset ones take the dialect's defaults.
 
     ``do_sample=false`` decodes greedily whatever ``temperature`` says; ``do_sample=true`` samples at
     ``temperature`` (1.0 when unset); unset ``do_sample`` samples only when a ``temperature`` above 0
-    is given. ``stop`` (TGI) and ``stop_sequences`` (LMI) are merged.
+    is given. ``stop`` (TGI) and ``stop_sequences`` (LMI) are merged. Structured output: TGI's
+    ``grammar`` (``{"type": "json" | "regex", "value": ...}``) or vLLM's ``guided_*`` extras.
     """
 
     max_new_tokens: Count | None = None
@@ -38,7 +46,7 @@ class GenerationParameters(StrictModel):
     typical_p: float | None = None
     watermark: bool = False
     frequency_penalty: float | None = None
-    grammar: dict[str, Any] | None = None
+    grammar: TGIGrammar | None = None
     adapter_id: str | None = None
 
 

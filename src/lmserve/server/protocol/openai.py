@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmserve.server.protocol.common import Count, Seed, StrictModel, TopN
+from lmserve.server.protocol.common import Count, GuidedFields, Seed, StrictModel, TopN
 
 
 class StreamOptions(StrictModel):
@@ -20,7 +20,21 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(StrictModel):
+class JsonSchemaFormat(StrictModel):
+    """``response_format.json_schema``: OpenAI's structured outputs."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(GuidedFields):
     model: str | None = Field(default=None, description="The served model's name; any other is a 404.")
     max_tokens: Count | None = None
     temperature: float | None = Field(default=None, description="Default 1.0.")
@@ -48,6 +62,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: Count | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # as vLLM: structured output on completions too
 
 
 class TextPart(StrictModel):
@@ -59,10 +74,6 @@ class ChatMessage(StrictModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
-
-
-class ResponseFormat(StrictModel):
-    type: str
 
 
 class ChatCompletionRequest(SamplingFields):

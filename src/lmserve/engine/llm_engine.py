@@ -12,7 +12,7 @@ from lmserve.config.settings import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
-from lmserve.engine.prompt_limits import check_prompt_ids
+from lmserve.engine.prompt_limits import check_logit_bias, check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.runner import Runner, make_runner
@@ -46,8 +46,8 @@ class LLMEngine:
         self.max_model_len = min(mc.max_model_len, self.runner.num_blocks * config.block_size)
         budget = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.runner.device.type)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
-        self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(config.seed, sorted(self.eos_token_ids))
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
         self._generated_tokens = self._steps = 0
@@ -74,6 +74,7 @@ class LLMEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids("inputs", token_ids, self.max_model_len, self.runner.model_config.vocab_size)
+        check_logit_bias(params, self.runner.model_config.vocab_size)
         request = Request(request_id, token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens,
                                        params.include_stop_str_in_output)

@@ -3,7 +3,9 @@
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with their
 own ``torch.Generator`` when the request has a seed, so a seeded request gives the same tokens
 whatever else shares its batch. Repetition penalty (as in Hugging Face: divide positive logits,
-multiply negative ones, for every token already in prompt or output) applies to both.
+multiply negative ones, for every token already in prompt or output) applies to both, and so do
+OpenAI's presence and frequency penalties, logit bias and the ``min_new_tokens`` ban on stopping
+(``lmserve.engine.penalties``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.engine.outputs import TokenLogprob
+from lmserve.engine.penalties import apply_penalties
 from lmserve.engine.request import Request
 
 
@@ -26,7 +29,8 @@ class SampleResult:
 class Sampler:
     """Stateless but for the per-request random generators it keeps for seeded requests."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, eos_token_ids: Sequence[int] = ()) -> None:
+        self._eos_token_ids = tuple(eos_token_ids)
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -49,6 +53,7 @@ class Sampler:
         for i, req in enumerate(requests):
             if req.params.repetition_penalty != 1.0:
                 _apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)
+        apply_penalties(logits, requests, self._eos_token_ids)
         token_ids = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(requests):
             if not req.params.greedy:

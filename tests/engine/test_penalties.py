@@ -10,6 +10,7 @@ from lmserve.engine.prompt_limits import check_logit_bias
 from lmserve.engine.request import Request
 from lmserve.engine.sampler import Sampler
 from lmserve.engine.sampling_params import SamplingParams
+from lmserve.engine.structured_spec import StructuredOutputs
 from lmserve.errors import InvalidRequestError
 
 
@@ -50,8 +51,10 @@ def test_min_tokens_bans_eos_and_stop_token_ids_until_reached() -> None:
     early = req([5], min_new_tokens=2, stop_token_ids=[2])
     done = req([5, 5], min_new_tokens=2, stop_token_ids=[2])
     ignoring = req([5], min_new_tokens=2, ignore_eos=True)
-    out = Sampler(eos_token_ids=[0])(logits, [early, done, ignoring]).token_ids
-    assert out == [1, 0, 0]  # eos (0) and the stop token (2) are banned for the early row only
+    constrained = req([5], min_new_tokens=2, structured=StructuredOutputs(json_object=True))
+    out = Sampler(eos_token_ids=[0])(torch.cat([logits, logits[:1]]), [early, done, ignoring, constrained]).token_ids
+    # eos (0) and the stop token (2) are banned for the early row only; a grammar decides for itself
+    assert out == [1, 0, 0, 0]
 
 
 def test_penalties_change_what_a_greedy_row_picks() -> None:

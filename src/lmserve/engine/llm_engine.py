@@ -47,7 +47,7 @@ class LLMEngine:
         budget = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.runner.device.type)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
-        self.sampler = Sampler(config.seed, sorted(self.eos_token_ids))
+        self.sampler = Sampler(config.seed, eos_token_ids=sorted(self.eos_token_ids))
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
         self._generated_tokens = self._steps = 0

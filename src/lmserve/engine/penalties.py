@@ -4,7 +4,8 @@
   far, not the prompt): ``logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)``;
 - ``logit_bias``: ``logit[t] += bias`` for the token ids the request names;
 - ``min_new_tokens``: until a request has that many tokens, its end-of-sequence and stop token ids
-  cannot be chosen.
+  cannot be chosen (except under a structured-output constraint: there the grammar decides where
+  the output may end, and banning its only allowed token would leave none).
 
 Each adjustment is one batched tensor operation over the rows that use it; a row that uses none
 costs one attribute check, so requests without them pay nothing measurable.
@@ -27,7 +28,8 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request], eos_token
     rows = [i for i, r in enumerate(requests) if r.params.logit_bias]
     if rows:
         _bias(logits, [requests[i] for i in rows], rows)
-    rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_new_tokens]
+    rows = [i for i, r in enumerate(requests)
+            if r.num_output_tokens < r.params.min_new_tokens and r.params.structured is None]
     if rows:
         _ban_stops(logits, [requests[i] for i in rows], rows, eos_token_ids)
 

@@ -29,7 +29,7 @@ class SampleResult:
 class Sampler:
     """Stateless but for the per-request random generators it keeps for seeded requests."""
 
-    def __init__(self, seed: int = 0, eos_token_ids: Sequence[int] = ()) -> None:
+    def __init__(self, seed: int = 0, *, eos_token_ids: Sequence[int] = ()) -> None:
         self._eos_token_ids = tuple(eos_token_ids)
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}

@@ -103,13 +103,15 @@ def constraint(tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> Str
     """The structured-output constraint that enforces ``choice`` (None for none and auto)."""
     if choice.mode == "named":
         tool = next(t for t in tools if t.name == choice.name)
-        return StructuredOutputs(json=json.dumps(tool.parameters, sort_keys=True))
+        return StructuredOutputs(json=json.dumps(tool.parameters))
     if choice.mode != "required":
         return None
+    # "name" first: a grammar keeps the schema's property order, and the model should pick the
+    # function before writing its arguments.
     calls = [{"type": "object", "properties": {"name": {"enum": [t.name]}, "arguments": t.parameters},
               "required": ["name", "arguments"], "additionalProperties": False} for t in tools]  # fmt: skip
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}  # fmt: skip
     if not parallel:
         schema["maxItems"] = 1
-    return StructuredOutputs(json=json.dumps(schema, sort_keys=True))
+    return StructuredOutputs(json=json.dumps(schema))

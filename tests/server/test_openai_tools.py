@@ -132,8 +132,11 @@ def test_a_named_function_is_always_called_with_constrained_arguments(client: op
     out = client.chat.completions.create(model=MODEL_NAME, messages=ask("world"), tools=TOOLS, tool_choice=named,
                                          stream=stream)  # type: ignore[call-overload]  # fmt: skip
     if stream:
-        _, calls, _ = streamed(out)
+        chunks = list(out)
+        _, calls, _ = streamed(chunks)
         call = (calls[0]["name"], calls[0]["arguments"])
+        fragments = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(fragments) > 2  # the head, then the arguments as they were generated
     else:
         call = (out.choices[0].message.tool_calls[0].function.name,
                 out.choices[0].message.tool_calls[0].function.arguments)  # fmt: skip

@@ -15,9 +15,9 @@ from lmserve.server.tools.parsers import (
     RequiredParser,
     ToolCall,
     ToolParser,
-    ToolStream,
     parser_for,
 )
+from lmserve.server.tools.stream import Piece, ToolStream
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
@@ -33,6 +33,28 @@ def calls_of(calls: list[ToolCall]) -> list[tuple[str, object]]:
     return [(c.name, json.loads(c.arguments)) for c in calls]
 
 
+def replay(parser: ToolParser, chunks: list[str]) -> tuple[str, list[tuple[str, object]], bool]:
+    """Stream ``chunks``; the content sent, the calls as a client assembles them, whether it called."""
+    stream, pieces = ToolStream(parser), []
+    for chunk in chunks:
+        pieces += stream.feed(chunk)
+    rest, called = stream.finish()
+    return assemble(pieces + rest) + (called,)
+
+
+def assemble(pieces: list[Piece]) -> tuple[str, list[tuple[str, object]]]:
+    content, calls = "", {}
+    for piece in pieces:
+        content += piece.get("content", "")
+        for call in piece.get("tool_calls", ()):
+            entry = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+            if "id" in call:  # the head: id and name, arguments empty
+                assert call["id"].startswith("call_") and call["function"]["arguments"] == "" and not entry["name"]
+            entry["name"] += call["function"].get("name", "")
+            entry["arguments"] += call["function"]["arguments"]
+    return content, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+
+
 @pytest.mark.parametrize(("parser", "text", "content"), CASES, ids=lambda v: getattr(v, "name", None))
 def test_each_family_format_parses_to_the_calls(parser: ToolParser, text: str, content: str) -> None:
     got_content, calls = parser.parse(text)
@@ -44,32 +66,26 @@ def test_each_family_format_parses_to_the_calls(parser: ToolParser, text: str, c
 @pytest.mark.parametrize(("parser", "text", "content"), CASES, ids=lambda v: getattr(v, "name", None))
 def test_streamed_in_chunks_cut_anywhere_no_call_text_leaks_as_content(parser: ToolParser, text: str,
                                                                        content: str) -> None:
-    for cut in range(1, len(text)):  # two chunks, the cut at every position (mid-tag included)
+    for cut in range(1, len(text)):  # two chunks, the cut at every position (mid-tag included); then 3 at a time
         for size in (cut, 3):
-            stream, sent = ToolStream(parser), ""
-            for at in range(0, len(text), size):
-                sent += stream.feed(text[at:at + size])
-            rest, calls = stream.finish()
-            assert (sent + rest).strip() == content, (cut, size, sent)
-            assert calls_of(calls) == [("get_weather", WEATHER), ("get_time", {})]
+            sent, calls, called = replay(parser, [text[at:at + size] for at in range(0, len(text), size)])
+            assert sent.strip() == content and called, (cut, size, sent)
+            assert calls == [("get_weather", WEATHER), ("get_time", {})]
 
 
 @pytest.mark.parametrize("parser", [HermesParser(), Llama3JsonParser(), MistralParser()], ids=lambda p: p.name)
 def test_plain_answers_stream_as_content_and_have_no_calls(parser: ToolParser) -> None:
     text = "The weather in Paris is mild <tool and [TOOL things."
     assert parser.parse(text) == (text, [])
-    stream = ToolStream(parser)
-    sent = "".join(stream.feed(text[i:i + 4]) for i in range(0, len(text), 4))
-    rest, calls = stream.finish()
-    assert sent + rest == text and calls == []
+    assert replay(parser, [text[i:i + 4] for i in range(0, len(text), 4)]) == (text, [], False)
 
 
 def test_content_is_released_as_soon_as_it_cannot_start_a_call() -> None:
     stream = ToolStream(HermesParser())
-    assert stream.feed("Hi <tool") == "Hi "  # "<tool" may still become <tool_call>
-    assert stream.feed("box> ok") == "<toolbox> ok"
-    assert ToolStream(Llama3JsonParser()).feed("Sure, ") == "Sure, "
-    assert ToolStream(Llama3JsonParser()).feed('  {"na') == ""
+    assert stream.feed("Hi <tool") == [{"content": "Hi "}]  # "<tool" may still become <tool_call>
+    assert stream.feed("box> ok") == [{"content": "<toolbox> ok"}]
+    assert ToolStream(Llama3JsonParser()).feed("Sure, ") == [{"content": "Sure, "}]
+    assert ToolStream(Llama3JsonParser()).feed('  {"na') == []
 
 
 @pytest.mark.parametrize("text", [
@@ -77,8 +93,7 @@ def test_content_is_released_as_soon_as_it_cannot_start_a_call() -> None:
 ])  # fmt: skip
 def test_a_malformed_call_is_content_not_an_error(text: str) -> None:
     assert HermesParser().parse(text) == (text, [])
-    stream = ToolStream(HermesParser())
-    assert stream.feed(text) + stream.finish()[0] == text
+    assert replay(HermesParser(), [text]) == (text, [], False)
 
 
 def test_unclosed_call_at_the_end_and_arguments_written_as_text_still_parse() -> None:
@@ -105,3 +120,18 @@ def test_the_parser_is_configured_or_chosen_by_family() -> None:
     assert parser_for(None, "llama").name == "llama3_json"
     assert parser_for(None, "qwen2").name == "hermes" and FAMILY_PARSERS["mixtral"] == "mistral"
     assert parser_for(None, "gpt2").name == "hermes" and parser_for(None, None).name == "hermes"
+
+
+def test_a_named_call_streams_its_arguments_as_they_are_generated() -> None:
+    stream = ToolStream(NamedParser("get_weather"))
+    first = stream.feed('{"city"')
+    assert first[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert first[1] == {"tool_calls": [{"index": 0, "function": {"arguments": '{"city"'}}]}
+    assert stream.feed(': "Paris"}') == [{"tool_calls": [{"index": 0, "function": {"arguments": ': "Paris"}'}}]}]
+    assert stream.finish() == ([], True)
+    assert replay(NamedParser("f"), ['{"a"', ": 1", "}"]) == ("", [("f", {"a": 1})], True)
+
+
+def test_required_calls_come_at_the_end_of_the_stream() -> None:
+    text = '[{"name": "get_time", "arguments": {}}]'
+    assert replay(RequiredParser(), [text[i:i + 5] for i in range(0, len(text), 5)]) == ("", [("get_time", {})], True)

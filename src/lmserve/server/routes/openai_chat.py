@@ -5,7 +5,8 @@ with its ``finish_reason``; a ``usage`` chunk when ``stream_options.include_usag
 
 With tools (``lmserve.server.tools``), an answer's calls become ``message.tool_calls`` and the finish
 reason ``tool_calls``. Streamed, text that may belong to a call is held back; each call then comes
-as one delta with its index, id and name (arguments empty), and one with its arguments.
+as one delta with its index, id and name (arguments empty), then its arguments
+(``lmserve.server.tools.stream``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from lmserve.server.routes import runtime_of
 from lmserve.server.routes.openai_common import envelope, fan_out, openai_finish_reason, usage, usage_of
 from lmserve.server.runtime import ModelRuntime
 from lmserve.server.streaming import guarded, merged, sse_data, sse_response, token_text
-from lmserve.server.tools import ToolCall, ToolPlan, ToolStream, plan_tools
+from lmserve.server.tools import ToolPlan, ToolStream, plan_tools
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -66,11 +67,11 @@ def _choice(rt: ModelRuntime, body: ChatCompletionRequest, plan: ToolPlan, index
     if calls:
         message = {"role": "assistant", "content": content or None, "tool_calls": [t.as_openai() for t in calls]}
     return {"index": index, "message": message, "logprobs": _logprobs(rt, c.logprobs) if body.logprobs else None,
-            "finish_reason": _finish_reason(c.finish_reason, calls)}
+            "finish_reason": _finish_reason(c.finish_reason, bool(calls))}
 
 
-def _finish_reason(finish_reason: str | None, calls: Sequence[ToolCall]) -> str | None:
-    return "tool_calls" if calls and finish_reason is not None else openai_finish_reason(finish_reason)
+def _finish_reason(finish_reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and finish_reason is not None else openai_finish_reason(finish_reason)
 
 
 def _logprobs(rt: ModelRuntime, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
@@ -97,30 +98,20 @@ async def _chunks(rt: ModelRuntime, body: ChatCompletionRequest, plan: ToolPlan,
         generated += len(delta.token_ids)
         if continuous:
             extra = {"usage": usage(len(prompt), generated)}
-        tool_stream = held[index]
-        text = tool_stream.feed(delta.text) if tool_stream else delta.text
-        calls: list[ToolCall] = []
+        tool_stream, called = held[index], False
+        pieces = tool_stream.feed(delta.text) if tool_stream else [{"content": delta.text}] if delta.text else []
         if tool_stream and delta.finished:
-            rest, calls = tool_stream.finish()
-            text += rest
-        pieces = [p for p in ({"content": text} if text else {}, *_call_deltas(calls)) if p]
-        if calls or not pieces:
+            rest, called = tool_stream.finish()
+            pieces += rest
+        if called or not pieces:
             pieces.append({})  # the finish reason of a call comes in a chunk of its own, as OpenAI's
         for k, piece in enumerate(pieces):
             last = k == len(pieces) - 1
             choice = {"index": index, "delta": piece,
                       "logprobs": _logprobs(rt, delta.logprobs or []) if body.logprobs and k == 0 else None,
-                      "finish_reason": _finish_reason(delta.finish_reason, calls) if last else None}  # fmt: skip
+                      "finish_reason": _finish_reason(delta.finish_reason, called) if last else None}  # fmt: skip
             yield sse_data(head | {"choices": [choice]} | extra)
     if include_usage:
         yield sse_data(head | {"choices": [], "usage": usage(len(prompt), generated)})
     yield sse_data("[DONE]")
 
-
-def _call_deltas(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
-    """OpenAI's streamed shape of each call: index, id and name first, then the arguments."""
-    out: list[dict[str, Any]] = []
-    for k, call in enumerate(calls):
-        out.append({"tool_calls": [call.as_openai(k) | {"function": {"name": call.name, "arguments": ""}}]})
-        out.append({"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]})
-    return out

@@ -11,9 +11,9 @@
 constrained JSON and parsed by ``RequiredParser`` and ``NamedParser``.
 
 Each parser also says from where a partial answer must be held back while streaming
-(``hold_from``: the start of a call, or of text that may still become one), so no piece of a call is
-ever sent as content, and how a call is written back into a conversation for a chat template that
-knows no tools (``render``).
+(``hold_from``: the start of a call, or of text that may still become one; used by
+``lmserve.server.tools.stream``), so no piece of a call is ever sent as content, and how a call is
+written back into a conversation for a chat template that knows no tools (``render``).
 """
 
 from __future__ import annotations
@@ -209,25 +209,3 @@ assert set(PARSERS) == set(TOOL_CALL_PARSERS), "the config key's choices are the
 def parser_for(configured: str | None, model_type: str | None) -> ToolParser:
     """The configured parser, else the model family's, else ``hermes``."""
     return PARSERS[configured or FAMILY_PARSERS.get(model_type or "", DEFAULT_PARSER)]()
-
-
-class ToolStream:
-    """Streams an answer's content while holding back whatever may belong to a tool call."""
-
-    def __init__(self, parser: ToolParser) -> None:
-        self.parser, self.text, self.sent = parser, "", 0
-
-    def feed(self, delta: str) -> str:
-        """Add a piece of the answer; returns the content that is safe to send now."""
-        self.text += delta
-        hold = max(self.parser.hold_from(self.text), self.sent)
-        out, self.sent = self.text[self.sent:hold], hold
-        return out
-
-    def finish(self) -> Parsed:
-        """At the end: the content not sent yet, and the calls."""
-        content, calls = self.parser.parse(self.text)
-        if not calls:
-            return self.text[self.sent:], []
-        sent = self.text[:self.sent]
-        return (content[len(sent):] if content.startswith(sent) else ""), calls

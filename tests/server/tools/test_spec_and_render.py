@@ -122,3 +122,19 @@ def test_bad_arguments_in_an_earlier_call_are_refused_by_name() -> None:
     with pytest.raises(InvalidRequestError) as err:
         template_messages([bad], [], HermesParser(), native=True)
     assert err.value.field == "messages[0].tool_calls[0].function.arguments"
+
+
+def test_the_plan_keeps_a_special_token_marker_but_not_the_eos_text() -> None:
+    from lmserve.engine.sampling_params import SamplingParams
+    from lmserve.engine.structured_spec import StructuredOutputs
+    from lmserve.server.tools.parsers import MistralParser
+    from lmserve.server.tools.plan import ToolPlan
+
+    params = ToolPlan([], parser=MistralParser(), eos_texts=("</s>",)).apply(SamplingParams(stop=["x"]))
+    assert params.skip_special_tokens is False and params.stop == ("x", "</s>")
+    assert ToolPlan([], parser=HermesParser()).apply(SamplingParams()) == SamplingParams()
+    required = ToolPlan([], structured=StructuredOutputs(json="{}"))
+    assert required.apply(SamplingParams()).structured == StructuredOutputs(json="{}")
+    with pytest.raises(InvalidRequestError) as err:
+        required.apply(SamplingParams(structured=StructuredOutputs(json_object=True)))
+    assert err.value.field == "tool_choice" and "response_format" in err.value.message

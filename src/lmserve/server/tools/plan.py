@@ -31,16 +31,20 @@ class ToolPlan:
     template_vars: dict[str, Any] = field(default_factory=dict)
     structured: StructuredOutputs | None = None
     parser: ToolParser | None = None
+    eos_texts: tuple[str, ...] = ()  # the end-of-sequence token as text, when special tokens are kept
 
     def apply(self, params: SamplingParams) -> SamplingParams:
         """``params`` with what the plan needs of the engine."""
-        if self.structured is None and not (self.parser and self.parser.needs_special_tokens):
-            return params
         if self.structured is not None and params.structured is not None:
             raise InvalidRequestError("tool_choice", "a required or named tool choice cannot be combined with "
                                                      "another output constraint (response_format)")  # fmt: skip
-        return params.replace(structured=self.structured or params.structured,
-                              skip_special_tokens=not (self.parser and self.parser.needs_special_tokens))  # fmt: skip
+        if self.structured is not None:
+            params = params.replace(structured=self.structured)
+        if self.parser is not None and self.parser.needs_special_tokens:
+            # The call marker is a special token: keep special tokens in the text, but not the
+            # end-of-sequence token's text (as a stop string, it is cut off).
+            params = params.replace(skip_special_tokens=False, stop=(*params.stop, *self.eos_texts))
+        return params
 
 
 def plan_tools(rt: ModelRuntime, body: ChatCompletionRequest) -> ToolPlan:
@@ -57,7 +61,8 @@ def plan_tools(rt: ModelRuntime, body: ChatCompletionRequest) -> ToolPlan:
     parser: ToolParser | None = {"none": None, "auto": family, "required": RequiredParser(),
                                  "named": NamedParser(choice.name or "")}[choice.mode]  # fmt: skip
     structured = constraint(tools, choice, body.parallel_tool_calls is not False)
-    return ToolPlan(messages, template_vars, structured, parser)
+    eos = getattr(rt.tokenizer.hf, "eos_token", None)
+    return ToolPlan(messages, template_vars, structured, parser, (eos,) if isinstance(eos, str) and eos else ())
 
 
 @functools.lru_cache(maxsize=64)

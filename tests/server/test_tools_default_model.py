@@ -35,7 +35,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def client(default_model_dir: Path) -> Iterator[openai.OpenAI]:
     server: LiveServer = start_server(default_model_dir, engine_factory=DEFAULT_ENGINE_FACTORY,
                                       engine={"max_model_len": 1024, "block_size": 16, "kv_cache_tokens": 8192},
-                                      model_loading_timeout_s=300)  # fmt: skip
+                                      model_loading_timeout_s=300, predict_timeout_s=120)  # fmt: skip
     yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     server.stop()
 
@@ -48,7 +48,7 @@ def check(name: str, arguments: str) -> None:
 def test_a_named_function_always_returns_a_valid_call(client: openai.OpenAI, tool: str) -> None:
     choice = {"type": "function", "function": {"name": tool}}
     out = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice=choice,
-                                         max_tokens=60, temperature=0.8, n=3, seed=1)  # type: ignore[call-overload]
+                                         max_tokens=40, temperature=0.8, n=2, seed=1)  # type: ignore[call-overload]
     for c in out.choices:
         [call] = c.message.tool_calls
         assert call.function.name == tool and c.finish_reason == "tool_calls"
@@ -57,7 +57,7 @@ def test_a_named_function_always_returns_a_valid_call(client: openai.OpenAI, too
 
 def test_required_streams_valid_calls(client: openai.OpenAI) -> None:
     chunks = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="required",
-                                            parallel_tool_calls=False, max_tokens=60, temperature=0, stream=True)
+                                            parallel_tool_calls=False, max_tokens=40, temperature=0, stream=True)
     calls: dict[int, dict[str, str]] = {}
     for chunk in chunks:
         for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:

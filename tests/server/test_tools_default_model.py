@@ -57,7 +57,7 @@ def test_a_named_function_always_returns_a_valid_call(client: openai.OpenAI, too
 
 def test_required_streams_valid_calls(client: openai.OpenAI) -> None:
     chunks = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="required",
-                                            parallel_tool_calls=False, max_tokens=40, temperature=0, stream=True)
+                                            parallel_tool_calls=False, max_tokens=80, temperature=0, stream=True)
     calls: dict[int, dict[str, str]] = {}
     for chunk in chunks:
         for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:

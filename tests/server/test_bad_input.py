@@ -61,6 +61,7 @@ def test_lmi_bad_parameters(http: httpx.Client, body: dict, field: str, mentions
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id",
      "required"),
     ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, "parameters.best_of", "best_of=1"),
+    ("/generate", {"inputs": "hi", "parameters": {"frequency_penalty": 3.0}}, "parameters.frequency_penalty", "[-2, 2]"),
     ("/generate", {"inputs": "hi", "stream": True}, "stream", "unknown field"),
 ])  # fmt: skip
 def test_other_dialects_bad_parameters(http: httpx.Client, route: str, body: dict, field: str,

@@ -16,7 +16,7 @@ from lmserve.engine.prompt_limits import check_logit_bias, check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.runner import Runner, make_runner
-from lmserve.engine.sampler import Sampler, SampleResult
+from lmserve.engine.sampler import Sampler, SampleResult, token_logprob
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
 from lmserve.engine.tokenizer import Tokenizer
@@ -97,6 +97,7 @@ class LLMEngine:
         deltas: list[RequestDelta] = []
         if batch.requests:
             logits = self.runner.execute(self.runner.prepare(batch.requests, batch.num_new_tokens))
+            logits = self._score_prompts(logits, batch.requests, batch.num_new_tokens)
             sampled = self._sample(logits, batch.to_sample)
             self.scheduler.update(batch, sampled.token_ids)
             deltas = self._emit(batch.to_sample, sampled)
@@ -114,6 +115,26 @@ class LLMEngine:
             prefix_cache_hit_tokens_total=self.block_manager.prefix_hit_tokens, steps_total=self._steps)
 
     # -- one step --------------------------------------------------------------------------------
+    def _score_prompts(self, logits: torch.Tensor | None, requests: list[Request],
+                       num_new: list[int]) -> torch.Tensor | None:
+        """Record the prompt log-probabilities of the rows that score prompt tokens (see
+        ``Request.prompt_logprob_positions``, which ``prepare`` followed), and return the rows to
+        sample from. Costs nothing when no request asked."""
+        if logits is None or all(r.params.prompt_logprobs is None for r in requests):
+            return logits
+        keep, row = [], 0
+        for req, n in zip(requests, num_new, strict=True):
+            positions = req.prompt_logprob_positions(n)
+            if positions:
+                lp = torch.log_softmax(logits[row:row + len(positions)].float(), dim=-1)
+                req.prompt_logprobs.extend(token_logprob(lp[k], req.prompt_token_ids[p + 1], req.params.prompt_logprobs
+                                                          or 0) for k, p in enumerate(positions))  # fmt: skip
+                row += len(positions)
+            if req.num_computed_tokens + n == req.num_tokens:
+                keep.append(row)
+                row += 1
+        return logits[keep]
+
     def _sample(self, logits: torch.Tensor | None, requests: list[Request]) -> SampleResult:
         if not requests:
             return SampleResult([], [])
@@ -162,6 +183,8 @@ class LLMEngine:
             text=live.detok.take_new_text(finished=finish_reason is not None), logprobs=logprobs,
             finish_reason=finish_reason, stop_reason=req.stop_reason if finish_reason == "stop" else None,
             num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=req.num_output_tokens,
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens,
+            prompt_logprobs=req.prompt_logprobs if tokens and req.num_output_tokens == 1 and
+            req.params.prompt_logprobs is not None else None)  # fmt: skip
 
 

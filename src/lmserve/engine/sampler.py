@@ -63,7 +63,7 @@ class Sampler:
         if want:
             lp = torch.log_softmax(logits[want], dim=-1)
             for row, i in enumerate(want):
-                logprobs[i] = _token_logprob(lp[row], token_ids[i], requests[i].params.logprobs or 0)
+                logprobs[i] = token_logprob(lp[row], token_ids[i], requests[i].params.logprobs or 0)
         return SampleResult(token_ids, logprobs)
 
     def _sample_row(self, row: torch.Tensor, req: Request) -> int:
@@ -95,7 +95,8 @@ def _apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float
     row.index_copy_(0, ids, torch.where(values > 0, values / penalty, values * penalty))
 
 
-def _token_logprob(lp: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+def token_logprob(lp: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    """``token_id``'s log-probability in ``lp`` (one row of log-softmax) and the ``top_n`` most likely."""
     top: tuple[tuple[int, float], ...] = ()
     if top_n > 0:
         values, indices = lp.topk(top_n)

@@ -22,6 +22,8 @@ class SamplingParams:
     output to a JSON schema, regex, choice or grammar (see ``StructuredOutputs``).
     ``presence_penalty``, ``frequency_penalty`` (each in [-2, 2], over generated tokens) and
     ``logit_bias`` (token id -> bias in [-100, 100]; a dict is accepted) follow OpenAI's API.
+    ``prompt_logprobs`` scores the prompt's tokens as ``logprobs`` scores the output's (the prompt
+    is then computed in full, never taken from the prefix cache).
     """
 
     max_new_tokens: int = 128
@@ -41,6 +43,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params can be shared safely.
@@ -76,6 +79,9 @@ class SamplingParams:
               "must be a list of non-negative integers")
         check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= _MAX_LOGPROBS),
               "logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.logprobs!r}")
+        check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and
+                                               0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
+              "prompt_logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             check(_is_num(value) and -2.0 <= value <= 2.0, name, f"must be a number in [-2, 2], got {value!r}")

@@ -200,8 +200,10 @@ class FakeEngine:
         text, r.text = full[len(r.text):], full
         if finish is not None:
             self._release(self._requests.pop(r.request_id))
+        prompt_lps = [TokenLogprob(t, -1.0 - k, ((t, -1.0 - k),)) for k, t in enumerate(r.prompt[1:])] \
+            if i == 0 and params.prompt_logprobs is not None else None  # fmt: skip
         return RequestDelta(r.request_id, [token], text, self._logprobs(token, i, params), finish,
-                            stop_reason, len(r.prompt), len(r.generated))  # fmt: skip
+                            stop_reason, len(r.prompt), len(r.generated), prompt_logprobs=prompt_lps)  # fmt: skip
 
     def _next_reply_piece(self, r: _Request) -> RequestDelta:
         assert r.reply is not None

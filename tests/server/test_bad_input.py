@@ -40,7 +40,7 @@ def test_lmi_bad_parameters(http: httpx.Client, body: dict, field: str, mentions
 
 @pytest.mark.parametrize(("route", "body", "field", "mentions"), [
     ("/v1/completions", {"prompt": "hi", "n": 0}, "n", ""),
-    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "prompt log-probabilities"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, "suffix", "not supported"),
     ("/v1/completions", {"prompt": "hi", "n": 3, "best_of": 2}, "best_of", ">= n (3)"),
     ("/v1/completions", {"prompt": "hi", "best_of": 2, "stream": True}, "best_of", "stream"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias", "token ids in [0,"),

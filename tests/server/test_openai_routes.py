@@ -165,3 +165,16 @@ def test_auto_tool_choice_needs_the_operator_to_enable_it(http: httpx.Client) ->
     ok = http.post("/v1/chat/completions", json={"messages": CHAT, "tools": tools, "tool_choice": "none",
                                                   "max_tokens": 2})  # fmt: skip
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt_too(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=2, temperature=0, echo=True,
+                                    logprobs=1)  # fmt: skip
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["hello", "world", *greedy_words(HELLO, 2)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first prompt token has no context
+    assert lp.token_logprobs[1] == -1.0 and lp.top_logprobs[1] == {"world": -1.0}  # the fake engine's score
+    assert lp.text_offset[:2] == [0, len("hello")] and lp.text_offset[2] == len("hello world")
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=2, temperature=0,
+                                            echo=True, logprobs=1, stream=True))  # fmt: skip
+    assert chunks[0].choices[0].logprobs.tokens == ["hello", "world", greedy_words(HELLO, 1)[0]]

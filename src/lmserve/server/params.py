@@ -96,9 +96,7 @@ def openai_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, ma
     route and the prompt) and ``logprobs`` (the fields differ between completions and chat); tool
     fields are the chat route's (``lmserve.server.tools``)."""
     if isinstance(req, CompletionRequest):
-        _refuse([(req.echo and req.logprobs is not None, "echo",
-                  "echo with logprobs (prompt log-probabilities) is not supported; echo alone is"),
-                 (req.suffix is not None, "suffix", "insertion (suffix) is not supported")])  # fmt: skip
+        _refuse([(req.suffix is not None, "suffix", "insertion (suffix) is not supported")])
     else:
         _refuse([(req.response_format is not None and req.response_format.type != "text", "response_format",
                   "only {'type': 'text'} is supported")])  # fmt: skip
@@ -115,4 +113,5 @@ def openai_sampling_params(req: CompletionRequest | ChatCompletionRequest, *, ma
         seed=req.seed, stop=tuple(stop), ignore_eos=req.ignore_eos, logprobs=logprobs,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=logit_bias(req.logit_bias, vocab_size), stop_token_ids=tuple(req.stop_token_ids or ()),
+        prompt_logprobs=req.logprobs if isinstance(req, CompletionRequest) and req.echo else None,
     )  # fmt: skip

@@ -2,7 +2,8 @@
 
 ``best_of`` runs that many requests per prompt and answers with the ``n`` of highest cumulative
 log-probability (not with ``stream``, as in OpenAI's API); ``echo`` puts the prompt text before each
-choice's text (in the first chunk when streaming).
+choice's text (in the first chunk when streaming), and with ``logprobs`` the prompt tokens' too (the
+first one has none, as in OpenAI's API).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ async def completions(body: CompletionRequest, request: Request, model_name: str
     results = await gen.complete(request, streams)
     chosen = [(p, c) for p in range(len(prompts)) for c in _best(results[p * best_of:(p + 1) * best_of], body.n)]
     choices = [{"index": i, "text": echoes[p] + c.text, "finish_reason": openai_finish_reason(c.finish_reason),
-                "logprobs": _logprobs(rt, c.logprobs, len(echoes[p])) if body.logprobs is not None else None}
+                "logprobs": _logprobs(rt, c.logprobs, len(echoes[p]), prompts[p] if body.echo else None,
+                                      c.prompt_logprobs) if body.logprobs is not None else None}
                for i, (p, c) in enumerate(chosen)]  # fmt: skip
     out = envelope("text_completion", rt.name, "cmpl") | {"choices": choices, "usage": usage_of(prompts, results)}
     return JSONResponse(out)
@@ -102,15 +104,26 @@ async def _prompts(rt: ModelRuntime, prompt: str | list[str] | list[int] | list[
     return out
 
 
-def _logprobs(rt: ModelRuntime, logprobs: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+def _logprobs(rt: ModelRuntime, logprobs: Sequence[TokenLogprob], offset: int, prompt: list[int] | None = None,
+              prompt_logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+    """OpenAI's legacy logprobs of the generated tokens (text from ``offset``), after the echoed
+    ``prompt``'s when given."""
     tokens = [token_text(rt, lp.token_id) for lp in logprobs]
     offsets, at = [], offset
     for text in tokens:
         offsets.append(at)
         at += len(text)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{token_text(rt, t): v for t, v in lp.top} for lp in logprobs],
-            "text_offset": offsets}  # fmt: skip
+    out: dict[str, Any] = {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+                           "top_logprobs": [{token_text(rt, t): v for t, v in lp.top} for lp in logprobs],
+                           "text_offset": offsets}  # fmt: skip
+    if prompt is None:
+        return out
+    scored = list(prompt_logprobs or ())
+    texts = [token_text(rt, t) for t in prompt]
+    starts = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts + tokens, "token_logprobs": [None, *(lp.logprob for lp in scored)] + out["token_logprobs"],
+            "top_logprobs": [None, *({token_text(rt, t): v for t, v in lp.top} for lp in scored)] + out["top_logprobs"],
+            "text_offset": starts + offsets}  # fmt: skip
 
 
 async def _chunks(rt: ModelRuntime, body: CompletionRequest, prompts: list[list[int]],
@@ -123,9 +136,11 @@ async def _chunks(rt: ModelRuntime, body: CompletionRequest, prompts: list[list[
     generated, offsets = 0, [len(e) for e in echoes]
     async for index, delta in merged(firsts, streams):
         generated += len(delta.token_ids)
-        logprobs = _logprobs(rt, delta.logprobs or [], offsets[index]) if body.logprobs is not None else None
-        offsets[index] += len(delta.text)
         echo, echoes[index] = echoes[index], ""
+        prompt = prompts[index // body.n] if body.echo and echo else None
+        logprobs = _logprobs(rt, delta.logprobs or [], offsets[index], prompt, delta.prompt_logprobs) \
+            if body.logprobs is not None else None  # fmt: skip
+        offsets[index] += len(delta.text)
         choice = {"index": index, "text": echo + delta.text, "logprobs": logprobs,
                   "finish_reason": openai_finish_reason(delta.finish_reason)}  # fmt: skip
         so_far = {"usage": usage(prompt_tokens, generated) if continuous else None}

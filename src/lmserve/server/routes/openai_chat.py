@@ -114,4 +114,3 @@ async def _chunks(rt: ModelRuntime, body: ChatCompletionRequest, plan: ToolPlan,
     if include_usage:
         yield sse_data(head | {"choices": [], "usage": usage(len(prompt), generated)})
     yield sse_data("[DONE]")
-

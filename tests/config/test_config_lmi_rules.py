@@ -100,9 +100,8 @@ def test_lora_turned_off_is_accepted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("line", "feature"), [
-    ("option.enable_auto_tool_choice=true", "tool-call and reasoning parsers"),
-    ("option.tool_call_parser=llama3_json", "tool-call and reasoning parsers"),
-    ("option.reasoning_parser=deepseek_r1", "tool-call and reasoning parsers"),
+    ("option.enable_reasoning=true", "reasoning parsers"),
+    ("option.reasoning_parser=deepseek_r1", "reasoning parsers"),
     ('option.limit_mm_per_prompt={"image": 2}', "multimodal inputs"),
     ('option.kv_transfer_config={"kv_connector": "LMCacheConnectorV1"}', "KV-cache transfer"),
 ])  # fmt: skip
@@ -111,6 +110,19 @@ def test_features_not_built_are_named(tmp_path: Path, line: str, feature: str) -
         load_props(tmp_path, f"option.model_id=org/m\n{line}\n")
     assert f"{feature}" in str(err.value) and "not supported yet" in str(err.value)
     assert line.split("=")[0] in str(err.value)
+
+
+def test_tool_calling_keys_are_honoured_as_the_managed_containers_name_them(tmp_path: Path) -> None:
+    config = load_props(tmp_path, "option.model_id=org/m\noption.enable_auto_tool_choice=true\n"
+                                  "option.tool_call_parser=Hermes\n")  # fmt: skip
+    assert (config.model.enable_auto_tool_choice, config.model.tool_call_parser) == (True, "hermes")
+    assert config.warnings == ()
+
+
+def test_a_tool_call_parser_lmserve_lacks_is_refused_naming_those_it_has(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_props(tmp_path, "option.model_id=org/m\noption.tool_call_parser=pythonic\n")
+    assert "option.tool_call_parser" in str(err.value) and "hermes, llama3_json, mistral" in str(err.value)
 
 
 # ---- item 9: every unknown key at once; typo hints; a lenient mode -------------------------------

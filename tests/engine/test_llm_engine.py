@@ -119,3 +119,20 @@ def test_kv_cache_is_sized_in_tokens_or_bytes(tmp_path: Path, tokenizer_dir: Pat
     assert per_token == 2 * 2 * 2 * 16 * 4
     by_bytes = LLM(str(tmp_path), dtype="fp32", kv_cache_bytes=per_token * 512, block_size=16)
     assert by_bytes.engine.model_info.kv_cache_tokens == 512
+
+
+def test_prompt_logprobs_score_each_prompt_token_as_generation_would(llm: LLM) -> None:
+    prompt = [5, 6, 7]
+    (free,) = llm.generate([prompt], SamplingParams(max_new_tokens=3, logprobs=0, ignore_eos=True))
+    scored_prompt = prompt + free.token_ids
+    neighbour = [9, 10, 11, 12]
+    alone = llm.generate([neighbour], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids
+    for _ in range(2):  # the second time the prompt is in the prefix cache, which must not skip scoring
+        scored, other = llm.generate([scored_prompt, neighbour], [
+            SamplingParams(max_new_tokens=1, prompt_logprobs=2, ignore_eos=True),
+            SamplingParams(max_new_tokens=3, ignore_eos=True)])  # fmt: skip
+        lps = scored.prompt_logprobs
+        assert lps is not None and [lp.token_id for lp in lps] == scored_prompt[1:]
+        assert [lp.logprob for lp in lps[2:]] == pytest.approx([lp.logprob for lp in free.logprobs or []], abs=1e-4)
+        assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.logprob for lp in lps)
+        assert other.token_ids == alone and other.prompt_logprobs is None

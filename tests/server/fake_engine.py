@@ -14,11 +14,17 @@ sequence after that many tokens unless ``ignore_eos``), ``kv_blocks`` in the poo
 (a step raises when a running prompt holds that word: a crashing engine), ``oom_on_word`` (a request
 whose prompt holds that word ends with an out-of-memory error after ``oom_after`` tokens, and the
 engine lives on), ``device_from_env``
-(report that environment variable's value as the device: what the engine process was given).
+(report that environment variable's value as the device: what the engine process was given),
+``replies`` (word -> text: a request whose prompt holds the word answers that text, ``reply_chunk``
+characters per step, then stops: what a real model would write, e.g. a tool call), ``record_to`` (a
+file that gets one JSON line per request: its prompt ids and the parameters routes choose for the
+engine, such as ``structured``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import random
@@ -47,6 +53,7 @@ class _Request:
     blocks: int = 0
     running: bool = False
     admitted: bool = False
+    reply: str | None = None
 
 
 class FakeEngine:
@@ -55,7 +62,8 @@ class FakeEngine:
     def __init__(self, config: EngineConfig, *, token_delay_s: float = 0.0, load_delay_s: float = 0.0,
                  fail_load: bool = False, eos_after: int | None = None, kv_blocks: int = 64,
                  fail_on_word: str | None = None, fail_load_if_exists: str | None = None,
-                 device_from_env: str | None = None, oom_on_word: str | None = None, oom_after: int = 0) -> None:
+                 device_from_env: str | None = None, oom_on_word: str | None = None, oom_after: int = 0,
+                 replies: dict[str, str] | None = None, reply_chunk: int = 5, record_to: str | None = None) -> None:
         from tokenizers import Tokenizer
 
         time.sleep(load_delay_s)
@@ -74,6 +82,8 @@ class FakeEngine:
             eos_token_ids=(2,), max_num_seqs=config.max_num_seqs, max_num_batched_tokens=256,
             kv_cache_tokens=kv_blocks * config.block_size,
         )  # fmt: skip
+        self._replies = {self._tok.token_to_id(word): text for word, text in (replies or {}).items()}
+        self.reply_chunk, self.record_to = reply_chunk, record_to
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []
         self._counters = {"prompt": 0, "generated": 0, "steps": 0, "preempted": 0}
@@ -89,7 +99,11 @@ class FakeEngine:
         if len(ids) >= self._info.max_model_len:
             raise InvalidRequestError("inputs", f"the prompt has {len(ids)} tokens; at most "
                                       f"{self._info.max_model_len - 1} fit")  # fmt: skip
-        self._requests[request_id] = _Request(request_id, ids, params, random.Random(params.seed))
+        reply = next((text for word, text in self._replies.items() if word in ids), None)
+        self._requests[request_id] = _Request(request_id, ids, params, random.Random(params.seed), reply=reply)
+        if self.record_to:
+            with open(self.record_to, "a") as f:
+                f.write(json.dumps({"prompt": ids, "params": dataclasses.asdict(params)}) + "\n")
 
     def abort_request(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -157,6 +171,8 @@ class FakeEngine:
         request.blocks = 0
 
     def _next_token(self, r: _Request) -> RequestDelta:
+        if r.reply is not None:
+            return self._next_reply_piece(r)
         params, i = r.params, len(r.generated)
         eos = (self.eos_after is not None and i >= self.eos_after and not params.ignore_eos
                and i >= params.min_new_tokens)  # fmt: skip
@@ -184,8 +200,22 @@ class FakeEngine:
         text, r.text = full[len(r.text):], full
         if finish is not None:
             self._release(self._requests.pop(r.request_id))
+        prompt_lps = [TokenLogprob(t, -1.0 - k, ((t, -1.0 - k),)) for k, t in enumerate(r.prompt[1:])] \
+            if i == 0 and params.prompt_logprobs is not None else None  # fmt: skip
         return RequestDelta(r.request_id, [token], text, self._logprobs(token, i, params), finish,
-                            stop_reason, len(r.prompt), len(r.generated))  # fmt: skip
+                            stop_reason, len(r.prompt), len(r.generated), prompt_logprobs=prompt_lps)  # fmt: skip
+
+    def _next_reply_piece(self, r: _Request) -> RequestDelta:
+        assert r.reply is not None
+        start = len(r.generated) * self.reply_chunk
+        piece = r.reply[start:start + self.reply_chunk]
+        r.generated.append(FIRST_CONTENT_ID)
+        self._counters["generated"] += 1
+        finish = "stop" if start + self.reply_chunk >= len(r.reply) else None
+        if finish is not None:
+            self._release(self._requests.pop(r.request_id))
+        return RequestDelta(r.request_id, [FIRST_CONTENT_ID], piece, self._logprobs(FIRST_CONTENT_ID, 0, r.params),
+                            finish, None, len(r.prompt), len(r.generated))  # fmt: skip
 
     @staticmethod
     def _logprobs(token: int, i: int, params: SamplingParams) -> list[TokenLogprob] | None:

@@ -123,3 +123,58 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hello", max_tokens=1)
+
+
+def test_completion_echo_puts_the_prompt_first(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=3, temperature=0, echo=True)
+    assert out.choices[0].text == "hello world" + " ".join(greedy_words(HELLO, 3))
+    ids = client.completions.create(model=MODEL_NAME, prompt=HELLO, max_tokens=1, temperature=0, echo=True)
+    assert ids.choices[0].text.startswith("hello world")  # token-id prompts are echoed decoded
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=3, temperature=0,
+                                            echo=True, stream=True))  # fmt: skip
+    assert chunks[0].choices[0].text.startswith("hello world")
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+
+
+def test_best_of_returns_n_of_the_sampled_choices_and_counts_them_all(client: openai.OpenAI) -> None:
+    fanned = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=4, n=3, seed=7)
+    best = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=4, n=2, best_of=3, seed=7)
+    assert len(best.choices) == 2 and [c.index for c in best.choices] == [0, 1]
+    assert {c.text for c in best.choices} <= {c.text for c in fanned.choices}
+    assert best.usage.completion_tokens == 12 and best.choices[0].logprobs is None
+
+
+def test_best_of_ranks_by_cumulative_logprob() -> None:
+    from lmserve.engine.outputs import TokenLogprob
+    from lmserve.server.generation import Completion
+    from lmserve.server.routes.openai_completions import _best
+
+    def done(text: str, *lps: float) -> Completion:
+        return Completion([1], text=text, logprobs=[TokenLogprob(3, lp) for lp in lps])
+
+    results = [done("a", -1.0, -1.0), done("b", -0.1, -0.2, -0.3), done("c", -3.0)]
+    assert [c.text for c in _best(results, 2)] == ["b", "a"]
+    assert [c.text for c in _best(results, 3)] == ["a", "b", "c"]  # n == best_of: in order, unranked
+
+
+def test_auto_tool_choice_needs_the_operator_to_enable_it(http: httpx.Client) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "tools": tools})
+    assert r.status_code == 400 and r.json()["field"] == "tool_choice"
+    assert "option.enable_auto_tool_choice=true" in r.json()["error"]
+    ok = http.post("/v1/chat/completions", json={"messages": CHAT, "tools": tools, "tool_choice": "none",
+                                                  "max_tokens": 2})  # fmt: skip
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt_too(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=2, temperature=0, echo=True,
+                                    logprobs=1)  # fmt: skip
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["hello", "world", *greedy_words(HELLO, 2)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first prompt token has no context
+    assert lp.token_logprobs[1] == -1.0 and lp.top_logprobs[1] == {"world": -1.0}  # the fake engine's score
+    assert lp.text_offset[:2] == [0, len("hello")] and lp.text_offset[2] == len("hello world")
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=2, temperature=0,
+                                            echo=True, logprobs=1, stream=True))  # fmt: skip
+    assert chunks[0].choices[0].logprobs.tokens == ["hello", "world", greedy_words(HELLO, 1)[0]]

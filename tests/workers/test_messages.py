@@ -18,6 +18,7 @@ DELTA = RequestDelta("r1", [5, 6], "w2 w3", [TokenLogprob(5, -0.5, ((5, -0.5), (
 
 @pytest.mark.parametrize("message", [
     m.AddRequest("r1", [1, 2, 3], SamplingParams(max_new_tokens=7, temperature=0.5, stop=("a", "b"), seed=3)),
+    m.AddRequest("r2", [1], SamplingParams(presence_penalty=0.5, frequency_penalty=-1, logit_bias={3: 1.5, 7: -100})),
     m.Abort(["r1", "r2"]),
     m.StatsQuery(4),
     m.Shutdown(),

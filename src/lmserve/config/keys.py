@@ -115,6 +115,18 @@ _MODEL_KEYS = (
         "A request whose max_new_tokens (max_tokens) does not fit beside its prompt in n_positions: "
         "error answers 400 naming both numbers; clamp generates as many tokens as fit. A limit "
         "beyond n_positions is refused either way.", flag="--max-tokens-policy"),
+    Key("option.enable_auto_tool_choice", v.BOOL, "model.enable_auto_tool_choice",
+        "Let chat requests with tools leave the choice to the model (tool_choice auto, the default "
+        "when tools are given): its answer is parsed for tool calls by option.tool_call_parser. "
+        "Without it such requests are a 400 saying how to enable it; tool_choice required or a named "
+        "function always work (they are enforced by constrained decoding).",
+        flag="--enable-auto-tool-choice"),
+    Key("option.tool_call_parser", v.choice({name: name for name in v.TOOL_CALL_PARSERS}), "model.tool_call_parser",
+        "How the model writes tool calls: hermes (JSON calls inside tool_call tags: Hermes, Qwen), "
+        "llama3_json (a JSON object with name and parameters: Llama 3), mistral ([TOOL_CALLS] then a JSON "
+        "list); "
+        "unset: chosen by the model family (model_type), hermes when the family is unknown.",
+        flag="--tool-call-parser", default_text="by model family"),
     Key("option.trust_remote_code", v.BOOL, "engine.trust_remote_code",
         "Allow the startup model's code to run (its tokenizer or model classes in .py files); models "
         "registered through the management API need trust_remote_code_urls instead.",
@@ -303,13 +315,11 @@ _ALWAYS_IGNORED = (
 
 # Features not built yet: an error that names the feature, unless the value turns it off.
 _LORA = "LoRA adapters are not supported yet"
-_PARSERS = "tool-call and reasoning parsers are not supported yet"
+_PARSERS = "reasoning parsers are not supported yet"
 _REFUSED = (
     Key("option.enable_lora", v.BOOL, None, "", refused=_LORA, accepts=("false",)),
     *(Key(f"option.{name}", v.ANY, None, "", refused=_LORA)
       for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "fully_sharded_loras")),
-    Key("option.enable_auto_tool_choice", v.BOOL, None, "", refused=_PARSERS, accepts=("false",)),
-    Key("option.tool_call_parser", v.ANY, None, "", refused=_PARSERS),
     Key("option.enable_reasoning", v.BOOL, None, "", refused=_PARSERS, accepts=("false",)),
     Key("option.reasoning_parser", v.ANY, None, "", refused=_PARSERS),
     Key("option.limit_mm_per_prompt", v.ANY, None, "", refused="multimodal inputs are not supported yet"),

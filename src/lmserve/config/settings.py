@@ -107,6 +107,8 @@ class ModelSpec:
     enable_venv: bool = False  # option.enable_venv: a custom handler's requirements in a model venv
     revision: str | None = None  # option.revision (Hub)
     max_tokens_policy: Literal["error", "clamp"] = "error"  # option.max_tokens_policy
+    enable_auto_tool_choice: bool = False  # option.enable_auto_tool_choice
+    tool_call_parser: str | None = None  # option.tool_call_parser; None = by model family
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,9 @@ def number(low: float, high: float | None = None, *, low_open: bool = False) -> 
     return ValueType("float", f"a number {lower}{upper}", parse)
 
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # lmserve.server.tools.parsers implements each
+
+
 def choice(mapping: Mapping[str, object], extra: str = "") -> ValueType:
     """One of ``mapping``'s keys (any case); the value is what the key maps to."""
     table = {key.lower(): value for key, value in mapping.items()}

@@ -31,11 +31,12 @@ from lmserve.engine.sampler import LogitsMask, Sampler, SampleResult
 class GpuSampler:
     """Batched sampling on ``device``; keeps a generator per seeded request, on that device."""
 
-    def __init__(self, device: torch.device | str, seed: int = 0, logits_mask: LogitsMask | None = None) -> None:
+    def __init__(self, device: torch.device | str, seed: int = 0, logits_mask: LogitsMask | None = None, *,
+                 eos_token_ids: Sequence[int] = ()) -> None:
         self.device = torch.device(device)
         self._default = torch.Generator(device=self.device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self.host = Sampler(seed, logits_mask)  # for steps this sampler does not handle
+        self.host = Sampler(seed, logits_mask, eos_token_ids=eos_token_ids)  # for steps this sampler does not handle
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -53,7 +54,7 @@ class GpuSampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """``logits``: [len(requests), vocab] on this sampler's device."""
-        if any(getattr(r.params, "structured", None) is not None for r in requests):
+        if any(_needs_host(r) for r in requests):
             return self.host(logits.float().cpu(), requests)
         logits = logits.to(self.device, torch.float32)
         logits = _apply_penalties(logits, requests, self.device)
@@ -164,10 +165,18 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _needs_host(request: Request) -> bool:
+    """Whether a request uses what only the CPU sampler does: grammar masks, logit bias, and the
+    ban on stopping before ``min_new_tokens``."""
+    p = request.params
+    return (p.structured is not None or bool(p.logit_bias)
+            or request.num_output_tokens < p.min_new_tokens)
+
+
 def make_sampler(device: torch.device | str, seed: int = 0,
-                 logits_mask: LogitsMask | None = None) -> Sampler | GpuSampler:
+                 logits_mask: LogitsMask | None = None, *, eos_token_ids: Sequence[int] = ()) -> Sampler | GpuSampler:
     """The sampler for logits on ``device``: batched on the device for CUDA, ``Sampler`` on the CPU;
     ``logits_mask`` is the structured-output hook (see ``Sampler``)."""
     if torch.device(device).type == "cuda":
-        return GpuSampler(device, seed, logits_mask)
-    return Sampler(seed, logits_mask)
+        return GpuSampler(device, seed, logits_mask, eos_token_ids=eos_token_ids)
+    return Sampler(seed, logits_mask, eos_token_ids=eos_token_ids)

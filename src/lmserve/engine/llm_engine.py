@@ -19,11 +19,11 @@ from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.gpu_sampler import make_sampler
 from lmserve.engine.outputs import RequestDelta, TokenLogprob
-from lmserve.engine.prompt_limits import check_prompt_ids
+from lmserve.engine.prompt_limits import check_logit_bias, check_prompt_ids
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.runner import Runner, make_runner
-from lmserve.engine.sampler import SampleResult
+from lmserve.engine.sampler import SampleResult, token_logprob
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
 from lmserve.engine.step_budget import engine_step_budget
@@ -60,7 +60,8 @@ class LLMEngine:
             engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.structured = StructuredOutputManager(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
-        self.sampler = make_sampler(self.runner.device, config.seed, self.structured.apply_masks)
+        self.sampler = make_sampler(self.runner.device, config.seed, self.structured.apply_masks,
+                                    eos_token_ids=sorted(self.eos_token_ids))
         self._compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
@@ -88,6 +89,7 @@ class LLMEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids("inputs", token_ids, self.max_model_len, self.runner.model_config.vocab_size)
+        check_logit_bias(params, self.runner.model_config.vocab_size)
         request = Request(request_id, token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens,
                                        params.include_stop_str_in_output)
@@ -117,6 +119,7 @@ class LLMEngine:
         if batch.requests:
             started = time.perf_counter()
             logits = self.runner.execute(self.runner.prepare(batch.requests, batch.num_new_tokens))
+            logits = self._score_prompts(logits, batch.requests, batch.num_new_tokens)
             sampled = self._sample(logits, batch.to_sample)
             self.scheduler.update(batch, sampled.token_ids)
             self.scheduler.budget.record(batch.total_tokens, len(batch), time.perf_counter() - started)
@@ -163,6 +166,26 @@ class LLMEngine:
     def _release(self, request_id: str) -> None:
         self.sampler.release(request_id)
         self.structured.release(request_id)
+
+    def _score_prompts(self, logits: torch.Tensor | None, requests: list[Request],
+                       num_new: list[int]) -> torch.Tensor | None:
+        """Record the prompt log-probabilities of the rows that score prompt tokens (see
+        ``Request.prompt_logprob_positions``, which ``prepare`` followed), and return the rows to
+        sample from. Costs nothing when no request asked."""
+        if logits is None or all(r.params.prompt_logprobs is None for r in requests):
+            return logits
+        keep, row = [], 0
+        for req, n in zip(requests, num_new, strict=True):
+            positions = req.prompt_logprob_positions(n)
+            if positions:
+                lp = torch.log_softmax(logits[row:row + len(positions)].float(), dim=-1)
+                req.prompt_logprobs.extend(token_logprob(lp[k], req.prompt_token_ids[p + 1], req.params.prompt_logprobs
+                                                          or 0) for k, p in enumerate(positions))  # fmt: skip
+                row += len(positions)
+            if req.num_computed_tokens + n == req.num_tokens:
+                keep.append(row)
+                row += 1
+        return logits[keep]
 
     def _sample(self, logits: torch.Tensor | None, requests: list[Request]) -> SampleResult:
         if not requests:
@@ -218,6 +241,8 @@ class LLMEngine:
             text=live.detok.take_new_text(finished=finish_reason is not None), logprobs=logprobs,
             finish_reason=finish_reason, stop_reason=req.stop_reason if finish_reason == "stop" else None,
             num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=req.num_output_tokens,
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens,
+            prompt_logprobs=req.prompt_logprobs if tokens and req.num_output_tokens == 1 and
+            req.params.prompt_logprobs is not None else None)  # fmt: skip
 
 

@@ -117,7 +117,7 @@ class ModelRunner:
         positions, slots = [], []
         starts = np.zeros(len(requests) + 1, dtype=np.int32)
         context = np.empty(len(requests), dtype=np.int32)
-        logits_rows = []
+        logits_rows: list[int] = []
         max_blocks = max(len(r.block_ids) for r in requests)
         tables = np.zeros((len(requests), max_blocks), dtype=np.int32)
         for i, (req, n) in enumerate(zip(requests, num_new_tokens, strict=True)):
@@ -130,6 +130,7 @@ class ModelRunner:
             tables[i, :len(blocks)] = blocks
             starts[i + 1] = starts[i] + n
             context[i] = first + n
+            logits_rows.extend(int(starts[i]) + p - first for p in req.prompt_logprob_positions(n))
             if first + n == req.num_tokens:
                 logits_rows.append(starts[i + 1] - 1)
         return StepInputs(

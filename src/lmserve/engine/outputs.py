@@ -41,6 +41,7 @@ class RequestDelta:
     error: str | None = None
     error_kind: ErrorKind | None = None
     error_field: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first delta, when asked for
 
     @property
     def finished(self) -> bool:
@@ -59,9 +60,12 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt token i + 1's, when asked for
 
     def add(self, delta: RequestDelta) -> None:
         """Fold one streamed delta into this result."""
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = list(delta.prompt_logprobs)
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:

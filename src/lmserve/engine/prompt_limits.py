@@ -17,9 +17,12 @@ merge into single tokens, so no prompt that would fit is refused by this bound.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lmserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from lmserve.engine.sampling_params import SamplingParams
 
 MAX_CHARS_PER_TOKEN = 32
 MaxTokensPolicy = Literal["error", "clamp"]
@@ -51,6 +54,15 @@ def check_prompt_ids(field: str, ids: Sequence[int], max_model_len: int, vocab_s
     if len(ids) >= max_model_len:
         raise InvalidRequestError(field, f"the prompt has {len(ids)} tokens, but at most {max_model_len - 1} fit "
                                          f"(max_model_len {max_model_len} leaves room for one new token)")  # fmt: skip
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """Refuse a ``logit_bias`` that names a token id outside the vocabulary (the engine and the
+    routes check it alike, like prompt ids)."""
+    bad = next((t for t, _ in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError("logit_bias", f"token id {bad} is outside the vocabulary: token ids must be in "
+                                                f"[0, {vocab_size})")  # fmt: skip
 
 
 def fit_new_tokens(field: str, requested: int | None, default: int | None, prompt_tokens: int,

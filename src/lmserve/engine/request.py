@@ -11,6 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from lmserve.engine.outputs import TokenLogprob
 from lmserve.engine.sampling_params import SamplingParams
 
 
@@ -58,6 +59,8 @@ class Request:
     stop_reason: str | int | None = None
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    # prompt_logprobs[p] scores prompt token p + 1 (the logits at position p predict it)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -83,6 +86,14 @@ class Request:
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt:stop - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n_prompt]
+
+    def prompt_logprob_positions(self, num_new: int) -> range:
+        """The positions of a step computing ``num_new`` tokens whose logits score a prompt token
+        not scored yet (none unless ``params.prompt_logprobs``; none again after a preemption)."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        first = self.num_computed_tokens
+        return range(max(first, len(self.prompt_logprobs)), min(first + num_new, self.num_prompt_tokens - 1))
 
     @property
     def is_finished(self) -> bool:

@@ -3,7 +3,9 @@
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with their
 own ``torch.Generator`` when the request has a seed, so a seeded request gives the same tokens
 whatever else shares its batch. Repetition penalty (as in Hugging Face: divide positive logits,
-multiply negative ones, for every token already in prompt or output) applies to both.
+multiply negative ones, for every token already in prompt or output) applies to both, and so do
+OpenAI's presence and frequency penalties, logit bias and the ``min_new_tokens`` ban on stopping
+(``lmserve.engine.penalties``).
 
 A ``logits_mask`` (the engine's structured-output constraints) runs first, in place, so every later
 step, greedy or sampled, sees only the tokens each request's grammar allows.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.engine.outputs import TokenLogprob
+from lmserve.engine.penalties import apply_penalties
 from lmserve.engine.request import Request
 
 LogitsMask = Callable[[torch.Tensor, Sequence[Request]], None]
@@ -31,8 +34,10 @@ class SampleResult:
 class Sampler:
     """Stateless but for the per-request random generators it keeps for seeded requests."""
 
-    def __init__(self, seed: int = 0, logits_mask: LogitsMask | None = None) -> None:
+    def __init__(self, seed: int = 0, logits_mask: LogitsMask | None = None, *,
+                 eos_token_ids: Sequence[int] = ()) -> None:
         self._mask = logits_mask
+        self._eos_token_ids = tuple(eos_token_ids)
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -57,6 +62,7 @@ class Sampler:
         for i, req in enumerate(requests):
             if req.params.repetition_penalty != 1.0:
                 _apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)
+        apply_penalties(logits, requests, self._eos_token_ids)
         token_ids = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(requests):
             if not req.params.greedy:
@@ -66,7 +72,7 @@ class Sampler:
         if want:
             lp = torch.log_softmax(logits[want], dim=-1)
             for row, i in enumerate(want):
-                logprobs[i] = _token_logprob(lp[row], token_ids[i], requests[i].params.logprobs or 0)
+                logprobs[i] = token_logprob(lp[row], token_ids[i], requests[i].params.logprobs or 0)
         return SampleResult(token_ids, logprobs)
 
     def _sample_row(self, row: torch.Tensor, req: Request) -> int:
@@ -98,7 +104,8 @@ def _apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float
     row.index_copy_(0, ids, torch.where(values > 0, values / penalty, values * penalty))
 
 
-def _token_logprob(lp: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+def token_logprob(lp: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    """``token_id``'s log-probability in ``lp`` (one row of log-softmax) and the ``top_n`` most likely."""
     top: tuple[tuple[int, float], ...] = ()
     if top_n > 0:
         values, indices = lp.topk(top_n)

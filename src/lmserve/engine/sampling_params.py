@@ -20,6 +20,10 @@ class SamplingParams:
     shares its batch. ``logprobs=None`` returns no log-probabilities, ``0`` the chosen token's only,
     ``n`` the chosen token's plus the ``n`` most likely alternatives. ``structured`` constrains the
     output to a JSON schema, regex, choice or grammar (see ``StructuredOutputs``).
+    ``presence_penalty``, ``frequency_penalty`` (each in [-2, 2], over generated tokens) and
+    ``logit_bias`` (token id -> bias in [-100, 100]; a dict is accepted) follow OpenAI's API.
+    ``prompt_logprobs`` scores the prompt's tokens as ``logprobs`` scores the output's (the prompt
+    is then computed in full, never taken from the prefix cache).
     """
 
     max_new_tokens: int = 128
@@ -36,6 +40,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredOutputs | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params can be shared safely.
@@ -43,6 +51,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or ()
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -69,6 +79,16 @@ class SamplingParams:
               "must be a list of non-negative integers")
         check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= _MAX_LOGPROBS),
               "logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.logprobs!r}")
+        check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and
+                                               0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
+              "prompt_logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(_is_num(value) and -2.0 <= value <= 2.0, name, f"must be a number in [-2, 2], got {value!r}")
+        for token, bias in self.logit_bias:
+            check(_is_int(token) and token >= 0, "logit_bias", f"token ids must be integers >= 0, got {token!r}")
+            check(_is_num(bias) and -100.0 <= bias <= 100.0, "logit_bias",
+                  f"biases must be numbers in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:

@@ -115,7 +115,9 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            prefix = self.blocks.find_cached_prefix(request) if not request.block_ids else []
+            # A request that scores its prompt computes all of it: cached blocks have no logits.
+            cacheable = not request.block_ids and request.params.prompt_logprobs is None
+            prefix = self.blocks.find_cached_prefix(request) if cacheable else []
             computed = request.num_computed_tokens + len(prefix) * self.blocks.block_size
             num_new = min(request.num_tokens - computed, budget)
             if not self.blocks.allocate(request, num_new, prefix):

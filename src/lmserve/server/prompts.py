@@ -73,14 +73,14 @@ async def prompt_ids(rt: ModelRuntime, text: str, field: str, truncate: int | No
     return check_prompt(rt, ids, field)
 
 
-async def chat_prompt_ids(rt: ModelRuntime, messages: list[dict[str, Any]]) -> list[int]:
-    """Checked ids of a conversation through the model's chat template. The template holds any BOS,
-    so none is added again."""
+async def chat_prompt_ids(rt: ModelRuntime, messages: list[dict[str, Any]], **template_vars: Any) -> list[int]:
+    """Checked ids of a conversation through the model's chat template (``template_vars``: extra
+    variables such as ``tools``). The template holds any BOS, so none is added again."""
     tok = rt.tokenizer
     assert tok is not None and rt.model_info is not None, "chat_prompt_ids() is called only when ready"
-    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    chars = sum(len(str(m.get("content") or "")) for m in messages) + len(str(template_vars or ""))
     check_prompt_chars("messages", chars, rt.model_info.max_model_len)
-    render = functools.partial(tok.apply_chat_template, messages)
+    render = functools.partial(tok.apply_chat_template, messages, **template_vars)
     text = await _run(render) if chars > INLINE_TOKENIZE_CHARS else render()
     return check_prompt(rt, await _encode(rt, text, "messages", add_special_tokens=False), "messages")
 

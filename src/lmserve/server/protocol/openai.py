@@ -2,7 +2,7 @@
 
 Fields OpenAI defines but lmserve cannot honour are accepted only at their neutral values and
 refused by name otherwise (see ``lmserve.server.params``). ``top_k``, ``repetition_penalty``,
-``ignore_eos`` and ``min_tokens`` are extensions, as in other open servers.
+``ignore_eos``, ``min_tokens`` and ``stop_token_ids`` are extensions, as in other open servers.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class SamplingFields(GuidedFields):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: Count | None = None
+    stop_token_ids: list[Count] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -60,7 +61,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Count] | list[list[Count]]
     logprobs: TopN | None = None
     echo: bool = False
-    best_of: Count | None = None
+    best_of: int | None = Field(default=None, ge=1, le=16)
     suffix: str | None = None
     response_format: ResponseFormat | None = None  # as vLLM: structured output on completions too
 
@@ -70,10 +71,25 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(StrictModel):
+    """A call an earlier assistant turn made, sent back with the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -20,7 +20,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 def _chat(**fields: object) -> StructuredOutputs | None:
     req = ChatCompletionRequest.model_validate(CHAT | fields)
-    return openai_sampling_params(req, max_new_tokens=8, logprobs=None).structured
+    return openai_sampling_params(req, max_new_tokens=8, logprobs=None, vocab_size=1000).structured
 
 
 def _lmi(**fields: object) -> StructuredOutputs | None:
@@ -40,7 +40,7 @@ def test_each_dialect_field_becomes_one_constraint() -> None:
     assert _chat(structured_outputs={"json": SCHEMA}) == StructuredOutputs(json=text)
     assert _chat(structured_outputs={"json_object": True}) == StructuredOutputs(json_object=True)
     completion = CompletionRequest.model_validate({"prompt": "hi", "guided_choice": ["x"]})
-    assert openai_sampling_params(completion, max_new_tokens=8, logprobs=None).structured == StructuredOutputs(choice=("x",))
+    assert openai_sampling_params(completion, max_new_tokens=8, logprobs=None, vocab_size=1000).structured == StructuredOutputs(choice=("x",))
     assert _lmi(grammar={"type": "json", "value": SCHEMA}) == StructuredOutputs(json=text)
     assert _lmi(grammar={"type": "regex", "value": "[0-9]+"}) == StructuredOutputs(regex="[0-9]+")
     assert _lmi(guided_choice=["x", "y"]) == StructuredOutputs(choice=("x", "y"))

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "panel_tasks.h"
 #include "vec.h"
 
 namespace lmserve {
@@ -106,11 +107,6 @@ inline void panel_rows(const LinearArgs& a, int64_t p, int64_t m0, int64_t m1, f
     }
 }
 
-inline __m512 silu_mul(__m512 g, __m512 u) {
-    const __m512 e = exp2_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.4426950408889634f)));
-    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
-}
-
 void run_task(const LinearArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
     if (a.epilogue == Epilogue::kNone) {
         for (int64_t p = u0; p < u1; ++p)
@@ -124,14 +120,8 @@ void run_task(const LinearArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u
     for (int64_t u = u0; u < u1; ++u) {
         panel_rows(a, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
         panel_rows(a, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);
-        const int ncols = static_cast<int>(std::min<int64_t>(kPanel, a.N - u * kPanel));
-        const __mmask16 k0 = tail_mask(ncols), k1 = tail_mask(ncols - 16);
-        for (int64_t m = m0; m < m1; ++m) {
-            const float* g = s + (m - m0) * 2 * kPanel;
-            float* y = a.y + m * a.ldy + u * kPanel;
-            _mm512_mask_storeu_ps(y, k0, silu_mul(_mm512_loadu_ps(g), _mm512_loadu_ps(g + kPanel)));
-            _mm512_mask_storeu_ps(y + 16, k1, silu_mul(_mm512_loadu_ps(g + 16), _mm512_loadu_ps(g + kPanel + 16)));
-        }
+        store_silu_mul_rows(s, m1 - m0, a.y + m0 * a.ldy + u * kPanel, a.ldy,
+                            static_cast<int>(std::min<int64_t>(kPanel, a.N - u * kPanel)));
     }
 }
 
@@ -141,23 +131,9 @@ void linear_bf16(const LinearArgs& a) {
     if (a.M <= 0 || a.panels <= 0) return;
     const int64_t unit = a.epilogue == Epilogue::kSiluMul ? 2 : 1;
     const int64_t units = a.panels / unit;
-    const int64_t threads = std::max(1, a.nthreads);
-    // Columns first: each thread then reads only its share of the weights.
-    const int64_t nb = std::min(units, threads);
-    int64_t mb = (a.M + kMC - 1) / kMC;
-    const int64_t max_mb = (a.M + kMR - 1) / kMR;
-    if (nb * mb < threads) mb = std::min(max_mb, (threads + nb - 1) / nb);
-    const int64_t rows_per = ((a.M + mb - 1) / mb + kMR - 1) / kMR * kMR;
-    mb = (a.M + rows_per - 1) / rows_per;
-    const int64_t tasks = nb * mb;
-#pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (tasks > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-        // Consecutive tasks share a column range, so a thread keeps its weight slice warm.
-        const int64_t ni = t / mb, mi = t % mb;
-        const int64_t u0 = ni * units / nb, u1 = (ni + 1) * units / nb;
-        const int64_t m0 = mi * rows_per, m1 = std::min(a.M, m0 + rows_per);
+    for_each_panel_task<kMR, kMC>(a.M, units, a.nthreads, [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
         run_task(a, m0, m1, u0, u1);
-    }
+    });
 }
 
 }  // namespace lmserve

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "panel_tasks.h"
 
 namespace lmserve {
 namespace {
@@ -152,22 +153,9 @@ void linear_bf16(const LinearArgs& a) {
     if (a.M <= 0 || a.panels <= 0) return;
     const int64_t unit = a.epilogue == Epilogue::kSiluMul ? 2 : 1;
     const int64_t units = a.panels / unit;
-    const int64_t threads = std::max(1, a.nthreads);
-    // Columns first: each thread then reads only its share of the weights.
-    const int64_t nb = std::min(units, threads);
-    int64_t mb = (a.M + kMC - 1) / kMC;
-    const int64_t max_mb = (a.M + kMR - 1) / kMR;
-    if (nb * mb < threads) mb = std::min(max_mb, (threads + nb - 1) / nb);
-    const int64_t rows_per = ((a.M + mb - 1) / mb + kMR - 1) / kMR * kMR;
-    mb = (a.M + rows_per - 1) / rows_per;
-    const int64_t tasks = nb * mb;
-#pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (tasks > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t ni = t / mb, mi = t % mb;
-        const int64_t u0 = ni * units / nb, u1 = (ni + 1) * units / nb;
-        const int64_t m0 = mi * rows_per, m1 = std::min(a.M, m0 + rows_per);
+    for_each_panel_task<kMR, kMC>(a.M, units, a.nthreads, [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
         run_task(a, m0, m1, u0, u1);
-    }
+    });
 }
 
 }  // namespace lmserve

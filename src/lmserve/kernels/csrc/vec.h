@@ -45,6 +45,22 @@ static inline __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// silu(g) * u, lane by lane.
+static inline __m512 silu_mul(__m512 g, __m512 u) {
+    const __m512 e = exp2_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.4426950408889634f)));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+// The SwiGLU epilogue of one gate|up panel pair: `rows` rows of scratch `s` (each 32 gate values
+// then 32 up values) become silu(gate) * up in the first `ncols` columns of y.
+static inline void store_silu_mul_rows(const float* s, int64_t rows, float* y, int64_t ldy, int ncols) {
+    const __mmask16 k0 = tail_mask(ncols), k1 = tail_mask(ncols - 16);
+    for (int64_t m = 0; m < rows; ++m, s += 64, y += ldy) {
+        _mm512_mask_storeu_ps(y, k0, silu_mul(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 32)));
+        _mm512_mask_storeu_ps(y + 16, k1, silu_mul(_mm512_loadu_ps(s + 16), _mm512_loadu_ps(s + 48)));
+    }
+}
+
 // Lane j of the result is the sum of all 16 lanes of a[j]: a transpose-and-add tree, 45 shuffles
 // and adds for 16 dot products, far cheaper than 16 separate horizontal reductions.
 static inline __m512 reduce16(const __m512 a[16]) {

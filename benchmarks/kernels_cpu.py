@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels import Ops, PackedLinear, ReferenceOps, get_ops
-from lmserve.kernels.choice import CANDIDATES, plan_for
+from lmserve.kernels.choice import CANDIDATES, plan_for, unavailable
 from lmserve.kernels.machine import FLAGS_THAT_MATTER, cpu_flags, cpu_model
 
 LINEAR_SHAPES = {  # name: (out, in)
@@ -250,7 +250,7 @@ def bench_choice(ops: Ops, rounds: int) -> None:
         if w.layout != "panel32":
             print(f"\n{ops.name} has no panel kernel: nothing to choose")
             return
-        forms = {c: cand.prepare(w) for c, cand in CANDIDATES.items()}
+        forms = {c: cand.prepare(w) for c, cand in CANDIDATES.items() if unavailable(c, ops) is None}
         call = ops.linear_silu_mul if fused else ops.linear
         timings, cells = {}, []
         for m in LM_HEAD_M if name == "lm_head" else (1, 2, 4, 8, 16, 32, *LINEAR_M[3:]):
@@ -258,7 +258,7 @@ def bench_choice(ops: Ops, rounds: int) -> None:
             t = race({c: partial(call, x, f) for c, f in forms.items()}, rounds)
             timings[str(m)] = t
             flops = 2 * m * n * k * (2 if fused else 1)
-            cells.append([name, f"{m}", *(f"{flops / t[c] / 1e9:.0f}" for c in CANDIDATES)])
+            cells.append([name, f"{m}", *(f"{flops / t[c] / 1e9:.0f}" if c in t else "-" for c in CANDIDATES)])
         plan = plan_for(timings)
         for row in cells:
             row.append([c for start, c in plan if int(row[1]) >= start][-1])

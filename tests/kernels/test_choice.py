@@ -31,6 +31,8 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("name", list(CANDIDATES))
 @pytest.mark.parametrize("m", [1, 7, 130])
 def test_every_candidate_matches_the_reference_within_bf16(compiled_ops: Ops, name: str, m: int) -> None:
+    if (why := choice.unavailable(name, compiled_ops)) is not None:
+        pytest.skip(why)
     torch.manual_seed(m)
     n, k = 100, 576
     w, x, bias = torch.randn(n, k).bfloat16(), torch.randn(m, k), torch.randn(n)
@@ -74,13 +76,41 @@ def test_plan_follows_the_timings() -> None:
     assert plan_for(fp32) == [(1, "torch-fp32")]
 
 
+def test_plan_takes_the_dot_product_kernel_only_where_it_pays() -> None:
+    rows = [1, 8, 64, 256]
+
+    def t(own: list[float], dot: list[float], torch_bf16: list[float]) -> dict[str, dict[str, float]]:
+        return {str(r): {"own": o, "own-dot": d, "torch-bf16": b, "torch-fp32": 100.0}
+                for r, o, d, b in zip(rows, own, dot, torch_bf16, strict=True)}
+
+    # twice the FMA kernel from 8 rows on: it replaces the panels altogether
+    assert plan_for(t([1, 2, 8, 32], [1, 1, 4, 16], [9, 9, 9, 99])) == [(1, "own-dot")]
+    # ... and hands the largest rows to torch where that is faster still
+    assert plan_for(t([1, 2, 8, 32], [1, 1, 4, 16], [9, 9, 9, 8])) == [(1, "own-dot"), (256, "torch-bf16")]
+    # 5% is not worth rounding the activations to bf16
+    assert plan_for(t([1, 1, 1, 1], [0.95, 0.95, 0.95, 0.95], [9, 9, 9, 9])) == [(1, "own")]
+
+
+def test_dot_product_layout_pairs_adjacent_features() -> None:
+    from lmserve.kernels.packed import pack_pairs
+
+    w = torch.arange(40 * 3, dtype=torch.float32).view(40, 3).bfloat16()  # 2 panels, K padded to 4
+    p = pack_pairs(w)
+    assert p.shape == (2, 4, 32)
+    pair0 = p[0, :2].reshape(-1)  # features 0 and 1: columns 0-15 then 16-31, two features each
+    assert pair0[:4].tolist() == [w[0, 0], w[0, 1], w[1, 0], w[1, 1]]
+    assert pair0[32:34].tolist() == [w[16, 0], w[16, 1]]
+    assert p[0, 2:].reshape(-1)[1].item() == 0  # feature 3 is padding
+    assert p[1, :2].reshape(-1)[16:].abs().sum().item() == 0  # columns 40-63 are padding
+
+
 def test_forced_candidate(monkeypatch: pytest.MonkeyPatch, compiled_ops: Ops) -> None:
     monkeypatch.setenv(choice.FORCE_ENV, "torch-bf16")
     w = compiled_ops.pack_linear_weight(torch.randn(64, 64).bfloat16())
     table = choice.choose(compiled_ops, [(w, 512)])
     assert table.source == "forced" and table.plan(w) == [(1, "torch-bf16")]
     monkeypatch.setenv(choice.FORCE_ENV, "fastest-please")
-    with pytest.raises(ConfigError, match="fastest-please.*own, torch-bf16"):
+    with pytest.raises(ConfigError, match="fastest-please.*own, own-dot, torch-bf16"):
         choice.choose(compiled_ops, [(w, 512)])
 
 
@@ -97,7 +127,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
         return timings([1.0] * len(rows), [0.5] * len(rows), rows)
 
     monkeypatch.setattr(choice, "measure", fake)
-    monkeypatch.setattr(choice, "runnable_candidates", lambda: list(CANDIDATES))
+    monkeypatch.setattr(choice, "runnable_candidates", lambda ops=None: list(CANDIDATES))
     return calls
 
 
@@ -162,7 +192,8 @@ def test_kernels_report_prints_the_machine_and_the_table(compiled_ops: Ops, coun
     assert f"CPU: {cpu_model()}" in out and f"kernels: {compiled_ops.name}" in out
     lines = [line.split() for line in out.splitlines()]
     assert ["64x96", "64"] in [row[:2] for row in lines] and ["32x64+silu", "1"] in [row[:2] for row in lines]
-    assert all(row[3].endswith("*") for row in lines if row[:1] == ["64x96"])  # torch-bf16 was faster
+    col = 2 + list(CANDIDATES).index("torch-bf16")
+    assert all(row[col].endswith("*") for row in lines if row[:1] == ["64x96"])  # torch-bf16 was faster
     assert main(["kernels"]) == 0 and "64x96" in capsys.readouterr().out  # from the cache now
     assert main(["kernels", "--shapes", "64x96+gelu"]) == 2
 

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 
 from lmserve.errors import ConfigError
-from lmserve.kernels.packed import PANEL, PackedLinear
+from lmserve.kernels.packed import PANEL, PackedLinear, pack_pairs
 
 log = logging.getLogger(__name__)
 
 FORCE_ENV = "LMSERVE_LINEAR_KERNEL"  # auto, or one candidate's name for every linear
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_GAIN = 1.1  # a second form of a weight as large as the panels must be this much faster to be kept
-BUDGET_S = 6.0  # measuring one model's shapes from scratch; larger buckets are skipped beyond it
+BUDGET_S = 8.0  # measuring one model's shapes from scratch; larger buckets are skipped beyond it
 ROUNDS = 3  # interleaved timing rounds per row count and pass; the best of them counts
 PASSES = 2  # passes over all shapes, a second or more apart: a burst of other load spoils only one
 CACHE_VERSION = 1
@@ -68,6 +68,13 @@ def unpack_panels(w: PackedLinear) -> torch.Tensor:
     return torch.cat([gate, up])
 
 
+def _pairs(w: PackedLinear) -> PackedLinear:
+    """The panels re-laid for the bf16 dot-product kernel (same padding and gate|up alternation)."""
+    panels, k, _ = w.data.shape
+    rows = w.data.view(panels, k, 16, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
+    return PackedLinear(pack_pairs(rows), w.out_features, w.in_features, "pair32", w.gate_up)
+
+
 def _plain(dtype: torch.dtype) -> Callable[[PackedLinear], PackedLinear]:
     def prepare(w: PackedLinear) -> PackedLinear:
         return PackedLinear(unpack_panels(w).to(dtype), w.out_features, w.in_features, gate_up=w.gate_up)
@@ -76,25 +83,43 @@ def _plain(dtype: torch.dtype) -> Callable[[PackedLinear], PackedLinear]:
 
 
 CANDIDATES: dict[str, Candidate] = {
-    "own": Candidate("own", lambda w: w, 2),                        # the compiled panel kernel
+    "own": Candidate("own", lambda w: w, 2),                        # the compiled panel kernel, fp32 FMA
+    "own-dot": Candidate("own-dot", _pairs, 2),                      # the same with vdpbf16ps (AVX512_BF16)
     "torch-bf16": Candidate("torch-bf16", _plain(torch.bfloat16), 2),  # oneDNN bf16 (AMX where present)
     "torch-fp32": Candidate("torch-fp32", _plain(torch.float32), 4),   # MKL fp32
 }
 
 
+# The own kernels' forms: the size of the panels, so the first step of a plan is one of them or a
+# candidate that wins outright.
+BASES = ("own", "own-dot")
 PROBE_TIMEOUT_S = 300.0
 
 
-def runnable_candidates() -> list[str]:
+def unavailable(name: str, ops: Any = None) -> str | None:
+    """Why candidate ``name`` cannot run with ``ops`` on this CPU by what they report, or None."""
+    from lmserve.kernels.machine import cpu_flags
+
+    if name != "own-dot":
+        return None
+    if not hasattr(getattr(ops, "ext", None), "linear_dot"):
+        return "the loaded CPU kernels have no bf16 dot-product build"
+    return None if "avx512_bf16" in cpu_flags() else "this CPU lacks avx512_bf16"
+
+
+def runnable_candidates(ops: Any = None) -> list[str]:
     """The candidates that run here. torch's own matmuls dispatch on the CPU's features themselves
     (oneDNN picks AMX where the CPU reports it, and some virtual machines report AMX but fault on
-    it), so each is first tried in a child process; one killed by a signal is never timed here."""
+    it), and a CPU's flags are not trusted alone for the dot-product kernel either, so each is first
+    tried in a child process; one killed by a signal is never timed here."""
     from lmserve.kernels.machine import machine_key, probe_verdict
 
     names = ["own"]
     for name in CANDIDATES:
         if name != "own":
-            why = probe_verdict(name, machine_key(candidate=name), _probe_command(name), PROBE_TIMEOUT_S)
+            why = unavailable(name, ops)
+            if why is None:
+                why = probe_verdict(name, machine_key(candidate=name), _probe_command(name), PROBE_TIMEOUT_S)
             if why is None:
                 names.append(name)
             else:
@@ -110,8 +135,16 @@ def probe_main(name: str) -> None:
     """The child side of the candidate probe: one prefill-sized product in ``name``'s form."""
     import torch.nn.functional as F
 
-    dtype = {"torch-bf16": torch.bfloat16, "torch-fp32": torch.float32}[name]
     x, w = torch.randn(64, 256), torch.randn(256, 256)
+    if name == "own-dot":
+        from lmserve.kernels.build import load_cpu_kernels
+        from lmserve.kernels.packed import pack_pairs
+
+        ext = load_cpu_kernels()
+        got = ext.linear_dot(x, pack_pairs(w.bfloat16()), 256, None, 0, 1).double()  # type: ignore[union-attr]
+        want = x.bfloat16().double() @ w.bfloat16().double().T
+        sys.exit(0 if torch.allclose(got, want, rtol=0.05, atol=0.5) else 1)
+    dtype = {"torch-bf16": torch.bfloat16, "torch-fp32": torch.float32}[name]
     got = F.linear(x.to(dtype), w.to(dtype)).double()
     want = x.to(dtype).double() @ w.to(dtype).double().T
     sys.exit(0 if torch.allclose(got, want, rtol=0.05, atol=0.5) else 1)
@@ -142,32 +175,43 @@ def buckets(max_rows: int) -> list[int]:
 
 
 def choosable(w: PackedLinear | None) -> bool:
-    """Only bf16 panels have a choice: other layouts run as they are."""
+    """Only bf16 panels have a choice: other layouts run as they are (or were chosen already)."""
     return w is not None and w.layout == "panel32" and w.data.device.type == "cpu"
 
 
 def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
-    """``(min_rows, candidate)`` steps from timings: ``own`` (the panels) up to a threshold, then
-    one other candidate, or that candidate alone. The threshold minimizes the summed slowdown
-    against the best at each row count, so one bucket disturbed by other load does not flip the
-    choice; a second candidate is taken only when it is ``MIN_GAIN`` faster over its rows (it costs
-    a second copy of the weight; in proportion to its size)."""
+    """``(min_rows, candidate)`` steps from timings: a base (one of the own kernels, which replaces
+    the panels) up to a threshold, then one other candidate, or that candidate alone. The threshold
+    minimizes the summed slowdown against the best at each row count, so one bucket disturbed by
+    other load does not flip the choice; a second candidate is taken only when it is ``MIN_GAIN``
+    faster than the base over its rows (it costs a second copy of the weight; in proportion to its
+    size), and the base other than ``own`` only when it is ``MIN_GAIN`` faster overall (a kernel
+    that rounds activations to bf16 must earn its place)."""
     rows = sorted(int(b) for b in timings)
     if not rows:
         return [(1, "own")]
     t = {r: timings[str(r)] for r in rows}
     best_at = {r: min(t[r].values()) for r in rows}
-    best_cost, best_plan = sum(t[r]["own"] / best_at[r] for r in rows), [(1, "own")]
-    for name in CANDIDATES:
-        if name == "own" or any(name not in t[r] for r in rows):
+
+    def gain(name: str, over: str, among: list[int]) -> float:
+        return math.prod(t[r][over] / t[r][name] for r in among) ** (1 / len(among))
+
+    best_cost, best_plan = math.inf, [(1, "own")]
+    for base in BASES:
+        if any(base not in t[r] for r in rows) or (base != "own" and gain(base, "own", rows) < MIN_GAIN):
             continue
-        for i, start in enumerate(rows):
-            tail = rows[i:]
-            gain = math.prod(t[r]["own"] / t[r][name] for r in tail) ** (1 / len(tail))
-            cost = sum(t[r]["own"] / best_at[r] for r in rows[:i]) + sum(t[r][name] / best_at[r] for r in tail)
-            if gain >= MIN_GAIN * CANDIDATES[name].bytes_per_weight / 2 and cost < best_cost:
-                best_cost = cost
-                best_plan = [(1, name)] if i == 0 else [(1, "own"), (start, name)]
+        cost = sum(t[r][base] / best_at[r] for r in rows)
+        if cost < best_cost:
+            best_cost, best_plan = cost, [(1, base)]
+        for name in CANDIDATES:
+            if name in BASES or any(name not in t[r] for r in rows):
+                continue
+            for i, start in enumerate(rows):
+                tail = rows[i:]
+                cost = sum(t[r][base] / best_at[r] for r in rows[:i]) + sum(t[r][name] / best_at[r] for r in tail)
+                if gain(name, base, tail) >= MIN_GAIN * CANDIDATES[name].bytes_per_weight / 2 and cost < best_cost:
+                    best_cost = cost
+                    best_plan = [(1, name)] if i == 0 else [(1, base), (start, name)]
     return best_plan
 
 
@@ -296,13 +340,19 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         shapes = valid_shapes(read_keyed(path, key))
         missing = [s for s, (_, rows) in wanted.items()
                    if fresh or s not in shapes or shapes[s]["max_rows"] < rows]
-        names = runnable_candidates() if missing else []  # child processes, once per machine
+        names = runnable_candidates(ops) if missing else []  # child processes, once per machine
         start = time.perf_counter()
         timed: dict[str, Timings] = {}
-        for npass in range(PASSES if missing else 0):
-            for i, shape in enumerate(missing):
+        # Each shape's share of the budget is in proportion to its work (weight size x row buckets):
+        # an equal share starves the vocabulary head, whose calls take longest.
+        work = {s: wanted[s][0].out_features * wanted[s][0].in_features * len(buckets(wanted[s][1])) for s in missing}
+        total = sum(work.values()) * PASSES
+        done = 0
+        for _ in range(PASSES if missing else 0):
+            for shape in missing:
                 w, rows = wanted[shape]
-                deadline = start + BUDGET_S * (npass * len(missing) + i + 1) / (PASSES * len(missing))
+                done += work[shape]
+                deadline = start + BUDGET_S * done / total
                 timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape), names)
         for shape in missing:
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}

@@ -58,6 +58,8 @@ class PanelLinearOps(ReferenceOps):
     def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QuantLinear) and not w.gate_up and x.device.type == "cpu":
             return self._quant(x, w, bias)
+        if w.layout == "pair32" and not w.gate_up:
+            return self.ext.linear_dot(x, w.data, w.out_features, bias, _PLAIN, torch.get_num_threads())
         if w.layout != "panel32" or w.gate_up:
             return super().linear(x, w, bias)
         return self.ext.linear(x, w.data, w.out_features, bias, _PLAIN, torch.get_num_threads())
@@ -65,6 +67,8 @@ class PanelLinearOps(ReferenceOps):
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor:
         if isinstance(w, QuantLinear) and w.gate_up and x.device.type == "cpu":
             return self._quant(x, w, None)
+        if w.layout == "pair32" and w.gate_up:
+            return self.ext.linear_dot(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
         if w.layout != "panel32" or not w.gate_up:
             return super().linear_silu_mul(x, w)
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())

@@ -13,8 +13,9 @@ PANEL = 32  # output columns per packed panel: one 64-byte line of bf16 per inpu
 class PackedLinear:
     """A weight ``W[out_features, in_features]`` in a backend's layout.
 
-    ``layout`` is ``"plain"`` (``data`` is ``W`` itself, maybe in another dtype) or ``"panel32"``
-    (``data`` is bf16 ``[ceil(out/32), in, 32]``, see :func:`pack_panels`). ``gate_up`` marks a
+    ``layout`` is ``"plain"`` (``data`` is ``W`` itself, maybe in another dtype), ``"panel32"``
+    (``data`` is bf16 ``[ceil(out/32), in, 32]``, see :func:`pack_panels`) or ``"pair32"`` (the same
+    panels with adjacent input features paired, for the bf16 dot-product kernel, see :func:`pack_pairs`). ``gate_up`` marks a
     SwiGLU gate|up pair, for ``linear_silu_mul`` only; its ``out_features`` is the width of one half.
     """
 
@@ -55,3 +56,17 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         padded[:n] = w
         halves.append(padded.view(panels, PANEL, k))
     return torch.stack(halves, dim=1).view(panels * 2 * PANEL, k)
+
+
+def pack_pairs(w: torch.Tensor) -> torch.Tensor:
+    """``W[N, K]`` -> bf16 ``[ceil(N/32), K + K % 2, 32]``, zero-padded, for ``vdpbf16ps``.
+
+    Each pair of input features ``(2i, 2i+1)`` takes 64 elements of a panel: columns 0-15, then
+    16-31, each column's two features adjacent, so one 32-bit lane holds what one dot-product lane
+    multiplies.
+    """
+    n, k = w.shape
+    panels, kp = -(-n // PANEL), k + k % 2
+    padded = torch.zeros(panels * PANEL, kp, dtype=torch.bfloat16, device=w.device)
+    padded[:n, :k] = w
+    return padded.view(panels, 2, 16, kp // 2, 2).permute(0, 3, 1, 2, 4).contiguous().view(panels, kp, PANEL)

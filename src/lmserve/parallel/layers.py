@@ -81,11 +81,9 @@ class LinearBase(KernelModule):
 
     def route(self, steps: list[tuple[int, PackedLinear]]) -> None:
         """Multiply by ``form`` from ``min_rows`` rows of input on, for each ``(min_rows, form)`` step
-        (the first step starts at 1); a single step replaces the packed weight altogether."""
-        if len(steps) == 1:
-            self._packed, self._routes = steps[0][1], ()
-        else:
-            self._routes = tuple(steps)
+        (the first step starts at 1, and its form replaces the packed weight)."""
+        self._packed = steps[0][1]
+        self._routes = tuple(steps) if len(steps) > 1 else ()
 
     @property
     def packed_nbytes(self) -> int:

@@ -30,12 +30,15 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t n) {
 }
 
 // Accepts x of any leading shape and float dtype; returns x's leading shape and dtype.
-Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optional<Tensor>& bias_in,
-              int64_t epilogue, int64_t nthreads) {
+// `dot`: the pair layout and vdpbf16ps (kernels.h), else the fp32-FMA panels.
+Tensor linear_impl(const Tensor& x_in, const Tensor& w, int64_t n, const std::optional<Tensor>& bias_in,
+                   int64_t epilogue, int64_t nthreads, bool dot) {
     TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
     TORCH_CHECK_VALUE(w.dim() == 3 && w.size(2) == lmserve::kPanel && w.scalar_type() == at::kBFloat16 &&
                           w.is_contiguous(), "packed weight must be contiguous bf16 [panels, K, 32]");
-    TORCH_CHECK_VALUE(x_in.size(-1) == w.size(1), "x has ", x_in.size(-1), " features, the weight expects ", w.size(1));
+    const int64_t k_in = x_in.size(-1);
+    TORCH_CHECK_VALUE(w.size(1) == (dot ? k_in + (k_in & 1) : k_in), "x has ", k_in,
+                      " features, the weight expects ", w.size(1));
     const auto ep = static_cast<lmserve::Epilogue>(epilogue);
     const int64_t cover = ep == lmserve::Epilogue::kSiluMul ? w.size(0) / 2 : w.size(0);
     TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
@@ -57,21 +60,40 @@ Tensor linear(const Tensor& x_in, const Tensor& w, int64_t n, const std::optiona
     a.ldy = y.stride(0);
     a.M = x.size(0);
     a.N = n;
-    a.K = w.size(1);
+    a.K = k_in;
     a.panels = w.size(0);
     a.epilogue = ep;
     a.nthreads = static_cast<int>(nthreads);
     {
         pybind11::gil_scoped_release nogil;
-        lmserve::linear_bf16(a);
+#ifndef LMSERVE_GEMM_ONLY
+        if (dot) {
+            lmserve::linear_bf16_dot(a);
+        } else {
+            lmserve::linear_bf16(a);
+        }
+#else
+        lmserve::linear_bf16(a);  // the AVX2 build has no dot-product kernel; linear_dot is not bound there
+#endif
     }
     if (x_in.dim() != 2) y = y.view(out_shape(x_in, n));
     return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
+Tensor linear(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
+              int64_t nthreads) {
+    return linear_impl(x, w, n, bias, epilogue, nthreads, false);
+}
+
 // The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
 // to their pure-torch versions in Python.
 #ifndef LMSERVE_GEMM_ONLY
+Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
+                  int64_t nthreads) {
+    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
+    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
+}
+
 // Quantized weight (kernels/quant.py): q [P, K, 32] int8 or [P, K, 16] uint8, scales/mins [P, K/group, 32].
 Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, const std::optional<Tensor>& mins,
                     int64_t n, int64_t group, int64_t bits, const std::optional<Tensor>& bias_in, bool silu_mul,
@@ -312,6 +334,7 @@ void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear", &linear, "y = x W^T (+ bias) with a packed bf16 weight");
 #ifndef LMSERVE_GEMM_ONLY
+    m.def("linear_dot", &linear_dot, "y = x W^T (+ bias) with a pair-packed bf16 weight and vdpbf16ps");
     m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");

@@ -1,10 +1,17 @@
-// y = x W^T with bf16 weights and fp32 compute.
+// y = x W^T with bf16 weights, in two micro-kernels over the same tiling and thread split.
 //
-// The micro-kernel keeps a 12-row x 32-column tile in 24 zmm accumulators, loads one 64-byte line
-// of packed weights per k, widens it with one shift and one AND, and broadcasts activations. fp32
-// FMA rather than vdpbf16ps because the latter runs at half the FMA rate on our CPUs and would need
-// the activations rounded to bf16. Threads split the output columns first (each thread streams its
-// own part of the weights, which is what bounds decode), then rows when there are few columns.
+// fp32 FMA (`linear_bf16`): keeps a 12-row x 32-column tile in 24 zmm accumulators, loads one
+// 64-byte line of packed weights per k, widens it with one shift and one AND, and broadcasts fp32
+// activations. Exact in the activations; runs everywhere AVX-512F does.
+//
+// bf16 dot product (`linear_bf16_dot`, CPUs with AVX512_BF16): activations are rounded to bf16 once
+// per call, and each `vdpbf16ps` multiplies a pair of features into 16 fp32 lanes, twice the work of
+// an FMA. On some CPUs it issues at the FMA rate (twice the throughput), on others at half of it (no
+// gain, and the activations lose precision): kernels/choice.py times both on the machine. Its weight
+// layout pairs adjacent features instead (see kernels.h).
+//
+// Threads split the output columns first (each thread streams its own part of the weights, which is
+// what bounds decode), then rows when there are few columns.
 #include <omp.h>
 
 #include <algorithm>
@@ -16,12 +23,14 @@
 #include "panel_tasks.h"
 #include "vec.h"
 
+#define LMSERVE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
 namespace lmserve {
 namespace {
 
 constexpr int kMR = 12;        // rows per micro-tile: 12 x 2 accumulators + 2 weights + broadcast
 constexpr int64_t kMC = 192;   // rows per task, a multiple of kMR
-constexpr int64_t kKC = 512;   // K block: a panel slice of kKC x 64 B stays in L1 across row tiles
+constexpr int64_t kKC = 512;   // K block (features): a panel slice of kKC x 64 B stays in L1 across row tiles
 
 struct Tile {
     float* c;            // output tile (row stride ldc)
@@ -30,11 +39,34 @@ struct Tile {
     const float* bias;   // added in the first K block, already offset to the panel's first column
 };
 
-// Accumulates MR rows of x[:, k0:k0+kc] against one panel slice into the tile. Small MR splits the
-// k loop over S independent accumulator sets so the FMA latency (4 cycles, 2 ports) stays hidden.
+// Adds the MR x 32 accumulators to the tile (or its bias, in the first K block) and stores them.
 template <int MR>
-inline void micro(const float* x, int64_t ldx, const uint16_t* w, int64_t kc, const Tile& t, bool first) {
-    constexpr int S = MR >= 4 ? 1 : (MR == 1 ? 4 : 2);
+inline void store_tile(__m512 (&acc)[MR][2], const Tile& t, bool first) {
+    for (int r = 0; r < MR; ++r) {
+        float* cr = t.c + r * t.ldc;
+        __m512 a0 = acc[r][0], a1 = acc[r][1];
+        if (!first) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
+        } else if (t.bias) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
+        }
+        _mm512_mask_storeu_ps(cr, t.m0, a0);
+        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
+    }
+}
+
+// Small MR splits the step loop over S independent accumulator sets so the latency of the
+// multiply-add (4 cycles for an FMA, up to 6 for vdpbf16ps, on 2 ports) stays hidden.
+template <int MR>
+constexpr int kSets = MR >= 4 ? 1 : (MR == 1 ? 4 : 2);
+
+// fp32 FMA: one step is one feature; x is fp32 [MR][ldx].
+template <int MR>
+void micro_fma(const void* xp, int64_t ldx, const uint16_t* w, int64_t kc, const Tile& t, bool first) {
+    constexpr int S = kSets<MR>;
+    const float* x = static_cast<const float*>(xp);
     __m512 acc[S][MR][2];
     for (int s = 0; s < S; ++s)
         for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
@@ -64,53 +96,97 @@ inline void micro(const float* x, int64_t ldx, const uint16_t* w, int64_t kc, co
             acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
             acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
         }
-    for (int r = 0; r < MR; ++r) {
-        float* cr = t.c + r * t.ldc;
-        __m512 a0 = acc[0][r][0], a1 = acc[0][r][1];
-        if (!first) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
-        } else if (t.bias) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
-        }
-        _mm512_mask_storeu_ps(cr, t.m0, a0);
-        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
-    }
+    store_tile<MR>(acc[0], t, first);
 }
 
-using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const Tile&, bool);
+// bf16 dot product: one step is a pair of features; x is [MR][ldx] pairs of bf16 (one uint32 each)
+// and a step of the panel is two lines, columns 0-15 then 16-31, each lane a (k, k+1) pair.
+template <int MR>
+LMSERVE_BF16_TARGET void micro_dot(const void* xp, int64_t ldx, const uint16_t* w, int64_t kc, const Tile& t,
+                                   bool first) {
+    constexpr int S = kSets<MR>;
+    const uint32_t* x = static_cast<const uint32_t*>(xp);
+    __m512 acc[S][MR][2];
+    for (int s = 0; s < S; ++s)
+        for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + S <= kc; k += S) {
+        for (int s = 0; s < S; ++s) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + (k + s) * 2 * kPanel);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + (k + s) * 2 * kPanel + kPanel);
+            for (int r = 0; r < MR; ++r) {
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + k + s]));
+                acc[s][r][0] = _mm512_dpbf16_ps(acc[s][r][0], xv, w0);
+                acc[s][r][1] = _mm512_dpbf16_ps(acc[s][r][1], xv, w1);
+            }
+        }
+    }
+    for (; k < kc; ++k) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k * 2 * kPanel);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k * 2 * kPanel + kPanel);
+        for (int r = 0; r < MR; ++r) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + k]));
+            acc[0][r][0] = _mm512_dpbf16_ps(acc[0][r][0], xv, w0);
+            acc[0][r][1] = _mm512_dpbf16_ps(acc[0][r][1], xv, w1);
+        }
+    }
+    for (int s = 1; s < S; ++s)
+        for (int r = 0; r < MR; ++r) {
+            acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
+            acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
+        }
+    store_tile<MR>(acc[0], t, first);
+}
+
+using MicroFn = void (*)(const void*, int64_t, const uint16_t*, int64_t, const Tile&, bool);
+using MicroTable = std::array<MicroFn, kMR>;
 
 template <int... R>
-constexpr auto make_table(std::integer_sequence<int, R...>) {
-    return std::array<MicroFn, sizeof...(R)>{&micro<R + 1>...};
-}
-constexpr auto kMicro = make_table(std::make_integer_sequence<int, kMR>{});
+constexpr MicroTable fma_table(std::integer_sequence<int, R...>) { return {&micro_fma<R + 1>...}; }
+template <int... R>
+constexpr MicroTable dot_table(std::integer_sequence<int, R...>) { return {&micro_dot<R + 1>...}; }
+
+// What differs between the two kernels: the activations they read and how many features one step
+// of a panel (32 bf16 per feature) covers.
+struct Kernel {
+    MicroTable micro;
+    const void* x;       // activations, rows of ldx elements of `xsize` bytes
+    int64_t ldx;
+    int64_t xsize;
+    int64_t steps;       // steps per row of the panel: K (fma) or K/2 rounded up (dot)
+    int64_t per_step;    // features per step: 1 or 2
+};
+
+const MicroTable kFma = fma_table(std::make_integer_sequence<int, kMR>{});
+const MicroTable kDot = dot_table(std::make_integer_sequence<int, kMR>{});
 
 // One panel (32 output columns) for rows [m0, m1): K blocks outer so the panel slice is reused
 // from L1 by every row tile.
-inline void panel_rows(const LinearArgs& a, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
-                       int64_t ncols, bool with_adds) {
-    const uint16_t* wp = a.w + p * a.K * kPanel;
-    const int64_t nkb = (a.K + kKC - 1) / kKC;
-    const int64_t kc_full = (a.K + nkb - 1) / nkb;
+inline void panel_rows(const LinearArgs& a, const Kernel& kn, int64_t p, int64_t m0, int64_t m1, float* c,
+                       int64_t ldc, int64_t ncols, bool with_adds) {
+    const uint16_t* wp = a.w + p * kn.steps * kn.per_step * kPanel;
+    const int64_t kcmax = kKC / kn.per_step;
+    const int64_t nkb = (kn.steps + kcmax - 1) / kcmax;
+    const int64_t kc_full = (kn.steps + nkb - 1) / nkb;
     Tile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
            with_adds && a.bias ? a.bias + p * kPanel : nullptr};
-    for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
-        const int64_t kc = std::min(kc_full, a.K - k0);
+    const char* x = static_cast<const char*>(kn.x);
+    for (int64_t k0 = 0; k0 < kn.steps; k0 += kc_full) {
+        const int64_t kc = std::min(kc_full, kn.steps - k0);
         for (int64_t m = m0; m < m1; m += kMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;
-            kMicro[mr - 1](a.x + m * a.ldx + k0, a.ldx, wp + k0 * kPanel, kc, tm, k0 == 0);
+            kn.micro[mr - 1](x + (m * kn.ldx + k0) * kn.xsize, kn.ldx, wp + k0 * kn.per_step * kPanel, kc, tm,
+                             k0 == 0);
         }
     }
 }
 
-void run_task(const LinearArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
+void run_task(const LinearArgs& a, const Kernel& kn, int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
     if (a.epilogue == Epilogue::kNone) {
         for (int64_t p = u0; p < u1; ++p)
-            panel_rows(a, p, m0, m1, a.y + m0 * a.ldy + p * kPanel, a.ldy, a.N - p * kPanel, true);
+            panel_rows(a, kn, p, m0, m1, a.y + m0 * a.ldy + p * kPanel, a.ldy, a.N - p * kPanel, true);
         return;
     }
     // Gate and up panels alternate; compute a pair into scratch, then write silu(gate) * up.
@@ -118,10 +194,34 @@ void run_task(const LinearArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u
     scratch.resize(static_cast<size_t>((m1 - m0) * 2 * kPanel));
     float* s = scratch.data();
     for (int64_t u = u0; u < u1; ++u) {
-        panel_rows(a, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
-        panel_rows(a, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);
+        panel_rows(a, kn, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
+        panel_rows(a, kn, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);
         store_silu_mul_rows(s, m1 - m0, a.y + m0 * a.ldy + u * kPanel, a.ldy,
                             static_cast<int>(std::min<int64_t>(kPanel, a.N - u * kPanel)));
+    }
+}
+
+void run(const LinearArgs& a, const Kernel& kn) {
+    const int64_t unit = a.epilogue == Epilogue::kSiluMul ? 2 : 1;
+    for_each_panel_task<kMR, kMC>(a.M, a.panels / unit, a.nthreads, [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
+        run_task(a, kn, m0, m1, u0, u1);
+    });
+}
+
+// Rows of x rounded to bf16 (nearest even) as pairs, the odd tail padded with zero.
+LMSERVE_BF16_TARGET void round_rows(const LinearArgs& a, uint32_t* out, int64_t pairs, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* x = a.x + r * a.ldx;
+        uint32_t* o = out + r * pairs;
+        for (int64_t k = 0; k < a.K; k += 32) {
+            const int64_t left = a.K - k;
+            const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(static_cast<int>(std::min<int64_t>(left, 16))), x + k);
+            const __m512 hi = _mm512_maskz_loadu_ps(tail_mask(static_cast<int>(std::min<int64_t>(left - 16, 16))),
+                                                    x + k + 16);
+            const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // bf16 0-15 from lo, 16-31 from hi
+            const int64_t n = std::min<int64_t>(16, pairs - k / 2);
+            _mm512_mask_storeu_epi32(o + k / 2, tail_mask(static_cast<int>(n)), v);
+        }
     }
 }
 
@@ -129,11 +229,22 @@ void run_task(const LinearArgs& a, int64_t m0, int64_t m1, int64_t u0, int64_t u
 
 void linear_bf16(const LinearArgs& a) {
     if (a.M <= 0 || a.panels <= 0) return;
-    const int64_t unit = a.epilogue == Epilogue::kSiluMul ? 2 : 1;
-    const int64_t units = a.panels / unit;
-    for_each_panel_task<kMR, kMC>(a.M, units, a.nthreads, [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
-        run_task(a, m0, m1, u0, u1);
-    });
+    run(a, Kernel{kFma, a.x, a.ldx, sizeof(float), a.K, 1});
 }
+
+void linear_bf16_dot(const LinearArgs& a) {
+    if (a.M <= 0 || a.panels <= 0) return;
+    const int64_t pairs = (a.K + 1) / 2;
+    std::vector<uint32_t> xb(static_cast<size_t>(a.M * pairs));
+    const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, a.M / 16)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+        round_rows(a, xb.data(), pairs, a.M * i / n, a.M * (i + 1) / n);
+    }
+    run(a, Kernel{kDot, xb.data(), pairs, sizeof(uint32_t), pairs, 2});
+}
+
+bool cpu_has_bf16_dot() { return __builtin_cpu_supports("avx512bf16"); }
 
 }  // namespace lmserve

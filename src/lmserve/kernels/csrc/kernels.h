@@ -30,6 +30,12 @@ struct LinearArgs {
 
 void linear_bf16(const LinearArgs& a);
 
+// The same product with vdpbf16ps (AVX512_BF16 only: check cpu_has_bf16_dot first) on the pair
+// layout: panels [ceil(N / 32), K rounded up to even, 32] bf16 where the 64 elements of feature pair
+// (2i, 2i+1) are columns 0-15 then 16-31, each column's two features adjacent. x is rounded to bf16.
+void linear_bf16_dot(const LinearArgs& a);
+bool cpu_has_bf16_dot();
+
 struct AttentionArgs {
     const float* q;          // [T, Hq, D] with strides (q_st, q_sh), last dim contiguous
     int64_t q_st, q_sh;

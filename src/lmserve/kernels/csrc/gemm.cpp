@@ -23,8 +23,6 @@
 #include "panel_tasks.h"
 #include "vec.h"
 
-#define LMSERVE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
 namespace lmserve {
 namespace {
 

@@ -1,12 +1,15 @@
 // AVX-512 helpers shared by the CPU kernels: bf16 widening, exp2, horizontal sums.
 //
-// Only AVX-512 F/BW/VL/DQ and FMA are assumed (no bf16 dot-product or AMX instructions): widening
-// bf16 to fp32 is a 16-bit shift, and fp32 FMA is twice as fast as vdpbf16ps on the CPUs we target.
+// Only AVX-512 F/BW/VL/DQ and FMA are assumed: widening bf16 to fp32 is a 16-bit shift. Functions that
+// use the bf16 dot-product instructions carry LMSERVE_BF16_TARGET and run only where the CPU has them
+// (cpu_has_bf16_dot); whether they are faster is measured on the machine (kernels/choice.py).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+
+#define LMSERVE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
 namespace lmserve {
 

@@ -58,11 +58,16 @@ def test_half_precision_stays_close_to_fp32(family_model, dtype: str) -> None:
     assert agree >= len(prompts) - 1
 
 
-@pytest.mark.parametrize("kernel", ["own", "torch-bf16"])
+@pytest.mark.parametrize("kernel", ["own", "own-dot", "torch-bf16"])
 def test_each_linear_kernel_stays_close_to_fp32(family_model, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whichever linear kernel the per-machine choice picks, bf16 output means the same: every
     candidate forced in turn agrees with fp32 on the first token of all prompts but at most one (a
     near-tie may part under any change of rounding or accumulation order)."""
+    from lmserve.kernels.build import load_cpu_kernels
+    from lmserve.kernels.machine import cpu_flags
+
+    if kernel == "own-dot" and ("avx512_bf16" not in cpu_flags() or not hasattr(load_cpu_kernels(), "linear_dot")):
+        pytest.skip("the bf16 dot-product kernel needs AVX512_BF16 and the AVX-512 build")
     path, prompts, expected = family_model
     monkeypatch.setenv("LMSERVE_LINEAR_KERNEL", kernel)
     llm = LLM(str(path), dtype="bf16")

@@ -5,8 +5,8 @@ thread. When another process takes one of the cores (the frontend, a sidecar, a 
 neighbour's job), the thread that shares that core runs only part of the time, and every barrier of
 the step waits for it, several hundred times a step. Measured on a 2-core machine, one busy process
 cut 16-stream output from 245 to 12 tokens/s. Two things make it a graceful slowdown instead:
-threads that sleep at barriers rather than spin (``quiet_thread_waits``: spinning threads took the
-CPU their straggler needed), and no kernel thread on a core another process keeps busy (below).
+threads that soon sleep at barriers rather than spin on (``quiet_thread_waits``: spinning threads
+took the CPU their straggler needed), and no kernel thread on a core another process keeps busy (below).
 
 ``CpuThreadGovernor`` measures, once per interval, how much of the cores this process may use was
 taken by *other* processes (all CPU time spent on those cores, less this process's own), and sets
@@ -35,17 +35,26 @@ DROP_AT = 0.7
 TAKE_BACK_AT = 0.5
 
 
+# Rounds an OpenMP thread spins at a barrier before it sleeps (libgomp's default: 300,000). Enough
+# to bridge the gap between two kernels of one step (tens of microseconds of Python), not a step.
+SPIN_ROUNDS = 20_000
+
+
 def quiet_thread_waits(environ: MutableMapping[str, str]) -> None:
-    """Make OpenMP threads sleep, not spin, while they wait at a barrier, unless the operator chose
+    """Make OpenMP threads spin only briefly at a barrier before they sleep, unless the operator chose
     (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set).
 
     libgomp's default spins for 300,000 rounds before sleeping: cheap on cores of one's own, but
     when another process shares a core, the spinning threads take the CPU the straggler they wait
     for needs. On a 2-core machine shared with other processes, a 16-request decode step took
-    0.6-2.6 s with 2 threads spinning, 0.09-0.13 s with them sleeping. Only effective before the
-    OpenMP runtime starts (before torch is imported), so the engine process calls it first thing."""
+    0.6-2.6 s with 2 threads spinning, 0.09-0.13 s with them sleeping. Sleeping at once
+    (``OMP_WAIT_POLICY=PASSIVE``) costs a wake-up per kernel instead, several hundred a step: the
+    server with no other load then gave 242 output tokens/s at 16 streams and 46 at one, against
+    308 and 63 spinning ``SPIN_ROUNDS`` first, which still kept 81% of its speed beside a busy
+    process (same 2-core machine, same run). Only effective before the OpenMP runtime starts
+    (before torch is imported), so the engine process calls it first thing."""
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ["GOMP_SPINCOUNT"] = str(SPIN_ROUNDS)
 
 
 @dataclass(frozen=True)

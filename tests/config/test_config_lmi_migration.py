@@ -191,6 +191,18 @@ def test_dynamic_batching_keys_are_stored_and_say_text_generation_does_not_use_t
         assert "batches continuously" in line or "batches it continuously" in line
 
 
+def test_only_the_dynamic_batching_warnings_wait_for_the_model_kind(tmp_path: Path) -> None:
+    """The server logs these two only once it knows the model is served by text generation: for a
+    handler model (embeddings, model.py) the keys are exactly right, and a warning would mislead."""
+    from lmserve.config.keys import for_generation_only
+
+    config = load_props(tmp_path, ACCELERATE)
+    waiting = [line for line in config.warnings if for_generation_only(line)]
+    assert sorted(line.split("=")[0] for line in waiting) == ["batch_size", "max_batch_delay"]
+    [rolling] = warnings_about(config, "option.rolling_batch")
+    assert not for_generation_only(rolling)
+
+
 def test_neuron_static_batch_size_without_rolling_batch_warns_too(tmp_path: Path) -> None:
     config = load_props(tmp_path, "option.model_id=org/m\noption.rolling_batch=disable\noption.batch_size=8\n")
     assert config.batching.batch_size == 8

@@ -73,6 +73,12 @@ _QUANTIZE_OTHERS = ("; awq, gptq, fp8, bitsandbytes, smoothquant and the other G
                     "are not supported")
 _NO_DYNAMIC = ("used by handler models (model.py, embeddings, classification) only: text generation batches "
                "continuously and does not use it")
+
+
+def for_generation_only(warning: str) -> bool:
+    """Whether a configuration warning matters only when the model is served by text generation (it
+    names a dynamic-batching key), so a handler model's server need not repeat it."""
+    return warning.endswith(_NO_DYNAMIC)
 _DTYPES = {**{name: name for name in DTYPES}, "auto": "auto", **DTYPE_ALIASES}
 _ROLLING = {"auto": "auto", "disable": "disable", **{name: "auto" for name in v.LMI_ROLLING_BATCH}}
 

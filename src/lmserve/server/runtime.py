@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmserve.config.keys import for_generation_only
 from lmserve.config.settings import ServingConfig
 from lmserve.config.values import OUTPUT_FORMATS
 from lmserve.engine.protocol import ModelInfo
@@ -133,6 +134,8 @@ class ModelRuntime:
                         prepared = await asyncio.to_thread(prepare_handler, choice, path, self._handler_dir,
                                                            self.config)  # fmt: skip
             if choice is None:
+                for warning in filter(for_generation_only, self.config.warnings):
+                    logger.warning("config: %s", warning)  # a handler model uses these keys
                 with _phase("engine load"):
                     await self._start_engine(path)
             else:
@@ -186,7 +189,8 @@ class ModelRuntime:
                 self.config = check_registered(self.config, str(plan.model_arg), plan.remote_code_consent)
             self.min_workers, self.max_workers = self.config.workers.min_workers, self.config.workers.max_workers
             for warning in self.config.warnings:
-                logger.warning("config: %s", warning)
+                if not for_generation_only(warning):
+                    logger.warning("config: %s", warning)
         return fetched.path
 
     async def _start_engine(self, path: Path) -> None:

@@ -56,23 +56,27 @@ class Candidate:
     bytes_per_weight: int  # memory of its form, per weight element
 
 
+def _panel_rows(w: PackedLinear) -> torch.Tensor:
+    """The padded ``[panels * 32, K]`` rows ``w``'s panels hold (gate and up panels alternating)."""
+    panels, k, _ = w.data.shape
+    return w.data.view(panels, k, 16, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
+
+
 def unpack_panels(w: PackedLinear) -> torch.Tensor:
     """The bf16 ``[N, K]`` matrix (``[2I, K]``, gate rows then up rows, for a gate|up pair) that
     ``w``'s panels were packed from."""
-    panels, k, _ = w.data.shape
-    rows = w.data.view(panels, k, 16, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
+    rows = _panel_rows(w)
+    k = rows.shape[1]
     if not w.gate_up:
         return rows[: w.out_features].contiguous()
-    pairs = rows.view(panels // 2, 2, PANEL, k)  # panels alternate gate, up
+    pairs = rows.view(-1, 2, PANEL, k)  # panels alternate gate, up
     gate, up = (pairs[:, i].reshape(-1, k)[: w.out_features] for i in (0, 1))
     return torch.cat([gate, up])
 
 
 def _pairs(w: PackedLinear) -> PackedLinear:
     """The panels re-laid for the bf16 dot-product kernel (same padding and gate|up alternation)."""
-    panels, k, _ = w.data.shape
-    rows = w.data.view(panels, k, 16, 2).permute(0, 3, 2, 1).reshape(panels * PANEL, k)
-    return PackedLinear(pack_pairs(rows), w.out_features, w.in_features, "pair32", w.gate_up)
+    return PackedLinear(pack_pairs(_panel_rows(w)), w.out_features, w.in_features, "pair32", w.gate_up)
 
 
 def _plain(dtype: torch.dtype) -> Callable[[PackedLinear], PackedLinear]:

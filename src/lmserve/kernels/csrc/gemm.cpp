@@ -30,31 +30,6 @@ constexpr int kMR = 12;        // rows per micro-tile: 12 x 2 accumulators + 2 w
 constexpr int64_t kMC = 192;   // rows per task, a multiple of kMR
 constexpr int64_t kKC = 512;   // K block (features): a panel slice of kKC x 64 B stays in L1 across row tiles
 
-struct Tile {
-    float* c;            // output tile (row stride ldc)
-    int64_t ldc;
-    __mmask16 m0, m1;    // valid columns of the two 16-lane halves
-    const float* bias;   // added in the first K block, already offset to the panel's first column
-};
-
-// Adds the MR x 32 accumulators to the tile (or its bias, in the first K block) and stores them.
-template <int MR>
-inline void store_tile(__m512 (&acc)[MR][2], const Tile& t, bool first) {
-    for (int r = 0; r < MR; ++r) {
-        float* cr = t.c + r * t.ldc;
-        __m512 a0 = acc[r][0], a1 = acc[r][1];
-        if (!first) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
-        } else if (t.bias) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
-        }
-        _mm512_mask_storeu_ps(cr, t.m0, a0);
-        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
-    }
-}
-
 // Small MR splits the step loop over S independent accumulator sets so the latency of the
 // multiply-add (4 cycles for an FMA, up to 6 for vdpbf16ps, on 2 ports) stays hidden.
 template <int MR>
@@ -89,11 +64,7 @@ void micro_fma(const void* xp, int64_t ldx, const uint16_t* w, int64_t kc, const
             acc[0][r][1] = _mm512_fmadd_ps(xv, w1, acc[0][r][1]);
         }
     }
-    for (int s = 1; s < S; ++s)
-        for (int r = 0; r < MR; ++r) {
-            acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
-            acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
-        }
+    fold_sets(acc);
     store_tile<MR>(acc[0], t, first);
 }
 
@@ -128,11 +99,7 @@ LMSERVE_BF16_TARGET void micro_dot(const void* xp, int64_t ldx, const uint16_t* 
             acc[0][r][1] = _mm512_dpbf16_ps(acc[0][r][1], xv, w1);
         }
     }
-    for (int s = 1; s < S; ++s)
-        for (int r = 0; r < MR; ++r) {
-            acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
-            acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
-        }
+    fold_sets(acc);
     store_tile<MR>(acc[0], t, first);
 }
 

@@ -26,13 +26,6 @@ constexpr int kMR = 8;         // rows per micro-tile: 16 accumulators + 2 weigh
 constexpr int64_t kMC = 128;   // rows per task, a multiple of kMR
 constexpr int64_t kKC = 512;   // K block (rounded to whole groups)
 
-struct QTile {
-    float* c;
-    int64_t ldc;
-    __mmask16 m0, m1;
-    const float* bias;
-};
-
 // Panel row k, dequantized: lanes 0..15 and 16..31 of the panel's columns.
 template <int BITS>
 inline void load_q(const uint8_t* q, int64_t k, __m512& w0, __m512& w1) {
@@ -50,7 +43,7 @@ inline void load_q(const uint8_t* q, int64_t k, __m512& w0, __m512& w1) {
 // Accumulates MR rows of x[:, k0:k0+kc] (kc whole groups) against one panel into the tile.
 template <int MR, int BITS, bool MIN>
 void qmicro(const float* x, int64_t ldx, const QuantLinearArgs& a, int64_t p, int64_t k0, int64_t kc,
-            const QTile& t, bool first) {
+            const Tile& t, bool first) {
     constexpr int S = MR >= 4 ? 1 : 2;  // independent accumulator sets hide FMA latency at small MR
     const int64_t groups = a.K / a.group;
     const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : 16);
@@ -86,27 +79,11 @@ void qmicro(const float* x, int64_t ldx, const QuantLinearArgs& a, int64_t p, in
             }
         }
     }
-    for (int s = 1; s < S; ++s)
-        for (int r = 0; r < MR; ++r) {
-            acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
-            acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
-        }
-    for (int r = 0; r < MR; ++r) {
-        float* cr = t.c + r * t.ldc;
-        __m512 a0 = acc[0][r][0], a1 = acc[0][r][1];
-        if (!first) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
-        } else if (t.bias) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
-        }
-        _mm512_mask_storeu_ps(cr, t.m0, a0);
-        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
-    }
+    fold_sets(acc);
+    store_tile<MR>(acc[0], t, first);
 }
 
-using QMicroFn = void (*)(const float*, int64_t, const QuantLinearArgs&, int64_t, int64_t, int64_t, const QTile&,
+using QMicroFn = void (*)(const float*, int64_t, const QuantLinearArgs&, int64_t, int64_t, int64_t, const Tile&,
                           bool);
 
 template <int BITS, bool MIN, int... R>
@@ -123,13 +100,13 @@ void qpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, fl
     const int64_t nkb = (a.K + kKC - 1) / kKC;
     int64_t kc_full = (a.K + nkb - 1) / nkb;
     kc_full = (kc_full + a.group - 1) / a.group * a.group;
-    QTile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
+    Tile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
             with_adds && a.bias ? a.bias + p * kPanel : nullptr};
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
         for (int64_t m = m0; m < m1; m += kMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
-            QTile tm = t;
+            Tile tm = t;
             tm.c = c + (m - m0) * ldc;
             kQMicro<BITS, MIN>[mr - 1](a.x + m * a.ldx + k0, a.ldx, a, p, k0, kc, tm, k0 == 0);
         }
@@ -148,7 +125,7 @@ constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
 // 4-bit VNNI layout: per k-quad 64 bytes, byte 4c + j holding (k + j, column c) in its low nibble and
 // (k + j, column 16 + c) in its high one; the values 0..15 need no offset, the min adds min * sum x.
 template <int MR, int BITS, bool MIN>
-LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc, const QTile& t,
+LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc, const Tile& t,
                          bool first) {
     const int64_t groups = a.K / a.group;
     const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);  // [K/4][32][4] or [K/4][64]
@@ -203,19 +180,7 @@ LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t
             }
         }
     }
-    for (int r = 0; r < MR; ++r) {
-        float* cr = t.c + r * t.ldc;
-        __m512 a0 = acc[r][0], a1 = acc[r][1];
-        if (!first) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
-        } else if (t.bias) {
-            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
-            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
-        }
-        _mm512_mask_storeu_ps(cr, t.m0, a0);
-        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
-    }
+    store_tile<MR>(acc, t, first);
 }
 
 template <int BITS, bool MIN>
@@ -224,12 +189,12 @@ LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, i
     const int64_t nkb = (a.K + kKC - 1) / kKC;
     int64_t kc_full = (a.K + nkb - 1) / nkb;
     kc_full = (kc_full + a.group - 1) / a.group * a.group;
-    QTile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
+    Tile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
             with_adds && a.bias ? a.bias + p * kPanel : nullptr};
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
         for (int64_t m = m0; m < m1; m += kVR) {
-            QTile tm = t;
+            Tile tm = t;
             tm.c = c + (m - m0) * ldc;
             switch (std::min<int64_t>(kVR, m1 - m)) {
                 case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;

@@ -54,6 +54,42 @@ static inline __m512 silu_mul(__m512 g, __m512 u) {
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
 }
 
+// An output tile of a panel GEMM: 32 columns, the first two K-block passes differ (bias, then add).
+struct Tile {
+    float* c;            // output tile (row stride ldc)
+    int64_t ldc;
+    __mmask16 m0, m1;    // valid columns of the two 16-lane halves
+    const float* bias;   // added in the first K block, already offset to the panel's first column
+};
+
+// Adds MR rows of 32-column accumulators to the tile (or its bias, in the first K block) and stores them.
+template <int MR>
+inline void store_tile(__m512 (&acc)[MR][2], const Tile& t, bool first) {
+    for (int r = 0; r < MR; ++r) {
+        float* cr = t.c + r * t.ldc;
+        __m512 a0 = acc[r][0], a1 = acc[r][1];
+        if (!first) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, cr));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, cr + 16));
+        } else if (t.bias) {
+            a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(t.m0, t.bias));
+            a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(t.m1, t.bias + 16));
+        }
+        _mm512_mask_storeu_ps(cr, t.m0, a0);
+        _mm512_mask_storeu_ps(cr + 16, t.m1, a1);
+    }
+}
+
+// Sums S independent accumulator sets (kept apart to hide multiply-add latency) into the first.
+template <int S, int MR>
+inline void fold_sets(__m512 (&acc)[S][MR][2]) {
+    for (int s = 1; s < S; ++s)
+        for (int r = 0; r < MR; ++r) {
+            acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[s][r][0]);
+            acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[s][r][1]);
+        }
+}
+
 // The SwiGLU epilogue of one gate|up panel pair: `rows` rows of scratch `s` (each 32 gate values
 // then 32 up values) become silu(gate) * up in the first `ncols` columns of y.
 static inline void store_silu_mul_rows(const float* s, int64_t rows, float* y, int64_t ldy, int ncols) {

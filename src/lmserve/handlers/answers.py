@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lmserve.handlers.io import Output, has_batch_keys, split_batch_keys
+from lmserve.handlers.io import Output, has_batch_keys, split_batch_keys, to_json
 from lmserve.handlers.messages import ItemOutput
 
 JSON, JSONLINES, TEXT, BYTES = "application/json", "application/jsonlines", "text/plain; charset=utf-8", \
@@ -61,6 +61,8 @@ def _split(output: Output, n: int) -> list[ItemOutput]:
 def _item(code: int, message: str, properties: dict[str, str], content: dict[str, Any]) -> ItemOutput:
     props = {k.lower() if k.lower() == "content-type" else k: str(v) for k, v in properties.items()}
     value = content.get("data", next(iter(content.values()), b""))
+    if "content-type" in props and isinstance(value, bytes):  # typed by the handler: nothing to guess
+        return ItemOutput(code, message, props, value)
     body, guessed = encode_value(value)
     props.setdefault("content-type", guessed)
     return ItemOutput(code, message, props, body)
@@ -81,7 +83,7 @@ def encode_value(value: Any) -> tuple[bytes, str]:
                 return body, BYTES
     if isinstance(value, str):
         return value.encode("utf-8"), TEXT
-    return json.dumps(value).encode("utf-8"), JSON
+    return to_json(value), JSON
 
 
 def piece(value: Any) -> tuple[bytes | None, str]:

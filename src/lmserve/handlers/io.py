@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
+
 _BATCH_KEY = re.compile(r"batch_(\d+)_(.*)")
 _JSON = "application/json"
 
@@ -172,7 +174,7 @@ class Output:
 
     def add_as_json(self, value: Any, key: str | None = None, batch_index: int | None = None) -> Output:
         self.add_property("content-type", _JSON, batch_index)
-        return self.add(json.dumps(value), key, batch_index)
+        return self.add(to_json(value), key, batch_index)
 
     def add_as_numpy(self, value: Any, key: str | None = None, batch_index: int | None = None) -> Output:
         import numpy as np
@@ -189,6 +191,15 @@ class Output:
 
     def __repr__(self) -> str:
         return f"Output(code={self.code}, message={self.message!r}, content_keys={list(self.content)})"
+
+
+def to_json(value: Any) -> bytes:
+    """``value`` as JSON: msgspec's encoder where it takes the value (an order of magnitude faster than
+    ``json`` on the float lists embedding handlers answer), else ``json.dumps`` (int dict keys, say)."""
+    try:
+        return msgspec.json.encode(value)
+    except (TypeError, msgspec.EncodeError):
+        return json.dumps(value).encode("utf-8")
 
 
 def split_batch_keys(mapping: dict[str, Any], size: int) -> list[dict[str, Any]]:

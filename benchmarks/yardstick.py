@@ -9,7 +9,10 @@ TTFT p50 and their ratio. GuideLLM is installed from PyPI into its own virtual e
 
     python benchmarks/yardstick.py [MODEL] [--concurrency 8] [--num-requests 64] [--rounds 2]
 
-Both tools' prompts are made with the model's own tokenizer, so their lengths match exactly.
+Both tools' prompts are made with the model's own tokenizer, so their lengths match exactly, and
+both ask for greedy decoding (GuideLLM through ``--backend-args``: left to OpenAI's default
+temperature of 1.0, its requests made the server sample, a different workload). GuideLLM runs its
+streams in one worker process (``GUIDELLM__MAX_WORKER_PROCESSES=1``, see ``GUIDELLM_ENV``).
 
 Definitions, as GuideLLM 0.3.1's source has them (``benchmark/benchmark.py``, ``objects/statistics.py``,
 ``backend/openai.py``): each request's start is taken just before it is sent, its end when the
@@ -46,6 +49,13 @@ RESULTS = REPO_ROOT / "bench_results" / "yardstick"
 # OpenAI schema refuses (400); 0.3.1 sends only include_usage, like other OpenAI clients.
 GUIDELLM_VERSION = "0.3.1"
 VENV = REPO_ROOT / "bench_results" / f"guidellm-{GUIDELLM_VERSION}-venv"
+
+
+# GuideLLM starts one worker process per stream (up to 10). On the one core it is given here, eight
+# processes polling each other's queues added 270-700 ms to every request (the "tester lag" row), and
+# its closed loop left the server idle for that long; one worker process runs all streams in one
+# event loop (120-170 ms).
+GUIDELLM_ENV = {"GUIDELLM__MAX_WORKER_PROCESSES": "1"}
 
 
 def ensure_guidellm() -> Path:
@@ -108,7 +118,9 @@ def run_lmserve_bench(url: str, args: argparse.Namespace, model_dir: str, core: 
 
 
 def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, core: str, out: Path) -> dict[str, float]:
-    """One GuideLLM run: the same closed loop (concurrent streams), request count and lengths."""
+    """One GuideLLM run: the same closed loop (concurrent streams), request count and lengths, and
+    the same sampling: ``lmserve bench`` asks for greedy decoding (``temperature`` 0), GuideLLM sends
+    no temperature unless told, and OpenAI's default is 1.0, so it is told."""
     out.mkdir(parents=True, exist_ok=True)
     counters = server_counters(url)
     before = _cpu_of_children()
@@ -117,8 +129,9 @@ def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, 
                     "--processor", model_dir, "--rate-type", "concurrent", "--rate", str(args.concurrency),
                     "--max-requests", str(args.num_requests),
                     "--data", f"prompt_tokens={args.input_len},output_tokens={args.output_len}",
-                    "--output-path", str(out / "benchmarks.json"), "--disable-progress"],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                    "--output-path", str(out / "benchmarks.json"), "--disable-progress",
+                    "--backend-args", json.dumps({"extra_body": {"temperature": 0.0}})],
+                   check=True, stdout=subprocess.DEVNULL, env=os.environ | GUIDELLM_ENV)  # fmt: skip
     wall, cpu = time.perf_counter() - start, _cpu_of_children() - before
     metrics, window = guidellm_metrics(json.loads((out / "benchmarks.json").read_text()))
     return {**metrics, **server_view(counters, server_counters(url), window, metrics["e2e_mean_ms"]),

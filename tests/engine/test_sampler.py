@@ -54,6 +54,38 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert seen == {0, 1}
 
 
+def test_draws_follow_the_distribution_at_its_temperature() -> None:
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    logits = (probs.log() * 0.5).unsqueeze(0)  # at temperature 0.5 these are probs again
+    tokens = draws(Sampler(), logits, [req("a", temperature=0.5, seed=7)], 4000)[0]
+    freq = torch.bincount(torch.tensor(tokens), minlength=5).double() / len(tokens)
+    assert torch.allclose(freq, probs.double(), atol=0.025), freq
+
+
+def top_p_set(probs: torch.Tensor, top_p: float) -> set[int]:
+    """The smallest set of most likely tokens whose mass reaches top_p, by a full sort."""
+    values, indices = probs.sort(descending=True)
+    size = int(((values.cumsum(0) - values) < top_p).sum())
+    return set(indices[:size].tolist())
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.3])  # peaked (found among the top few hundred) and flat (not)
+def test_top_p_over_a_large_vocabulary_keeps_exactly_the_smallest_set(scale: float) -> None:
+    logits = torch.randn(1, 4000, generator=torch.Generator().manual_seed(3)) * scale
+    expected = top_p_set(torch.softmax(logits[0], -1), 0.6)
+    seen = set(draws(Sampler(), logits, [req("a", temperature=1.0, top_p=0.6, seed=0)], 400)[0])
+    assert seen <= expected
+    assert len(seen) >= min(len(expected), 100) * 0.5  # the draws spread over the set, not one token
+    assert (len(expected) > 256) == (scale < 1)  # both paths of the sampler are exercised
+
+
+def test_batched_unfiltered_rows_draw_from_their_own_distributions() -> None:
+    logits = torch.full((3, 300), -30.0)
+    logits[0, 7], logits[1, 42], logits[2, 5], logits[2, 6] = 0.0, 0.0, 0.0, 0.0
+    seen = draws(Sampler(), logits, [req("a", temperature=1.0), req("b", temperature=0.8), req("c", temperature=1.0)], 50)
+    assert set(seen[0]) == {7} and set(seen[1]) == {42} and set(seen[2]) == {5, 6}
+
+
 def test_repetition_penalty_matches_hugging_face() -> None:
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 

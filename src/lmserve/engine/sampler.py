@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmserve.engine.outputs import TokenLogprob
@@ -63,10 +64,35 @@ class Sampler:
             if req.params.repetition_penalty != 1.0:
                 _apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)
         apply_penalties(logits, requests, self._eos_token_ids)
-        token_ids = logits.argmax(dim=-1).tolist()
-        for i, req in enumerate(requests):
-            if not req.params.greedy:
-                token_ids[i] = self._sample_row(logits[i], req)
+        sampled = [i for i, req in enumerate(requests) if not req.params.greedy]
+        greedy = logits.argmax(dim=-1) if len(sampled) < len(requests) else None  # a pass over the vocabulary
+        token_ids = greedy.tolist() if greedy is not None else [0] * len(requests)
+        if sampled:
+            vocab = logits.shape[-1]
+            uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=self._generator(requests[i]))
+                                 for i in sampled]).float()  # fmt: skip
+            top_k = [row for row, i in enumerate(sampled) if 0 < requests[i].params.top_k < vocab]
+            for row in top_k:  # a few candidates: softmax over them alone
+                i = sampled[row]
+                values, indices = logits[i].topk(requests[i].params.top_k)
+                token_ids[i] = _sample_candidates(torch.softmax(values / requests[i].params.temperature, dim=-1),
+                                                  indices, requests[i].params.top_p, uniform[row : row + 1])  # fmt: skip
+            full = [row for row in range(len(sampled)) if row not in top_k]
+            if full:
+                # Softmax numerators at each row's temperature, in place on one copy: the draws only
+                # compare them within a row, so the division by the row's sum is never needed.
+                temperatures = torch.tensor([requests[sampled[row]].params.temperature for row in full])
+                weights = logits[[sampled[row] for row in full]].div_(temperatures[:, None])
+                weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+                plain = [k for k, row in enumerate(full) if requests[sampled[row]].params.top_p >= 1.0]
+                if plain:  # no filter: one cumulative sum and search for all these rows
+                    rows = weights if len(plain) == len(full) else weights[plain]
+                    for k, token in zip(plain, _draw(rows, uniform[[full[k] for k in plain]]).tolist(), strict=True):
+                        token_ids[sampled[full[k]]] = token
+                for k, row in enumerate(full):
+                    if requests[sampled[row]].params.top_p < 1.0:
+                        token_ids[sampled[row]] = _sample_top_p(weights[k], requests[sampled[row]].params.top_p,
+                                                                uniform[row : row + 1])  # fmt: skip
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if want:
@@ -75,25 +101,50 @@ class Sampler:
                 logprobs[i] = token_logprob(lp[row], token_ids[i], requests[i].params.logprobs or 0)
         return SampleResult(token_ids, logprobs)
 
-    def _sample_row(self, row: torch.Tensor, req: Request) -> int:
-        p = req.params
-        scaled = row / p.temperature
-        vocab = scaled.shape[-1]
-        if 0 < p.top_k < vocab:
-            values, indices = scaled.topk(p.top_k)
-        elif p.top_p < 1.0:
-            values, indices = scaled.sort(descending=True)
-        else:
-            probs = torch.softmax(scaled, dim=-1)
-            return int(torch.multinomial(probs, 1, generator=self._generator(req)).item())
-        probs = torch.softmax(values, dim=-1)
-        if p.top_p < 1.0:
-            # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-            cumulative = probs.cumsum(dim=-1)
-            keep = (cumulative - probs) < p.top_p
-            probs = probs * keep
-        choice = torch.multinomial(probs, 1, generator=self._generator(req))
-        return int(indices[choice].item())
+
+
+def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``weights`` (``[rows, n]``, non-negative, in proportion to the
+    probabilities), drawn with the ``uniform`` numbers in [0, 1) (``[rows]``) against the cumulative
+    sums: a few passes over the row, where ``torch.multinomial`` over a 49k vocabulary took 1.4 ms a
+    row, 11 ms for a decode step of 8 sampled rows, a quarter of the step itself."""
+    cdf = weights.cumsum(dim=-1)
+    targets = (uniform * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)
+
+
+def _sample_top_p(weights: torch.Tensor, top_p: float, uniform: torch.Tensor) -> int:
+    """One draw from a row of softmax numerators, among the smallest set of most likely tokens whose
+    mass reaches ``top_p``: found among ``topk`` of a few hundred, which holds it for the peaked
+    distributions language models usually give, else from the sorted probabilities alone
+    (``torch.sort`` with indices of a 49k vocabulary took 4 ms a row)."""
+    total = weights.sum()
+    values, indices = weights.topk(min(_TOP_P_FIRST, weights.shape[-1]))
+    values = values / total
+    if float(values.sum()) >= top_p:
+        return _sample_candidates(values, indices, top_p, uniform)
+    probs = weights / total  # a flat distribution: the set is larger
+    return int(_draw((probs * (probs >= _top_p_threshold(probs, top_p))).unsqueeze(0), uniform))
+
+
+def _sample_candidates(probs: torch.Tensor, indices: torch.Tensor, top_p: float, uniform: torch.Tensor) -> int:
+    """One of ``indices`` drawn by ``probs`` (descending, summing to at most 1), after keeping the
+    smallest prefix whose mass reaches ``top_p`` (at least one)."""
+    if top_p < 1.0:
+        cumulative = probs.cumsum(dim=-1)
+        probs = probs[: max(1, int(((cumulative - probs) < top_p).sum()))]
+    return int(indices[int(_draw(probs.unsqueeze(0), uniform))])
+
+
+_TOP_P_FIRST = 256
+
+
+def _top_p_threshold(probs: torch.Tensor, top_p: float) -> float:
+    """The probability of the least likely token in the smallest set of most likely ones whose
+    mass reaches ``top_p``. numpy sorts values alone 3x faster than ``torch.sort`` here."""
+    ordered = np.sort(probs.numpy())[::-1]
+    cumulative = np.cumsum(ordered, dtype=np.float64)
+    return float(ordered[max(1, int(np.count_nonzero(cumulative - ordered < top_p))) - 1])
 
 
 def _apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float) -> None:

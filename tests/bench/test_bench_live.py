@@ -36,9 +36,10 @@ def test_closed_loop_openai_against_a_tiny_model(llama_server: ServerProcess, tm
 def test_open_loop_tgi_against_a_tiny_model(llama_server: ServerProcess, tmp_path: Path) -> None:
     data = bench_json(llama_server.url, tmp_path / "open.json", "--api", "tgi", "--request-rate", "8",
                       "--arrival", "constant", "--num-requests", "6", "--input-len", "8", "--output-len", "4",
-                      "--slo", "e2e_ms=600000")  # fmt: skip
+                      "--slo", "e2e_ms=600000", "--temperature", "0.8")  # fmt: skip
     s = data["summary"]
     assert data["config"]["mode"] == "open" and data["config"]["request_rate"] == 8
+    assert data["config"]["temperature"] == 0.8  # sampled: TGI's do_sample is set
     assert (s["completed"], s["total_output_tokens"], s["good"]) == (6, 24, 6)
     assert all(len(r["chunks"]) == 4 for r in data["requests"])  # TGI: one event per token
     sends = sorted(r["send"] for r in data["requests"])

@@ -137,3 +137,25 @@ def test_percentile_interpolates_like_numpy() -> None:
 def test_bad_slo_names_the_part(text: str) -> None:
     with pytest.raises(BenchUsageError, match="--slo"):
         parse_slo(text)
+
+
+def test_every_dialect_asks_for_greedy_decoding_or_the_given_temperature() -> None:
+    from lmserve.bench.dialects import Prompt
+
+    prompt = Prompt("hello", 4)
+    for api in (OpenAICompletions(), OpenAIChat()):
+        assert api.body(prompt, None, True)["temperature"] == 0.0
+        assert api.body(prompt, None, True, 0.7)["temperature"] == 0.7
+    for api in (TGI(), LMI()):  # greedy unless do_sample is set
+        assert "do_sample" not in api.body(prompt, None, True)["parameters"]
+        assert api.body(prompt, None, True, 0.7)["parameters"] | {"do_sample": True, "temperature": 0.7} == \
+            api.body(prompt, None, True, 0.7)["parameters"]
+
+
+def test_a_negative_temperature_is_refused_by_name() -> None:
+    from lmserve.bench.bench import load_spec
+    from lmserve.cli import build_parser
+
+    ns = build_parser().parse_args(["bench", "http://127.0.0.1:1", "--temperature", "-1"])
+    with pytest.raises(BenchUsageError, match="--temperature"):
+        load_spec(ns)

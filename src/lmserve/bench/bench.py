@@ -34,8 +34,11 @@ def build_prompts(ns: argparse.Namespace, n: int) -> list[Prompt]:
 
 
 def load_spec(ns: argparse.Namespace) -> LoadSpec:
+    if ns.temperature < 0:
+        raise BenchUsageError(f"--temperature must be >= 0 (0: greedy decoding), got {ns.temperature:g}")
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
     return LoadSpec(url=ns.url.rstrip("/"), dialect=dialect(ns.api), model=ns.model, ignore_eos=ns.ignore_eos,
+                    temperature=ns.temperature,
                     concurrency=ns.concurrency, request_rate=ns.request_rate, arrival=ns.arrival,
                     burstiness=ns.burstiness, ramp_up_s=ns.ramp_up, max_concurrency=ns.max_concurrency,
                     timeout_s=ns.timeout, seed=ns.seed, headers=headers)  # fmt: skip
@@ -72,6 +75,6 @@ def config_of(ns: argparse.Namespace, spec: LoadSpec) -> dict[str, Any]:
             "request_rate": spec.request_rate, "arrival": spec.arrival, "burstiness": spec.burstiness,
             "ramp_up_s": spec.ramp_up_s, "num_requests": ns.num_requests, "warmup": ns.warmup,
             "dataset": ns.dataset, "input_len": ns.input_len, "output_len": ns.output_len,
-            "ignore_eos": spec.ignore_eos, "seed": spec.seed}  # fmt: skip
+            "ignore_eos": spec.ignore_eos, "temperature": spec.temperature, "seed": spec.seed}  # fmt: skip
 
 

@@ -44,7 +44,8 @@ class Dialect:
     path = ""
     sse = True
 
-    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool) -> dict[str, Any]:
+    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
+        """The request body; ``temperature`` 0 asks for greedy decoding."""
         raise NotImplementedError
 
     def parse(self, line: bytes | str) -> Chunk | None:
@@ -72,8 +73,8 @@ class Dialect:
 class OpenAICompletions(Dialect):
     name, path = "openai", "/v1/completions"
 
-    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool) -> dict[str, Any]:
-        body = {"prompt": prompt.text, "max_tokens": prompt.output_len, "temperature": 0.0, "stream": True,
+    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
+        body = {"prompt": prompt.text, "max_tokens": prompt.output_len, "temperature": temperature, "stream": True,
                 "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}  # fmt: skip
         return body | ({"model": model} if model else {})
 
@@ -95,9 +96,9 @@ class OpenAICompletions(Dialect):
 class OpenAIChat(OpenAICompletions):
     name, path = "openai-chat", "/v1/chat/completions"
 
-    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool) -> dict[str, Any]:
+    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
         body = {"messages": [{"role": "user", "content": prompt.text}], "max_tokens": prompt.output_len,
-                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+                "temperature": temperature, "stream": True, "stream_options": {"include_usage": True},
                 "ignore_eos": ignore_eos}  # fmt: skip
         return body | ({"model": model} if model else {})
 
@@ -117,20 +118,26 @@ class _TokenPerEvent(Dialect):
                      empty=bool(token) and not token.get("text"))  # fmt: skip
 
 
+def _sampling(temperature: float) -> dict[str, Any]:
+    """TGI and LMI decode greedily unless ``do_sample`` is set."""
+    return {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+
+
 class TGI(_TokenPerEvent):
     name, path = "tgi", "/generate_stream"
 
-    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool) -> dict[str, Any]:
+    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
         return {"inputs": prompt.text, "parameters": {"max_new_tokens": prompt.output_len, "details": True,
-                                                      "ignore_eos": ignore_eos}}  # fmt: skip
+                                                      "ignore_eos": ignore_eos, **_sampling(temperature)}}  # fmt: skip
 
 
 class LMI(_TokenPerEvent):
     name, path, sse = "lmi", "/invocations", False
 
-    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool) -> dict[str, Any]:
+    def body(self, prompt: Prompt, model: str | None, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
         return {"inputs": prompt.text, "stream": True,
-                "parameters": {"max_new_tokens": prompt.output_len, "details": True, "ignore_eos": ignore_eos}}
+                "parameters": {"max_new_tokens": prompt.output_len, "details": True, "ignore_eos": ignore_eos,
+                               **_sampling(temperature)}}  # fmt: skip
 
 
 DIALECTS: dict[str, type[Dialect]] = {d.name: d for d in (OpenAICompletions, OpenAIChat, TGI, LMI)}

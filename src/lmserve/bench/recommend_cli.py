@@ -95,9 +95,11 @@ def build_plan(ns: argparse.Namespace) -> Any:
     device = ns.device if ns.device != "auto" else ("cuda" if local_gpus() else "cpu")
     table = PriceTable.load(Path(ns.prices) if ns.prices else None)
     workload = {k: getattr(ns, k) for k in ("api", "input_len", "output_len", "dataset", "prefix_len",
-                                            "num_prefixes", "tokenizer", "ignore_eos", "seed")}  # fmt: skip
+                                            "num_prefixes", "tokenizer", "ignore_eos", "temperature", "seed")}  # fmt: skip
     if ns.min_requests < 1 or ns.max_concurrency < 1:
         raise BenchUsageError("--min-requests and --max-concurrency must be >= 1")
+    if ns.temperature < 0:
+        raise BenchUsageError(f"--temperature must be >= 0 (0: greedy decoding), got {ns.temperature:g}")
     return SweepPlan(model=ns.model, device=device, configs=configs, slo=parse_slo(ns.slo) or parse_slo(DEFAULT_SLO),
                      percentile=ns.slo_percentile, min_requests=ns.min_requests, max_concurrency=ns.max_concurrency,
                      bisect_steps=ns.bisect_steps, workload=workload,

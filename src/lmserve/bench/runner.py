@@ -36,6 +36,7 @@ class LoadSpec:
     dialect: Dialect
     model: str | None = None
     ignore_eos: bool = True
+    temperature: float = 0.0
     concurrency: int = 1
     request_rate: float | None = None
     arrival: str = "poisson"
@@ -97,7 +98,7 @@ def arrival_times(n: int, rate: float, arrival: str = "poisson", burstiness: flo
 
 async def _send(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, index: int, t0: float) -> RequestRecord:
     record = RequestRecord(index, send=time.perf_counter() - t0, prompt_tokens=prompt.prompt_tokens)
-    body = spec.dialect.body(prompt, spec.model, spec.ignore_eos)
+    body = spec.dialect.body(prompt, spec.model, spec.ignore_eos, spec.temperature)
     try:
         async with client.stream("POST", spec.dialect.path, json=body) as response:
             if response.status_code != 200:

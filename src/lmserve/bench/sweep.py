@@ -157,8 +157,8 @@ def measure_configuration(plan: SweepPlan, config: ServeConfig, ns: argparse.Nam
 
 
 def _spec(url: str, api: Dialect, ns: argparse.Namespace, concurrency: int) -> LoadSpec:
-    return LoadSpec(url=url, dialect=api, ignore_eos=ns.ignore_eos, concurrency=concurrency, timeout_s=ns.timeout,
-                    seed=ns.seed)  # fmt: skip
+    return LoadSpec(url=url, dialect=api, ignore_eos=ns.ignore_eos, temperature=ns.temperature,
+                    concurrency=concurrency, timeout_s=ns.timeout, seed=ns.seed)  # fmt: skip
 
 
 def rank(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

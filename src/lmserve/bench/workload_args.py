@@ -25,5 +25,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int
                         "without it a token is approximated by a common English word")  # fmt: skip
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let the model stop at end of sequence (default: generate exactly the output length)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature the requests ask for (default 0: greedy decoding; OpenAI's own "
+                        "default, when a client sends none, is 1.0)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seed of the dataset and arrival times")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a response or a chunk")

@@ -81,3 +81,21 @@ def test_a_bad_request_gets_its_own_400_and_generation_routes_refuse_by_name(liv
     assert bad.status_code == 400 and bad.json()["field"] == "inputs"
     assert generate.status_code == 400 and "/invocations" in generate.json()["error"]
     assert tokens.status_code == 400 and tokens.json()["field"] == "input"
+
+
+def test_a_batch_in_pieces_gives_the_vectors_of_one_piece(minilm: Path, reference: list[list[float]]) -> None:
+    import torch
+
+    from lmserve.handlers.encoders import _Embedder, _pieces
+
+    assert _pieces([5, 5, 5, 5], 10) == [(0, 2), (2, 4)]
+    assert _pieces([12, 3], 10) == [(0, 1), (1, 2)]  # a text over the limit goes alone
+    assert _pieces([3, 3], None) == [(0, 2)]
+    embedder = _Embedder(str(minilm))
+    whole, counts = embedder.vectors(TEXTS * 4)
+    embedder.chunk_tokens = 16  # about one text a piece
+    pieces, counts_in_pieces = embedder.vectors(TEXTS * 4)
+    assert counts_in_pieces == counts
+    assert float(torch.nn.functional.cosine_similarity(whole, pieces).min()) > 0.99999
+    expected = torch.tensor(reference * 4)
+    assert float(torch.nn.functional.cosine_similarity(pieces, expected).min()) > 0.999

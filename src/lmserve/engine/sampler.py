@@ -24,6 +24,7 @@ from lmserve.engine.penalties import apply_penalties
 from lmserve.engine.request import Request
 
 LogitsMask = Callable[[torch.Tensor, Sequence[Request]], None]
+_TOP_P_FIRST = 256  # candidates top-p first looks among (see _sample_top_p)
 
 
 @dataclass
@@ -68,31 +69,7 @@ class Sampler:
         greedy = logits.argmax(dim=-1) if len(sampled) < len(requests) else None  # a pass over the vocabulary
         token_ids = greedy.tolist() if greedy is not None else [0] * len(requests)
         if sampled:
-            vocab = logits.shape[-1]
-            uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=self._generator(requests[i]))
-                                 for i in sampled]).float()  # fmt: skip
-            top_k = [row for row, i in enumerate(sampled) if 0 < requests[i].params.top_k < vocab]
-            for row in top_k:  # a few candidates: softmax over them alone
-                i = sampled[row]
-                values, indices = logits[i].topk(requests[i].params.top_k)
-                token_ids[i] = _sample_candidates(torch.softmax(values / requests[i].params.temperature, dim=-1),
-                                                  indices, requests[i].params.top_p, uniform[row : row + 1])  # fmt: skip
-            full = [row for row in range(len(sampled)) if row not in top_k]
-            if full:
-                # Softmax numerators at each row's temperature, in place on one copy: the draws only
-                # compare them within a row, so the division by the row's sum is never needed.
-                temperatures = torch.tensor([requests[sampled[row]].params.temperature for row in full])
-                weights = logits[[sampled[row] for row in full]].div_(temperatures[:, None])
-                weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
-                plain = [k for k, row in enumerate(full) if requests[sampled[row]].params.top_p >= 1.0]
-                if plain:  # no filter: one cumulative sum and search for all these rows
-                    rows = weights if len(plain) == len(full) else weights[plain]
-                    for k, token in zip(plain, _draw(rows, uniform[[full[k] for k in plain]]).tolist(), strict=True):
-                        token_ids[sampled[full[k]]] = token
-                for k, row in enumerate(full):
-                    if requests[sampled[row]].params.top_p < 1.0:
-                        token_ids[sampled[row]] = _sample_top_p(weights[k], requests[sampled[row]].params.top_p,
-                                                                uniform[row : row + 1])  # fmt: skip
+            self._sample(logits, requests, sampled, token_ids)
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if want:
@@ -101,6 +78,39 @@ class Sampler:
                 logprobs[i] = token_logprob(lp[row], token_ids[i], requests[i].params.logprobs or 0)
         return SampleResult(token_ids, logprobs)
 
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request], sampled: list[int],
+                token_ids: list[int]) -> None:  # fmt: skip
+        """Draw the tokens of the ``sampled`` rows into ``token_ids``: one uniform number per row
+        from the request's generator, then top-k rows over their candidates alone, the others over
+        softmax numerators made in place on one copy (the draws compare them within a row only, so
+        the division by the row's sum is never needed)."""
+        vocab = logits.shape[-1]
+        uniform = torch.zeros(len(requests))
+        for i in sampled:
+            uniform[i] = float(torch.rand(1, dtype=torch.float64, generator=self._generator(requests[i])))
+        full = []
+        for i in sampled:
+            p = requests[i].params
+            if 0 < p.top_k < vocab:
+                values, indices = logits[i].topk(p.top_k)
+                probs = torch.softmax(values / p.temperature, dim=-1)
+                token_ids[i] = _sample_candidates(probs, indices, p.top_p, uniform[i : i + 1])
+            else:
+                full.append(i)
+        if not full:
+            return
+        temperatures = torch.tensor([requests[i].params.temperature for i in full])
+        weights = logits[full].div_(temperatures[:, None])
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+        plain = [k for k, i in enumerate(full) if requests[i].params.top_p >= 1.0]
+        if plain:  # no filter: one cumulative sum and search for all these rows
+            rows = weights if len(plain) == len(full) else weights[plain]
+            chosen = _draw(rows, uniform[[full[k] for k in plain]]).tolist()
+            for k, token in zip(plain, chosen, strict=True):
+                token_ids[full[k]] = token
+        for k, i in enumerate(full):
+            if requests[i].params.top_p < 1.0:
+                token_ids[i] = _sample_top_p(weights[k], requests[i].params.top_p, uniform[i : i + 1])
 
 
 def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -135,8 +145,6 @@ def _sample_candidates(probs: torch.Tensor, indices: torch.Tensor, top_p: float,
         probs = probs[: max(1, int(((cumulative - probs) < top_p).sum()))]
     return int(indices[int(_draw(probs.unsqueeze(0), uniform))])
 
-
-_TOP_P_FIRST = 256
 
 
 def _top_p_threshold(probs: torch.Tensor, top_p: float) -> float:

@@ -116,31 +116,41 @@ def _pieces(counts: list[int], limit: int | None) -> list[tuple[int, int]]:
     return ranges
 
 
+def _best_times(options: tuple[Any, ...], apply: Callable[[Any], None],
+                run: Callable[[], Any]) -> tuple[dict[Any, float], dict[Any, Any]]:  # fmt: skip
+    """Each option applied and ``run`` in turn, three rounds alternated (the box may be busy): the
+    best seconds of each and its last result."""
+    best: dict[Any, float] = {}
+    results: dict[Any, Any] = {}
+    for _ in range(3):
+        for option in options:
+            apply(option)
+            started = time.perf_counter()
+            results[option] = run()
+            best[option] = min(best.get(option, float("inf")), time.perf_counter() - started)
+    return best, results
+
+
+_PROBE_WORDS = ["serving", "models", "on", "a", "small", "machine", "with", "dynamic", "batching", "of", "short",
+                "sentences", "for", "embeddings"]  # fmt: skip
+# Texts of several lengths for the start-up check of bf16 against fp32.
+_PROBE = [" ".join(_PROBE_WORDS[:n]) for n in range(1, 10)] * 4
 # A batch's forward in one piece or in pieces of so many tokens: which is faster depends on the
 # machine's caches (on one 2-core machine with 1 MiB of L2 a core, pieces of 256 tokens were 10-20%
-# faster than one of 400), so it is measured at start.
+# faster than one of 400), so it is measured at start on a batch of about 400 tokens.
 _CHUNK_CANDIDATES = (None, 128, 256, 512)
-_CHUNK_PROBE = [" ".join(["serving", "models", "on", "a", "small", "machine", "with", "dynamic", "batching", "of",
-                          "short", "sentences", "for", "embeddings"][: 6 + n % 9]) for n in range(32)]  # fmt: skip
+_CHUNK_PROBE = [" ".join(_PROBE_WORDS[: 6 + n % 9]) for n in range(32)]
 
 
 def _choose_chunk(embedder: _Embedder) -> int | None:
-    """The fastest of ``_CHUNK_CANDIDATES`` on this machine, best of three, alternated; a piece size
-    must beat one piece by 5% to be kept."""
-    best: dict[int | None, float] = {}
-    for _ in range(3):
-        for limit in _CHUNK_CANDIDATES:
-            embedder.chunk_tokens = limit
-            started = time.perf_counter()
-            embedder.vectors(_CHUNK_PROBE)
-            best[limit] = min(best.get(limit, float("inf")), time.perf_counter() - started)
+    """The fastest of ``_CHUNK_CANDIDATES`` on this machine; a piece size must beat one piece by 5%
+    to be kept."""
+    best, _ = _best_times(_CHUNK_CANDIDATES, lambda limit: setattr(embedder, "chunk_tokens", limit),
+                          lambda: embedder.vectors(_CHUNK_PROBE))  # fmt: skip
     fastest = min(_CHUNK_CANDIDATES, key=lambda limit: best[limit])
     return fastest if best[fastest] < 0.95 * best[None] else None
 
 
-# Texts of several lengths for the start-up check of bf16 against fp32.
-_PROBE = [" ".join(["serving", "models", "on", "a", "small", "machine", "with", "dynamic", "batching"][:n])
-          for n in range(1, 10)] * 4  # fmt: skip
 _MIN_COSINE = 0.9999  # ten times closer than the agreement with transformers that the tests ask for
 
 
@@ -153,13 +163,7 @@ def _use_bf16(setting: str, vectors: Callable[[list[str]], Any], set_bf16: Calla
         return True
     if setting != "auto" or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    timings: dict[bool, float] = {}
-    results: dict[bool, Any] = {}
-    for bf16 in (False, True, False, True, False, True):  # alternated, best of three: the box may be busy
-        set_bf16(bf16)
-        started = time.perf_counter()
-        results[bf16] = vectors(_PROBE)[0]
-        timings[bf16] = min(timings.get(bf16, float("inf")), time.perf_counter() - started)
+    timings, results = _best_times((False, True), set_bf16, lambda: vectors(_PROBE)[0])
     cosine = float(torch.nn.functional.cosine_similarity(results[False], results[True]).min())
     return cosine >= _MIN_COSINE and timings[True] < 0.9 * timings[False]
 

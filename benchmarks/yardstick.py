@@ -56,6 +56,7 @@ VENV = REPO_ROOT / "bench_results" / f"guidellm-{GUIDELLM_VERSION}-venv"
 # its closed loop left the server idle for that long; one worker process runs all streams in one
 # event loop (120-170 ms).
 GUIDELLM_ENV = {"GUIDELLM__MAX_WORKER_PROCESSES": "1"}
+TEMPERATURE = 0.0  # both tools ask for greedy decoding (see the module docstring)
 
 
 def ensure_guidellm() -> Path:
@@ -106,7 +107,8 @@ def run_lmserve_bench(url: str, args: argparse.Namespace, model_dir: str, core: 
     subprocess.run(["taskset", "-c", core, sys.executable, "-m", "lmserve.cli", "bench", url, "--no-progress",
                     "--concurrency", str(args.concurrency), "--num-requests", str(num_requests or args.num_requests),
                     "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                    "--tokenizer", model_dir, "--warmup", "0", "--output-json", str(out)],
+                    "--tokenizer", model_dir, "--temperature", str(TEMPERATURE), "--warmup", "0",
+                    "--output-json", str(out)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     after = server_counters(url)
     data = json.loads(out.read_text())
@@ -119,8 +121,7 @@ def run_lmserve_bench(url: str, args: argparse.Namespace, model_dir: str, core: 
 
 def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, core: str, out: Path) -> dict[str, float]:
     """One GuideLLM run: the same closed loop (concurrent streams), request count and lengths, and
-    the same sampling: ``lmserve bench`` asks for greedy decoding (``temperature`` 0), GuideLLM sends
-    no temperature unless told, and OpenAI's default is 1.0, so it is told."""
+    the same ``TEMPERATURE``: GuideLLM sends none unless told, and OpenAI's default is 1.0."""
     out.mkdir(parents=True, exist_ok=True)
     counters = server_counters(url)
     before = _cpu_of_children()
@@ -130,7 +131,7 @@ def run_guidellm(exe: Path, url: str, args: argparse.Namespace, model_dir: str, 
                     "--max-requests", str(args.num_requests),
                     "--data", f"prompt_tokens={args.input_len},output_tokens={args.output_len}",
                     "--output-path", str(out / "benchmarks.json"), "--disable-progress",
-                    "--backend-args", json.dumps({"extra_body": {"temperature": 0.0}})],
+                    "--backend-args", json.dumps({"extra_body": {"temperature": TEMPERATURE}})],
                    check=True, stdout=subprocess.DEVNULL, env=os.environ | GUIDELLM_ENV)  # fmt: skip
     wall, cpu = time.perf_counter() - start, _cpu_of_children() - before
     metrics, window = guidellm_metrics(json.loads((out / "benchmarks.json").read_text()))

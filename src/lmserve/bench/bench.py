@@ -16,6 +16,7 @@ from lmserve.bench.dialects import Prompt, dialect
 from lmserve.bench.metrics import parse_slo, summarize
 from lmserve.bench.output import ProgressBar, report_json, summary_table, write_csv, write_json
 from lmserve.bench.runner import LoadSpec, run_load
+from lmserve.bench.workload_args import check_workload
 
 
 def build_prompts(ns: argparse.Namespace, n: int) -> list[Prompt]:
@@ -34,8 +35,7 @@ def build_prompts(ns: argparse.Namespace, n: int) -> list[Prompt]:
 
 
 def load_spec(ns: argparse.Namespace) -> LoadSpec:
-    if ns.temperature < 0:
-        raise BenchUsageError(f"--temperature must be >= 0 (0: greedy decoding), got {ns.temperature:g}")
+    check_workload(ns)
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
     return LoadSpec(url=ns.url.rstrip("/"), dialect=dialect(ns.api), model=ns.model, ignore_eos=ns.ignore_eos,
                     temperature=ns.temperature,

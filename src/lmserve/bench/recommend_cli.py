@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve.bench import BenchUsageError
+from lmserve.bench.workload_args import check_workload
 
 DEFAULT_SLO = "ttft_ms=1000,tpot_ms=100"
 
@@ -98,8 +99,7 @@ def build_plan(ns: argparse.Namespace) -> Any:
                                             "num_prefixes", "tokenizer", "ignore_eos", "temperature", "seed")}  # fmt: skip
     if ns.min_requests < 1 or ns.max_concurrency < 1:
         raise BenchUsageError("--min-requests and --max-concurrency must be >= 1")
-    if ns.temperature < 0:
-        raise BenchUsageError(f"--temperature must be >= 0 (0: greedy decoding), got {ns.temperature:g}")
+    check_workload(ns)
     return SweepPlan(model=ns.model, device=device, configs=configs, slo=parse_slo(ns.slo) or parse_slo(DEFAULT_SLO),
                      percentile=ns.slo_percentile, min_requests=ns.min_requests, max_concurrency=ns.max_concurrency,
                      bisect_steps=ns.bisect_steps, workload=workload,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmserve.bench import BenchUsageError
+
 
 def add_workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int) -> None:
     """What to send: shared by ``bench`` and ``recommend``."""
@@ -30,3 +32,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int
                         "default, when a client sends none, is 1.0)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seed of the dataset and arrival times")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a response or a chunk")
+
+
+def check_workload(ns: argparse.Namespace) -> None:
+    """Refuse, by flag, workload values argparse lets through."""
+    if ns.temperature < 0:
+        raise BenchUsageError(f"--temperature must be >= 0 (0: greedy decoding), got {ns.temperature:g}")

@@ -32,8 +32,15 @@ def padded_states(tokenizer: Any, model: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-matmuls"])
-def test_packed_states_match_transformers_padded_batch(bert: tuple[Any, Any], bf16: bool) -> None:
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_packed_states_match_transformers_padded_batch(bert: tuple[Any, Any], bf16: bool, attention: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from lmserve.handlers import packed_bert
     from lmserve.handlers.packed_bert import PackedBert, first_token, mean_pool
+
+    # Short texts take the batched-matmul attention, long ones scaled_dot_product_attention: both
+    # are checked on the same texts by moving the limit below them.
+    monkeypatch.setattr(packed_bert, "MATMUL_ATTENTION_UP_TO", 512 if attention == "matmul" else 1)
 
     tokenizer, model = bert
     assert PackedBert.supports(model)

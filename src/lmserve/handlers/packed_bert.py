@@ -67,34 +67,63 @@ class PackedBert:
         # Where each real token sits in the padded [texts * longest] layout attention uses.
         longest = int(lengths.max())
         slots = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lengths.tolist())])
-        key_mask = torch.arange(longest)[None, :] < lengths[:, None]  # [texts, longest]
+        padding = _Padding(len(ids), longest, slots) if len(flat) < len(ids) * longest else None
         for (qkv, attn_out, up, down), norm1, norm2 in self.layers:
-            context = self._attention(_linear(x, *qkv), slots, key_mask, longest)
+            context = self._attention(_linear(x, *qkv), len(ids), longest, padding)
             x = norm1(_linear(context, *attn_out) + x)
-            x = norm2(_linear(F.gelu(_linear(x, *up)), *down) + x)
+            # GELU between the two MLP products stays in their dtype: in bf16 its output is rounded
+            # to bf16 for the next product anyway, and two conversions of the widest activation go.
+            x = norm2(_linear(F.gelu(_linear(x, *up, keep_dtype=True)), *down) + x)
         return x
 
-    def _attention(self, qkv: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor,
-                   longest: int) -> torch.Tensor:  # fmt: skip
-        """Scaled dot-product attention within each text; ``qkv`` is ``[tokens, 3 * hidden]``."""
-        texts, width = key_mask.shape[0], qkv.shape[1]
-        ragged = len(slots) < texts * longest  # texts of equal length (one alone) need no padding
+    def _attention(self, qkv: torch.Tensor, texts: int, longest: int, padding: _Padding | None) -> torch.Tensor:
+        """Scaled dot-product attention within each text; ``qkv`` is ``[tokens, 3 * hidden]``, and
+        ``padding`` is None when every text has ``longest`` tokens (one text alone, say).
+
+        Up to ``MATMUL_ATTENTION_UP_TO`` tokens a text, two batched matrix products and a softmax
+        over ``[texts, heads, longest, longest]``: for the short texts a dynamic batch holds, about
+        twice as fast as ``scaled_dot_product_attention``, whose blocking per text and head costs
+        more than the arithmetic (29 texts of 10-20 tokens: 0.4 against 0.9 ms a layer on a 2-core
+        machine); both are fp32. Longer texts take ``scaled_dot_product_attention``, which keeps its
+        blocks in cache."""
+        width = qkv.shape[1]
         padded = qkv
-        if ragged:
+        if padding is not None:
             padded = qkv.new_zeros(texts * longest, width)
-            padded[slots] = qkv
+            padded[padding.slots] = qkv
         head_dim = width // 3 // self.heads
         q, k, v = padded.view(texts, longest, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :] if ragged else None)
+        if longest > MATMUL_ATTENTION_UP_TO:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if padding is None else padding.key_mask)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(head_dim**-0.5)
+            if padding is not None:
+                scores.add_(padding.key_bias)
+            out = torch.matmul(scores.softmax(dim=-1), v)
         out = out.transpose(1, 2).reshape(texts * longest, width // 3)
-        return out[slots] if ragged else out
+        return out if padding is None else out[padding.slots]
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias`` in the weight's dtype, returned in fp32."""
-    if weight.dtype == x.dtype:
-        return F.linear(x, weight, bias)
-    return F.linear(x.to(weight.dtype), weight, bias).float()
+MATMUL_ATTENTION_UP_TO = 128  # tokens a text; measured crossover about 256 (2-core AMD EPYC)
+
+
+class _Padding:
+    """Texts of different lengths in the padded layout: where the real tokens sit (``slots``), and
+    which keys are real, as a boolean ``[texts, 1, 1, longest]`` mask and as an additive one
+    (0 for a real key, -inf for padding)."""
+
+    def __init__(self, texts: int, longest: int, slots: torch.Tensor) -> None:
+        self.slots = slots
+        real = torch.zeros(texts * longest, dtype=torch.bool)
+        real[slots] = True
+        self.key_mask = real.view(texts, 1, 1, longest)
+        self.key_bias = torch.zeros(self.key_mask.shape).masked_fill_(~self.key_mask, float("-inf"))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias`` in the weight's dtype, returned in fp32 unless ``keep_dtype``."""
+    out = F.linear(x.to(weight.dtype), weight, bias)
+    return out if keep_dtype else out.float()
 
 
 def mean_pool(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:

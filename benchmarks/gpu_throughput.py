@@ -273,10 +273,16 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, band
             hf_cell, ratio = f"{other.tok_s:,.0f}", f"{st.tok_s / other.tok_s:.1f}x"
         elif isinstance(other, str):
             hf_cell = other
-        rows.append([label, f"{st.tok_s:,.0f}", hf_cell, ratio, f"{st.step_ms:.2f}", f"{st.batch:.0f}",
-                     f"{st.context:.0f}", f"{roof_ms:.2f}", f"{roof_ms / st.step_ms:.0%}" if st.decode_steps else "-"])
+        rows.append([label, f"{st.tok_s:,.0f}", hf_cell, ratio, _ms(st.step_ms), f"{st.batch:.0f}",
+                     f"{st.context:.0f}", _ms(roof_ms), f"{roof_ms / st.step_ms:.0%}" if st.decode_steps else "-"])
     print(f"[{shape}] done in {time.perf_counter() - t0:.1f}s; decode graphs: {graph_note}", flush=True)
     return rows
+
+
+def _ms(value: float) -> str:
+    """Milliseconds with two decimals, or two significant digits below 0.01 (a tiny model's roofline
+    on a fast machine would otherwise read 0.00)."""
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.2g}"
 
 
 HEADER = ["run", "lmserve tok/s", "HF generate_batch tok/s", "ratio", "decode step ms", "batch", "mean ctx",

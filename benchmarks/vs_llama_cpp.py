@@ -7,7 +7,8 @@ same GGUF), once per ``--quantize`` value. They run one after another on loopbac
 lmserve's own load generator (``lmserve.bench``, OpenAI ``/v1/completions``, streaming, greedy,
 end-of-sequence ignored): at each ``--streams`` level, a closed loop of that many concurrent streams
 of ``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
-Prints output tokens/s, TTFT p50 and TPOT p50 per system and level, the ratios against llama.cpp,
+Each level is measured ``--rounds`` times (default 3) and its median round by output tokens/s is
+reported. Prints output tokens/s, TTFT p50 and TPOT p50 per system and level, the ratios against llama.cpp,
 and the CPU it ran on. ``--busy 1`` repeats each level beside a process spinning on one core and
 prints the share of its uncontended throughput each server kept.
 
@@ -137,18 +138,32 @@ def busy_processes(n: int) -> Iterator[None]:
 
 def measure_levels(system: str, url: str, levels: dict[int, list[Prompt]], warmup: Prompt,
                    args: argparse.Namespace) -> list[Row]:
-    """Every stream level, and with ``--busy`` each level again beside that many busy processes."""
+    """Every stream level, and with ``--busy`` each level again beside that many busy processes;
+    each measured ``--rounds`` times, keeping the median round by output tokens/s (a level is one
+    burst of requests, whose TTFT median moves by a tenth from one run to the next)."""
     rows = []
     for busy in sorted({0, args.busy}):
         for streams, prompts in levels.items():
-            with busy_processes(busy):
-                summary = measure(url, prompts, warmup, streams, args.timeout)
+            rounds = []
+            for r in range(args.rounds):
+                with busy_processes(busy):
+                    rounds.append(measure(url, prompts, warmup, streams, args.timeout))
+                if args.rounds > 1:
+                    print(f"  {system}, {streams} streams, busy {busy}, round {r + 1}/{args.rounds}: "
+                          f"{rounds[-1].output_token_throughput:.1f} tok/s, TTFT p50 {rounds[-1].ttft_ms.p50:.0f} ms",
+                          flush=True)  # fmt: skip
+            summary = median_round(rounds)
             rows.append(Row(system, streams, summary, busy))
             expected = summary.completed * args.new_tokens
             if summary.total_output_tokens != expected:  # the comparison is only fair at equal work
                 print(f"warning: {system} at {streams} streams generated {summary.total_output_tokens} tokens, "
                       f"not {expected}: it did not honour max_tokens / ignore_eos", flush=True)
     return rows
+
+
+def median_round(rounds: list[Summary]) -> Summary:
+    """The round with the median output tokens/s (the lower middle one of an even count)."""
+    return sorted(rounds, key=lambda s: s.output_token_throughput)[(len(rounds) - 1) // 2]
 
 
 def measure(url: str, prompts: list[Prompt], warmup: Prompt, streams: int, timeout_s: float) -> Summary:
@@ -233,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run each level beside this many busy-looping processes (1: one core taken)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a response or chunk")
     parser.add_argument("--load-timeout", type=float, default=1800.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements of each level; the median round by output tokens/s is reported")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -241,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--streams: {args.streams!r} is not a comma-separated list of integers")
     if not args.streams or min(args.streams) < 1:
         parser.error(f"--streams: {args.streams} needs at least one value, each >= 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds: {args.rounds} must be >= 1")
     args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()] or ["none"]
     args.systems = {s.strip() for s in args.systems.split(",") if s.strip()}
     if not args.systems <= {"llama.cpp", "lmserve"}:

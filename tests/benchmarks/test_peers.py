@@ -85,6 +85,16 @@ def test_bad_streams_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--streams" in capsys.readouterr().err
 
 
+def test_each_level_reports_its_median_round_and_needs_one(capsys: pytest.CaptureFixture[str]) -> None:
+    rounds = [_summary(300, 1.0), _summary(100, 1.0), _summary(200, 1.0)]
+    assert vs_llama_cpp.median_round(rounds) is rounds[2]  # type: ignore[arg-type]
+    assert vs_llama_cpp.median_round(rounds[:2]) is rounds[1]  # type: ignore[arg-type]  # even: the lower
+    assert vs_llama_cpp.parse_args([]).rounds == 3
+    with pytest.raises(SystemExit):
+        vs_llama_cpp.parse_args(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err
+
+
 def test_cpu_description_names_model_and_the_flags_that_matter() -> None:
     text = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 sha_ni\n"
     line = describe_cpu(text)

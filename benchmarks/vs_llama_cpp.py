@@ -136,18 +136,19 @@ def busy_processes(n: int) -> Iterator[None]:
             proc.wait()
 
 
-def measure_levels(system: str, url: str, levels: dict[int, list[Prompt]], warmup: Prompt,
+def measure_levels(system: str, url: str, levels: dict[int, list[list[Prompt]]], warmup: Prompt,
                    args: argparse.Namespace) -> list[Row]:
     """Every stream level, and with ``--busy`` each level again beside that many busy processes;
     each measured ``--rounds`` times, keeping the median round by output tokens/s (a level is one
-    burst of requests, whose TTFT median moves by a tenth from one run to the next)."""
+    burst of requests, whose TTFT median moves by a tenth from one run to the next). Every round
+    sends prompts of its own: a repeated prompt would be served from the prefix cache."""
     rows = []
-    for busy in sorted({0, args.busy}):
-        for streams, prompts in levels.items():
+    for b, busy in enumerate(sorted({0, args.busy})):
+        for streams, prompt_sets in levels.items():
             rounds = []
             for r in range(args.rounds):
                 with busy_processes(busy):
-                    rounds.append(measure(url, prompts, warmup, streams, args.timeout))
+                    rounds.append(measure(url, prompt_sets[b * args.rounds + r], warmup, streams, args.timeout))
                 if args.rounds > 1:
                     print(f"  {system}, {streams} streams, busy {busy}, round {r + 1}/{args.rounds}: "
                           f"{rounds[-1].output_token_throughput:.1f} tok/s, TTFT p50 {rounds[-1].ttft_ms.p50:.0f} ms",
@@ -173,22 +174,24 @@ def measure(url: str, prompts: list[Prompt], warmup: Prompt, streams: int, timeo
     return summarize(asyncio.run(run_load(spec, prompts)).records)
 
 
-def workloads(args: argparse.Namespace) -> tuple[dict[int, list[Prompt]], Prompt]:
-    """Per stream level its prompts (``--num-requests``, default one per stream and at least 8), and a
-    warm-up prompt; exact token lengths in the default model's tokenizer, the same for every system."""
+def workloads(args: argparse.Namespace) -> tuple[dict[int, list[list[Prompt]]], Prompt]:
+    """Per stream level one prompt set per measurement (each round, unloaded and with ``--busy``;
+    ``--num-requests`` prompts, default one per stream and at least 8), and a warm-up prompt; exact
+    token lengths in the default model's tokenizer, the same for every system."""
     from lmserve.store.default_model import pull_default_model
 
     tokenizer = str(pull_default_model())
+    measurements = args.rounds * (2 if args.busy else 1)
     levels = {}
     for streams in args.streams:
         n = args.num_requests or max(streams, 8)
-        levels[streams] = random_prompts(n, (args.prompt_len,) * 2, (args.new_tokens,) * 2, args.seed + streams,
-                                         tokenizer)  # fmt: skip
+        levels[streams] = [random_prompts(n, (args.prompt_len,) * 2, (args.new_tokens,) * 2,
+                                          args.seed + streams + 1000 * m, tokenizer) for m in range(measurements)]  # fmt: skip
     warmup = random_prompts(1, (16, 16), (4, 4), args.seed - 1, tokenizer)[0]
     return levels, warmup
 
 
-def run_llama(args: argparse.Namespace, levels: dict[int, list[Prompt]], warmup: Prompt) -> list[Row]:
+def run_llama(args: argparse.Namespace, levels: dict[int, list[list[Prompt]]], warmup: Prompt) -> list[Row]:
     binary = Path(args.llama_server)
     if not binary.is_file():
         raise SystemExit(f"no llama-server at {binary}: run benchmarks/peers/build_llama_server.sh first")
@@ -202,7 +205,8 @@ def run_llama(args: argparse.Namespace, levels: dict[int, list[Prompt]], warmup:
         return measure_levels("llama.cpp", server.url, levels, warmup, args)
 
 
-def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[Prompt]], warmup: Prompt) -> list[Row]:
+def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[list[Prompt]]],
+                warmup: Prompt) -> list[Row]:
     extra = ("--quantize", quantize) if quantize != "none" else ()
     name = "lmserve" + (f" {quantize}" if extra else "")
     log = BENCH_RESULTS / "logs" / f"lmserve-{quantize}.log"

@@ -9,7 +9,7 @@ handler: one optional piece per request) closed by ``BatchEnd``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -97,18 +97,15 @@ _KINDS: dict[str, type[Any]] = {cls.__name__: cls for cls in (RunBatch, Stop, Wo
 
 
 def encode(message: Message) -> bytes:
-    return msgspec.msgpack.encode({"kind": type(message).__name__, **asdict(message)})
+    """``[kind, fields]``: msgspec encodes the dataclasses itself (a batch of 32 requests in a few
+    microseconds; through ``dataclasses.asdict`` it took a quarter of a millisecond)."""
+    return msgspec.msgpack.encode((type(message).__name__, message))
 
 
 def decode(data: bytes) -> Message:
-    """The message in ``data``; ``ValueError`` for anything malformed."""
+    """The message in ``data``, its fields type-checked; ``ValueError`` for anything malformed."""
     try:
-        raw = msgspec.msgpack.decode(data)
-        kind = _KINDS[raw.pop("kind")]
-        if kind is RunBatch:
-            raw["items"] = [Item(**item) for item in raw["items"]]
-        elif kind is BatchDone:
-            raw["outputs"] = [ItemOutput(**out) for out in raw["outputs"]]
-        return kind(**raw)  # type: ignore[no-any-return]
+        kind, fields = msgspec.msgpack.decode(data)
+        return msgspec.convert(fields, type=_KINDS[kind])  # type: ignore[no-any-return]
     except (KeyError, TypeError, AttributeError, msgspec.DecodeError, ValueError) as exc:
         raise ValueError(f"malformed handler message: {exc}") from exc

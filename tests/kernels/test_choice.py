@@ -138,7 +138,8 @@ def test_cache_is_used_and_untrusted_entries_are_measured_again(compiled_ops: Op
     assert counted == ["64x96"] * choice.PASSES and table.source == "measured" and table.plan(w) == [(1, "torch-bf16")]
     assert choice.choose(compiled_ops, [(w, 128)]).source == "cache" and len(counted) == choice.PASSES
     assert choice.choose(compiled_ops, [(w, 1024)]).source == "measured"  # larger prefill chunks
-    path = tmp_path / "kernels" / "linear-choice.json"
+    path = choice.cache_path(choice.table_key(compiled_ops))
+    assert path.parent == tmp_path / "kernels"
     good = path.read_text()
     for bad in (good[: len(good) // 2], "\0\0\0", json.dumps({"key": "x", "data": {}})):
         path.write_text(bad)  # truncated, corrupt, another format
@@ -151,6 +152,20 @@ def test_cache_is_used_and_untrusted_entries_are_measured_again(compiled_ops: Op
     doc["data"]["shapes"]["64x96"]["timings"]["1"]["own"] = "fast"  # a malformed entry
     path.write_text(json.dumps(doc))
     assert choice.choose(compiled_ops, [(w, 128)]).source == "measured"
+
+
+def test_another_thread_count_keeps_its_own_timings_beside_these(compiled_ops: Ops, counted: list[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    w = compiled_ops.pack_linear_weight(torch.randn(64, 96).bfloat16())
+    assert choice.choose(compiled_ops, [(w, 64)]).source == "measured"
+    mine = choice.cache_path(choice.table_key(compiled_ops))
+    kept = mine.read_text()
+    key, table_key = choice.table_key(compiled_ops), choice.table_key
+    monkeypatch.setattr(choice, "table_key", lambda ops: {**key, "threads": key["threads"] + 1})
+    assert choice.choose(compiled_ops, [(w, 64)]).source == "measured"  # a rank with one more thread
+    assert choice.cache_path(choice.table_key(compiled_ops)) != mine and mine.read_text() == kept
+    monkeypatch.setattr(choice, "table_key", table_key)
+    assert choice.choose(compiled_ops, [(w, 64)]).source == "cache"  # ours was not replaced
 
 
 def test_layer_multiplies_by_the_form_for_its_rows(compiled_ops: Ops) -> None:

@@ -6,8 +6,8 @@ another it is slower at every size, and the own kernel usually wins at decode si
 load, for every distinct linear shape (N, K, fused gate|up or not) and every row-count bucket the
 engine will run (decode 1-32, prefill chunks up to the step's token budget), each candidate is timed
 briefly and the fastest kept. The timings are cached on disk under the machine's key (CPU model and
-flags, torch and oneDNN versions, kernel build, thread count); an entry that is unreadable or was
-written under another key is ignored and measured again.
+flags, torch and oneDNN versions, kernel build, thread count), one file per key; an entry that is
+unreadable or was written under another key is ignored and measured again.
 
 A candidate is a way to prepare a weight (:class:`Candidate`); all of them run through the same
 ``Ops.linear`` / ``linear_silu_mul``, which dispatch on the prepared layout. Quantized layouts plug in
@@ -22,6 +22,8 @@ form is kept.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -303,6 +306,16 @@ def table_key(ops: Any) -> dict[str, Any]:
                        build=build_key(ISAS[isa]) if isa in ISAS else "", candidates=sorted(CANDIDATES))
 
 
+def cache_path(key: dict[str, Any]) -> Path:
+    """The cache file for ``key``: one file per key, so that runs with another thread count (a
+    tensor-parallel rank, a test) or kernel build keep their timings beside this one's instead of
+    replacing them. The file also holds the key, checked on every read."""
+    from lmserve.cache import cache_subdir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_subdir("kernels") / f"linear-choice-{digest}.json"
+
+
 def _entry_ok(entry: Any) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("max_rows"), int):
         return False
@@ -326,7 +339,6 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
     """Timings for every distinct shape of ``weights`` (each with the most rows it will multiply),
     from the cache when it has them for this machine (unless ``fresh``), else measured now (within
     ``BUDGET_S``) and added to it."""
-    from lmserve.cache import cache_subdir
     from lmserve.fsutil import file_lock
     from lmserve.kernels.machine import read_keyed, write_keyed
 
@@ -339,7 +351,7 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
     if forced or not wanted:
         return ChoiceTable({}, forced, "forced" if forced else "none")
     key = table_key(ops)
-    path = cache_subdir("kernels") / "linear-choice.json"
+    path = cache_path(key)
     with file_lock(path.with_name(path.name + ".lock")):  # ranks of one group measure once, not at once
         shapes = valid_shapes(read_keyed(path, key))
         missing = [s for s, (_, rows) in wanted.items()

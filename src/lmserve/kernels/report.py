@@ -11,6 +11,7 @@ from lmserve.errors import ConfigError
 from lmserve.kernels.choice import (
     CANDIDATES,
     ChoiceTable,
+    cache_path,
     choose,
     chosen_at,
     plan_for,
@@ -37,9 +38,8 @@ def random_weight(ops: Ops, shape: str) -> PackedLinear:
 
 def cached_table(ops: Ops) -> ChoiceTable:
     """Every shape measured on this machine so far, as the cache holds them."""
-    from lmserve.cache import cache_subdir
-
-    data = read_keyed(cache_subdir("kernels") / "linear-choice.json", table_key(ops))
+    key = table_key(ops)
+    data = read_keyed(cache_path(key), key)
     return ChoiceTable({s: e["timings"] for s, e in valid_shapes(data).items()}, source="cache")
 
 

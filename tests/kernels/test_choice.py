@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmserve import cpu_load
+from lmserve.cpu_load import CpuReading
 from lmserve.errors import ConfigError
 from lmserve.kernels import Ops, choice
 from lmserve.kernels.choice import CANDIDATES, ChoiceTable, plan_for, unpack_panels
@@ -128,7 +130,20 @@ def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
 
     monkeypatch.setattr(choice, "measure", fake)
     monkeypatch.setattr(choice, "runnable_candidates", lambda ops=None: list(CANDIDATES))
+    monkeypatch.setattr(cpu_load, "read_cpu", QuietThenBusy().read)  # a quiet machine unless a test says
     return calls
+
+
+class QuietThenBusy:
+    """Made-up CPU counters: other processes take ``others`` cores (0: nobody else runs)."""
+
+    def __init__(self, others: float = 0.0) -> None:
+        self.others, self.wall, self.busy = others, 0.0, 0.0
+
+    def read(self, cores: object) -> CpuReading:
+        self.wall += 1.0
+        self.busy += self.others
+        return CpuReading(self.wall, 0.0, self.busy)
 
 
 def test_cache_is_used_and_untrusted_entries_are_measured_again(compiled_ops: Ops, counted: list[str],
@@ -152,6 +167,18 @@ def test_cache_is_used_and_untrusted_entries_are_measured_again(compiled_ops: Op
     doc["data"]["shapes"]["64x96"]["timings"]["1"]["own"] = "fast"  # a malformed entry
     path.write_text(json.dumps(doc))
     assert choice.choose(compiled_ops, [(w, 128)]).source == "measured"
+
+
+def test_timings_taken_beside_a_busy_process_are_used_but_not_cached(compiled_ops: Ops, counted: list[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    w = compiled_ops.pack_linear_weight(torch.randn(64, 96).bfloat16())
+    monkeypatch.setattr(cpu_load, "read_cpu", QuietThenBusy(others=1.0).read)  # one core taken
+    assert choice.choose(compiled_ops, [(w, 64)]).plan(w) == [(1, "torch-bf16")]  # used for this start
+    assert not choice.cache_path(choice.table_key(compiled_ops)).exists()
+    assert choice.choose(compiled_ops, [(w, 64)]).source == "measured"  # and measured again next time
+    monkeypatch.setattr(cpu_load, "read_cpu", QuietThenBusy(others=0.2).read)  # a little background
+    assert choice.choose(compiled_ops, [(w, 64)]).source == "measured"
+    assert choice.choose(compiled_ops, [(w, 64)]).source == "cache"
 
 
 def test_another_thread_count_keeps_its_own_timings_beside_these(compiled_ops: Ops, counted: list[str],

@@ -19,10 +19,10 @@ with made-up readings.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
+
+from lmserve.cpu_load import CpuReading, read_cpu, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,6 @@ def quiet_thread_waits(environ: MutableMapping[str, str]) -> None:
     (before torch is imported), so the engine process calls it first thing."""
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
         environ["GOMP_SPINCOUNT"] = str(SPIN_ROUNDS)
-
-
-@dataclass(frozen=True)
-class CpuReading:
-    """Cumulative counters read at one moment, all in seconds."""
-
-    wall: float  # a monotonic clock
-    own_cpu: float  # CPU time of this process, all its threads
-    busy_cpu: float  # CPU time of every process on the cores this process may use (steal included)
 
 
 def threads_for(others: float, cores: int, current: int, max_threads: int) -> int:
@@ -120,33 +111,6 @@ class CpuThreadGovernor:
                  self.others, self.cores, self.threads, target)
         self.threads, self._streak = target, 0
         self.set_threads(target)
-
-
-def read_cpu(cores: Sequence[int]) -> CpuReading | None:
-    """This process's CPU time and every process's busy time on ``cores``; None where the system
-    does not say (the governor then keeps the thread count it started with)."""
-    import psutil  # noqa: PLC0415 - only the engine process needs it
-
-    try:
-        per_cpu = psutil.cpu_times(percpu=True)
-        own = psutil.Process().cpu_times()
-    except (OSError, psutil.Error):
-        return None
-    busy = 0.0
-    for i in cores:
-        if i >= len(per_cpu):
-            return None
-        t = per_cpu[i]
-        busy += t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) \
-            + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
-    return CpuReading(time.monotonic(), own.user + own.system, busy)
-
-
-def usable_cores() -> list[int]:
-    """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
 
 
 def cpu_thread_governor(max_threads: int) -> CpuThreadGovernor | None:

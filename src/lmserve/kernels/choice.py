@@ -7,7 +7,8 @@ load, for every distinct linear shape (N, K, fused gate|up or not) and every row
 engine will run (decode 1-32, prefill chunks up to the step's token budget), each candidate is timed
 briefly and the fastest kept. The timings are cached on disk under the machine's key (CPU model and
 flags, torch and oneDNN versions, kernel build, thread count), one file per key; an entry that is
-unreadable or was written under another key is ignored and measured again.
+unreadable or was written under another key is ignored and measured again, and timings taken while
+other processes kept the cores busy are used once and not cached.
 
 A candidate is a way to prepare a weight (:class:`Candidate`); all of them run through the same
 ``Ops.linear`` / ``linear_silu_mul``, which dispatch on the prepared layout. Quantized layouts plug in
@@ -48,6 +49,10 @@ BUDGET_S = 8.0  # measuring one model's shapes from scratch; larger buckets are 
 ROUNDS = 3  # interleaved timing rounds per row count and pass; the best of them counts
 PASSES = 2  # passes over all shapes, a second or more apart: a burst of other load spoils only one
 CACHE_VERSION = 1
+# Timings taken while other processes took more than this much CPU (in cores, on average) are used
+# for this start only: a busy neighbour slows some candidates more than others, and a choice made
+# then would be kept for every later start.
+CONTENDED_CORES = 0.5
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,7 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
     """Timings for every distinct shape of ``weights`` (each with the most rows it will multiply),
     from the cache when it has them for this machine (unless ``fresh``), else measured now (within
     ``BUDGET_S``) and added to it."""
+    from lmserve.cpu_load import others_cores, read_cpu, usable_cores
     from lmserve.fsutil import file_lock
     from lmserve.kernels.machine import read_keyed, write_keyed
 
@@ -357,6 +363,8 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         missing = [s for s, (_, rows) in wanted.items()
                    if fresh or s not in shapes or shapes[s]["max_rows"] < rows]
         names = runnable_candidates(ops) if missing else []  # child processes, once per machine
+        cores = usable_cores()
+        before = read_cpu(cores) if missing else None
         start = time.perf_counter()
         timed: dict[str, Timings] = {}
         # Each shape's share of the budget is in proportion to its work (weight size x row buckets):
@@ -373,7 +381,12 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         for shape in missing:
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
         spent = time.perf_counter() - start
-        if missing:
+        after = read_cpu(cores) if before is not None else None
+        others = others_cores(before, after) if before is not None and after is not None else 0.0
+        if missing and others > CONTENDED_CORES:
+            log.warning("linear kernels measured while other processes took %.1f of %d cores: used for this "
+                        "start, not cached (a quieter start measures again)", others, len(cores))  # fmt: skip
+        elif missing:
             write_keyed(path, key, {"shapes": shapes})
     table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, "measured" if missing else "cache", spent)
     log.info("linear kernels (%s%s): %s", table.source, f" in {spent:.1f} s" if missing else "",

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, MutableMapping
 
-from lmserve.cpu_load import CpuReading, read_cpu, usable_cores
+from lmserve.cpu_load import CpuReading, others_cores, read_cpu, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ class CpuThreadGovernor:
         now = self.read()
         if now is None or now.wall <= self._last.wall:
             return
-        wall = now.wall - self._last.wall
-        self.others = ((now.busy_cpu - self._last.busy_cpu) - (now.own_cpu - self._last.own_cpu)) / wall
+        self.others = others_cores(self._last, now)
         self._last = now
         self._decide(threads_for(self.others, self.cores, self.threads, self.max_threads))
 

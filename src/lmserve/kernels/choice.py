@@ -382,7 +382,7 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
         spent = time.perf_counter() - start
         after = read_cpu(cores) if before is not None else None
-        others = others_cores(before, after) if before is not None and after is not None else 0.0
+        others = others_cores(before, after) if before and after else 0.0  # 0 where it cannot be read
         if missing and others > CONTENDED_CORES:
             log.warning("linear kernels measured while other processes took %.1f of %d cores: used for this "
                         "start, not cached (a quieter start measures again)", others, len(cores))  # fmt: skip

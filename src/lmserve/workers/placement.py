@@ -34,6 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lmserve import cpu_load
 from lmserve.config.settings import EngineConfig
 from lmserve.config.values import TENSOR_PARALLEL_MAX
 from lmserve.errors import ConfigError
@@ -151,9 +152,7 @@ def detect_devices(device: str, cpu_devices: int | None) -> Devices:
 
 def usable_cores() -> tuple[int, ...]:
     """The cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
+    return tuple(cpu_load.usable_cores())
 
 
 @functools.cache

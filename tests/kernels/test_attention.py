@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -122,3 +124,52 @@ def test_many_decodes_with_alibi(ops: Ops, heads: int, kv_heads: int, dtype: tor
     ctx = [int(c) for c in torch.randint(1, 120, (40,), generator=torch.Generator().manual_seed(5)).tolist()]
     b = make_batch([1] * 40, ctx, num_heads=heads, num_kv_heads=kv_heads, dtype=dtype, block_size=8)
     check(ops, b, torch.linspace(0.05, 0.8, heads))
+
+
+@pytest.fixture
+def dot_ops(compiled_ops: Ops) -> Iterator[Ops]:
+    """The compiled ops with prefill tiles on the bf16 dot-product loop, where this CPU runs it."""
+    from lmserve.kernels.attention_choice import dot_available
+
+    why = dot_available(compiled_ops)
+    if why is not None:
+        pytest.skip(f"no bf16 dot-product attention here: {why}")
+    compiled_ops.attention_dot = True  # type: ignore[attr-defined]
+    yield compiled_ops
+    compiled_ops.attention_dot = False  # type: ignore[attr-defined]
+
+
+def check_bf16(ops: Ops, b: PagedBatch, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """Within what rounding q and the softmax weights to bf16 costs (values here are up to ~3)."""
+    scale = b.q.shape[-1] ** -0.5
+    got = ops.paged_attention(*b.args(), scale, alibi)
+    torch.testing.assert_close(got, naive_attention(b, scale, alibi), rtol=1e-2, atol=2e-2)
+    return got
+
+
+@pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))
+def test_dot_loop_batches(dot_ops: Ops, batch: str) -> None:
+    new, ctx = BATCHES[batch]
+    check_bf16(dot_ops, make_batch(new, ctx))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 4, 80), (16, 1, 32),
+                                                              (64, 1, 64), (4, 2, 256)])
+def test_dot_loop_layouts_and_block_sizes(dot_ops: Ops, heads: int, kv_heads: int, head_dim: int) -> None:
+    for block_size in (1, 16, 128):  # odd key counts, chunk ends inside blocks, padded pairs
+        check_bf16(dot_ops, make_batch([45, 3, 19], [45, 140, 77], num_heads=heads, num_kv_heads=kv_heads,
+                                        head_dim=head_dim, block_size=block_size))
+
+
+def test_dot_loop_alibi_and_threads(dot_ops: Ops, threads: int) -> None:
+    b = make_batch([30, 17], [30, 64], num_heads=8, num_kv_heads=2, seed=threads)
+    check_bf16(dot_ops, b, torch.tensor([2.0 ** (-(i + 1)) for i in range(8)]))
+
+
+def test_dot_loop_runs_only_for_a_bf16_cache_and_rounds_differently(dot_ops: Ops) -> None:
+    b = make_batch([40], [40])
+    dot = check_bf16(dot_ops, b)
+    dot_ops.attention_dot = False  # type: ignore[attr-defined]
+    assert not torch.equal(dot, dot_ops.paged_attention(*b.args(), 64 ** -0.5))  # the dot loop did run
+    dot_ops.attention_dot = True  # type: ignore[attr-defined]
+    check(dot_ops, make_batch([40], [40], dtype=torch.float32))  # an fp32 cache keeps the fp32 loop exactly

@@ -85,6 +85,10 @@ class PanelLinearOps(ReferenceOps):
 class CpuOps(PanelLinearOps):
     """Every op from the compiled AVX-512 extension ``ext``."""
 
+    # Prefill tiles over a bf16 cache with vdpbf16ps (``attention_prefill_dot.h``); set where the
+    # CPU has the instructions and they measured faster (``kernels/choice.py``).
+    attention_dot = False
+
     # -- elementwise -------------------------------------------------------------------------
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -119,4 +123,5 @@ class CpuOps(PanelLinearOps):
             return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                            scale, alibi_slopes, out)
         return self.ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                                        float(scale), alibi_slopes, out, torch.get_num_threads())
+                                        float(scale), alibi_slopes, out, torch.get_num_threads(),
+                                        self.attention_dot)

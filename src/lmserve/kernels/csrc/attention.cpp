@@ -13,6 +13,7 @@
 
 #include "attention_decode.h"
 #include "attention_prefill.h"
+#include "attention_prefill_dot.h"
 
 namespace lmserve {
 namespace {
@@ -99,6 +100,12 @@ void run_head(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, con
     const int R = it.nt * it.nh;
     if (R < kLanesMinRows)
         run_rowdot<D>(a, it, G, log2bs, ws, sink);
+    else if (a.dot && R <= 16)
+        run_lanes_dot<D, 1>(a, it, G, log2bs, ws, sink);
+    else if (a.dot && R <= 32)
+        run_lanes_dot<D, 2>(a, it, G, log2bs, ws, sink);
+    else if (a.dot)
+        run_lanes_dot<D, 3>(a, it, G, log2bs, ws, sink);
     else if (R <= 16)
         run_lanes<D, 1>(a, it, G, log2bs, ws, sink);
     else if (R <= 32)
@@ -153,8 +160,9 @@ void attention_d(const AttentionArgs& a) {
     std::vector<float> part_ml(static_cast<size_t>(parts) * kTileRows * 2);
     // Longest first, so the dynamic schedule does not end on one long straggler.
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-    std::vector<int32_t> perm(D);
+    std::vector<int32_t> perm(D), ident(D);
     for (int i = 0; i < D; ++i) {
+        ident[i] = i;
         // bf16 chunks are widened even/odd within each 32 features (see vec.h); fp32 keep order.
         const int grp = i / 32, w = i % 32;
         perm[i] = (a.bf16 && grp * 32 + 32 <= D) ? grp * 32 + (w < 16 ? 2 * w : 2 * (w - 16) + 1) : i;
@@ -170,7 +178,7 @@ void attention_d(const AttentionArgs& a) {
         float* p = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64) / sizeof(float);
         Workspace ws{p, p + kTileRows * D, p + 2 * kTileRows * D, p + 2 * kTileRows * D + kChunk * D,
                      p + 2 * kTileRows * D + 2 * kChunk * D, p + 2 * kTileRows * D + 2 * kChunk * D + kChunk * kTileRows,
-                     perm.data()};
+                     perm.data(), ident.data()};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; ++i) {
             const Item& it = items[i];

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 
 #include "kernels.h"
@@ -47,6 +48,7 @@ struct Workspace {
     float* st;  // rowdot: [R][32]; lanes: [32][48]
     float* ml;  // [48][4] row scratch
     int32_t* perm;  // buffer index -> d
+    const int32_t* ident;  // d -> d: for loops that keep features in order
 };
 
 // One cache row to fp32 in buffer d order: pairs of 16 features even/odd within each 32 (vec.h),

@@ -159,7 +159,7 @@ Tensor int32_rows(const Tensor& t) {
 
 Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& v_cache, const Tensor& bt_in,
                        const Tensor& cl_in, const Tensor& qsl_in, double scale, const std::optional<Tensor>& alibi_in,
-                       const std::optional<Tensor>& out, int64_t nthreads) {
+                       const std::optional<Tensor>& out, int64_t nthreads, bool dot) {
     Tensor q = q_in.scalar_type() == at::kFloat ? q_in : q_in.to(at::kFloat);
     if (q.dim() == 3 && q.stride(2) != 1) q = q.contiguous();
     check_rows(q, "q", at::kFloat, 3);
@@ -191,6 +191,8 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
     a.k_sb = k_cache.stride(0), a.k_st = k_cache.stride(1), a.k_sh = k_cache.stride(2);
     a.v_sb = v_cache.stride(0), a.v_st = v_cache.stride(1), a.v_sh = v_cache.stride(2);
     a.bf16 = cache_type == at::kBFloat16;
+    TORCH_CHECK_VALUE(!dot || lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
+    a.dot = dot && a.bf16;
     a.block_tables = block_tables.data_ptr<int32_t>();
     a.bt_stride = block_tables.stride(0);
     a.max_blocks = block_tables.size(1);

@@ -45,6 +45,7 @@ struct AttentionArgs {
     const void* v_cache;
     int64_t k_sb, k_st, k_sh, v_sb, v_st, v_sh;
     bool bf16;               // cache dtype: bf16 if true, else fp32
+    bool dot;                // bf16 cache: tiles of many rows use vdpbf16ps (check cpu_has_bf16_dot first)
     const int32_t* block_tables;  // [S, max_blocks] row stride bt_stride
     int64_t bt_stride, max_blocks, num_blocks;
     const int32_t* context_lens;     // [S]

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from lmserve import LLM, SamplingParams
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.step_budget import OFFLINE_TARGET_STEP_S, TARGET_STEP_S
 from lmserve.errors import InvalidRequestError
 from tests.tiny_models import make_tiny_model
 
@@ -136,3 +138,39 @@ def test_prompt_logprobs_score_each_prompt_token_as_generation_would(llm: LLM) -
         assert [lp.logprob for lp in lps[2:]] == pytest.approx([lp.logprob for lp in free.logprobs or []], abs=1e-4)
         assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.logprob for lp in lps)
         assert other.token_ids == alone and other.prompt_logprobs is None
+
+
+def test_offline_generation_aims_at_longer_steps_than_serving(llm: LLM) -> None:
+    """Nobody waits between the steps of ``LLM.generate``: it aims at the longer offline step; an
+    engine built for serving (the default) aims at the shorter one every running stream waits through."""
+    assert llm.engine.scheduler.budget.target_step_s == OFFLINE_TARGET_STEP_S > TARGET_STEP_S
+    served = LLMEngine(llm.config, runner=llm.engine.runner)
+    assert served.scheduler.budget.target_step_s == TARGET_STEP_S
+
+
+def test_idle_warming_maps_only_never_used_blocks_ahead_of_use(tmp_path: Path, tokenizer_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmserve.engine.llm_engine as le
+
+    make_tiny_model(tmp_path, "llama", tokenizer_dir)
+    engine = LLM(str(tmp_path), dtype="fp32", kv_cache_tokens=512, block_size=4).engine
+    engine.add_request("r", list(range(5, 30)), SamplingParams(max_new_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    used = engine.block_manager.high_water  # blocks 0 .. used-1 have held keys
+    assert used >= 7
+    for k, v in engine.runner.kv_caches:
+        k.fill_(7.0)
+        v.fill_(7.0)
+    per_block = 4 * engine.runner.kv_spec.bytes_per_token
+    monkeypatch.setattr(le, "WARM_AHEAD_TOKENS", 40)  # ten blocks ahead ...
+    monkeypatch.setattr(le, "WARM_SLICE_BYTES", 3 * per_block)  # ... three per call
+    calls = 1
+    while engine.warm_idle():
+        calls += 1
+    assert calls == 4 and not engine.warm_idle()  # 3 + 3 + 3 + 1 blocks, then nothing is left
+    for k, v in engine.runner.kv_caches:
+        for cache in (k, v):
+            assert (cache[:used] == 7.0).all()  # what requests wrote is untouched
+            assert (cache[used:used + 10] == 0.0).all()  # the next ten blocks were written (mapped)
+            assert (cache[used + 10:] == 7.0).all()  # nothing beyond

@@ -48,6 +48,8 @@ class BlockManager:
         # Per request: hashes of its full blocks so far (recomputed lazily as tokens are generated).
         self._hashes: dict[str, list[BlockHash]] = {}
         self.prefix_hit_tokens = 0
+        # Blocks from this id on have never been handed out: nothing was ever written there.
+        self.high_water = 0
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -124,6 +126,7 @@ class BlockManager:
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
+        self.high_water = max(self.high_water, block_id + 1)
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict the cached content it held
             if self._cached.get(block.block_hash) == block_id:

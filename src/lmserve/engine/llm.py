@@ -104,8 +104,9 @@ class LLM:
 
 def _make_engine(config: EngineConfig) -> Any:
     from lmserve.engine.llm_engine import LLMEngine
+    from lmserve.engine.step_budget import OFFLINE_TARGET_STEP_S
 
-    return LLMEngine(config)
+    return LLMEngine(config, target_step_s=OFFLINE_TARGET_STEP_S)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

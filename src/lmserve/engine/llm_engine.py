@@ -26,12 +26,18 @@ from lmserve.engine.runner import Runner, make_runner
 from lmserve.engine.sampler import SampleResult, token_logprob
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, step_token_budget
-from lmserve.engine.step_budget import engine_step_budget
+from lmserve.engine.step_budget import TARGET_STEP_S, engine_step_budget
 from lmserve.engine.structured.manager import StructuredOutputManager
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
+
+
+# warm_idle keeps this many tokens of never-used KV blocks mapped ahead of use (a burst of 16
+# prompts of 400 tokens), touching at most this many bytes per call.
+WARM_AHEAD_TOKENS = 8192
+WARM_SLICE_BYTES = 8 << 20
 
 
 @dataclass
@@ -45,7 +51,8 @@ class _Live:
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model replica (implements ``EngineCore``)."""
 
-    def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner | None = None,
+                 target_step_s: float = TARGET_STEP_S) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.runner = runner or make_runner(config)
@@ -57,7 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs,
             step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
-            engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type))
+            engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type, target_step_s))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.structured = StructuredOutputManager(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.sampler = make_sampler(self.runner.device, config.seed, self.structured.apply_masks,
@@ -66,6 +73,7 @@ class LLMEngine:
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
         self._generated_tokens = self._steps = 0
+        self._warmed_to = 0  # KV blocks below this id have their pages mapped (warm_idle)
         kv_tokens = self.runner.num_blocks * config.block_size
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); fits %.1f requests of %d tokens",
                  self.runner.num_blocks, config.block_size, kv_tokens,
@@ -109,6 +117,26 @@ class LLMEngine:
         self.scheduler.finish(live.request, RequestStatus.FINISHED_ABORTED)
         self._release(request_id)
         self._aborted.append(self._delta(live, [], None, "abort"))
+
+    def warm_idle(self) -> bool:
+        """Idle-time work: map the pages of the next never-used KV blocks, up to ``WARM_AHEAD_TOKENS``
+        ahead of the highest block handed out, at most ``WARM_SLICE_BYTES`` per call (a few
+        milliseconds, so a request that arrives meanwhile barely waits). Returns whether more is left.
+        The blocks a burst of prompts takes next then cost no page faults inside its steps; the pages
+        stay mapped, so the cache's resident memory runs that far ahead of its use."""
+        fault_in = getattr(self.runner, "fault_in_blocks", None)
+        if fault_in is None:
+            return False
+        bm = self.block_manager
+        per_block = self.config.block_size * self.runner.kv_spec.bytes_per_token
+        target = min(bm.num_blocks, bm.high_water + -(-WARM_AHEAD_TOKENS // self.config.block_size))
+        first = max(self._warmed_to, bm.high_water)
+        if first >= target:
+            return False
+        end = min(target, first + max(1, WARM_SLICE_BYTES // per_block))
+        fault_in(first, end)
+        self._warmed_to = end
+        return end < target
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted or self._compiling)

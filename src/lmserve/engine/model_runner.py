@@ -13,11 +13,18 @@ import torch
 
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.cuda_graphs import Capture, DecodeBuffers, DecodeGraphs, cuda_graph_capture
-from lmserve.engine.kv_cache import KVCacheSpec, activation_reserve, allocate_kv_cache, plan_num_blocks
+from lmserve.engine.kv_cache import (
+    KVCacheSpec,
+    activation_reserve,
+    allocate_kv_cache,
+    fault_in,
+    plan_num_blocks,
+)
 from lmserve.engine.memory_profile import profile_activation_bytes, profiling_step
 from lmserve.engine.request import Request
 from lmserve.engine.scheduler import step_token_budget
 from lmserve.kernels import get_ops
+from lmserve.kernels.attention_choice import choose_attention
 from lmserve.kernels.device import resolve_device, resolve_dtype
 from lmserve.models.layers import ForwardContext, PagedAttention
 from lmserve.models.loader import choose_linear_kernels, load_model
@@ -49,7 +56,10 @@ class ModelRunner:
         self.block_size = config.block_size
         cfg = self.model_config
         # This rank's KV heads, as its attention layers hold them (replication included).
-        heads = next(m.num_kv_heads for m in self.model.modules() if isinstance(m, PagedAttention))
+        attn = next(m for m in self.model.modules() if isinstance(m, PagedAttention))
+        heads = attn.num_kv_heads
+        if self.device.type == "cpu":
+            choose_attention(self.ops, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.dtype)
         self.kv_spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, config.block_size, self.dtype)
         self.num_blocks = self._plan_num_blocks()
         # One block more than the block manager is told of: padded rows of a graph-replayed decode
@@ -91,6 +101,11 @@ class ModelRunner:
                                           pad_block=self.num_blocks, block_size=self.block_size, capture=capture)
         with torch.inference_mode():
             self.decode_graphs.capture_all()
+
+    def fault_in_blocks(self, first: int, end: int) -> None:
+        """Map the pages of KV blocks ``first .. end - 1`` (never held by a request) ahead of use."""
+        if self.device.type == "cpu":
+            fault_in(self.kv_caches, first, end)
 
     def shrink_kv_cache(self, num_blocks: int) -> None:
         """Keep only ``num_blocks`` KV-cache blocks (the ranks of a group agree on the smallest)."""

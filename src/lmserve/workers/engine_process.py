@@ -1,7 +1,8 @@
 """The engine process: builds one engine and serves it over two ZMQ sockets until told to stop.
 
-Loop, in order: take every waiting message (blocking with a timeout only while the engine is idle),
-apply them, run one ``step()``, and send all of its output as one ``Deltas`` message. Anything the
+Loop, in order: take every waiting message (blocking with a timeout only while the engine is idle
+and has no idle-time work left: ``warm_idle``, a few milliseconds a call), apply them, run one
+``step()``, and send all of its output as one ``Deltas`` message. Anything the
 engine raises from ``step()`` is fatal: the process reports ``EngineFailed`` and exits non-zero, and
 the frontend fails the requests in flight. ``add_request`` errors fail only that request. A
 ``Heartbeat`` thread tells the frontend the process is alive, however long a step takes. On the CPU
@@ -190,9 +191,11 @@ class EngineLoop:
 
     def run(self) -> bool:
         """Serve until ``Shutdown`` (returns True) or a fatal engine error (returns False)."""
+        warm = getattr(self.engine, "warm_idle", None)  # optional idle-time work (LLMEngine's)
         while True:
             busy = self.engine.has_unfinished_requests()
-            for message in self._receive(block=not busy):
+            more_idle_work = not busy and warm is not None and warm()
+            for message in self._receive(block=not busy and not more_idle_work):
                 if isinstance(message, Shutdown):
                     return True
                 self._apply(message)

@@ -97,3 +97,17 @@ def test_the_environment_forces_a_loop(compiled_ops: Ops, timed: list[dict[str, 
     monkeypatch.setenv(ac.FORCE_ENV, "fastest")
     with pytest.raises(ConfigError, match="LMSERVE_ATTENTION_KERNEL.*'fastest'.*auto, fp32, dot"):
         ac.choose_attention(compiled_ops, 9, 3, 64, torch.bfloat16)
+
+
+def test_the_kernels_report_shows_each_layouts_loop(compiled_ops: Ops, timed: list[dict[str, float]],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from lmserve.cli import main
+
+    assert main(["kernels", "--report"]) == 0
+    assert "prefill attention over a bf16 cache: no choice measured yet" in capsys.readouterr().out
+    ac.choose_attention(compiled_ops, 9, 3, 64, torch.bfloat16)  # the dot loop, twice as fast
+    timed[0].update(fp32=1e-3, dot=1e-3)
+    ac.choose_attention(compiled_ops, 32, 4, 64, torch.bfloat16)  # no gain: fp32
+    assert main(["kernels", "--report"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if "/" in line}
+    assert rows["9/3x64"] == ["2.000", "1.000*"] and rows["32/4x64"] == ["1.000*", "1.000"]

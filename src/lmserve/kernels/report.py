@@ -1,5 +1,6 @@
-"""``lmserve kernels --report``: this machine's CPU, the kernel build that runs here, and the linear
-kernel choice (from the cache, or measured for the shapes asked for)."""
+"""``lmserve kernels --report``: this machine's CPU, the kernel build that runs here, the linear
+kernel choice (from the cache, or measured for the shapes asked for) and the prefill attention loop
+chosen for each head layout served so far."""
 
 from __future__ import annotations
 
@@ -52,13 +53,36 @@ def report(shapes: list[str], max_rows: int, measure: bool = False) -> str:
              "flags that matter: " + (" ".join(f for f in FLAGS_THAT_MATTER if f in flags) or "(none reported)"),
              f"kernels: {ops.name}; torch {torch.__version__}, {torch.get_num_threads()} threads"]
     table = (choose(ops, [(random_weight(ops, s), max_rows) for s in shapes], fresh=measure) if shapes else cached_table(ops))
+    return "\n".join([*lines, *linear_lines(table, bool(shapes)), *attention_lines(ops)])
+
+
+def attention_lines(ops: Ops) -> list[str]:
+    """The cached timings of the two prefill attention loops per head layout, and the choice."""
+    from lmserve.kernels import attention_choice as ac
+
+    if not hasattr(ops, "attention_dot"):
+        return []
+    key = ac.table_key(ops)
+    layouts = ac.valid_timings(read_keyed(ac.cache_path(key), key))
+    if not layouts:
+        return ["prefill attention over a bf16 cache: no choice measured yet (serve a bf16 model)"]
+    lines = [f"prefill attention over a bf16 cache (cache), ms per {ac.PREFILL_TOKENS}-token prefill, * = chosen:",
+             f"{'heads/kv x dim':>16} {'fp32':>9} {'bf16 dot':>9}"]
+    for layout, times in sorted(layouts.items()):
+        dot = times["fp32"] / times["dot"] >= ac.MIN_GAIN
+        lines.append(f"{layout:>16} {times['fp32'] * 1e3:8.3f}{' ' if dot else '*'} {times['dot'] * 1e3:8.3f}"
+                     f"{'*' if dot else ' '}")
+    return lines
+
+
+def linear_lines(table: ChoiceTable, asked: bool) -> list[str]:
     if table.forced:
-        return "\n".join([*lines, f"linear kernel forced for every shape: {table.forced}"])
+        return [f"linear kernel forced for every shape: {table.forced}"]
     if not table.shapes:
-        hint = "" if shapes else " (none measured yet: serve a model, or pass --shapes)"
-        return "\n".join([*lines, "no linear kernel choice" + hint])
+        hint = "" if asked else " (none measured yet: serve a model, or pass --shapes)"
+        return ["no linear kernel choice" + hint]
     names = list(CANDIDATES)
-    lines += [f"linear kernels ({table.source}), GFLOP/s per candidate, * = chosen:",
+    lines = [f"linear kernels ({table.source}), GFLOP/s per candidate, * = chosen:",
               f"{'shape':>16} {'rows':>6} " + " ".join(f"{n:>11}" for n in names)]
     for shape in sorted(table.shapes):
         n, k = (int(v) for v in shape.split("+")[0].split("x"))
@@ -69,4 +93,4 @@ def report(shapes: list[str], max_rows: int, measure: bool = False) -> str:
             cells = [f"{flops_per_row * int(rows) / times[c] / 1e9:10.1f}{'*' if chosen_at(plan, int(rows)) == c else ' '}"
                      if c in times else f"{'-':>11}" for c in names]
             lines.append(f"{shape:>16} {rows:>6} " + " ".join(cells))
-    return "\n".join(lines)
+    return lines

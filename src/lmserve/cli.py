@@ -123,8 +123,8 @@ def _run_config(ns: argparse.Namespace) -> int:
 
 
 def _kernels_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", action="store_true", help="print the CPU, the kernel build and the linear "
-                        "kernel choice (the default action)")
+    parser.add_argument("--report", action="store_true", help="print the CPU, the kernel build, the linear "
+                        "kernel choice and the prefill attention loop (the default action)")
     parser.add_argument("--shapes", default="", help="comma-separated linear shapes to choose for (measured "
                         "unless cached), NxK or IxK+silu for a gate|up pair; default: the shapes already cached")
     parser.add_argument("--max-rows", type=int, default=512, help="largest row count (prefill chunk) to time")
@@ -160,7 +160,8 @@ COMMANDS: list[Command] = [
     Command("convert", "pre-shard a model for a tensor-parallel degree and dtype", _convert_arguments, _run_convert),
     Command("config", "check a serving.properties or OPTION_* environment file: `lmserve config check PATH`",
             _config_arguments, _run_config),
-    Command("kernels", "which CPU kernels run here and which linear kernel is fastest per shape: "
+    Command("kernels", "which CPU kernels run here, which linear kernel is fastest per shape and which "
+            "attention loop per head layout: "
             "`lmserve kernels --report`", _kernels_arguments, _run_kernels),
     Command("package", "check a model directory and pack it as a .tar.gz", _sdk("add_package"), _sdk("run_package")),
     Command("upload", "upload a file or directory to s3://", _sdk("add_upload"), _sdk("run_upload")),

@@ -117,3 +117,28 @@ def test_finish_frees_blocks_and_leaves_queues():
     sched.finish(a, RequestStatus.FINISHED_ABORTED)
     sched.finish(w, RequestStatus.FINISHED_ABORTED)
     assert not sched.has_unfinished() and bm.num_free_blocks == 10
+
+
+def test_a_prompt_that_barely_overshoots_the_budget_is_taken_whole():
+    """A first token comes from a prompt's last chunk: a remnant of a few tokens would hold it back a
+    whole step, so a rest within half a budget of what is left is computed now, up to the cap."""
+    from lmserve.engine.scheduler import WHOLE_PROMPT_SLACK
+    from lmserve.engine.step_budget import StepBudget
+
+    assert WHOLE_PROMPT_SLACK == 0.5
+    sched = Scheduler(BlockManager(200, 4), max_num_seqs=8, max_num_batched_tokens=140,
+                      budget=StepBudget(100, 16, 140, adaptive=False))
+    for i, n in enumerate([60, 70, 90]):
+        sched.add(make_request(str(i), n, base=100 * i))
+    first = run_step(sched)  # 60 fit; 70 overshoots the 40 left by 30 <= 50: whole (130 <= the cap)
+    assert first.num_new_tokens == [60, 70] and len(first.to_sample) == 2
+    second = run_step(sched)  # two decodes, then 90 fits in the 98 left
+    assert second.num_new_tokens == [1, 1, 90]
+    sched.add(make_request("long", 300, base=1000))
+    third = run_step(sched)  # 300 overshoots the 97 left by far more than half a budget: a chunk
+    assert third.num_new_tokens == [1, 1, 1, 97]
+    capped = Scheduler(BlockManager(200, 4), max_num_seqs=8, max_num_batched_tokens=120,
+                       budget=StepBudget(100, 16, 120, adaptive=False))
+    capped.add(make_request("a", 60))
+    capped.add(make_request("b", 70, base=100))
+    assert run_step(capped).num_new_tokens == [60, 40]  # 130 tokens would pass the step's cap

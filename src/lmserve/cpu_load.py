@@ -53,3 +53,22 @@ def others_cores(before: CpuReading, after: CpuReading) -> float:
     if wall <= 0:
         return 0.0
     return max(0.0, (after.busy_cpu - before.busy_cpu) - (after.own_cpu - before.own_cpu)) / wall
+
+
+class OthersWatch:
+    """A ``with`` block's share of other processes: ``others`` is the CPU (in cores, averaged over
+    the block) they took on this process's cores, 0 where the system does not say."""
+
+    def __init__(self) -> None:
+        self.cores = usable_cores()
+        self.others = 0.0
+        self._before: CpuReading | None = None
+
+    def __enter__(self) -> OthersWatch:
+        self._before = read_cpu(self.cores)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = read_cpu(self.cores)
+        if self._before is not None and after is not None:
+            self.others = others_cores(self._before, after)

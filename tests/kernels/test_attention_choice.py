@@ -13,6 +13,7 @@ from lmserve import cpu_load
 from lmserve.errors import ConfigError
 from lmserve.kernels import Ops
 from lmserve.kernels import attention_choice as ac
+from lmserve.kernels.choice import cache_path
 
 from .test_choice import QuietThenBusy
 
@@ -59,7 +60,7 @@ def test_an_fp32_cache_or_a_cpu_without_the_instructions_keeps_the_fp32_loop(
 
 def test_untrusted_cache_entries_are_measured_again(compiled_ops: Ops, timed: list[dict[str, float]]) -> None:
     ac.choose_attention(compiled_ops, 9, 3, 64, torch.bfloat16)
-    path = ac.cache_path(ac.table_key(compiled_ops))
+    path = cache_path(ac.table_key(compiled_ops), "attention")
     good = json.loads(path.read_text())
     bad_entry = json.loads(path.read_text())
     bad_entry["data"]["layouts"]["9/3x64"]["dot"] = "fast"
@@ -74,7 +75,7 @@ def test_timings_beside_a_busy_process_are_used_but_not_cached(compiled_ops: Ops
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_load, "read_cpu", QuietThenBusy(others=1.0).read)
     assert ac.choose_attention(compiled_ops, 9, 3, 64, torch.bfloat16) is True
-    assert not ac.cache_path(ac.table_key(compiled_ops)).exists()
+    assert not cache_path(ac.table_key(compiled_ops), "attention").exists()
 
 
 def test_the_real_measurement_times_both_loops(compiled_ops: Ops) -> None:

@@ -125,7 +125,7 @@ class LLMEngine:
         The blocks a burst of prompts takes next then cost no page faults inside its steps; the pages
         stay mapped, so the cache's resident memory runs that far ahead of its use."""
         fault_in = getattr(self.runner, "fault_in_blocks", None)
-        if fault_in is None:
+        if fault_in is None or self.runner.device.type != "cpu":  # device memory is allocated up front
             return False
         bm = self.block_manager
         per_block = self.config.block_size * self.runner.kv_spec.bytes_per_token

@@ -104,8 +104,7 @@ class ModelRunner:
 
     def fault_in_blocks(self, first: int, end: int) -> None:
         """Map the pages of KV blocks ``first .. end - 1`` (never held by a request) ahead of use."""
-        if self.device.type == "cpu":
-            fault_in(self.kv_caches, first, end)
+        fault_in(self.kv_caches, first, end)
 
     def shrink_kv_cache(self, num_blocks: int) -> None:
         """Keep only ``num_blocks`` KV-cache blocks (the ranks of a group agree on the smallest)."""

@@ -12,12 +12,9 @@ busy process are used for that start only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,33 +31,27 @@ PREFILL_TOKENS = 256  # one sequence's prompt, as a prefill step holds it
 
 def dot_available(ops: Any) -> str | None:
     """Why the dot loop cannot run with ``ops`` here, or None: the kernels must have it, and the CPU
-    must run the bf16 dot-product instructions (tried in a child process, as for the linear kernel)."""
-    from lmserve.kernels.choice import PROBE_TIMEOUT_S, _probe_command, unavailable
-    from lmserve.kernels.machine import machine_key, probe_verdict
+    must run the bf16 dot-product instructions (the linear dot-product kernel's check and probe)."""
+    from lmserve.kernels.choice import why_not_runnable
 
     if not hasattr(ops, "attention_dot"):
         return "the loaded kernels have no compiled attention"
-    why = unavailable("own-dot", ops)
-    if why is None:
-        why = probe_verdict("own-dot", machine_key(candidate="own-dot"), _probe_command("own-dot"), PROBE_TIMEOUT_S)
-    return why
+    return why_not_runnable("own-dot", ops)
 
 
 def layout_key(num_heads: int, num_kv_heads: int, head_dim: int) -> str:
     return f"{num_heads}/{num_kv_heads}x{head_dim}"
 
 
-def cache_path(key: dict[str, Any]) -> Path:
-    from lmserve.cache import cache_subdir
-
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_subdir("kernels") / f"attention-choice-{digest}.json"
-
-
 def table_key(ops: Any) -> dict[str, Any]:
     from lmserve.kernels.choice import table_key as linear_key
 
     return {**linear_key(ops), "attention": CACHE_VERSION}
+
+
+def prefers_dot(times: dict[str, float]) -> bool:
+    """Whether timings ``{"fp32": s, "dot": s}`` choose the dot loop."""
+    return times["fp32"] / times["dot"] >= MIN_GAIN
 
 
 def valid_timings(data: dict[str, Any] | None) -> dict[str, dict[str, float]]:
@@ -106,10 +97,10 @@ def choose_attention(ops: Any, num_heads: int, num_kv_heads: int, head_dim: int,
     """Set ``ops.attention_dot`` for this model's attention and return it: True only for a bf16
     cache on a CPU where the dot loop runs and measured ``MIN_GAIN`` faster (from the cache when it
     has this layout for this machine)."""
-    from lmserve.cpu_load import others_cores, read_cpu, usable_cores
+    from lmserve.cpu_load import OthersWatch
     from lmserve.errors import ConfigError
     from lmserve.fsutil import file_lock
-    from lmserve.kernels.choice import CONTENDED_CORES
+    from lmserve.kernels.choice import cache_path, cacheable
     from lmserve.kernels.machine import read_keyed, write_keyed
 
     forced = os.environ.get(FORCE_ENV, "auto").strip().lower() or "auto"
@@ -128,25 +119,19 @@ def choose_attention(ops: Any, num_heads: int, num_kv_heads: int, head_dim: int,
         ops.attention_dot = True
         return True
     key = table_key(ops)
-    path = cache_path(key)
+    path = cache_path(key, "attention")
     layout = layout_key(num_heads, num_kv_heads, head_dim)
     with file_lock(path.with_name(path.name + ".lock")):
         layouts = valid_timings(read_keyed(path, key))
         source = "cache"
         if layout not in layouts:
             source = "measured"
-            cores = usable_cores()
-            before = read_cpu(cores)
-            layouts[layout] = measure(ops, num_heads, num_kv_heads, head_dim)
-            after = read_cpu(cores)
-            others = others_cores(before, after) if before and after else 0.0
-            if others > CONTENDED_CORES:
-                log.warning("attention loops timed while other processes took %.1f cores: used for this start, "
-                            "not cached", others)  # fmt: skip
-            else:
+            with OthersWatch() as watch:
+                layouts[layout] = measure(ops, num_heads, num_kv_heads, head_dim)
+            if cacheable("attention loops", watch):
                 write_keyed(path, key, {"layouts": layouts})
     times = layouts[layout]
-    ops.attention_dot = times["fp32"] / times["dot"] >= MIN_GAIN
+    ops.attention_dot = prefers_dot(times)
     log.info("prefill attention (%s): %s loop (fp32 %.2f ms, bf16 dot %.2f ms per %d-token prefill)", source,
              "bf16 dot" if ops.attention_dot else "fp32", times["fp32"] * 1e3, times["dot"] * 1e3, PREFILL_TOKENS)
     return bool(ops.attention_dot)

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from lmserve.cpu_load import OthersWatch
 from lmserve.errors import ConfigError
 from lmserve.kernels.packed import PANEL, PackedLinear, pack_pairs
 
@@ -119,19 +120,26 @@ def unavailable(name: str, ops: Any = None) -> str | None:
     return None if "avx512_bf16" in cpu_flags() else "this CPU lacks avx512_bf16"
 
 
+def why_not_runnable(name: str, ops: Any = None) -> str | None:
+    """Why candidate ``name`` cannot run here, or None: by what ``ops`` and the CPU report, then by
+    trying it in a child process (the verdict is kept per machine)."""
+    from lmserve.kernels.machine import machine_key, probe_verdict
+
+    why = unavailable(name, ops)
+    if why is None:
+        why = probe_verdict(name, machine_key(candidate=name), _probe_command(name), PROBE_TIMEOUT_S)
+    return why
+
+
 def runnable_candidates(ops: Any = None) -> list[str]:
     """The candidates that run here. torch's own matmuls dispatch on the CPU's features themselves
     (oneDNN picks AMX where the CPU reports it, and some virtual machines report AMX but fault on
     it), and a CPU's flags are not trusted alone for the dot-product kernel either, so each is first
     tried in a child process; one killed by a signal is never timed here."""
-    from lmserve.kernels.machine import machine_key, probe_verdict
-
     names = ["own"]
     for name in CANDIDATES:
         if name != "own":
-            why = unavailable(name, ops)
-            if why is None:
-                why = probe_verdict(name, machine_key(candidate=name), _probe_command(name), PROBE_TIMEOUT_S)
+            why = why_not_runnable(name, ops)
             if why is None:
                 names.append(name)
             else:
@@ -311,14 +319,24 @@ def table_key(ops: Any) -> dict[str, Any]:
                        build=build_key(ISAS[isa]) if isa in ISAS else "", candidates=sorted(CANDIDATES))
 
 
-def cache_path(key: dict[str, Any]) -> Path:
-    """The cache file for ``key``: one file per key, so that runs with another thread count (a
-    tensor-parallel rank, a test) or kernel build keep their timings beside this one's instead of
-    replacing them. The file also holds the key, checked on every read."""
+def cache_path(key: dict[str, Any], kind: str = "linear") -> Path:
+    """The cache file of ``kind``'s choice (linear, attention) for ``key``: one file per key, so that
+    runs with another thread count (a tensor-parallel rank, a test) or kernel build keep their timings
+    beside this one's instead of replacing them. The file also holds the key, checked on every read."""
     from lmserve.cache import cache_subdir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_subdir("kernels") / f"linear-choice-{digest}.json"
+    return cache_subdir("kernels") / f"{kind}-choice-{digest}.json"
+
+
+def cacheable(what: str, watch: OthersWatch) -> bool:
+    """Whether timings of ``what`` taken during ``watch`` may be cached: not when other processes
+    took more than ``CONTENDED_CORES`` meanwhile (then they are used for this start only; logged)."""
+    if watch.others <= CONTENDED_CORES:
+        return True
+    log.warning("%s measured while other processes took %.1f of %d cores: used for this start, not cached "
+                "(a quieter start measures again)", what, watch.others, len(watch.cores))
+    return False
 
 
 def _entry_ok(entry: Any) -> bool:
@@ -344,7 +362,6 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
     """Timings for every distinct shape of ``weights`` (each with the most rows it will multiply),
     from the cache when it has them for this machine (unless ``fresh``), else measured now (within
     ``BUDGET_S``) and added to it."""
-    from lmserve.cpu_load import others_cores, read_cpu, usable_cores
     from lmserve.fsutil import file_lock
     from lmserve.kernels.machine import read_keyed, write_keyed
 
@@ -363,8 +380,6 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         missing = [s for s, (_, rows) in wanted.items()
                    if fresh or s not in shapes or shapes[s]["max_rows"] < rows]
         names = runnable_candidates(ops) if missing else []  # child processes, once per machine
-        cores = usable_cores()
-        before = read_cpu(cores) if missing else None
         start = time.perf_counter()
         timed: dict[str, Timings] = {}
         # Each shape's share of the budget is in proportion to its work (weight size x row buckets):
@@ -372,21 +387,17 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         work = {s: wanted[s][0].out_features * wanted[s][0].in_features * len(buckets(wanted[s][1])) for s in missing}
         total = sum(work.values()) * PASSES
         done = 0
-        for _ in range(PASSES if missing else 0):
-            for shape in missing:
-                w, rows = wanted[shape]
-                done += work[shape]
-                deadline = start + BUDGET_S * done / total
-                timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape), names)
+        with OthersWatch() as watch:
+            for _ in range(PASSES if missing else 0):
+                for shape in missing:
+                    w, rows = wanted[shape]
+                    done += work[shape]
+                    deadline = start + BUDGET_S * done / total
+                    timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape), names)
         for shape in missing:
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
         spent = time.perf_counter() - start
-        after = read_cpu(cores) if before is not None else None
-        others = others_cores(before, after) if before and after else 0.0  # 0 where it cannot be read
-        if missing and others > CONTENDED_CORES:
-            log.warning("linear kernels measured while other processes took %.1f of %d cores: used for this "
-                        "start, not cached (a quieter start measures again)", others, len(cores))  # fmt: skip
-        elif missing:
+        if missing and cacheable("linear kernels", watch):
             write_keyed(path, key, {"shapes": shapes})
     table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, "measured" if missing else "cache", spent)
     log.info("linear kernels (%s%s): %s", table.source, f" in {spent:.1f} s" if missing else "",

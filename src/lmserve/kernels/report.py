@@ -63,13 +63,13 @@ def attention_lines(ops: Ops) -> list[str]:
     if not hasattr(ops, "attention_dot"):
         return []
     key = ac.table_key(ops)
-    layouts = ac.valid_timings(read_keyed(ac.cache_path(key), key))
+    layouts = ac.valid_timings(read_keyed(cache_path(key, "attention"), key))
     if not layouts:
         return ["prefill attention over a bf16 cache: no choice measured yet (serve a bf16 model)"]
     lines = [f"prefill attention over a bf16 cache (cache), ms per {ac.PREFILL_TOKENS}-token prefill, * = chosen:",
              f"{'heads/kv x dim':>16} {'fp32':>9} {'bf16 dot':>9}"]
     for layout, times in sorted(layouts.items()):
-        dot = times["fp32"] / times["dot"] >= ac.MIN_GAIN
+        dot = ac.prefers_dot(times)
         lines.append(f"{layout:>16} {times['fp32'] * 1e3:8.3f}{' ' if dot else '*'} {times['dot'] * 1e3:8.3f}"
                      f"{'*' if dot else ' '}")
     return lines

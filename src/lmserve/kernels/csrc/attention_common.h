@@ -119,5 +119,47 @@ inline void emit_row(const AttentionArgs& a, const Item& it, int64_t G, int r, c
     for (int i = 0; i < D; ++i) dst[perm[i]] = o[i * o_stride] * inv;
 }
 
+// The row-lane loops (attention_prefill.h, attention_prefill_dot.h) share their per-lane state:
+// each lane's position and ALiBi slope, running max and running sum.
+template <int NV>
+inline void init_lanes(const int32_t* pos, const float* slope, __m512i* posv, __m512* slv, __m512* mv, __m512* lv) {
+    for (int v = 0; v < NV; ++v) {
+        posv[v] = _mm512_load_si512(pos + v * 16);
+        slv[v] = _mm512_load_ps(slope + v * 16);
+        mv[v] = _mm512_set1_ps(-FLT_MAX);
+        lv[v] = _mm512_setzero_ps();
+    }
+}
+
+// The max of vector v's lanes over the chunk's first nkv keys (scores in st, W floats a key), a
+// lane counting only the keys at or before its position; ALiBi is added to the scores in place.
+inline __m512 chunk_max(const AttentionArgs& a, float* st, int W, int v, int nkv, int c0, __m512i posv, __m512 slv) {
+    __m512 mx = _mm512_set1_ps(-FLT_MAX);
+    for (int j = 0; j < nkv; ++j) {
+        float* sp = st + j * W + v * 16;
+        __m512 s = _mm512_loadu_ps(sp);
+        if (a.alibi) {
+            const __m512i rel = _mm512_sub_epi32(_mm512_set1_epi32(c0 + j), posv);
+            s = _mm512_fmadd_ps(slv, _mm512_cvtepi32_ps(rel), s);
+            _mm512_storeu_ps(sp, s);
+        }
+        const __mmask16 ok = _mm512_cmple_epi32_mask(_mm512_set1_epi32(c0 + j), posv);
+        mx = _mm512_mask_max_ps(mx, ok, mx, s);
+    }
+    return mx;
+}
+
+// Write a row-lane tile's R rows from its output o ([D][W]) and the lanes' max and sum.
+template <int D, int NV>
+inline void emit_lanes(const AttentionArgs& a, const Item& it, int64_t G, const Sink& sink, const float* o,
+                       const __m512* mv, const __m512* lv, const int32_t* perm) {
+    constexpr int W = NV * 16;
+    alignas(64) float m[W], l[W];
+    for (int v = 0; v < NV; ++v) {
+        _mm512_store_ps(m + v * 16, mv[v]);
+        _mm512_store_ps(l + v * 16, lv[v]);
+    }
+    for (int r = 0; r < it.nt * it.nh; ++r) emit_row<D>(a, it, G, r, sink, o + r, W, m[r], l[r], perm);
+}
 
 }  // namespace lmserve

@@ -65,12 +65,7 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
     for (int i = 0; i < D * W; ++i) ws.o[i] = 0.0f;
     __m512i posv[NV];
     __m512 slv[NV], mv[NV], lv[NV], av[NV];
-    for (int v = 0; v < NV; ++v) {
-        posv[v] = _mm512_load_si512(pos + v * 16);
-        slv[v] = _mm512_load_ps(slope + v * 16);
-        mv[v] = _mm512_set1_ps(-FLT_MAX);
-        lv[v] = _mm512_setzero_ps();
-    }
+    init_lanes<NV>(pos, slope, posv, slv, mv, lv);
     const int last_pos = it.pos0 + it.nt - 1;
     const int32_t* bt = a.block_tables + it.s * a.bt_stride;
     const int64_t mask = a.block_size - 1;
@@ -111,19 +106,7 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
                 for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.st + (jb + jj) * W + v * 16, acc[jj][v]);
         }
         for (int v = 0; v < NV; ++v) {
-            __m512 mx = _mm512_set1_ps(-FLT_MAX);
-            for (int j = 0; j < nkv; ++j) {
-                float* sp = ws.st + j * W + v * 16;
-                __m512 s = _mm512_loadu_ps(sp);
-                if (a.alibi) {
-                    const __m512i rel = _mm512_sub_epi32(_mm512_set1_epi32(c0 + j), posv[v]);
-                    s = _mm512_fmadd_ps(slv[v], _mm512_cvtepi32_ps(rel), s);
-                    _mm512_storeu_ps(sp, s);
-                }
-                const __mmask16 ok = _mm512_cmple_epi32_mask(_mm512_set1_epi32(c0 + j), posv[v]);
-                mx = _mm512_mask_max_ps(mx, ok, mx, s);
-            }
-            const __m512 m_new = _mm512_max_ps(mv[v], mx);
+            const __m512 m_new = _mm512_max_ps(mv[v], chunk_max(a, ws.st, W, v, nkv, c0, posv[v], slv[v]));
             av[v] = exp2_ps(_mm512_sub_ps(mv[v], m_new));
             __m512 sum = _mm512_setzero_ps();
             for (int jp = 0; jp < npairs; ++jp) {
@@ -160,12 +143,7 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
                 for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.o + (ib + ii) * W + v * 16, acc[ii][v]);
         }
     }
-    alignas(64) float m[W], l[W];
-    for (int v = 0; v < NV; ++v) {
-        _mm512_store_ps(m + v * 16, mv[v]);
-        _mm512_store_ps(l + v * 16, lv[v]);
-    }
-    for (int r = 0; r < R; ++r) emit_row<D>(a, it, G, r, sink, ws.o + r, W, m[r], l[r], ws.ident);
+    emit_lanes<D, NV>(a, it, G, sink, ws.o, mv, lv, ws.ident);
 }
 
 }  // namespace lmserve

@@ -76,6 +76,21 @@ def test_predictions_route_checks_the_model_name(http: httpx.Client) -> None:
     assert missing.status_code == 404 and missing.json()["code"] == 404 and "other" in missing.json()["error"]
 
 
+def test_the_direct_routes_keep_the_schema_query_and_methods_of_their_fastapi_twins(http: httpx.Client) -> None:
+    # /invocations and /predictions/{model} are served by plain routes ahead of FastAPI's (less CPU a
+    # request); what a client sees must not change.
+    named = http.post(f"/invocations?model_name={MODEL_NAME}", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}})
+    assert named.status_code == 200 and named.json()["generated_text"]
+    other = http.post("/invocations?model_name=other", json={"inputs": "hi"})
+    assert other.status_code == 404 and "other" in other.json()["error"]
+    assert http.get("/invocations").status_code == 405 and http.get(f"/predictions/{MODEL_NAME}").status_code == 405
+    bad = http.post("/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": "many"}})
+    assert bad.status_code == 400 and bad.json()["field"] == "parameters.max_new_tokens"  # the error table's shape
+    paths = http.get("/openapi.json").json()["paths"]
+    assert "post" in paths["/invocations"] and "post" in paths["/predictions/{model_name}"]
+    assert any(p["name"] == "model_name" for p in paths["/invocations"]["post"]["parameters"])
+
+
 def test_stream_is_json_lines_one_token_each_and_a_final_text(http: httpx.Client) -> None:
     payload = {"inputs": "hello world", "stream": True, "parameters": {"max_new_tokens": 4, "details": True}}
     with http.stream("POST", "/invocations", json=payload) as r:

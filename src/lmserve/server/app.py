@@ -50,6 +50,7 @@ def create_app(registry: ModelRegistry) -> FastAPI:
     for module in (health, sagemaker, sagemaker_runtime, tgi, openai_completions, openai_chat, openai_embeddings,
                    management):
         app.include_router(module.router)
+    app.router.routes[:0] = sagemaker.direct_routes()  # first: matched before any FastAPI route
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: registry.server.max_request_bytes)
     app.add_middleware(TokenAuthMiddleware, server=lambda: registry.server)
     app.add_middleware(MetricsMiddleware, metrics=registry.metrics)  # outermost: sees 401s and 413s too

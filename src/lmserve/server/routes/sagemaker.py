@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
+from starlette.routing import Route
 
 from lmserve.errors import InvalidRequestError
 from lmserve.server import formatting
@@ -61,6 +62,10 @@ def openapi_schemas() -> dict[str, Any]:
     return dict(defs.get("$defs", {}))
 
 
+# These two routes take a model's whole traffic, so they are served by plain routes that the app
+# puts first in its table (``direct_routes``): FastAPI's routing and parameter solving cost about as
+# much CPU a request as everything else the frontend does for an embedding request. The decorated
+# twins below are never reached; they publish the routes in /openapi.json.
 @router.post("/invocations", openapi_extra=_BODY)
 async def invocations(request: Request, model_name: str | None = None) -> Response:
     """Generate text for one input or a list of inputs (LMI schema), or run the model's handler;
@@ -72,6 +77,21 @@ async def invocations(request: Request, model_name: str | None = None) -> Respon
 async def predictions(model_name: str, request: Request) -> Response:
     """``/invocations`` for a named model (DJL Serving); an unknown name is a 404."""
     return await invoke_any(runtime_of(request, model_name), request)
+
+
+async def _direct_invocations(request: Request) -> Response:
+    return await invoke_any(runtime_of(request, request.query_params.get("model_name")), request)
+
+
+async def _direct_predictions(request: Request) -> Response:
+    return await invoke_any(runtime_of(request, request.path_params["model_name"]), request)
+
+
+def direct_routes() -> list[Route]:
+    """``/invocations`` and ``/predictions/{model_name}`` as plain routes, for the head of the app's
+    route table (see above); errors go through the app's error table like any route's."""
+    return [Route("/invocations", _direct_invocations, methods=["POST"]),
+            Route("/predictions/{model_name}", _direct_predictions, methods=["POST"])]  # fmt: skip
 
 
 async def invoke_any(rt: ModelRuntime, request: Request) -> Response:

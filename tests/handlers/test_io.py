@@ -91,3 +91,14 @@ def test_stream_pieces_are_json_lines_or_text() -> None:
     assert pieces(["a", None], 2)[0] == [b"a", None]
     with pytest.raises(HandlerContractError, match="list of 2"):
         pieces("a", 2)
+
+
+def test_add_as_json_takes_numpy_and_writes_float32_values_that_read_back_exactly() -> None:
+    vectors = np.random.default_rng(0).standard_normal((3, 384)).astype(np.float32)
+    out = Output().add_as_json({"vectors": vectors, "count": np.int64(3), 7: "int key"})
+    body = json.loads(out.content["data"])
+    assert body["count"] == 3 and body["7"] == "int key"
+    assert (np.array(body["vectors"], dtype=np.float32) == vectors).all()  # the same float32 values
+    # each value in its shortest float32 text, not its float64 widening
+    assert len(out.content["data"]) < len(json.dumps(vectors.tolist()).encode()) * 0.7
+    assert json.loads(Output().add_as_json(2**70).content["data"]) == 2**70  # past orjson's integers

@@ -185,7 +185,7 @@ def embed(inputs: Input) -> Output | list[Output] | None:
 
     def run(texts: list[str]) -> tuple[list[Any], list[int]]:
         vectors, counts = encoder.vectors(texts)
-        return vectors.tolist(), counts
+        return vectors.numpy(), counts  # float32 rows: to_json writes each value's shortest float32 text
 
     return _answer(inputs, run)
 

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import msgspec
+import orjson
 
 _BATCH_KEY = re.compile(r"batch_(\d+)_(.*)")
 _JSON = "application/json"
@@ -194,11 +194,13 @@ class Output:
 
 
 def to_json(value: Any) -> bytes:
-    """``value`` as JSON: msgspec's encoder where it takes the value (an order of magnitude faster than
-    ``json`` on the float lists embedding handlers answer), else ``json.dumps`` (int dict keys, say)."""
+    """``value`` as JSON: orjson where it takes the value (an order of magnitude faster than ``json``
+    on the float lists embedding handlers answer; numpy arrays and scalars too, a float32 array in the
+    shortest text that reads back as the same float32, about half the bytes of its values widened to
+    Python floats), else ``json.dumps`` (integers past 64 bits, say)."""
     try:
-        return msgspec.json.encode(value)
-    except (TypeError, msgspec.EncodeError):
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
         return json.dumps(value).encode("utf-8")
 
 

@@ -32,7 +32,7 @@ def padded_states(tokenizer: Any, model: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-matmuls"])
-@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa", "kernel"])
 def test_packed_states_match_transformers_padded_batch(bert: tuple[Any, Any], bf16: bool, attention: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from lmserve.handlers import packed_bert
@@ -48,6 +48,11 @@ def test_packed_states_match_transformers_padded_batch(bert: tuple[Any, Any], bf
     lengths = [len(i) for i in ids]
     forward = PackedBert(model)
     forward.set_matmul_dtype(torch.bfloat16 if bf16 else torch.float32)
+    if attention == "kernel":
+        if not forward.attention_kernel_available():
+            pytest.skip("the compiled attention does not run here (no AVX-512 build of the CPU kernels)")
+        forward.use_attention_kernel(True)
+        assert forward.attention_kernel
     with torch.inference_mode():
         packed = forward(ids)
     want = padded_states(tokenizer, model)
@@ -71,3 +76,17 @@ def test_an_explicit_dtype_is_taken_without_measuring() -> None:
 
     assert _use_bf16("fp32", never, lambda on: None) is False
     assert _use_bf16("bf16", never, lambda on: None) is True
+
+
+def test_attention_stays_in_torch_where_the_compiled_kernel_does_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmserve.handlers import encoders
+    from lmserve.handlers.packed_bert import PackedBert
+
+    class Embedder:  # what _choose_attention_kernel reads of an embedder
+        packed = PackedBert.__new__(PackedBert)
+
+        def vectors(self, texts: list[str]) -> Any:
+            raise AssertionError("measured although the kernel cannot run")
+
+    monkeypatch.setattr(PackedBert, "attention_kernel_available", lambda self: False)
+    assert encoders._choose_attention_kernel(Embedder()) is False  # type: ignore[arg-type]

@@ -7,9 +7,10 @@ padding (``packed_bert.py``), for the others padded to the longest text.
 
 Matrix products run in bf16 (the rest, LayerNorm included, in fp32) when ``option.dtype`` is
 bf16, or when it is ``auto`` and, measured once at start on this machine, bf16 is faster and its
-vectors stay within cosine 0.9999 of fp32 ones; else in fp32. The packed forward of a large batch
-may run in pieces of a few hundred tokens, when that measured faster at start (it keeps each
-layer's activations in cache); the vectors are the same.
+vectors stay within cosine 0.9999 of fp32 ones; else in fp32. Attention runs on the compiled CPU
+kernel where it measured faster at start. The packed forward of a large batch may run in pieces of
+a few hundred tokens, when that measured faster at start (it keeps each layer's activations in
+cache); the vectors are the same.
 
 - ``embed`` answers a list of vectors, one per text: the pooled last hidden state (mean over the
   real tokens unless the checkpoint's ``1_Pooling/config.json`` asks for the CLS token), L2
@@ -142,6 +143,17 @@ _CHUNK_CANDIDATES = (None, 128, 256, 512)
 _CHUNK_PROBE = [" ".join(_PROBE_WORDS[: 6 + n % 9]) for n in range(32)]
 
 
+def _choose_attention_kernel(embedder: _Embedder) -> bool:
+    """Whether the compiled attention (``packed_bert.py``) runs here and beats torch's by 5% on a
+    batch of about 400 tokens, in one piece; else attention stays in torch."""
+    packed = embedder.packed
+    if packed is None or not packed.attention_kernel_available():
+        return False
+    embedder.chunk_tokens = None
+    best, _ = _best_times((False, True), packed.use_attention_kernel, lambda: embedder.vectors(_CHUNK_PROBE))
+    return best[True] < 0.95 * best[False]
+
+
 def _choose_chunk(embedder: _Embedder) -> int | None:
     """The fastest of ``_CHUNK_CANDIDATES`` on this machine; a piece size must beat one piece by 5%
     to be kept."""
@@ -176,8 +188,11 @@ def embed(inputs: Input) -> Output | list[Output] | None:
         bf16 = _use_bf16(properties.get("dtype", "auto"), embedder.vectors, embedder.set_bf16)
         embedder.set_bf16(bf16)
         if embedder.packed is not None:
+            embedder.packed.use_attention_kernel(_choose_attention_kernel(embedder))
             embedder.chunk_tokens = _choose_chunk(embedder)
-        logger.info("text embeddings: matrix products in %s, batches in %s", "bf16" if bf16 else "fp32",
+        kernel = embedder.packed is not None and embedder.packed.attention_kernel
+        logger.info("text embeddings: matrix products in %s, attention %s, batches in %s", "bf16" if bf16 else "fp32",
+                    "on the compiled kernel" if kernel else "in torch",
                     f"pieces of at most {embedder.chunk_tokens} tokens" if embedder.chunk_tokens else "one piece")  # fmt: skip
         _models["embed"] = embedder
         return None

@@ -8,12 +8,17 @@ tokens within a text, scatters them into a padded ``[texts, heads, longest, head
 gathers them back. It is the same arithmetic as Hugging Face's ``BertModel`` in the same dtype, so
 its vectors match (the handler's tests compare them against transformers).
 
+Attention can also run on the compiled CPU kernels (``kernels/csrc/encoder_attention.cpp``), which
+read each text's rows of the packed matrix where they are, with no padded layout at all; the handler
+measures at start whether that is faster on this machine (``use_attention_kernel``).
+
 Only plain BERT (absolute positions, GELU, no cross-attention) qualifies; ``PackedBert.supports``
 says whether a model does, and the handler keeps transformers' padded forward for the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +32,22 @@ class PackedBert:
         self.model = model
         self.embeddings = model.embeddings
         self.heads = model.config.num_attention_heads
+        self.head_dim = model.config.hidden_size // self.heads
         self.set_matmul_dtype(torch.float32)
+        self._kernel: Any = None  # the compiled attention, when in use
+
+    def attention_kernel_available(self) -> bool:
+        """Whether the compiled attention runs here (an AVX-512 build of the CPU kernels that takes
+        this head size); compiling the kernels on first use if need be."""
+        return _encoder_attention() is not None and _encoder_attention_takes(self.head_dim)
+
+    def use_attention_kernel(self, on: bool) -> None:
+        """Attention on the compiled kernel (``on``, where available) or in torch."""
+        self._kernel = _encoder_attention() if on and self.attention_kernel_available() else None
+
+    @property
+    def attention_kernel(self) -> bool:
+        return self._kernel is not None
 
     def set_matmul_dtype(self, dtype: torch.dtype) -> None:
         """Run the matrix products in ``dtype`` (bf16 where the CPU has fast bf16 dot products),
@@ -64,17 +84,27 @@ class PackedBert:
         e = self.embeddings
         x = e.word_embeddings(flat) + e.position_embeddings(positions) + e.token_type_embeddings(types)
         x = e.LayerNorm(x)
-        # Where each real token sits in the padded [texts * longest] layout attention uses.
-        longest = int(lengths.max())
-        slots = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lengths.tolist())])
-        padding = _Padding(len(ids), longest, slots) if len(flat) < len(ids) * longest else None
+        attend = self._kernel_attention(lengths) if self._kernel is not None else self._padded_attention(lengths)
         for (qkv, attn_out, up, down), norm1, norm2 in self.layers:
-            context = self._attention(_linear(x, *qkv), len(ids), longest, padding)
+            context = attend(_linear(x, *qkv))
             x = norm1(_linear(context, *attn_out) + x)
             # GELU between the two MLP products stays in their dtype: in bf16 its output is rounded
             # to bf16 for the next product anyway, and two conversions of the widest activation go.
             x = norm2(_linear(F.gelu(_linear(x, *up, keep_dtype=True)), *down) + x)
         return x
+
+    def _kernel_attention(self, lengths: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        starts = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=starts[1:])
+        scale, kernel = self.head_dim**-0.5, self._kernel
+        return lambda qkv: kernel(qkv, starts, self.heads, scale, torch.get_num_threads())
+
+    def _padded_attention(self, lengths: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        # Where each real token sits in the padded [texts * longest] layout torch's attention uses.
+        texts, longest = len(lengths), int(lengths.max())
+        slots = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lengths.tolist())])
+        padding = _Padding(texts, longest, slots) if len(slots) < texts * longest else None
+        return lambda qkv: self._attention(qkv, texts, longest, padding)
 
     def _attention(self, qkv: torch.Tensor, texts: int, longest: int, padding: _Padding | None) -> torch.Tensor:
         """Scaled dot-product attention within each text; ``qkv`` is ``[tokens, 3 * hidden]``, and
@@ -137,3 +167,16 @@ def first_token(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Each text's first row (the CLS token) of the packed ``hidden``: ``[texts, hidden]``."""
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
     return hidden[starts]
+
+
+def _encoder_attention() -> Any:
+    """The compiled ``encoder_attention``, or None (no AVX-512 build here, kernels switched off)."""
+    from lmserve.kernels.ops import get_ops
+
+    return getattr(getattr(get_ops("cpu"), "ext", None), "encoder_attention", None)
+
+
+def _encoder_attention_takes(head_dim: int) -> bool:
+    from lmserve.kernels.ops import get_ops
+
+    return bool(get_ops("cpu").ext.encoder_attention_supports_head_dim(head_dim))  # type: ignore[attr-defined]

@@ -221,6 +221,33 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
     return q_in.scalar_type() == at::kFloat ? o : o.to(q_in.scalar_type());
 }
 
+// qkv [T, 3 * H * D] fp32 (rows may be strided), starts [S + 1] int64; returns [T, H * D] fp32.
+Tensor encoder_attention(const Tensor& qkv, const Tensor& starts_in, int64_t heads, double scale, int64_t nthreads) {
+    check_rows(qkv, "qkv", at::kFloat, 2);
+    TORCH_CHECK_VALUE(heads > 0 && qkv.size(1) % (3 * heads) == 0, "qkv's width ", qkv.size(1),
+                      " is not 3 x ", heads, " heads x head_dim");
+    const Tensor starts = starts_in.to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(starts.dim() == 1 && starts.numel() >= 1, "starts must be a vector of S + 1 offsets");
+    Tensor out = torch::empty({qkv.size(0), qkv.size(1) / 3}, qkv.options());
+    lmserve::EncoderAttentionArgs a{};
+    a.qkv = qkv.data_ptr<float>();
+    a.ld = qkv.stride(0);
+    a.out = out.data_ptr<float>();
+    a.ldo = out.stride(0);
+    a.starts = starts.data_ptr<int64_t>();
+    a.S = starts.numel() - 1;
+    a.T = qkv.size(0);
+    a.H = heads;
+    a.D = qkv.size(1) / (3 * heads);
+    a.scale = static_cast<float>(scale);
+    a.nthreads = static_cast<int>(nthreads);
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::encoder_attention(a);
+    }
+    return out;
+}
+
 // Accepts x of any leading shape and float dtype; both results have x's shape and dtype.
 std::tuple<Tensor, Tensor> rms_norm(const Tensor& x_in, const Tensor& weight_in, double eps,
                                     const std::optional<Tensor>& residual_in, int64_t nthreads) {
@@ -344,6 +371,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rotary_embedding", &rotary_embedding, "rotary position embedding of q and k, in place");
     m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
     m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
+    m.def("encoder_attention", &encoder_attention, "bidirectional attention within each text of a packed batch");
+    m.def("encoder_attention_supports_head_dim", &lmserve::encoder_attention_supports_head_dim);
 #endif
     m.attr("PANEL") = lmserve::kPanel;
 }

@@ -60,6 +60,22 @@ struct AttentionArgs {
 void paged_attention(const AttentionArgs& a);
 bool attention_supports_head_dim(int64_t d);
 
+// Bidirectional attention within each text of a packed batch (encoder models, encoder_attention.cpp).
+struct EncoderAttentionArgs {
+    const float* qkv;        // [T, 3 * H * D]: q, k, v of every token, row stride ld
+    int64_t ld;
+    float* out;              // [T, H * D], row stride ldo
+    int64_t ldo;
+    const int64_t* starts;   // [S + 1]: text t is tokens [starts[t], starts[t + 1])
+    int64_t S, T, H, D;
+    float scale;
+    int nthreads;
+};
+
+// Throws std::invalid_argument on a head size it does not take or inconsistent starts.
+void encoder_attention(const EncoderAttentionArgs& a);
+bool encoder_attention_supports_head_dim(int64_t d);
+
 // New keys or values [T, Hkv, D], fp32 or bf16, strides (st, sh), last dimension contiguous.
 struct KVSource {
     const void* data;

@@ -32,6 +32,7 @@ struct Tile {
     int64_t ldc;
     int ncols;           // valid columns of the panel (32 except in the last one)
     const float* bias;   // added in the first K block, already offset to the panel's first column
+    const uint16_t* pf;  // the next K block's weights, prefetched a line per step (see gemm.cpp)
 };
 
 template <int MR>
@@ -43,6 +44,7 @@ inline void micro(const float* x, int64_t ldx, const uint16_t* w, int64_t kc, co
         for (int r = 0; r < MR; ++r)
             for (int g = 0; g < 4; ++g) acc[s][r][g] = _mm256_setzero_ps();
     auto step = [&](int s, int64_t k) {
+        _mm_prefetch(reinterpret_cast<const char*>(t.pf + k * kPanel), _MM_HINT_T0);
         const __m256i* line = reinterpret_cast<const __m256i*>(w + k * kPanel);
         for (int h = 0; h < 2; ++h) {
             const __m256i wv = _mm256_loadu_si256(line + h);
@@ -88,13 +90,14 @@ inline void panel_rows(const LinearArgs& a, int64_t p, int64_t m0, int64_t m1, f
     const int64_t nkb = (a.K + kKC - 1) / kKC;
     const int64_t kc_full = (a.K + nkb - 1) / nkb;
     Tile t{c, ldc, static_cast<int>(std::min<int64_t>(ncols, kPanel)),
-           with_adds && a.bias ? a.bias + p * kPanel : nullptr};
+           with_adds && a.bias ? a.bias + p * kPanel : nullptr, nullptr};
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
         for (int64_t m = m0; m < m1; m += kMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;
+            tm.pf = wp + (k0 + kc) * kPanel;  // the next K block, which follows in memory
             kMicro[mr - 1](a.x + m * a.ldx + k0, a.ldx, wp + k0 * kPanel, kc, tm, k0 == 0);
         }
     }

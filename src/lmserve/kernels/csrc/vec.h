@@ -60,6 +60,7 @@ struct Tile {
     int64_t ldc;
     __mmask16 m0, m1;    // valid columns of the two 16-lane halves
     const float* bias;   // added in the first K block, already offset to the panel's first column
+    const uint16_t* pf = nullptr;  // weights to prefetch alongside, one step's lines per step (or none)
 };
 
 // Adds MR rows of 32-column accumulators to the tile (or its bias, in the first K block) and stores them.

@@ -70,14 +70,28 @@ inline void copy_row(const float* src, float* dst) {
 
 // Fetch keys c0 .. c0+nk of sequence s / KV head g into fp32 chunk buffers (buffer d order).
 // Without vb, the value rows are left in the cache and vrows receives their addresses instead.
+// Keys before prefetch_end one chunk ahead are prefetched as these are fetched: a decode walks its
+// sequence's blocks, scattered over the cache, and stalled on each (16 decodes of ~260-token
+// contexts, default model, 2-core AMD EPYC: 200 -> 110 us a call, 10% of the whole generation).
 template <int D>
 inline void fetch_chunk(const AttentionArgs& a, int log2bs, int s, int g, int c0, int nk, float* kb, float* vb,
-                        const void** vrows = nullptr) {
+                        const void** vrows = nullptr, int prefetch_end = 0) {
     const int32_t* bt = a.block_tables + s * a.bt_stride;
     const int64_t mask = a.block_size - 1;
+    const int64_t row_bytes = a.bf16 ? 2 * D : 4 * D;
     for (int j = 0; j < nk; ++j) {
         const int64_t pos = c0 + j, blk = bt[pos >> log2bs], off = pos & mask;
         const int64_t ko = blk * a.k_sb + off * a.k_st + g * a.k_sh, vo = blk * a.v_sb + off * a.v_st + g * a.v_sh;
+        if (pos + kChunk < prefetch_end) {  // the same key of the next chunk, K and V rows
+            const int64_t ahead = pos + kChunk, nblk = bt[ahead >> log2bs], noff = ahead & mask;
+            const int64_t es = a.bf16 ? 2 : 4;
+            const char* kp = static_cast<const char*>(a.k_cache) + (nblk * a.k_sb + noff * a.k_st + g * a.k_sh) * es;
+            const char* vp = static_cast<const char*>(a.v_cache) + (nblk * a.v_sb + noff * a.v_st + g * a.v_sh) * es;
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+                _mm_prefetch(kp + b, _MM_HINT_T0);
+                _mm_prefetch(vp + b, _MM_HINT_T0);
+            }
+        }
         if (a.bf16) {
             const uint16_t* vs = static_cast<const uint16_t*>(a.v_cache) + vo;
             widen_row<D>(static_cast<const uint16_t*>(a.k_cache) + ko, kb + j * D);

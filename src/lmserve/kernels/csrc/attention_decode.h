@@ -105,7 +105,7 @@ void run_rowdot(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, c
     for (int c0 = it.kv0; c0 < it.kv1; c0 += kChunk) {
         const int nk = std::min(kChunk, it.kv1 - c0);
         for (int h = 0; h < it.ng; ++h) {
-            fetch_chunk<D>(a, log2bs, it.s, it.g + h, c0, nk, ws.kb, nullptr, vrows);
+            fetch_chunk<D>(a, log2bs, it.s, it.g + h, c0, nk, ws.kb, nullptr, vrows, it.kv1);
             int nkv = 0;  // keys any row still sees in this chunk
             for (int r = 0; r < R; ++r) {
                 const int row = h * R + r;

@@ -23,7 +23,8 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from lmserve.errors import InvalidRequestError
 from lmserve.server import formatting
@@ -87,11 +88,22 @@ async def _direct_predictions(request: Request) -> Response:
     return await invoke_any(runtime_of(request, request.path_params["model_name"]), request)
 
 
+class _DirectRoute(Route):
+    """A plain route that names itself in the request scope, as FastAPI's routes do: the HTTP
+    response metrics count by the matched route's template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
+
+
 def direct_routes() -> list[Route]:
     """``/invocations`` and ``/predictions/{model_name}`` as plain routes, for the head of the app's
     route table (see above); errors go through the app's error table like any route's."""
-    return [Route("/invocations", _direct_invocations, methods=["POST"]),
-            Route("/predictions/{model_name}", _direct_predictions, methods=["POST"])]  # fmt: skip
+    return [_DirectRoute("/invocations", _direct_invocations, methods=["POST"]),
+            _DirectRoute("/predictions/{model_name}", _direct_predictions, methods=["POST"])]  # fmt: skip
 
 
 async def invoke_any(rt: ModelRuntime, request: Request) -> Response:

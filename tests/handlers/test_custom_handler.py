@@ -205,3 +205,31 @@ def test_boto3_invoke_endpoint_reaches_the_custom_handler(live: LiveServer) -> N
     assert json.loads(answer["Body"].read())["echo"] == {"n": 7}
     with pytest.raises(client.exceptions.ModelError, match="the model refuses this batch"):
         client.invoke_endpoint(EndpointName=live.runtime.name, Body=json.dumps({"op": "raise"}))
+
+
+def test_the_worker_makes_openmp_threads_sleep_soon_unless_the_operator_chose(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # Spinning OpenMP threads of a worker took the cores the frontend needs between two batches.
+    from lmserve.engine.cpu_threads import SPIN_ROUNDS
+
+    path = model_dir(tmp_path, '''
+        import os
+
+        def handle(inputs):
+            if inputs.is_empty():
+                return None
+            return {name: os.environ.get(name) for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    ''')
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    server = start_handler_server(path)
+    try:
+        assert post(server, {}).json() == {"GOMP_SPINCOUNT": str(SPIN_ROUNDS), "OMP_WAIT_POLICY": None}
+    finally:
+        server.stop()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    server = start_handler_server(path)
+    try:
+        assert post(server, {}).json() == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "ACTIVE"}
+    finally:
+        server.stop()

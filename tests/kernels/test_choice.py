@@ -14,8 +14,9 @@ import torch
 from lmserve import cpu_load
 from lmserve.cpu_load import CpuReading
 from lmserve.errors import ConfigError
-from lmserve.kernels import Ops, choice
-from lmserve.kernels.choice import CANDIDATES, ChoiceTable, plan_for, unpack_panels
+from lmserve.kernels import Ops, candidates, choice
+from lmserve.kernels.candidates import CANDIDATES, unpack_panels
+from lmserve.kernels.choice import ChoiceTable, plan_for
 from lmserve.kernels.machine import write_keyed
 from lmserve.parallel.layers import ColumnParallelLinear, GateUpSwiGLU
 
@@ -33,7 +34,7 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("name", list(CANDIDATES))
 @pytest.mark.parametrize("m", [1, 7, 130])
 def test_every_candidate_matches_the_reference_within_bf16(compiled_ops: Ops, name: str, m: int) -> None:
-    if (why := choice.unavailable(name, compiled_ops)) is not None:
+    if (why := candidates.unavailable(name, compiled_ops)) is not None:
         pytest.skip(why)
     torch.manual_seed(m)
     n, k = 100, 576
@@ -246,10 +247,10 @@ def test_a_torch_kernel_that_crashes_is_never_timed(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
     crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
     fine = [sys.executable, "-c", "pass"]
-    monkeypatch.setattr(choice, "_probe_command", lambda name: crash if name == "torch-bf16" else fine)
-    assert choice.runnable_candidates() == ["own", "torch-fp32"]
-    monkeypatch.setattr(choice, "_probe_command", lambda name: fine)  # remembered, not tried again
-    assert choice.runnable_candidates() == ["own", "torch-fp32"]
+    monkeypatch.setattr(candidates, "_probe_command", lambda name: crash if name == "torch-bf16" else fine)
+    assert candidates.runnable_candidates() == ["own", "torch-fp32"]
+    monkeypatch.setattr(candidates, "_probe_command", lambda name: fine)  # remembered, not tried again
+    assert candidates.runnable_candidates() == ["own", "torch-fp32"]
     # timings without the refused candidate still make a plan
     assert plan_for({"1": {"own": 1.0, "torch-fp32": 9.0}, "64": {"own": 5.0, "torch-fp32": 1.0}}) == [
         (1, "own"), (64, "torch-fp32")]
@@ -257,5 +258,5 @@ def test_a_torch_kernel_that_crashes_is_never_timed(tmp_path: Path, monkeypatch:
 
 def test_the_real_probe_passes_here() -> None:
     with pytest.raises(SystemExit) as done:
-        choice.probe_main("torch-bf16")
+        candidates.probe_main("torch-bf16")
     assert done.value.code == 0

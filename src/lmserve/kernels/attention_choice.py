@@ -32,7 +32,7 @@ PREFILL_TOKENS = 256  # one sequence's prompt, as a prefill step holds it
 def dot_available(ops: Any) -> str | None:
     """Why the dot loop cannot run with ``ops`` here, or None: the kernels must have it, and the CPU
     must run the bf16 dot-product instructions (the linear dot-product kernel's check and probe)."""
-    from lmserve.kernels.choice import why_not_runnable
+    from lmserve.kernels.candidates import why_not_runnable
 
     if not hasattr(ops, "attention_dot"):
         return "the loaded kernels have no compiled attention"

@@ -9,8 +9,8 @@ import re
 import torch
 
 from lmserve.errors import ConfigError
+from lmserve.kernels.candidates import CANDIDATES
 from lmserve.kernels.choice import (
-    CANDIDATES,
     ChoiceTable,
     cache_path,
     choose,

@@ -39,11 +39,11 @@ class PackedBert:
     def attention_kernel_available(self) -> bool:
         """Whether the compiled attention runs here (an AVX-512 build of the CPU kernels that takes
         this head size); compiling the kernels on first use if need be."""
-        return _encoder_attention() is not None and _encoder_attention_takes(self.head_dim)
+        return _encoder_attention(self.head_dim) is not None
 
     def use_attention_kernel(self, on: bool) -> None:
         """Attention on the compiled kernel (``on``, where available) or in torch."""
-        self._kernel = _encoder_attention() if on and self.attention_kernel_available() else None
+        self._kernel = _encoder_attention(self.head_dim) if on else None
 
     @property
     def attention_kernel(self) -> bool:
@@ -169,14 +169,12 @@ def first_token(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return hidden[starts]
 
 
-def _encoder_attention() -> Any:
-    """The compiled ``encoder_attention``, or None (no AVX-512 build here, kernels switched off)."""
+def _encoder_attention(head_dim: int) -> Any:
+    """The compiled ``encoder_attention`` where it takes ``head_dim``, else None (no AVX-512 build
+    here, kernels switched off)."""
     from lmserve.kernels.ops import get_ops
 
-    return getattr(getattr(get_ops("cpu"), "ext", None), "encoder_attention", None)
-
-
-def _encoder_attention_takes(head_dim: int) -> bool:
-    from lmserve.kernels.ops import get_ops
-
-    return bool(get_ops("cpu").ext.encoder_attention_supports_head_dim(head_dim))  # type: ignore[attr-defined]
+    ext: Any = getattr(get_ops("cpu"), "ext", None)
+    if ext is None or not hasattr(ext, "encoder_attention") or not ext.encoder_attention_supports_head_dim(head_dim):
+        return None
+    return ext.encoder_attention

@@ -1,4 +1,5 @@
-"""KV-cache sizing on CUDA: option.gpu_memory_utilization means what it means in vLLM.
+"""KV-cache sizing on CUDA: option.gpu_memory_utilization means what it means in vLLM; and the CPU
+cache's idle-time warming.
 
 The budget is computed by pure functions, so the arithmetic is checked here on the CPU; the
 device check of the real allocation runs where a GPU is lent.
@@ -39,3 +40,31 @@ def test_activation_reserve_grows_with_the_step_and_the_vocabulary() -> None:
     assert 0.3 * GIB < llama < 2 * GIB
     assert activation_reserve(8192, 64, 4096, 14336, 128256, 2) > llama
     assert activation_reserve(4096, 256, 4096, 14336, 128256, 2) > llama
+
+
+def test_idle_warming_of_the_cpu_cache_runs_on_the_calling_thread_only() -> None:
+    """Mapping never-used blocks is idle-time work: torch's thread pool would take every core from
+    whatever else runs on the machine (another server's burst), so it stays on one thread."""
+    import threading
+
+    import psutil
+    import torch
+
+    from lmserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, fault_in
+
+    torch.set_num_threads(2)
+    torch.ones(1 << 22).mul_(2.0)  # start the pool's threads, as a served model has
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype=torch.bfloat16)
+    caches = allocate_kv_cache(spec, 16384, torch.device("cpu"))  # 256 MiB of never-touched pages
+    me = threading.get_native_id()
+
+    def cpu_by_thread() -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+
+    before = cpu_by_thread()
+    fault_in(caches, 0, 16384)
+    after = cpu_by_thread()
+    others = sum(after[t] - before.get(t, 0.0) for t in after if t != me)
+    assert after[me] - before[me] > 0.02  # the work was done, here
+    assert others < 0.02
+    assert all(not k.any() and not v.any() for k, v in caches)

@@ -145,6 +145,19 @@ def test_vnni_layout_matches_dequantize_then_matmul_of_rounded_activations(ops: 
     close(ops.linear_silu_mul(x, gate_up), want.float(), k)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_vnni_activations_round_halves_to_even_as_the_reference(ops: Ops, fmt: str) -> None:
+    """Activations exactly halfway between two int8 steps (max 127, so the step is 1) round to the
+    even neighbour, as ``quantize_activations``; one off by a step moves y by a whole weight."""
+    torch.manual_seed(7)
+    g = FORMATS[fmt](torch.randn(64, 96))
+    halves = torch.arange(-47.5, 48.5, 1.0)  # 96 values, every one a tie
+    x = torch.stack([halves, -halves.flip(0), halves.roll(5)])
+    x[:, 0::32] = 127.0  # each group of 32 has max |x| = 127: the scale is exactly 1
+    assert torch.equal(quantize_activations(x, 32), torch.round(x))
+    close(ops.linear(x, to_vnni(pack_quant(g))), vnni_oracle(x, g), 96)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_vnni_results_stay_within_activation_rounding_of_weight_only(compiled_ops: Ops, mode: str) -> None:
     torch.manual_seed(4)

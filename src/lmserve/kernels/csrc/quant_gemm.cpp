@@ -206,24 +206,32 @@ LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, i
     }
 }
 
-// Per row and group: scale = max|x| / 127, xq = round(x / scale), xsum = sum of xq.
+// Per row and group: scale = max|x| / 127, xq = round(x / scale), xsum = sum of xq. Sixteen
+// features a vector (groups are multiples of 16): the scalar loop cost 15% of a 16-row VNNI linear
+// at K = 576 and 7% at 256 rows. Rounding is the vector unit's default, to nearest even, as
+// nearbyint and the Python reference (kernels/quant.py quantize_activations) round.
 void quantize_rows(const QuantLinearArgs& a, int8_t* xq, float* xscale, int32_t* xsum) {
     const int64_t groups = a.K / a.group;
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
 #pragma omp parallel for num_threads(a.nthreads) schedule(static) if (a.M * a.K > 65536)
     for (int64_t m = 0; m < a.M; ++m) {
         const float* x = a.x + m * a.ldx;
         for (int64_t g = 0; g < groups; ++g) {
-            float amax = 0.0f;
-            for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) amax = std::max(amax, std::abs(x[k]));
+            const int64_t k0 = g * a.group, k1 = k0 + a.group;
+            __m512 vmax = _mm512_setzero_ps();
+            for (int64_t k = k0; k < k1; k += 16)
+                vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_loadu_ps(x + k), abs_mask));
+            const float amax = _mm512_reduce_max_ps(vmax);
             const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t sum = 0;
-            for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) {
-                const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inv));
-                xq[m * a.K + k] = static_cast<int8_t>(v);
-                sum += v;
+            const __m512 vinv = _mm512_set1_ps(inv);
+            __m512i vsum = _mm512_setzero_si512();
+            for (int64_t k = k0; k < k1; k += 16) {
+                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * a.K + k), _mm512_cvtsepi32_epi8(v));
+                vsum = _mm512_add_epi32(vsum, v);
             }
             xscale[m * groups + g] = scale;
-            xsum[m * groups + g] = sum;
+            xsum[m * groups + g] = _mm512_reduce_add_epi32(vsum);
         }
     }
 }

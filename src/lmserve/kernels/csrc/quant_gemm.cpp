@@ -116,9 +116,19 @@ void qpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, fl
 using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, bool);
 
 // -- VNNI: int8 weights x int8 activations, 64 multiply-adds per vpdpbusd ------------------------
+// Each tile prefetches the next K block of its panel (weights, scales, mins) as it goes, as the bf16
+// kernels do: at 16 rows over weights out of cache (60 copies of 3072x576, 2-core AMD EPYC) an int4
+// linear took 66 instead of 92 us and an int8 one 59 instead of 103; the bf16 dot kernel takes 95.
 // vpdpbusd multiplies unsigned by signed bytes, so weights are stored + 128 and the excess removed
 // per group with the activations' integer sum: sum (q + 128) x = sum q x + 128 sum x.
 constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
+
+// Where the next K block of a panel's weights, scales and mins starts (prefetch addresses only).
+struct NextBlock {
+    const uint8_t* q;
+    const float* scales;
+    const float* mins;  // null without mins
+};
 
 #define LMSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
 
@@ -126,7 +136,7 @@ constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
 // (k + j, column 16 + c) in its high one; the values 0..15 need no offset, the min adds min * sum x.
 template <int MR, int BITS, bool MIN>
 LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc, const Tile& t,
-                         bool first) {
+                         bool first, const NextBlock& next) {
     const int64_t groups = a.K / a.group;
     const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);  // [K/4][32][4] or [K/4][64]
     const float* sc = a.scales + p * groups * kPanel;
@@ -137,7 +147,21 @@ LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t
         const int64_t gi = g0 / a.group;
         __m512i iacc[MR][2];
         for (int r = 0; r < MR; ++r) iacc[r][0] = iacc[r][1] = _mm512_setzero_si512();
+        if (next.q) {  // this group's scales and mins in the next K block
+            const int64_t off = (gi - k0 / a.group) * kPanel;
+            _mm_prefetch(reinterpret_cast<const char*>(next.scales + off), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(next.scales + off + 16), _MM_HINT_T0);
+            if (MIN) {
+                _mm_prefetch(reinterpret_cast<const char*>(next.mins + off), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(next.mins + off + 16), _MM_HINT_T0);
+            }
+        }
         for (int64_t k = g0; k < g0 + a.group; k += 4) {
+            if (next.q) {  // this k-quad's weights in the next K block: one line (4-bit), two (8-bit)
+                const char* nq = reinterpret_cast<const char*>(next.q) + (k - k0) * (BITS == 8 ? kPanel : kPanel / 2);
+                _mm_prefetch(nq, _MM_HINT_T0);
+                if (BITS == 8) _mm_prefetch(nq + 64, _MM_HINT_T0);
+            }
             __m512i w0, w1;
             if constexpr (BITS == 8) {
                 const uint8_t* wk = q + k * kPanel;  // (k / 4) * 32 * 4
@@ -191,16 +215,23 @@ LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, i
     kc_full = (kc_full + a.group - 1) / a.group * a.group;
     Tile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
             with_adds && a.bias ? a.bias + p * kPanel : nullptr};
+    const int64_t groups = a.K / a.group;
+    const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
+        // The next K block of this panel (past the last one: the next panel's first, which follows
+        // in memory), prefetched alongside this one as gemm.cpp does.
+        const int64_t k1 = k0 + kc;
+        const NextBlock next{q + k1 * (BITS == 8 ? kPanel : kPanel / 2), a.scales + (p * groups + k1 / a.group) * kPanel,
+                             MIN ? a.mins + (p * groups + k1 / a.group) * kPanel : nullptr};
         for (int64_t m = m0; m < m1; m += kVR) {
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;
             switch (std::min<int64_t>(kVR, m1 - m)) {
-                case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
-                case 2: vmicro<2, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
-                case 3: vmicro<3, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
-                default: vmicro<4, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0); break;
+                case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
+                case 2: vmicro<2, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
+                case 3: vmicro<3, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
+                default: vmicro<4, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
             }
         }
     }

@@ -26,6 +26,32 @@ constexpr int kMR = 8;         // rows per micro-tile: 16 accumulators + 2 weigh
 constexpr int64_t kMC = 128;   // rows per task, a multiple of kMR
 constexpr int64_t kKC = 512;   // K block (rounded to whole groups)
 
+// Where the next K block of a panel's weights, scales and mins starts (prefetch addresses only).
+struct NextBlock {
+    const uint8_t* q;
+    const float* scales;
+    const float* mins;  // null without mins
+};
+
+// Panel p's block from k1 on (past the last one: the next panel's first, which follows in memory).
+// Every layout holds 32 bytes of weights per k (8-bit) or 16 (4-bit).
+template <int BITS, bool MIN>
+inline NextBlock next_block(const QuantLinearArgs& a, int64_t p, int64_t k1) {
+    const int64_t per_k = BITS == 8 ? kPanel : kPanel / 2, g = p * (a.K / a.group) + k1 / a.group;
+    return {a.q + (p * a.K + k1) * per_k, a.scales + g * kPanel, MIN ? a.mins + g * kPanel : nullptr};
+}
+
+// Prefetch the scales (and mins) of group gi of the next block: two lines each.
+template <bool MIN>
+inline void prefetch_group(const NextBlock& next, int64_t gi) {
+    _mm_prefetch(reinterpret_cast<const char*>(next.scales + gi * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next.scales + gi * kPanel + 16), _MM_HINT_T0);
+    if constexpr (MIN) {
+        _mm_prefetch(reinterpret_cast<const char*>(next.mins + gi * kPanel), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next.mins + gi * kPanel + 16), _MM_HINT_T0);
+    }
+}
+
 // Panel row k, dequantized: lanes 0..15 and 16..31 of the panel's columns.
 template <int BITS>
 inline void load_q(const uint8_t* q, int64_t k, __m512& w0, __m512& w1) {
@@ -43,7 +69,7 @@ inline void load_q(const uint8_t* q, int64_t k, __m512& w0, __m512& w1) {
 // Accumulates MR rows of x[:, k0:k0+kc] (kc whole groups) against one panel into the tile.
 template <int MR, int BITS, bool MIN>
 void qmicro(const float* x, int64_t ldx, const QuantLinearArgs& a, int64_t p, int64_t k0, int64_t kc,
-            const Tile& t, bool first) {
+            const Tile& t, bool first, const NextBlock& next) {
     constexpr int S = MR >= 4 ? 1 : 2;  // independent accumulator sets hide FMA latency at small MR
     const int64_t groups = a.K / a.group;
     const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : 16);
@@ -59,6 +85,12 @@ void qmicro(const float* x, int64_t ldx, const QuantLinearArgs& a, int64_t p, in
         if constexpr (MIN) {
             n0 = _mm512_loadu_ps(mn + gi * kPanel);
             n1 = _mm512_loadu_ps(mn + gi * kPanel + 16);
+        }
+        if (next.q) {  // this group's scales, mins and weights in the next K block
+            prefetch_group<MIN>(next, gi - k0 / a.group);
+            const int64_t row = BITS == 8 ? kPanel : 16;  // bytes per k
+            for (int64_t b = 0; b < a.group * row; b += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next.q) + (g0 - k0) * row + b, _MM_HINT_T0);
         }
         for (int64_t k = g0; k < g0 + a.group; k += S) {  // groups are multiples of 16, so of S
             for (int s = 0; s < S; ++s) {
@@ -84,7 +116,7 @@ void qmicro(const float* x, int64_t ldx, const QuantLinearArgs& a, int64_t p, in
 }
 
 using QMicroFn = void (*)(const float*, int64_t, const QuantLinearArgs&, int64_t, int64_t, int64_t, const Tile&,
-                          bool);
+                          bool, const NextBlock&);
 
 template <int BITS, bool MIN, int... R>
 constexpr auto make_qtable(std::integer_sequence<int, R...>) {
@@ -108,7 +140,8 @@ void qpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_t m1, fl
             const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;
-            kQMicro<BITS, MIN>[mr - 1](a.x + m * a.ldx + k0, a.ldx, a, p, k0, kc, tm, k0 == 0);
+            kQMicro<BITS, MIN>[mr - 1](a.x + m * a.ldx + k0, a.ldx, a, p, k0, kc, tm, k0 == 0,
+                                       next_block<BITS, MIN>(a, p, k0 + kc));
         }
     }
 }
@@ -122,13 +155,6 @@ using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, floa
 // vpdpbusd multiplies unsigned by signed bytes, so weights are stored + 128 and the excess removed
 // per group with the activations' integer sum: sum (q + 128) x = sum q x + 128 sum x.
 constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
-
-// Where the next K block of a panel's weights, scales and mins starts (prefetch addresses only).
-struct NextBlock {
-    const uint8_t* q;
-    const float* scales;
-    const float* mins;  // null without mins
-};
 
 #define LMSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
 
@@ -147,15 +173,7 @@ LMSERVE_VNNI void vmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t
         const int64_t gi = g0 / a.group;
         __m512i iacc[MR][2];
         for (int r = 0; r < MR; ++r) iacc[r][0] = iacc[r][1] = _mm512_setzero_si512();
-        if (next.q) {  // this group's scales and mins in the next K block
-            const int64_t off = (gi - k0 / a.group) * kPanel;
-            _mm_prefetch(reinterpret_cast<const char*>(next.scales + off), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(next.scales + off + 16), _MM_HINT_T0);
-            if (MIN) {
-                _mm_prefetch(reinterpret_cast<const char*>(next.mins + off), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(next.mins + off + 16), _MM_HINT_T0);
-            }
-        }
+        if (next.q) prefetch_group<MIN>(next, gi - k0 / a.group);  // this group's scales and mins in the next K block
         for (int64_t k = g0; k < g0 + a.group; k += 4) {
             if (next.q) {  // this k-quad's weights in the next K block: one line (4-bit), two (8-bit)
                 const char* nq = reinterpret_cast<const char*>(next.q) + (k - k0) * (BITS == 8 ? kPanel : kPanel / 2);
@@ -215,15 +233,9 @@ LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, i
     kc_full = (kc_full + a.group - 1) / a.group * a.group;
     Tile t{c, ldc, tail_mask(static_cast<int>(ncols)), tail_mask(static_cast<int>(ncols) - 16),
             with_adds && a.bias ? a.bias + p * kPanel : nullptr};
-    const int64_t groups = a.K / a.group;
-    const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
-        // The next K block of this panel (past the last one: the next panel's first, which follows
-        // in memory), prefetched alongside this one as gemm.cpp does.
-        const int64_t k1 = k0 + kc;
-        const NextBlock next{q + k1 * (BITS == 8 ? kPanel : kPanel / 2), a.scales + (p * groups + k1 / a.group) * kPanel,
-                             MIN ? a.mins + (p * groups + k1 / a.group) * kPanel : nullptr};
+        const NextBlock next = next_block<BITS, MIN>(a, p, k0 + kc);
         for (int64_t m = m0; m < m1; m += kVR) {
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;

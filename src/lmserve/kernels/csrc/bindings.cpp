@@ -29,6 +29,33 @@ std::vector<int64_t> out_shape(const Tensor& x, int64_t n) {
     return shape;
 }
 
+// What the bf16 and quantized linear bindings share around their kernels: the output width
+// against the packed panels (half of them for silu_mul, whose panels pair gate and up), the bias
+// rule, x as fp32 rows and the fp32 output; then the output in x's leading shape and dtype.
+struct LinearIO {
+    Tensor x, y, bias;  // bias undefined when there is none
+};
+
+LinearIO linear_io(const Tensor& x_in, int64_t panels, int64_t n, bool silu_mul, const std::optional<Tensor>& bias_in) {
+    const int64_t cover = silu_mul ? panels / 2 : panels;
+    TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
+                      "output width ", n, " does not match ", panels, " packed panels");
+    TORCH_CHECK_VALUE(!silu_mul || !bias_in, "silu_mul takes no bias");
+    LinearIO io;
+    io.x = as_rows(x_in);
+    io.y = torch::empty({io.x.size(0), n}, io.x.options());
+    if (bias_in) {
+        io.bias = bias_in->to(at::kFloat).contiguous();
+        TORCH_CHECK_VALUE(io.bias.numel() == n, "bias must have ", n, " elements, got ", io.bias.numel());
+    }
+    return io;
+}
+
+Tensor linear_result(const Tensor& x_in, Tensor y, int64_t n) {
+    if (x_in.dim() != 2) y = y.view(out_shape(x_in, n));
+    return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
 // Accepts x of any leading shape and float dtype; returns x's leading shape and dtype.
 // `dot`: the pair layout and vdpbf16ps (kernels.h), else the fp32-FMA panels.
 Tensor linear_impl(const Tensor& x_in, const Tensor& w, int64_t n, const std::optional<Tensor>& bias_in,
@@ -40,25 +67,15 @@ Tensor linear_impl(const Tensor& x_in, const Tensor& w, int64_t n, const std::op
     TORCH_CHECK_VALUE(w.size(1) == (dot ? k_in + (k_in & 1) : k_in), "x has ", k_in,
                       " features, the weight expects ", w.size(1));
     const auto ep = static_cast<lmserve::Epilogue>(epilogue);
-    const int64_t cover = ep == lmserve::Epilogue::kSiluMul ? w.size(0) / 2 : w.size(0);
-    TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
-                      "output width ", n, " does not match ", w.size(0), " packed panels");
-    TORCH_CHECK_VALUE(ep == lmserve::Epilogue::kNone || !bias_in, "silu_mul takes no bias");
-    const Tensor x = as_rows(x_in);
-    Tensor y = torch::empty({x.size(0), n}, x.options());
+    const LinearIO io = linear_io(x_in, w.size(0), n, ep == lmserve::Epilogue::kSiluMul, bias_in);
     lmserve::LinearArgs a{};
-    a.x = x.data_ptr<float>();
-    a.ldx = x.stride(0);
+    a.x = io.x.data_ptr<float>();
+    a.ldx = io.x.stride(0);
     a.w = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    Tensor bias;
-    if (bias_in) {
-        bias = bias_in->to(at::kFloat).contiguous();
-        TORCH_CHECK_VALUE(bias.numel() == n, "bias must have ", n, " elements, got ", bias.numel());
-        a.bias = bias.data_ptr<float>();
-    }
-    a.y = y.data_ptr<float>();
-    a.ldy = y.stride(0);
-    a.M = x.size(0);
+    a.bias = io.bias.defined() ? io.bias.data_ptr<float>() : nullptr;
+    a.y = io.y.data_ptr<float>();
+    a.ldy = io.y.stride(0);
+    a.M = io.x.size(0);
     a.N = n;
     a.K = k_in;
     a.panels = w.size(0);
@@ -76,8 +93,7 @@ Tensor linear_impl(const Tensor& x_in, const Tensor& w, int64_t n, const std::op
         lmserve::linear_bf16(a);  // the AVX2 build has no dot-product kernel; linear_dot is not bound there
 #endif
     }
-    if (x_in.dim() != 2) y = y.view(out_shape(x_in, n));
-    return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+    return linear_result(x_in, io.y, n);
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
@@ -115,27 +131,17 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
     if (mins) TORCH_CHECK_VALUE(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kFloat &&
                                     mins->is_contiguous(), "mins must be shaped and typed like scales");
     TORCH_CHECK_VALUE(x_in.size(-1) == K, "x has ", x_in.size(-1), " features, the weight expects ", K);
-    const int64_t cover = silu_mul ? q.size(0) / 2 : q.size(0);
-    TORCH_CHECK_VALUE(n > 0 && n <= cover * lmserve::kPanel && n > (cover - 1) * lmserve::kPanel,
-                      "output width ", n, " does not match ", q.size(0), " packed panels");
-    TORCH_CHECK_VALUE(!silu_mul || !bias_in, "silu_mul takes no bias");
-    const Tensor x = as_rows(x_in);
-    Tensor y = torch::empty({x.size(0), n}, x.options());
+    const LinearIO io = linear_io(x_in, q.size(0), n, silu_mul, bias_in);
     lmserve::QuantLinearArgs a{};
-    a.x = x.data_ptr<float>();
-    a.ldx = x.stride(0);
+    a.x = io.x.data_ptr<float>();
+    a.ldx = io.x.stride(0);
     a.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
     a.scales = scales.data_ptr<float>();
     a.mins = mins ? mins->data_ptr<float>() : nullptr;
-    Tensor bias;
-    if (bias_in) {
-        bias = bias_in->to(at::kFloat).contiguous();
-        TORCH_CHECK_VALUE(bias.numel() == n, "bias must have ", n, " elements, got ", bias.numel());
-        a.bias = bias.data_ptr<float>();
-    }
-    a.y = y.data_ptr<float>();
-    a.ldy = y.stride(0);
-    a.M = x.size(0);
+    a.bias = io.bias.defined() ? io.bias.data_ptr<float>() : nullptr;
+    a.y = io.y.data_ptr<float>();
+    a.ldy = io.y.stride(0);
+    a.M = io.x.size(0);
     a.N = n;
     a.K = K;
     a.panels = q.size(0);
@@ -148,8 +154,7 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
         pybind11::gil_scoped_release nogil;
         lmserve::linear_quant(a);
     }
-    if (x_in.dim() != 2) y = y.view(out_shape(x_in, n));
-    return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+    return linear_result(x_in, io.y, n);
 }
 
 Tensor int32_rows(const Tensor& t) {

@@ -101,13 +101,15 @@ def test_unconstrained_tokens_unchanged_by_constrained_neighbours(llm: LLM) -> N
     assert mixed[0].token_ids != alone.token_ids  # the neighbours really were constrained
 
 
-def test_a_grammar_the_engine_cannot_compile_fails_that_request_alone(llm: LLM) -> None:
+def test_a_grammar_the_engine_cannot_compile_fails_that_request_alone_and_says_why(llm: LLM) -> None:
     # The server refuses this before it reaches an engine; the engine must still fail it cleanly.
     bad, good = llm.generate([_chat(llm, "Hi")] * 2, [
         SamplingParams(max_new_tokens=4, structured=StructuredOutputs(regex="(unclosed")),
         SamplingParams(max_new_tokens=4)])
     assert bad.finish_reason == "error"
-    assert good.finish_reason == "length" and len(good.token_ids) == 4
+    assert bad.error_kind == "invalid_request" and bad.error_field == "structured_outputs"
+    assert bad.error and "cannot be compiled" in bad.error  # says why it has no output
+    assert good.finish_reason == "length" and len(good.token_ids) == 4 and good.error is None
 
 
 def test_a_preempted_constrained_request_continues_its_grammar(llm: LLM) -> None:

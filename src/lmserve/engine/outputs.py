@@ -50,7 +50,12 @@ class RequestDelta:
 
 @dataclass
 class CompletionOutput:
-    """The whole result of one request, as returned by ``LLM.generate``."""
+    """The whole result of one request, as returned by ``LLM.generate``.
+
+    A request that failed alone (``finish_reason == "error"``: a grammar that cannot be compiled, the
+    cache too small for it) keeps its delta's ``error``, ``error_kind`` and ``error_field``, so a
+    batch of prompts still returns every other result and says why this one has none.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -61,6 +66,9 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt token i + 1's, when asked for
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    error_field: str | None = None
 
     def add(self, delta: RequestDelta) -> None:
         """Fold one streamed delta into this result."""
@@ -74,3 +82,4 @@ class CompletionOutput:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason
             self.num_cached_tokens = delta.num_cached_tokens
+            self.error, self.error_kind, self.error_field = delta.error, delta.error_kind, delta.error_field

@@ -33,10 +33,12 @@ struct NextBlock {
     const float* mins;  // null without mins
 };
 
-// Panel p's block from k1 on (past the last one: the next panel's first, which follows in memory).
-// Every layout holds 32 bytes of weights per k (8-bit) or 16 (4-bit).
+// Panel p's block from k1 on (past the last one: the next panel's first, which follows in memory),
+// or nothing (q null) after the weight's last block. Every layout holds 32 bytes of weights per k
+// (8-bit) or 16 (4-bit).
 template <int BITS, bool MIN>
 inline NextBlock next_block(const QuantLinearArgs& a, int64_t p, int64_t k1) {
+    if (k1 >= a.K && p + 1 >= a.panels) return {nullptr, nullptr, nullptr};
     const int64_t per_k = BITS == 8 ? kPanel : kPanel / 2, g = p * (a.K / a.group) + k1 / a.group;
     return {a.q + (p * a.K + k1) * per_k, a.scales + g * kPanel, MIN ? a.mins + g * kPanel : nullptr};
 }

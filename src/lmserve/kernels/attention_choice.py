@@ -128,7 +128,8 @@ def choose_attention(ops: Any, num_heads: int, num_kv_heads: int, head_dim: int,
             source = "measured"
             with OthersWatch() as watch:
                 layouts[layout] = measure(ops, num_heads, num_kv_heads, head_dim)
-            if cacheable("attention loops", watch):
+            if cacheable("attention loops", watch, "used for this start, not cached (a quieter start measures "
+                         "again)"):
                 write_keyed(path, key, {"layouts": layouts})
     times = layouts[layout]
     ops.attention_dot = prefers_dot(times)

@@ -7,8 +7,10 @@ load, for every distinct linear shape (N, K, fused gate|up or not) and every row
 engine will run (decode 1-32, prefill chunks up to the step's token budget), each candidate is timed
 briefly and the fastest kept. The timings are cached on disk under the machine's key (CPU model and
 flags, torch and oneDNN versions, kernel build, thread count), one file per key; an entry that is
-unreadable or was written under another key is ignored and measured again, and timings taken while
-other processes kept the cores busy are used once and not cached.
+unreadable or was written under another key is ignored and measured again. Timings taken while other
+processes kept the cores busy are cached marked as contended: a later start measures them again if
+the machine is quiet then, and uses them if it is busy again (measuring once more would be just as
+contended, and cost another ``BUDGET_S``).
 
 The candidates, and which of them run on this machine, are in ``kernels/candidates.py``.
 
@@ -48,10 +50,11 @@ BUDGET_S = 8.0  # measuring one model's shapes from scratch; larger buckets are 
 ROUNDS = 3  # interleaved timing rounds per row count and pass; the best of them counts
 PASSES = 2  # passes over all shapes, a second or more apart: a burst of other load spoils only one
 CACHE_VERSION = 1
-# Timings taken while other processes took more than this much CPU (in cores, on average) are used
-# for this start only: a busy neighbour slows some candidates more than others, and a choice made
-# then would be kept for every later start.
+# Timings taken while other processes took more than this much CPU (in cores, on average) are marked
+# contended: a busy neighbour slows some candidates more than others, so a quiet start measures them
+# again; a start beside a busy neighbour uses them rather than measuring, as contended, once more.
 CONTENDED_CORES = 0.5
+BUSY_SAMPLE_S = 0.25  # how long a start with contended entries watches the other processes first
 
 
 def forced_candidate() -> str | None:
@@ -163,7 +166,7 @@ class ChoiceTable:
 
     shapes: dict[str, Timings]
     forced: str | None = None
-    source: str = "measured"  # "measured", "cache", "forced" or "none"
+    source: str = "measured"  # "measured", "cache", "contended cache", "forced" or "none"
     seconds: float = 0.0      # spent measuring
 
     def plan(self, w: PackedLinear) -> list[tuple[int, str]]:
@@ -213,18 +216,28 @@ def cache_path(key: dict[str, Any], kind: str = "linear") -> Path:
     return cache_subdir("kernels") / f"{kind}-choice-{digest}.json"
 
 
-def cacheable(what: str, watch: OthersWatch) -> bool:
-    """Whether timings of ``what`` taken during ``watch`` may be cached: not when other processes
-    took more than ``CONTENDED_CORES`` meanwhile (then they are used for this start only; logged)."""
+def cacheable(what: str, watch: OthersWatch, otherwise: str) -> bool:
+    """Whether timings of ``what`` taken during ``watch`` are trustworthy: not when other processes
+    took more than ``CONTENDED_CORES`` meanwhile (logged with what happens ``otherwise``)."""
     if watch.others <= CONTENDED_CORES:
         return True
-    log.warning("%s measured while other processes took %.1f of %d cores: used for this start, not cached "
-                "(a quieter start measures again)", what, watch.others, len(watch.cores))
+    log.warning("%s measured while other processes took %.1f of %d cores: %s", what, watch.others,
+                len(watch.cores), otherwise)
     return False
+
+
+def busy_now() -> bool:
+    """Whether other processes take more than ``CONTENDED_CORES`` of this process's cores over
+    ``BUSY_SAMPLE_S``."""
+    with OthersWatch() as watch:
+        time.sleep(BUSY_SAMPLE_S)
+    return watch.others > CONTENDED_CORES
 
 
 def _entry_ok(entry: Any) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("max_rows"), int):
+        return False
+    if not isinstance(entry.get("contended", False), bool):
         return False
     timings = entry.get("timings")
     return isinstance(timings, dict) and all(
@@ -263,6 +276,9 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         shapes = valid_shapes(read_keyed(path, key))
         missing = [s for s, (_, rows) in wanted.items()
                    if fresh or s not in shapes or shapes[s]["max_rows"] < rows]
+        contended = [s for s in wanted if s not in missing and shapes[s].get("contended")]
+        if contended and not busy_now():
+            missing += contended  # measured beside a busy process, and this start is quiet
         names = runnable_candidates(ops) if missing else []  # child processes, once per machine
         start = time.perf_counter()
         timed: dict[str, Timings] = {}
@@ -278,12 +294,17 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
                     done += work[shape]
                     deadline = start + BUDGET_S * done / total
                     timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape), names)
+        trusted = not missing or cacheable("linear kernels", watch, "cached as contended (a quieter start "
+                                           "measures again, a busy one uses them)")
         for shape in missing:
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
+            if not trusted:
+                shapes[shape]["contended"] = True
         spent = time.perf_counter() - start
-        if missing and cacheable("linear kernels", watch):
+        if missing:
             write_keyed(path, key, {"shapes": shapes})
-    table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, "measured" if missing else "cache", spent)
+    source = "measured" if missing else "contended cache" if any(shapes[s].get("contended") for s in wanted) else "cache"
+    table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, source, spent)
     log.info("linear kernels (%s%s): %s", table.source, f" in {spent:.1f} s" if missing else "",
              "; ".join(table.describe()))
     return table

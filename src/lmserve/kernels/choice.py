@@ -303,7 +303,7 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         spent = time.perf_counter() - start
         if missing:
             write_keyed(path, key, {"shapes": shapes})
-    source = "measured" if missing else "contended cache" if any(shapes[s].get("contended") for s in wanted) else "cache"
+    source = "measured" if missing else "contended cache" if contended else "cache"
     table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, source, spent)
     log.info("linear kernels (%s%s): %s", table.source, f" in {spent:.1f} s" if missing else "",
              "; ".join(table.describe()))

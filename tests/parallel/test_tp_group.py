@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -117,3 +118,27 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_an_engine_process_stops_its_ranks_and_exits_by_itself(gpt2_dir: Path) -> None:
+    """A process-group SIGTERM leaves the engine process and its ranks running (they ignore it while
+    the frontend drains); after ``Shutdown`` the engine must stop its ranks itself, or it waits on
+    them at exit until the frontend gives up and kills it (exit code -9)."""
+    from lmserve.config.settings import EngineConfig
+    from lmserve.workers.engine_client import EngineClient
+    from lmserve.workers.messages import EngineSpec
+
+    config = EngineConfig(model=str(gpt2_dir), dtype="fp32", kv_cache_tokens=256, tensor_parallel_degree=2)
+    client = EngineClient(EngineSpec("lmserve.engine.llm_engine:LLMEngine", config))
+
+    async def serve_one_request() -> list[int]:
+        await client.start()
+        await client.wait_ready(timeout=120)
+        try:
+            stream = client.generate([5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True), "r1")
+            return [token for delta in [d async for d in stream] for token in delta.token_ids]
+        finally:
+            await client.shutdown()
+
+    assert len(asyncio.run(serve_one_request())) == 3
+    assert client._process.exitcode == 0

@@ -118,6 +118,12 @@ class LLMEngine:
         self._release(request_id)
         self._aborted.append(self._delta(live, [], None, "abort"))
 
+    def shutdown(self) -> None:
+        """Stop what the runner started (a tensor-parallel group's worker processes). The engine
+        cannot step afterwards. Its owner calls this on the way out: a spawned process joins its
+        children before it exits, and the ranks ignore the SIGTERM that would otherwise end them."""
+        self.runner.shutdown()
+
     def warm_idle(self) -> bool:
         """Idle-time work: map the pages of the next never-used KV blocks, up to ``WARM_AHEAD_TOKENS``
         ahead of the highest block handed out, at most ``WARM_SLICE_BYTES`` per call (a few

@@ -84,6 +84,7 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
     outbox.connect(output_address)
     code = 1
     heartbeat = HeartbeatThread(ctx, output_address, heartbeat_s) if heartbeat_s else None
+    engine = None
     try:
         engine = _build_engine(spec_bytes, outbox)
         if engine is not None:
@@ -92,12 +93,26 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
             outbox.send(encode(Ready(engine.model_info, os.getpid())))
             code = 0 if EngineLoop(engine, inbox, outbox, _thread_governor(spec_bytes, engine)).run() else 1
     finally:
+        _stop_engine(engine)
         if heartbeat is not None:
             heartbeat.stop()  # before ctx.term(), which waits for every socket to close
         outbox.close(linger=2000)  # let the last message (Deltas, EngineFailed) reach the frontend
         inbox.close(linger=0)
         ctx.term()
     sys.exit(code)
+
+
+def _stop_engine(engine: EngineCore | None) -> None:
+    """Let the engine stop what it started (``shutdown`` is optional, as ``LLMEngine``'s is): at exit a
+    spawned process joins its children, and tensor-parallel ranks, which ignore SIGTERM as this
+    process does, would keep it waiting until the frontend kills it."""
+    stop = getattr(engine, "shutdown", None)
+    if stop is None:
+        return
+    try:
+        stop()
+    except Exception:  # noqa: BLE001 - the process exits either way; say why its children may linger
+        logger.exception("the engine did not shut down cleanly")
 
 
 def _take_placement(env: dict[str, str], cpus: list[int] | None) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,11 +65,57 @@ def test_build_key_tracks_sources() -> None:
     assert len(key) == 16 and key == build.build_key()
 
 
-def test_stale_build_lock_is_removed(tmp_path: Path) -> None:
-    lock = tmp_path / "lock"
-    lock.touch()
-    old = lock.stat().st_mtime - build.STALE_LOCK_S - 1
-    os.utime(lock, (old, old))
-    build._clear_stale_lock(lock)
-    assert not lock.exists()
-    build._clear_stale_lock(lock)  # no lock: returns at once
+_HOLD_LOCK = """
+import sys, time
+from lmserve.fsutil import file_lock
+lock = file_lock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+open(sys.argv[1] + ".released", "w").close()
+lock.release()
+"""
+
+
+def _holder(lock: Path, hold_s: float) -> subprocess.Popen[str]:
+    """A process that takes the build lock, as a compile would, and holds it for ``hold_s``."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock), str(hold_s)], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_killed_compile_leaves_no_lock_anyone_waits_on(tmp_path: Path) -> None:
+    """A compile killed mid-way leaves torch's lock file behind; the next build removes it at once
+    instead of waiting on it (torch waits forever), and the OS lock died with its holder."""
+    holder = _holder(tmp_path / "build.lock", 600)
+    (tmp_path / "lock").touch()  # torch's, as the killed compile left it
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    with build.build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert time.monotonic() - started < 60  # not STALE-age polling nor a wait for the dead holder
+
+
+def test_a_live_compile_is_waited_for_and_said_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    holder = _holder(tmp_path / "build.lock", 1.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="lmserve.kernels.build"), build.build_lock(tmp_path):
+            assert (tmp_path / "build.lock.released").exists()  # ours only once the holder let it go
+        assert any("another process is compiling" in r.getMessage() for r in caplog.records)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_compile_that_never_ends_falls_back_instead_of_hanging(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "BUILD_WAIT_S", 0.3)
+    holder = _holder(tmp_path / "build.lock", 600)
+    try:
+        with pytest.raises(TimeoutError, match="held the kernel build lock for over"), build.build_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()

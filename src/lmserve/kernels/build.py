@@ -12,17 +12,21 @@ unusable on this machine, remembered under the machine's key. Builds are cached 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 import threading
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from filelock import Timeout
+
 from lmserve.errors import ConfigError
+from lmserve.fsutil import file_lock
 from lmserve.kernels.machine import cpu_flags, is_x86, machine_key, probe_verdict
 
 log = logging.getLogger(__name__)
@@ -36,9 +40,8 @@ SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_c
 AVX2_SOURCES = ("bindings.cpp", "gemm_avx2.cpp")
 _COMMON_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
-# torch's builder waits forever on the lock file of a compile that was killed; none takes this long.
-STALE_LOCK_S = 600.0
 PROBE_TIMEOUT_S = 1200.0  # the probe compiles on a fresh machine
+BUILD_WAIT_S = 1200.0  # longest wait for another process's compile before using the torch fallback
 
 
 @dataclass(frozen=True)
@@ -176,25 +179,40 @@ def _compile(isa: Isa) -> ModuleType:
     name = f"lmserve_cpu_kernels_{isa.name}_{key}"
     build_dir = cache_subdir("kernels") / f"cpu-{isa.name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir / "lock")
-    if not (build_dir / f"{name}.so").exists():
-        log.info("compiling the %s CPU kernels, once (~30 s) into %s", isa.name, build_dir)
-    module = load(name=name, sources=[str(CSRC / s) for s in isa.sources], extra_cflags=list(isa.compile_flags),
-                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    with build_lock(build_dir):
+        if not (build_dir / f"{name}.so").exists():
+            log.info("compiling the %s CPU kernels, once (~30 s) into %s", isa.name, build_dir)
+        module = load(name=name, sources=[str(CSRC / s) for s in isa.sources],
+                      extra_cflags=list(isa.compile_flags), extra_ldflags=["-fopenmp"],
+                      build_directory=str(build_dir), verbose=False)
     module.lmserve_isa = isa.name  # type: ignore[attr-defined]
     log.debug("%s CPU kernels loaded from %s (torch %s)", isa.name, build_dir, torch.__version__)
     return module
 
 
-def _clear_stale_lock(lock: Path) -> None:
-    """Wait for another process's compile to finish, but remove a lock older than any compile."""
-    while lock.exists():
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold ``build_dir``'s compile lock: one process compiles (or loads) a build at a time.
+
+    It is an OS lock, released when its holder dies, so a compile that was killed stalls nobody.
+    torch's builder keeps a lock file of its own, which a killed compile leaves behind and which
+    torch then waits on forever; every compile here runs under this lock, so whoever holds it
+    knows such a file is stale and removes it."""
+    lock = file_lock(build_dir / "build.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is compiling the CPU kernels into %s; waiting for it", build_dir)
         try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > STALE_LOCK_S:
-            log.warning("removing %s, left by an interrupted compile %.0f s ago", lock, age)
-            lock.unlink(missing_ok=True)
-            return
-        time.sleep(0.5)
+            lock.acquire(timeout=BUILD_WAIT_S)
+        except Timeout:
+            raise TimeoutError(f"another process held the kernel build lock for over {BUILD_WAIT_S:.0f} s"
+                               f" ({build_dir / 'build.lock'})") from None
+    try:
+        torch_lock = build_dir / "lock"
+        if torch_lock.exists():
+            log.warning("removing %s, left by an interrupted compile", torch_lock)
+            torch_lock.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()

@@ -96,3 +96,19 @@ def test_bare_model_checkpoints_load_too(tmp_path: Path, expected: dict) -> None
         llm = LLM(str(bare), dtype="fp32", kv_cache_tokens=1024)
         outputs = llm.generate(prompts[:2], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outputs] == want[:2], family
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "opt", "bloom", "llama"])
+def test_every_layer_is_called_without_torchs_hook_machinery(tmp_path: Path, tokenizer_dir: Path,
+                                                             family: str) -> None:
+    """Each family's layers derive from ``lmserve.kernels.Module``, whose call is its ``forward``:
+    torch's per-call hook checks were a tenth of a small model's single-stream decode step. A
+    family (or a new layer) built on plain ``nn.Module`` would quietly bring that cost back."""
+    from lmserve.kernels import Module
+    from lmserve.models.checkpoint import describe_checkpoint
+
+    make_tiny_model(tmp_path, family, tokenizer_dir)
+    model = describe_checkpoint(tmp_path, torch.float32, torch.device("cpu")).empty_model()
+    plain = sorted({type(m).__name__ for m in model.modules()
+                    if not isinstance(m, Module | torch.nn.ModuleList)})  # fmt: skip
+    assert plain == []

@@ -11,6 +11,7 @@ from lmserve.models.layers import (
     CausalLM,
     ForwardContext,
     LayerNorm,
+    Module,
     PagedAttention,
     alibi_slopes,
     get_activation,
@@ -36,7 +37,7 @@ WEIGHTS = WeightMap(
 )
 
 
-class BloomAttention(nn.Module):
+class BloomAttention(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         heads, d = cfg.num_heads, cfg.head_dim
@@ -54,7 +55,7 @@ class BloomAttention(nn.Module):
         return self.dense(self.attn(q, k, v, ctx))
 
 
-class BloomMLP(nn.Module):
+class BloomMLP(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, [4 * cfg.hidden_size], True, cfg.dtype, state)
@@ -65,7 +66,7 @@ class BloomMLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class BloomBlock(nn.Module):
+class BloomBlock(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         eps = float(cfg.get("layer_norm_epsilon", default=1e-5))
@@ -83,7 +84,7 @@ class BloomBlock(nn.Module):
         return (h if self.residual_after_norm else x) + self.mlp(h)
 
 
-class BloomModel(nn.Module):
+class BloomModel(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         eps = float(cfg.get("layer_norm_epsilon", default=1e-5))

@@ -7,7 +7,15 @@ from torch import nn
 
 from lmserve.errors import UnsupportedModelError
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import CausalLM, ForwardContext, LayerNorm, PagedAttention, get_activation
+from lmserve.models.layers import (
+    CausalLM,
+    Embedding,
+    ForwardContext,
+    LayerNorm,
+    Module,
+    PagedAttention,
+    get_activation,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -29,7 +37,7 @@ WEIGHTS = WeightMap(
 )
 
 
-class GPT2Attention(nn.Module):
+class GPT2Attention(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         heads, d = cfg.num_heads, cfg.head_dim
@@ -48,7 +56,7 @@ class GPT2Attention(nn.Module):
         return self.c_proj(self.attn(q, k, v, ctx))
 
 
-class GPT2MLP(nn.Module):
+class GPT2MLP(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         inner = int(cfg.get("n_inner", default=4 * cfg.hidden_size))
@@ -60,7 +68,7 @@ class GPT2MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class GPT2Block(nn.Module):
+class GPT2Block(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         eps = float(cfg.get("layer_norm_epsilon", default=1e-5))
@@ -74,12 +82,12 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.act_dtype = cfg.act_dtype
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype, state)
-        self.wpe = nn.Embedding(int(cfg.get("n_positions", "max_position_embeddings")), cfg.hidden_size, dtype=cfg.dtype)
+        self.wpe = Embedding(int(cfg.get("n_positions", "max_position_embeddings")), cfg.hidden_size, dtype=cfg.dtype)
         self.layers = nn.ModuleList(GPT2Block(cfg, state, i) for i in range(cfg.num_layers))
         self.ln_f = LayerNorm(cfg.hidden_size, float(cfg.get("layer_norm_epsilon", default=1e-5)), dtype=cfg.dtype)
 

@@ -12,6 +12,7 @@ from lmserve.models.layers import (
     CausalLM,
     ForwardContext,
     LayerNorm,
+    Module,
     PagedAttention,
     get_activation,
     get_rope,
@@ -43,7 +44,7 @@ def rope_settings(cfg: ModelConfig) -> tuple[float, float, dict[str, Any] | None
     return pct, base, scaling
 
 
-class GPTNeoXAttention(nn.Module):
+class GPTNeoXAttention(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         heads, d = cfg.num_heads, cfg.head_dim
@@ -64,7 +65,7 @@ class GPTNeoXAttention(nn.Module):
         return self.dense(self.attn(q, k, v, ctx))
 
 
-class GPTNeoXMLP(nn.Module):
+class GPTNeoXMLP(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         inner = int(cfg.get("intermediate_size"))
@@ -76,7 +77,7 @@ class GPTNeoXMLP(nn.Module):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
-class GPTNeoXLayer(nn.Module):
+class GPTNeoXLayer(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         eps = float(cfg.get("layer_norm_eps", default=1e-5))
@@ -94,7 +95,7 @@ class GPTNeoXLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class GPTNeoXModel(nn.Module):
+class GPTNeoXModel(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.act_dtype = cfg.act_dtype

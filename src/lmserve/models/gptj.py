@@ -10,6 +10,7 @@ from lmserve.models.layers import (
     CausalLM,
     ForwardContext,
     LayerNorm,
+    Module,
     PagedAttention,
     get_activation,
     get_rope,
@@ -32,7 +33,7 @@ WEIGHTS = WeightMap(
 )
 
 
-class GPTJAttention(nn.Module):
+class GPTJAttention(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         heads, d = cfg.num_heads, cfg.head_dim
@@ -51,7 +52,7 @@ class GPTJAttention(nn.Module):
         return self.out_proj(self.attn(q, k, v, ctx))
 
 
-class GPTJMLP(nn.Module):
+class GPTJMLP(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         inner = int(cfg.get("n_inner", default=4 * cfg.hidden_size))
@@ -63,7 +64,7 @@ class GPTJMLP(nn.Module):
         return self.fc_out(self.act(self.fc_in(x)))
 
 
-class GPTJBlock(nn.Module):
+class GPTJBlock(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(cfg.hidden_size, float(cfg.get("layer_norm_epsilon", default=1e-5)), dtype=cfg.dtype)
@@ -75,7 +76,7 @@ class GPTJBlock(nn.Module):
         return x + self.self_attn(positions, h, ctx) + self.mlp(h)
 
 
-class GPTJModel(nn.Module):
+class GPTJModel(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.act_dtype = cfg.act_dtype

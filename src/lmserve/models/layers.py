@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.errors import UnsupportedModelError
-from lmserve.kernels import KernelModule, Ops
+from lmserve.kernels import KernelModule, Module, Ops
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ForwardContext:
     ops: Ops
 
 
-class CausalLM(nn.Module):
+class CausalLM(Module):
     """A family's top module: a decoder stack ``self.model`` and a vocabulary head ``self.lm_head``.
 
     Families build both in ``__init__`` under their checkpoint's names; the engine calls ``forward``
@@ -69,12 +69,16 @@ class RMSNorm(KernelModule):
         return (normed * self.weight.float()).to(x.dtype), residual
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(Module, nn.LayerNorm):
     """LayerNorm computed in float32, returning the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return F.layer_norm(x.float(), self.normalized_shape, None if self.weight is None else self.weight.float(),
                             None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
+
+
+class Embedding(Module, nn.Embedding):
+    """A plain lookup table (learned positions), called as every lmserve layer is."""
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +199,7 @@ def _apply_rope_scaling(inv_freq: torch.Tensor, positions: torch.Tensor,
     raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(Module):
     """Writes this step's keys and values into the paged cache, then attends over each sequence."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_index: int,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import CausalLM, ForwardContext, PagedAttention, RMSNorm, get_rope
+from lmserve.models.layers import CausalLM, ForwardContext, Module, PagedAttention, RMSNorm, get_rope
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     GateUpSwiGLU,
@@ -25,7 +25,7 @@ WEIGHTS = WeightMap(
 )
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int, qkv_bias: bool) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, ctx))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         inter = int(cfg.get("intermediate_size"))
@@ -58,7 +58,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int, qkv_bias: bool) -> None:
         super().__init__()
         eps = float(cfg.get("rms_norm_eps", default=1e-6))
@@ -75,7 +75,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, qkv_bias: bool) -> None:
         super().__init__()
         self.act_dtype = cfg.act_dtype

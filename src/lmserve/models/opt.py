@@ -7,7 +7,15 @@ from torch import nn
 
 from lmserve.errors import UnsupportedModelError
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import CausalLM, ForwardContext, LayerNorm, PagedAttention, get_activation
+from lmserve.models.layers import (
+    CausalLM,
+    Embedding,
+    ForwardContext,
+    LayerNorm,
+    Module,
+    PagedAttention,
+    get_activation,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     ColumnParallelLinear,
@@ -30,7 +38,7 @@ WEIGHTS = WeightMap(
 )
 
 
-class OPTAttention(nn.Module):
+class OPTAttention(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         heads, d, bias = cfg.num_heads, cfg.head_dim, bool(cfg.get("enable_bias", default=True))
@@ -45,7 +53,7 @@ class OPTAttention(nn.Module):
         return self.out_proj(self.attn(q, k, v, ctx))
 
 
-class OPTDecoderLayer(nn.Module):
+class OPTDecoderLayer(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, index: int) -> None:
         super().__init__()
         bias, affine = bool(cfg.get("enable_bias", default=True)), bool(cfg.get("layer_norm_elementwise_affine",
@@ -67,14 +75,14 @@ class OPTDecoderLayer(nn.Module):
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
-class OPTModel(nn.Module):
+class OPTModel(Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.act_dtype = cfg.act_dtype
         hidden, proj = cfg.hidden_size, int(cfg.get("word_embed_proj_dim", default=cfg.hidden_size))
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, proj, cfg.dtype, state)
         positions = int(cfg.get("max_position_embeddings")) + POSITION_OFFSET
-        self.embed_positions = nn.Embedding(positions, hidden, dtype=cfg.dtype)
+        self.embed_positions = Embedding(positions, hidden, dtype=cfg.dtype)
         # project_in/out map between a narrower embedding and the hidden size (OPT-350m).
         self.project_in = ReplicatedLinear(proj, hidden, dtype=cfg.dtype, state=state) if proj != hidden else None
         self.project_out = ReplicatedLinear(hidden, proj, dtype=cfg.dtype, state=state) if proj != hidden else None

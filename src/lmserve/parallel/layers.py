@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.kernels import KernelModule, Ops, PackedLinear
+from lmserve.kernels import KernelModule, Module, Ops, PackedLinear
 from lmserve.parallel.sharding import HeadLayout, Split, kv_heads, pad_vocab, query_heads, shard
 from lmserve.parallel.state import SINGLE, ParallelState
 
@@ -253,7 +253,7 @@ class RowParallelLinear(LinearBase):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Module):
     """Embedding rows split by (padded) vocabulary; each rank looks up its own ids, then all-reduce."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,

@@ -35,6 +35,8 @@ the model id without ``.tar.gz``/``.tgz``/``.tar``/``.gguf``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -131,6 +133,44 @@ def analyse_config(
         errors.extend(_check(config, winners))
     return Analysis(tuple(gathered.settings), winners, values, tuple(gathered.unknown), tuple(warnings),
                     tuple(errors), None if errors else config)  # fmt: skip
+
+
+def engine_config(model: str, options: Mapping[str, Any]) -> EngineConfig:
+    """An ``EngineConfig`` from keyword arguments named as its fields (the offline ``LLM``'s), each
+    value checked and read by the key that sets that field in serving.properties: the same spellings
+    (``dtype="float16"``), the same limits, the same ``ConfigError`` naming the argument. ``None``
+    leaves a field at its default; every problem is reported at once."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+    values: dict[str, Any] = {}
+    errors: list[ConfigError] = []
+    for name, raw in options.items():
+        if name not in fields:
+            near = difflib.get_close_matches(name, sorted(fields), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            errors.append(UnknownKeyError(name, raw, f"{hint}the engine's settings are {', '.join(sorted(fields))}"))
+            continue
+        if raw is None:
+            continue
+        key = _ENGINE_KEY.get(name)
+        if key is None:  # a field no serving.properties key sets: taken as given
+            values[name] = raw
+            continue
+        if type(raw).__module__ == "torch" and type(raw).__name__ == "dtype":
+            raw = str(raw).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16", a dtype alias
+        try:
+            values[name] = key.type.parse(raw)
+        except (ValueError, TypeError):
+            errors.append(ConfigError(name, raw, key.type.allowed))
+    if len(errors) > 1:
+        raise ConfigErrors(errors)
+    if errors:
+        raise errors[0]
+    return EngineConfig(model=model, **values)
+
+
+# EngineConfig field -> the key that sets it (the first, where aliases of one field are separate keys).
+_ENGINE_KEY = {key.field.removeprefix("engine."): key for key in reversed(KEYS)
+               if key.field is not None and key.field.startswith("engine.")}
 
 
 def default_model_name(model_id: str) -> str:

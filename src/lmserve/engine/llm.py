@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -10,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmserve.config.load import engine_config
 from lmserve.config.settings import EngineConfig
 from lmserve.engine.outputs import CompletionOutput, RequestDelta
 from lmserve.engine.sampling_params import SamplingParams
@@ -40,12 +42,14 @@ class LLM:
 
     ``LLM()`` loads the default model (fetched on first use). Keyword arguments are the fields of
     ``EngineConfig`` (``dtype``, ``device``, ``tensor_parallel_degree``, ``max_model_len``,
-    ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_tokens``, ``enable_prefix_caching`` ...).
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_tokens``, ``enable_prefix_caching`` ...),
+    checked as the serving.properties keys that set them are: a bad or unknown one is a
+    ``ConfigError`` naming it, before any model loads; ``None`` means the default.
     """
 
     def __init__(self, model: str | Path | None = None, **engine_kwargs: Any) -> None:
-        model_dir = resolve_model_dir(model)
-        self.config = EngineConfig(model=str(model_dir), **engine_kwargs)
+        checked = engine_config("", engine_kwargs)  # before fetching a model a typo would waste
+        self.config = dataclasses.replace(checked, model=str(resolve_model_dir(model)))
         self.engine = _make_engine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import statistics
 
 import pytest
@@ -93,6 +95,18 @@ def test_pricing_choices() -> None:
     assert table.matching(2, 0) is not None and table.matching(2, 0).gpus == 0
     with pytest.raises(BenchUsageError, match="--instance"):
         choose_pricing(table, "no-such-instance", None)
+
+
+def test_prices_from_an_old_table_come_with_a_warning_to_check_them() -> None:
+    table = PriceTable.load()
+    named = choose_pricing(table, "c7i.large", None)
+    taken = datetime.date.fromisoformat(table.date)
+    assert named.warning(today=taken + datetime.timedelta(days=30)) is None
+    stale = named.warning(today=taken + datetime.timedelta(days=800))
+    assert stale is not None and table.date in stale and "--prices" in stale and "2.2 years" in stale
+    assert choose_pricing(table, None, 0.5).warning(today=taken + datetime.timedelta(days=800)) is None  # own price
+    undated = dataclasses.replace(named, table_date="June 2024")
+    assert "not a date" in (undated.warning() or "")
 
 
 def test_pinning_keeps_small_machines_whole() -> None:

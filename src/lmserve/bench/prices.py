@@ -3,11 +3,13 @@
 The table (``instances.json`` next to this file, or ``--prices FILE`` in the same form) lists
 instance types with their hourly price, vCPUs, memory and GPUs, and the date the prices were taken.
 ``--instance NAME`` picks one; ``--price-per-hour`` prices your own machine instead; by default the
-cheapest entry with this machine's vCPUs and GPUs is used, and the report says which.
+cheapest entry with this machine's vCPUs and GPUs is used, and the report says which. Prices from
+a table dated more than ``STALE_AFTER_DAYS`` ago come with a warning to check them.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from typing import Any
 from lmserve.bench import BenchUsageError
 
 DEFAULT_TABLE = Path(__file__).with_name("instances.json")
+STALE_AFTER_DAYS = 365
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,20 @@ class Pricing:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def warning(self, today: datetime.date | None = None) -> str | None:
+        """Why the price may be wrong: it comes from a table dated over ``STALE_AFTER_DAYS`` ago."""
+        if self.table_date is None:
+            return None
+        try:
+            taken = datetime.date.fromisoformat(self.table_date)
+        except ValueError:
+            return f"the price table's date {self.table_date!r} is not a date (YYYY-MM-DD): check its prices"
+        days = ((today or datetime.date.today()) - taken).days
+        if days <= STALE_AFTER_DAYS:
+            return None
+        return (f"the prices were taken on {self.table_date}, {days / 365.25:.1f} years ago: check them, "
+                "and pass --prices FILE (a copy of the table, edited) or --price-per-hour")
 
 
 def local_gpus() -> int:

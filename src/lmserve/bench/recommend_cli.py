@@ -117,6 +117,9 @@ def print_plan(plan: Any, ns: argparse.Namespace) -> None:
     print(f"lmserve recommend {plan.model or '(the default model)'}: {len(plan.configs)} configuration(s) on {plan.device}; "
           f"SLO p{plan.percentile} {plan.slo}; {plan.pinning.note}")  # fmt: skip
     print(f"price: {plan.pricing.hourly:g} {plan.pricing.currency}/hour ({plan.pricing.label}: {plan.pricing.why})")
+    stale = plan.pricing.warning()
+    if stale:
+        print(f"warning: {stale}")
     for config in plan.configs:
         levels = plan.levels_bound(config)
         # A level lasts about (requests / concurrency) rounds of one request each.

@@ -119,7 +119,8 @@ def write_html(path: Path, plan: SweepPlan, ranked: list[dict[str, Any]]) -> Non
             _fmt(at.get("server_rss_mib"), 0))) + "</tr>")  # fmt: skip
     pricing = plan.pricing
     price_note = (f"{pricing.hourly:g} {pricing.currency}/hour: {html.escape(pricing.label)} ({html.escape(pricing.why)}"
-                  + (f"; price table of {html.escape(pricing.table_date)}" if pricing.table_date else "") + ")")  # fmt: skip
+                  + (f"; price table of {html.escape(pricing.table_date)}" if pricing.table_date else "") + ")"
+                  + (f" <strong>Warning: {html.escape(stale)}.</strong>" if (stale := pricing.warning()) else ""))  # fmt: skip
     figures = "".join(f"<figure><figcaption>{html.escape(t)}</figcaption>{svg}</figure>" for t, svg in charts(plan, ranked))
     w = plan.workload
     model = plan.model or "the default model"

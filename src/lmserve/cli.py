@@ -48,7 +48,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_serve(ns: argparse.Namespace) -> int:
     from lmserve.config import cli_overrides, load_serving_config
-    from lmserve.errors import ConfigError
+    from lmserve.errors import ConfigError, ConfigErrors
     from lmserve.server.runtime import DEFAULT_ENGINE_FACTORY, LoadPlan
     from lmserve.server.serve import run_server
 
@@ -59,8 +59,12 @@ def _run_serve(ns: argparse.Namespace) -> int:
     try:
         config = load_serving_config(ns.model, cli=overrides, properties=properties)
     except ConfigError as exc:
-        if ns.model is not None or exc.key != "option.model_id":
+        errors: tuple[ConfigError, ...] = getattr(exc, "errors", (exc,))
+        others = [error for error in errors if error.key != "option.model_id"]
+        if ns.model is not None or len(others) == len(errors):
             raise
+        if others:  # no model means the default one: only the other problems are errors
+            raise others[0] if len(others) == 1 else ConfigErrors(others) from None
         from lmserve.store.default_model import default_model_dir
 
         logging.getLogger("lmserve").info("no model given: serving the default model")

@@ -29,6 +29,16 @@ def test_bad_configuration_is_one_line_and_exit_2(tiny_model_dir: Path, capsys: 
     assert "Traceback" not in err
 
 
+def test_without_a_model_the_errors_are_the_real_ones_not_a_missing_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """No model means the default model; a bad flag beside it must not also read "no model given"."""
+    assert main(["serve", "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "'option.quantize'" in err and "int3" in err and "model_id" not in err
+    assert main(["serve", "--quantize", "int3", "--port", "eighty"]) == 2
+    err = capsys.readouterr().err
+    assert "2 configuration errors" in err and "eighty" in err and "model_id" not in err
+
+
 VLLM_SAMPLE = """\
 option.model_id=meta-llama/Llama-3.1-8B-Instruct
 option.entryPoint=djl_python.lmi_vllm.vllm_async_service

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels import Ops, PackedLinear, ReferenceOps, get_ops
-from lmserve.kernels.choice import CANDIDATES, plan_for, unavailable
+from lmserve.kernels.candidates import CANDIDATES, unavailable
+from lmserve.kernels.choice import plan_for
 from lmserve.kernels.machine import FLAGS_THAT_MATTER, cpu_flags, cpu_model
 
 LINEAR_SHAPES = {  # name: (out, in)

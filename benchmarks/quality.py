@@ -120,6 +120,7 @@ def main() -> int:
     step = max(args.prompt_len, len(ids) // max(args.prompts, 1))
     prompts = [ids[i:i + args.prompt_len] for i in range(0, step * args.prompts, step)][:args.prompts]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = ["none", *(m for m in modes if m != "none")]  # bf16 first: the "vs bf16" column divides by it
     print(f"model {model_dir.name}; text: docstrings of {', '.join(MODULES)} (Python "
           f"{sys.version.split()[0]}), {len(text)} characters, {len(ids)} tokens scored in windows of {args.window}")
     base = greedy(model_dir, "none", prompts, args.new_tokens) if args.prompts else []
@@ -130,7 +131,7 @@ def main() -> int:
         ppl, mib, _ = perplexity(model_dir, mode, ids, args.window)
         results[mode] = ppl
         share, same = agreement(base, greedy(model_dir, mode, prompts, args.new_tokens)) if args.prompts else (1.0, 0)
-        rel = ppl / results["none"] - 1 if "none" in results else float("nan")
+        rel = ppl / results["none"] - 1
         label = "none (bf16)" if mode == "none" else mode
         print(f"| {label} | {mib:.1f} | {ppl:.3f} | {rel:+.2%} | {share:.1%} | {same}/{len(prompts)} |", flush=True)
     return 0

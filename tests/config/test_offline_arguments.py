@@ -38,3 +38,11 @@ def test_a_misspelt_argument_suggests_the_field_and_every_problem_comes_at_once(
     with pytest.raises(ConfigErrors) as caught:
         engine_config("m", {"device": "tpu", "block_size": 0, "colour": "red"})
     assert sorted(e.key for e in caught.value.errors) == ["block_size", "colour", "device"]
+
+
+def test_max_degree_is_one_rank_on_the_cpu_as_the_launcher_resolves_it() -> None:
+    from lmserve.engine.llm import _degree
+
+    config = engine_config("m", {"tensor_parallel_degree": "max", "device": "cpu"})
+    assert _degree(config) == 1
+    assert _degree(engine_config("m", {"tensor_parallel_degree": 2})) == 2

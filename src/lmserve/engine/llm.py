@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from lmserve.config.load import engine_config
 from lmserve.config.settings import EngineConfig
+from lmserve.config.values import TENSOR_PARALLEL_MAX
 from lmserve.engine.outputs import CompletionOutput, RequestDelta
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import InvalidRequestError
@@ -49,7 +50,8 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **engine_kwargs: Any) -> None:
         checked = engine_config("", engine_kwargs)  # before fetching a model a typo would waste
-        self.config = dataclasses.replace(checked, model=str(resolve_model_dir(model)))
+        self.config = dataclasses.replace(checked, model=str(resolve_model_dir(model)),
+                                          tensor_parallel_degree=_degree(checked))
         self.engine = _make_engine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -104,6 +106,18 @@ class LLM:
                 await asyncio.sleep(0)
         finally:
             self.engine.abort_request(rid)
+
+
+def _degree(config: EngineConfig) -> int:
+    """``tensor_parallel_degree="max"`` resolved as the server's launcher does: every visible GPU
+    on CUDA, one rank on the CPU (ranks there would split the same cores)."""
+    if config.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
+        return config.tensor_parallel_degree
+    import torch
+
+    from lmserve.kernels.device import resolve_device
+
+    return max(1, torch.cuda.device_count()) if resolve_device(config.device).type == "cuda" else 1
 
 
 def _make_engine(config: EngineConfig) -> Any:

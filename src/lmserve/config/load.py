@@ -168,9 +168,8 @@ def engine_config(model: str, options: Mapping[str, Any]) -> EngineConfig:
     return EngineConfig(model=model, **values)
 
 
-# EngineConfig field -> the key that sets it (the first, where aliases of one field are separate keys).
-_ENGINE_KEY = {key.field.removeprefix("engine."): key for key in reversed(KEYS)
-               if key.field is not None and key.field.startswith("engine.")}
+# EngineConfig field -> the key that sets it.
+_ENGINE_KEY = {key.field.removeprefix("engine."): key for key in KEYS if key.field and key.field.startswith("engine.")}
 
 
 def default_model_name(model_id: str) -> str:

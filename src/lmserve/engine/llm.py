@@ -109,8 +109,9 @@ class LLM:
 
 
 def _degree(config: EngineConfig) -> int:
-    """``tensor_parallel_degree="max"`` resolved as the server's launcher does: every visible GPU
-    on CUDA, one rank on the CPU (ranks there would split the same cores)."""
+    """``tensor_parallel_degree="max"`` resolved by the rule of the launcher's
+    ``workers.placement.resolve_degree`` (every visible GPU on CUDA, one rank on the CPU), counted
+    with torch, which this process has already imported (the launcher's frontend must not)."""
     if config.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
         return config.tensor_parallel_degree
     import torch

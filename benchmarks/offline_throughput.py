@@ -7,6 +7,12 @@ bf16 Llama of TinyLlama-1.1B's shape (written once into the lmserve cache), 16 r
 speed (one request, the same new tokens). lmserve and Hugging Face run in this process, one after
 another, so they share the machine's state; rerun to see the noise.
 
+The last column divides each system's time by the workload's floor on this machine (its arithmetic
+at the fastest linear kernel here, or its prompts' arithmetic followed by the decode passes of the
+last request to start, each reading every weight at the measured memory bandwidth, whichever is
+longer; ``peers/roofline.py``): the highest ratio over that system any implementation of the same
+arithmetic could reach here.
+
 ``ov-genai`` (optional) is OpenVINO GenAI's continuous batching pipeline, in a child process of its
 own virtual environment: the same checkpoint exported to OpenVINO IR with fp16 weights and no
 compression, bf16 compute and bf16 KV cache, the same token ids, greedy, exactly as many new tokens.
@@ -29,6 +35,7 @@ import torch
 from peers.cpuinfo import describe_cpu
 from peers.model_shapes import MODEL_SHAPES, model_dir_for
 from peers.ov_genai import ov_python, run_ov_genai
+from peers.roofline import floor_for
 
 from lmserve.dtypes import DTYPES, torch_dtype
 
@@ -193,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OpenVINO GenAI's step token budget (its own default: 256)")
     parser.add_argument("--ov-cache-gb", type=int, default=4, help="OpenVINO GenAI's KV cache size")
     parser.add_argument("--no-single-stream", action="store_true")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor (benchmarks/peers/roofline.py)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -226,11 +234,16 @@ def main() -> None:
         table.append((name, tokens, seconds, tokens / seconds))
         print(f"  {name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s", flush=True)
     base = {name: tps for name, _, _, tps in table}
-    print("\n| system | output tokens | seconds | output tok/s | lmserve / system |")
-    print("|---|---:|---:|---:|---:|")
+    floor = None if args.no_floor else floor_for(args.model, [len(p) for p in prompts], args.new_tokens)
+    print("\n| system | output tokens | seconds | output tok/s | lmserve / system | floor / system |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, tokens, seconds, tps in table:
         ratio = f"{base['lmserve'] / tps:.2f}x" if "lmserve" in base else "-"
-        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio} |")
+        most = f"{seconds / floor.seconds:.2f}x" if floor else "-"
+        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio} | {most} |")
+    if floor:
+        print(f"\n{floor.describe()}; 'floor / system' is the most any system doing this arithmetic in this "
+              "precision could gain over that one")
     if "lmserve" in GENERATED and len(GENERATED) > 1:
         print("\n| greedy agreement with lmserve (mean share of each output before the first difference) | |")
         print("|---|---:|")

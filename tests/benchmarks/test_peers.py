@@ -135,3 +135,27 @@ def test_single_stream_prompt_fits_a_vocabulary_smaller_than_the_default_models(
         prompt = offline_throughput.single_stream_prompt(32000)
         assert len(prompt) == 16 and max(prompt) < 32000
     assert offline_throughput.single_stream_prompt(32000) == offline_throughput.single_stream_prompt(32000)
+
+
+def test_the_floor_counts_each_weight_once_per_pass_and_the_last_request_decodes_alone(tmp_path: Path) -> None:
+    from peers.roofline import Floor, Work, workload
+
+    shape = LlamaShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=100)
+    (tmp_path / "config.json").write_text(json.dumps(llama_config(shape)))
+    # Per layer: q and o 64x64, k and v 64x32 (2 KV heads of 16), gate, up and down 64x128.
+    linear = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    head = 100 * 64
+    attention = 2 * 2 * 4 * 16 * 2  # per (query, key) pair: 2 layers, QK^T and PV, 2 FLOPs per head dimension
+    # Prompts of 3 and 5 tokens, 2 new each: the prompts' passes give the first token of each...
+    prompts = 2 * linear * 8 + 2 * head * 2 + attention * (3 * 4 // 2 + 5 * 6 // 2)
+    # ...then one decode pass per request, over 4 and 6 positions.
+    decode = 2 * (linear + head) * 2 + attention * (4 + 6)
+    work = workload(tmp_path, [3, 5], 2)
+    assert work == Work(flops=prompts + decode, prompt_flops=prompts, weight_bytes=2 * (linear + head), serial_passes=1)
+    # Compute-bound: all the arithmetic at the kernel's rate is the longer bound.
+    fast_memory = Floor(work, rate=work.flops / 2, kernel="k", bandwidth=1e12)
+    assert fast_memory.seconds == fast_memory.compute_seconds == 2
+    # Memory-bound: the prompts' arithmetic, then the last request's pass reading every weight.
+    slow_memory = Floor(work, rate=work.flops / 2, kernel="k", bandwidth=work.weight_bytes / 3)
+    assert slow_memory.seconds == slow_memory.serial_seconds == pytest.approx(2 * prompts / work.flops + 3)

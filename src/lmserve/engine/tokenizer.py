@@ -1,6 +1,7 @@
 """The model's tokenizer and chat template, loaded from a model directory.
 
-Imports no torch, so the HTTP frontend can tokenize and apply chat templates cheaply.
+Imports no torch itself; transformers does when torch is installed, except in the HTTP frontend, which
+marks torch absent first (``server.loading.forbid_torch``), so tokenizing there stays cheap.
 """
 
 from __future__ import annotations

@@ -119,3 +119,15 @@ def test_a_compile_that_never_ends_falls_back_instead_of_hanging(tmp_path: Path,
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_installs_at_two_places_build_apart_but_share_the_key(tmp_path: Path) -> None:
+    # torch's builder records the sources' paths: two installs sharing a build directory would each
+    # find the other's build stale and compile again on every switch.
+    isa, key = build.ISAS["avx512"], build.build_key()
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    here = build.build_dir_name(isa, key)
+    assert here == build.build_dir_name(isa, key, build.CSRC) and here.startswith(f"cpu-avx512-{key}-")
+    assert build.build_dir_name(isa, key, copy) != here
+    assert build.build_dir_name(build.ISAS["avx2"], key) != here

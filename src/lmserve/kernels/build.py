@@ -117,6 +117,17 @@ def build_key(isa: Isa | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def build_dir_name(isa: Isa, key: str, csrc: Path = CSRC) -> str:
+    """The build directory of ``isa``'s kernels with build key ``key`` from sources at ``csrc``.
+
+    Installs at two places (two virtual environments, a checkout and a wheel) share one cache, and
+    torch's builder records the sources' paths: sharing one directory, each would find the other's
+    build stale and compile again (~30 s) on every switch. So the place is part of the name, as a
+    hash; the build key, which the kernel-choice and probe caches use, stays the sources' content."""
+    where = hashlib.sha256(str(csrc.resolve()).encode()).hexdigest()[:8]
+    return f"cpu-{isa.name}-{key}-{where}"
+
+
 def load_cpu_kernels() -> ModuleType | None:
     """The best compiled kernel module that runs here (its ``lmserve_isa`` names the build), built
     and probed on first use; None (logged once) when none is available."""
@@ -177,7 +188,7 @@ def _compile(isa: Isa) -> ModuleType:
 
     key = build_key(isa)
     name = f"lmserve_cpu_kernels_{isa.name}_{key}"
-    build_dir = cache_subdir("kernels") / f"cpu-{isa.name}-{key}"
+    build_dir = cache_subdir("kernels") / build_dir_name(isa, key)
     build_dir.mkdir(parents=True, exist_ok=True)
     with build_lock(build_dir):
         if not (build_dir / f"{name}.so").exists():

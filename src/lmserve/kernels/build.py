@@ -7,7 +7,8 @@ must not depend on the machine that happened to compile first. A CPU's flags are
 either: before the server process loads a build, a child process compiles it, loads it and runs a
 tiny product (:func:`probe`); a child killed by a signal (an illegal instruction) marks that build
 unusable on this machine, remembered under the machine's key. Builds are cached under
-``cache_subdir("kernels")``, keyed by the sources, the flags and the torch version.
+``cache_subdir("kernels")``, keyed by the sources, the flags and the torch version, one directory per
+install location (:func:`build_dir_name`).
 """
 
 from __future__ import annotations

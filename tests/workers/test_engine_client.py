@@ -182,3 +182,38 @@ async def test_requests_that_outgrow_the_kv_pool_are_preempted_and_still_finish(
         assert stats.num_preempted_total > 0 and stats.kv_blocks_free == 6
     finally:
         await client.shutdown()
+
+
+_DROP_WITHOUT_SHUTDOWN = """
+import asyncio, gc, os, pickle, signal, sys
+from lmserve.workers.engine_client import EngineClient
+from lmserve.workers.messages import Shutdown
+
+async def main():
+    client = EngineClient(pickle.loads(bytes.fromhex(sys.argv[1])))
+    await client.start()
+    await client.wait_ready(timeout=60)
+    os.kill(client.pid, signal.SIGKILL)
+    client._process.join(10)
+    for _ in range(3):
+        client._send(Shutdown())  # queued for an engine that is gone
+    # The client is dropped without shutdown() (a bug elsewhere, a failed start): collecting it
+    # destroys its zmq contexts, which closes the sockets with their own linger.
+
+if __name__ == "__main__":  # the engine process is spawned: it must not run this again
+    asyncio.run(main())
+    gc.collect()
+    print("collected", flush=True)
+"""
+
+
+def test_a_client_dropped_without_shutdown_never_hangs_the_process(fake_spec) -> None:
+    # Sockets with messages queued for a dead engine once blocked garbage collection forever (a
+    # context's destructor waits for them to be sent), hanging whatever code happened to trigger it.
+    import pickle
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _DROP_WITHOUT_SHUTDOWN, pickle.dumps(fake_spec()).hex()],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "collected" in done.stdout, done.stderr[-2000:]

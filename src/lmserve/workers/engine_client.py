@@ -50,6 +50,7 @@ from lmserve.workers.messages import (
 from lmserve.workers.placement import Placement
 from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
+from lmserve.workers.zmq_contexts import async_context, sync_context
 
 logger = logging.getLogger("lmserve.engine_client")
 _EXIT_GRACE_S = 0.2  # after the process exits, how long its last message (EngineFailed) may take
@@ -95,11 +96,9 @@ class EngineClient:
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._dir = Path(tempfile.mkdtemp(prefix="lmserve-"))
         inbox, outbox = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
-        self._actx = zmq.asyncio.Context()
-        self._output = self._actx.socket(zmq.PULL)
+        self._output = async_context().socket(zmq.PULL)  # process-wide contexts: see zmq_contexts.py
         self._output.bind(outbox)
-        self._sctx = zmq.Context()
-        self._input = self._sctx.socket(zmq.PUSH)
+        self._input = sync_context().socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)  # queue, never block: sends happen on the event loop
         self._input.connect(inbox)
         spawn = multiprocessing.get_context("spawn")
@@ -147,8 +146,6 @@ class EngineClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._output.close(linger=0)
         self._input.close(linger=0)
-        self._actx.term()
-        self._sctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property

@@ -48,7 +48,6 @@ from lmserve.handlers.messages import (
 from lmserve.handlers.worker_process import run_handler_worker
 from lmserve.workers.engine_client import ReplicaState
 from lmserve.workers.placement import Placement
-from lmserve.workers.zmq_contexts import async_context
 
 logger = logging.getLogger("lmserve.handlers")
 _EXIT_GRACE_S = 0.2
@@ -120,7 +119,7 @@ class HandlerClient:
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._dir = Path(tempfile.mkdtemp(prefix="lmserve-handler-"))
         address = f"ipc://{self._dir}/pair"
-        self._sock = async_context().socket(zmq.PAIR)  # process-wide: see workers/zmq_contexts.py
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.PAIR)  # process-wide, as in EngineClient.start
         self._sock.bind(address)
         ctx = multiprocessing.get_context("spawn")
         where = self.placement

@@ -50,7 +50,6 @@ from lmserve.workers.messages import (
 from lmserve.workers.placement import Placement
 from lmserve.workers.replica_state import ReplicaState
 from lmserve.workers.request_stream import RequestStream
-from lmserve.workers.zmq_contexts import async_context, sync_context
 
 logger = logging.getLogger("lmserve.engine_client")
 _EXIT_GRACE_S = 0.2  # after the process exits, how long its last message (EngineFailed) may take
@@ -96,9 +95,12 @@ class EngineClient:
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._dir = Path(tempfile.mkdtemp(prefix="lmserve-"))
         inbox, outbox = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
-        self._output = async_context().socket(zmq.PULL)  # process-wide contexts: see zmq_contexts.py
+        # Sockets of pyzmq's process-wide contexts, never one per client: a client collected without
+        # shutdown() had its own context's destructor wait forever on sockets the collector had
+        # already unlinked from it, hanging whatever code triggered the collection.
+        self._output = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self._output.bind(outbox)
-        self._input = sync_context().socket(zmq.PUSH)
+        self._input = zmq.Context.instance().socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)  # queue, never block: sends happen on the event loop
         self._input.connect(inbox)
         spawn = multiprocessing.get_context("spawn")

@@ -9,7 +9,10 @@ end-of-sequence ignored): at each ``--streams`` level, a closed loop of that man
 of ``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
 Each level is measured ``--rounds`` times (default 3) and its median round by output tokens/s is
 reported. Prints output tokens/s, TTFT p50 and TPOT p50 per system and level, the ratios against llama.cpp,
-and the CPU it ran on. ``--busy 1`` repeats each level beside a process spinning on one core and
+and the CPU it ran on. ``TTFT / floor`` divides lmserve's (bf16) TTFT p50 by the least any server
+could reach on this machine: each level starts as one burst of equal prompts, and the one to get its
+first token k-th waits for k prompts' arithmetic at the fastest bf16 linear kernel measured here
+(``peers/roofline.py``; ``--no-floor`` skips it). ``--busy 1`` repeats each level beside a process spinning on one core and
 prints the share of its uncontended throughput each server kept.
 
     benchmarks/peers/build_llama_server.sh                      # once (long: a C++ build)
@@ -35,11 +38,12 @@ from pathlib import Path
 
 import httpx
 from peers.cpuinfo import describe_cpu
+from peers.roofline import fastest_linear, first_token_floors, workload
 
 from lmserve.bench.datasets import random_prompts
 from lmserve.bench.dialects import Prompt, dialect
 from lmserve.bench.launch import ServeConfig, ServerProcess, free_port
-from lmserve.bench.metrics import Summary, summarize
+from lmserve.bench.metrics import Summary, percentile, summarize
 from lmserve.bench.runner import LoadSpec, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +178,28 @@ def measure(url: str, prompts: list[Prompt], warmup: Prompt, streams: int, timeo
     return summarize(asyncio.run(run_load(spec, prompts)).records)
 
 
+def level_requests(args: argparse.Namespace, streams: int) -> int:
+    """Requests sent at one stream level: ``--num-requests``, default one per stream and at least 8."""
+    return int(args.num_requests or max(streams, 8))
+
+
+def ttft_floors(args: argparse.Namespace) -> dict[int, float]:
+    """Per stream level, the least TTFT p50 (ms) any server could reach here with bf16 arithmetic."""
+    from transformers import AutoConfig
+
+    from lmserve.store.default_model import pull_default_model
+
+    model = pull_default_model()
+    config = AutoConfig.from_pretrained(model)
+    kernel, rate = fastest_linear(config.hidden_size, config.intermediate_size)
+    prompt = workload(model, [args.prompt_len], 1).prompt_flops
+    floors = {streams: 1000 * percentile(first_token_floors(prompt, level_requests(args, streams), streams, rate), 50)
+              for streams in args.streams}  # fmt: skip
+    print(f"TTFT p50 floor: {', '.join(f'{floors[s]:.0f} ms at {s} streams' for s in args.streams)} "
+          f"({prompt / 1e9:.1f} GFLOP a prompt at {rate / 1e9:.0f} GFLOP/s, {kernel})", flush=True)
+    return floors
+
+
 def workloads(args: argparse.Namespace) -> tuple[dict[int, list[list[Prompt]]], Prompt]:
     """Per stream level one prompt set per measurement (each round, unloaded and with ``--busy``;
     ``--num-requests`` prompts, default one per stream and at least 8), and a warm-up prompt; exact
@@ -184,7 +210,7 @@ def workloads(args: argparse.Namespace) -> tuple[dict[int, list[list[Prompt]]], 
     measurements = args.rounds * (2 if args.busy else 1)
     levels = {}
     for streams in args.streams:
-        n = args.num_requests or max(streams, 8)
+        n = level_requests(args, streams)
         levels[streams] = [random_prompts(n, (args.prompt_len,) * 2, (args.new_tokens,) * 2,
                                           args.seed + streams + 1000 * m, tokenizer) for m in range(measurements)]  # fmt: skip
     warmup = random_prompts(1, (16, 16), (4, 4), args.seed - 1, tokenizer)[0]
@@ -216,21 +242,24 @@ def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[
         return measure_levels(name, server.url, levels, warmup, args)
 
 
-def print_table(rows: list[Row]) -> None:
-    """One line per system and level; ratios against llama.cpp at the same level, and with ``--busy``
-    the share of its own uncontended throughput each system kept."""
+def print_table(rows: list[Row], floors: dict[int, float] | None = None) -> None:
+    """One line per system and level; ratios against llama.cpp at the same level, with ``--busy``
+    the share of its own uncontended throughput each system kept, and bf16 lmserve's TTFT p50 over
+    its floor (``floors``: ms per stream level, unloaded)."""
     tps = {(r.system, r.streams, r.busy): r.summary.output_token_throughput for r in rows}
     print("\n| system | streams | busy procs | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | failed "
-          "| vs llama.cpp | kept |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| vs llama.cpp | kept | TTFT / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r.busy, -r.streams, r.system != "llama.cpp", r.system)):
         s = r.summary
         base = tps.get(("llama.cpp", r.streams, r.busy))
         ratio = f"{s.output_token_throughput / base:.2f}x" if base else "-"
         alone = tps.get((r.system, r.streams, 0))
         kept = f"{s.output_token_throughput / alone:.0%}" if r.busy and alone else "-"
+        floor = (floors or {}).get(r.streams) if r.system == "lmserve" and not r.busy else None
+        over = f"{s.ttft_ms.p50 / floor:.2f}x" if floor else "-"
         print(f"| {r.system} | {r.streams} | {r.busy} | {s.output_token_throughput:.1f} | {s.ttft_ms.p50:.0f} | "
-              f"{s.tpot_ms.p50:.1f} | {s.failed} | {ratio} | {kept} |")
+              f"{s.tpot_ms.p50:.1f} | {s.failed} | {ratio} | {kept} | {over} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -255,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="measurements of each level; the median round by output tokens/s is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-floor", action="store_true", help="skip the TTFT floor (benchmarks/peers/roofline.py)")
     args = parser.parse_args(argv)
     try:
         args.streams = [int(s) for s in args.streams.split(",") if s.strip()]
@@ -276,13 +306,14 @@ def main() -> None:
     print(f"cpu: {describe_cpu()}")
     print(f"workload: {args.prompt_len}-token prompts, {args.new_tokens} new tokens, streams {args.streams}")
     levels, warmup = workloads(args)
+    floors = None if args.no_floor or "lmserve" not in args.systems else ttft_floors(args)  # on a quiet machine
     rows: list[Row] = []
     if "llama.cpp" in args.systems:
         rows += run_llama(args, levels, warmup)
     if "lmserve" in args.systems:
         for quantize in args.quantize:
             rows += run_lmserve(args, quantize, levels, warmup)
-    print_table(rows)
+    print_table(rows, floors)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ hold for any schedule:
 
 The larger is the floor: no system doing the same arithmetic in the same precision beats it, so
 ``system seconds / floor seconds`` is the highest ratio any implementation could reach over that system.
+
+A server's first tokens have a floor of the same kind (``first_token_floors``): in a burst of equal
+prompts that arrive together, whichever prompt gets its first token k-th waits at least for k
+prompts' arithmetic at the fastest linear kernel, whatever the schedule.
 """
 
 from __future__ import annotations
@@ -82,6 +86,16 @@ def workload(model_dir: str | Path, prompt_lengths: list[int], new_tokens: int, 
     decode_flops = (2.0 * linear + head_flops) * requests * (new_tokens - 1) + per_pair * (all_pairs - prompt_pairs)
     return Work(prompt_flops + decode_flops, prompt_flops, float(bytes_per_weight * (linear + vocab * hidden)),
                 new_tokens - 1)
+
+
+def first_token_floors(prompt_flops: float, requests: int, streams: int, rate: float) -> list[float]:
+    """The least seconds from arrival to first token of each of ``requests`` equal prompts (each
+    ``prompt_flops`` of arithmetic, ``rate`` FLOP/s) sent by a closed loop of ``streams`` streams: the
+    first ``streams`` arrive as one burst, and the k-th of them to get its first token needs k prompts
+    computed; each later request arrives as one ends and needs at least its own prompt."""
+    one = prompt_flops / rate
+    burst = min(streams, requests)
+    return [k * one for k in range(1, burst + 1)] + [one] * (requests - burst)
 
 
 def fastest_linear(in_features: int, out_features: int, rows: int = 512) -> tuple[str, float]:

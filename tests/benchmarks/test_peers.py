@@ -124,9 +124,37 @@ def test_table_gives_ratios_at_the_same_level_and_the_share_kept_under_load(caps
                               Row("lmserve", 16, _summary(120, 1.0), busy=1)])  # type: ignore[arg-type]
     lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in capsys.readouterr().out.splitlines()
              if line.startswith("| l")}
-    assert "| 3.00x | - |" in lines[("lmserve", "16", "0")]
-    assert "| 12.00x | 40% |" in lines[("lmserve", "16", "1")]
-    assert "| 1.00x | 10% |" in lines[("llama.cpp", "16", "1")]
+    assert "| 3.00x | - | - |" in lines[("lmserve", "16", "0")]
+    assert "| 12.00x | 40% | - |" in lines[("lmserve", "16", "1")]
+    assert "| 1.00x | 10% | - |" in lines[("llama.cpp", "16", "1")]
+
+
+def test_only_bf16_lmserve_unloaded_is_measured_against_the_ttft_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    Row = vs_llama_cpp.Row  # _summary's first token comes after 100 ms
+    vs_llama_cpp.print_table([Row("llama.cpp", 16, _summary(100, 1.0)), Row("lmserve", 16, _summary(300, 1.0)),
+                              Row("lmserve int4", 16, _summary(300, 1.0)),
+                              Row("lmserve", 16, _summary(120, 1.0), busy=1)], floors={16: 80.0})  # type: ignore[arg-type]
+    lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| l")}
+    assert lines[("lmserve", "16", "0")].endswith("| 1.25x |")
+    for other in (("llama.cpp", "16", "0"), ("lmserve int4", "16", "0"), ("lmserve", "16", "1")):
+        assert lines[other].endswith("| - |")
+
+
+def test_first_tokens_of_a_burst_wait_for_the_prompts_before_them() -> None:
+    from peers.roofline import first_token_floors
+
+    from lmserve.bench.metrics import percentile
+
+    # 16 streams, 16 prompts of 2 GFLOP at 1 TFLOP/s: the k-th first token needs k prompts, 2k ms.
+    burst = first_token_floors(2e9, 16, 16, 1e12)
+    assert burst == pytest.approx([0.002 * k for k in range(1, 17)])
+    assert percentile(burst, 50) == pytest.approx(0.017)  # between the 8th and the 9th
+    # One stream: every request arrives alone. Four streams of eight: a burst of four, then one at a time.
+    assert first_token_floors(2e9, 8, 1, 1e12) == pytest.approx([0.002] * 8)
+    assert first_token_floors(2e9, 8, 4, 1e12) == pytest.approx([0.002, 0.004, 0.006, 0.008] + [0.002] * 4)
+    assert vs_llama_cpp.level_requests(vs_llama_cpp.parse_args(["--streams", "4"]), 4) == 8
+    assert vs_llama_cpp.level_requests(vs_llama_cpp.parse_args(["--num-requests", "3"]), 16) == 3
 
 
 def test_single_stream_prompt_fits_a_vocabulary_smaller_than_the_default_models() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -131,3 +133,40 @@ def test_installs_at_two_places_build_apart_but_share_the_key(tmp_path: Path) ->
     assert here == build.build_dir_name(isa, key, build.CSRC) and here.startswith(f"cpu-avx512-{key}-")
     assert build.build_dir_name(isa, key, copy) != here
     assert build.build_dir_name(build.ISAS["avx2"], key) != here
+
+
+def _fake_ninja(directory: Path) -> Path:
+    """A ``ninja`` that leaves a mark and fails, first on a PATH: another version, or a broken one."""
+    directory.mkdir()
+    mark = directory / "ran"
+    script = directory / "ninja"
+    script.write_text(f"#!/bin/sh\ntouch {mark}\nexit 3\n")
+    script.chmod(0o755)
+    return mark
+
+
+def test_builds_run_the_environments_own_ninja_whatever_is_first_on_path(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    own = build.ninja_binary()
+    assert own is not None, "the ninja package is a dependency"
+    _fake_ninja(tmp_path / "other")
+    path = f"{tmp_path / 'other'}{os.pathsep}{os.environ['PATH']}"
+    monkeypatch.setenv("PATH", path)
+    assert shutil.which("ninja") == str(tmp_path / "other" / "ninja")
+    with build.own_ninja():
+        assert shutil.which("ninja") == str(own)
+    assert os.environ["PATH"] == path  # only while a build runs
+
+
+@pytest.mark.slow
+def test_kernels_load_beside_a_foreign_ninja_without_running_it(tmp_path: Path) -> None:
+    # ninja versions hash a build's commands differently: each found the other's build stale and
+    # compiled everything again; a missing or broken ninja on PATH meant no kernels at all.
+    if build.disabled_reason() is not None:
+        pytest.skip(f"no CPU kernels here: {build.disabled_reason()}")
+    mark = _fake_ninja(tmp_path / "other")
+    env = os.environ | {"PATH": f"{tmp_path / 'other'}{os.pathsep}{os.environ['PATH']}"}
+    code = "from lmserve.kernels.build import load_cpu_kernels; import sys; sys.exit(0 if load_cpu_kernels() else 1)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not mark.exists()

@@ -8,7 +8,8 @@ either: before the server process loads a build, a child process compiles it, lo
 tiny product (:func:`probe`); a child killed by a signal (an illegal instruction) marks that build
 unusable on this machine, remembered under the machine's key. Builds are cached under
 ``cache_subdir("kernels")``, keyed by the sources, the flags and the torch version, one directory per
-install location (:func:`build_dir_name`).
+install location (:func:`build_dir_name`), and always run by the environment's own ninja
+(:func:`own_ninja`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -191,7 +193,7 @@ def _compile(isa: Isa) -> ModuleType:
     name = f"lmserve_cpu_kernels_{isa.name}_{key}"
     build_dir = cache_subdir("kernels") / build_dir_name(isa, key)
     build_dir.mkdir(parents=True, exist_ok=True)
-    with build_lock(build_dir):
+    with build_lock(build_dir), own_ninja():
         if not (build_dir / f"{name}.so").exists():
             log.info("compiling the %s CPU kernels, once (~30 s) into %s", isa.name, build_dir)
         module = load(name=name, sources=[str(CSRC / s) for s in isa.sources],
@@ -200,6 +202,39 @@ def _compile(isa: Isa) -> ModuleType:
     module.lmserve_isa = isa.name  # type: ignore[attr-defined]
     log.debug("%s CPU kernels loaded from %s (torch %s)", isa.name, build_dir, torch.__version__)
     return module
+
+
+def ninja_binary() -> Path | None:
+    """The ninja of this environment (the ``ninja`` package, a dependency), or None without one."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    found = shutil.which("ninja", path=ninja.BIN_DIR)
+    return Path(found) if found else None
+
+
+@contextlib.contextmanager
+def own_ninja() -> Iterator[None]:
+    """Put this environment's ninja first on PATH meanwhile: torch's builder runs the first ``ninja``
+    on PATH, which may be missing (then no kernels at all) or another version. ninja versions hash a
+    build's commands differently, so a build made by one looks stale to the other: in a clean clone
+    on a machine with its own ninja, processes started with and without the environment's ``bin``
+    on PATH (a container entry point, a server started from Python) compiled everything again
+    (~50 s each) at every switch, three times in one run of the test suite."""
+    binary = ninja_binary()
+    if binary is None:
+        yield
+        return
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(binary.parent), *([saved] if saved else [])])
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
 
 
 @contextlib.contextmanager

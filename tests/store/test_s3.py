@@ -17,6 +17,7 @@ from moto.server import ThreadedMotoServer
 from lmserve.errors import ModelNotFoundError
 from lmserve.store import resolve_model
 from lmserve.store.s3 import SIDECAR, sync_s3_prefix
+from tests.conftest import share_cache_parts
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,12 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def aws_env(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Dummy credentials and the test endpoint, with nothing read from the user's AWS config."""
+    """Dummy credentials and the test endpoint, with nothing read from the user's AWS config; a
+    cache of the test's own, sharing the compiled kernels (a server started here compiled them again,
+    ~50 s) and fetched models."""
+    from lmserve.cache import cache_root
+
+    share_cache_parts(cache_root(), tmp_path / "cache")
     monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)

@@ -158,6 +158,20 @@ def test_builds_run_the_environments_own_ninja_whatever_is_first_on_path(tmp_pat
     assert os.environ["PATH"] == path  # only while a build runs
 
 
+def test_a_model_venv_on_top_of_lmserve_finds_lmserves_ninja(tmp_path: Path) -> None:
+    # option.enable_venv runs workers with the model venv's interpreter and lmserve's packages on
+    # sys.path: looked up beside that interpreter, the ninja was missing and PATH's own was used.
+    import venv
+
+    venv.EnvBuilder(symlinks=True, with_pip=False).create(tmp_path / "model-venv")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = "from lmserve.kernels.build import ninja_binary; print(ninja_binary())"
+    done = subprocess.run([str(tmp_path / "model-venv" / "bin" / "python"), "-c", code], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(build.ninja_binary())
+
+
 @pytest.mark.slow
 def test_kernels_load_beside_a_foreign_ninja_without_running_it(tmp_path: Path) -> None:
     # ninja versions hash a build's commands differently: each found the other's build stale and

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import logging
 import os
-import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -205,13 +205,20 @@ def _compile(isa: Isa) -> ModuleType:
 
 
 def ninja_binary() -> Path | None:
-    """The ninja of this environment (the ``ninja`` package, a dependency), or None without one."""
+    """The binary of the ``ninja`` package (a dependency), or None without one. Found through the
+    package's record of its files, not the running interpreter's scripts directory (the package's
+    own ``BIN_DIR``): a model's own virtual environment (``option.enable_venv``) runs on top of
+    lmserve's packages with an interpreter whose directory has no ninja."""
     try:
-        import ninja
-    except ImportError:
+        dist = importlib.metadata.distribution("ninja")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    found = shutil.which("ninja", path=ninja.BIN_DIR)
-    return Path(found) if found else None
+    for file in dist.files or ():
+        if file.name == "ninja" and file.parent.name == "bin":
+            path = Path(str(dist.locate_file(file))).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
 
 
 @contextlib.contextmanager
@@ -220,8 +227,9 @@ def own_ninja() -> Iterator[None]:
     on PATH, which may be missing (then no kernels at all) or another version. ninja versions hash a
     build's commands differently, so a build made by one looks stale to the other: in a clean clone
     on a machine with its own ninja, processes started with and without the environment's ``bin``
-    on PATH (a container entry point, a server started from Python) compiled everything again
-    (~50 s each) at every switch, three times in one run of the test suite."""
+    on PATH (a container entry point, a server started from Python, a model's own virtual
+    environment) compiled everything again (~50 s each) at every switch, up to six times in one run
+    of the test suite."""
     binary = ninja_binary()
     if binary is None:
         yield

@@ -11,8 +11,8 @@ Each level is measured ``--rounds`` times (default 3) and its median round by ou
 reported. Prints output tokens/s, TTFT p50 and TPOT p50 per system and level, the ratios against llama.cpp,
 and the CPU it ran on. ``TTFT / floor`` divides lmserve's (bf16) TTFT p50 by the least any server
 could reach on this machine: each level starts as one burst of equal prompts, and the one to get its
-first token k-th waits for k prompts' arithmetic at the fastest bf16 linear kernel measured here
-(``peers/roofline.py``; ``--no-floor`` skips it). ``--busy 1`` repeats each level beside a process spinning on one core and
+first token k-th waits for k prompts' arithmetic at the fastest bf16 linear kernel measured here,
+before and after the servers ran (``peers/roofline.py``; ``--no-floor`` skips it). ``--busy 1`` repeats each level beside a process spinning on one core and
 prints the share of its uncontended throughput each server kept.
 
     benchmarks/peers/build_llama_server.sh                      # once (long: a C++ build)
@@ -183,21 +183,24 @@ def level_requests(args: argparse.Namespace, streams: int) -> int:
     return int(args.num_requests or max(streams, 8))
 
 
-def ttft_floors(args: argparse.Namespace) -> dict[int, float]:
-    """Per stream level, the least TTFT p50 (ms) any server could reach here with bf16 arithmetic."""
+def ttft_floors(args: argparse.Namespace, rate: float | None = None) -> tuple[dict[int, float], float]:
+    """Per stream level, the least TTFT p50 (ms) any server could reach here with bf16 arithmetic,
+    and the linear rate it assumed: the fastest measured now, or ``rate`` if that was faster."""
     from transformers import AutoConfig
 
     from lmserve.store.default_model import pull_default_model
 
     model = pull_default_model()
     config = AutoConfig.from_pretrained(model)
-    kernel, rate = fastest_linear(config.hidden_size, config.intermediate_size)
+    kernel, measured = fastest_linear(config.hidden_size, config.intermediate_size)
+    rate = max(measured, rate or 0.0)
     prompt = workload(model, [args.prompt_len], 1).prompt_flops
     floors = {streams: 1000 * percentile(first_token_floors(prompt, level_requests(args, streams), streams, rate), 50)
               for streams in args.streams}  # fmt: skip
     print(f"TTFT p50 floor: {', '.join(f'{floors[s]:.0f} ms at {s} streams' for s in args.streams)} "
-          f"({prompt / 1e9:.1f} GFLOP a prompt at {rate / 1e9:.0f} GFLOP/s, {kernel})", flush=True)
-    return floors
+          f"({prompt / 1e9:.1f} GFLOP a prompt at {rate / 1e9:.0f} GFLOP/s, {kernel} measured at "
+          f"{measured / 1e9:.0f} now)", flush=True)
+    return floors, rate
 
 
 def workloads(args: argparse.Namespace) -> tuple[dict[int, list[list[Prompt]]], Prompt]:
@@ -306,14 +309,15 @@ def main() -> None:
     print(f"cpu: {describe_cpu()}")
     print(f"workload: {args.prompt_len}-token prompts, {args.new_tokens} new tokens, streams {args.streams}")
     levels, warmup = workloads(args)
-    floors = None if args.no_floor or "lmserve" not in args.systems else ttft_floors(args)  # on a quiet machine
+    floor = not args.no_floor and "lmserve" in args.systems
+    rate = ttft_floors(args)[1] if floor else None  # before and after the servers, the faster rate
     rows: list[Row] = []
     if "llama.cpp" in args.systems:
         rows += run_llama(args, levels, warmup)
     if "lmserve" in args.systems:
         for quantize in args.quantize:
             rows += run_lmserve(args, quantize, levels, warmup)
-    print_table(rows, floors)
+    print_table(rows, ttft_floors(args, rate)[0] if floor else None)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from types import ModuleType
 
 from filelock import Timeout
 
+from lmserve.environ import env_set
 from lmserve.errors import ConfigError
 from lmserve.fsutil import file_lock
 from lmserve.kernels.machine import cpu_flags, is_x86, machine_key, probe_verdict
@@ -234,15 +235,8 @@ def own_ninja() -> Iterator[None]:
     if binary is None:
         yield
         return
-    saved = os.environ.get("PATH")
-    os.environ["PATH"] = os.pathsep.join([str(binary.parent), *([saved] if saved else [])])
-    try:
+    with env_set("PATH", os.pathsep.join([str(binary.parent), *filter(None, [os.environ.get("PATH")])])):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = saved
 
 
 @contextlib.contextmanager

@@ -9,15 +9,16 @@ data through a pipe; killing it (cancellation, ``model_loading_timeout``) stops 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
-import os
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from lmserve.environ import env_set
 from lmserve.store.policy import FetchPolicy
 from lmserve.workers.messages import ErrorInfo
 
@@ -99,17 +100,8 @@ def forbid_torch() -> None:
     if "torch" in sys.modules:
         return
     sys.modules["torch"] = None  # type: ignore[assignment]
-    saved = os.environ.get("TRANSFORMERS_VERBOSITY")
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-    try:
+    with env_set("TRANSFORMERS_VERBOSITY", "error"), contextlib.suppress(ImportError):
         import transformers  # noqa: F401  (reads the verbosity once, at import)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_warning()
-    except ImportError:
-        pass
-    finally:
-        if saved is None:
-            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
-        else:
-            os.environ["TRANSFORMERS_VERBOSITY"] = saved

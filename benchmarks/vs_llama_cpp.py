@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -183,18 +184,24 @@ def level_requests(args: argparse.Namespace, streams: int) -> int:
     return int(args.num_requests or max(streams, 8))
 
 
-def ttft_floors(args: argparse.Namespace, rate: float | None = None) -> tuple[dict[int, float], float]:
-    """Per stream level, the least TTFT p50 (ms) any server could reach here with bf16 arithmetic,
-    and the linear rate it assumed: the fastest measured now, or ``rate`` if that was faster."""
+@functools.cache
+def default_model_prefill(prompt_len: int) -> tuple[int, int, float]:
+    """The default model's widest linear layer (in, out features) and one prompt's arithmetic."""
     from transformers import AutoConfig
 
     from lmserve.store.default_model import pull_default_model
 
     model = pull_default_model()
     config = AutoConfig.from_pretrained(model)
-    kernel, measured = fastest_linear(config.hidden_size, config.intermediate_size)
+    return config.hidden_size, config.intermediate_size, workload(model, [prompt_len], 1).prompt_flops
+
+
+def ttft_floors(args: argparse.Namespace, rate: float | None = None) -> tuple[dict[int, float], float]:
+    """Per stream level, the least TTFT p50 (ms) any server could reach here with bf16 arithmetic,
+    and the linear rate it assumed: the fastest measured now, or ``rate`` if that was faster."""
+    hidden, widest, prompt = default_model_prefill(args.prompt_len)
+    kernel, measured = fastest_linear(hidden, widest)
     rate = max(measured, rate or 0.0)
-    prompt = workload(model, [args.prompt_len], 1).prompt_flops
     floors = {streams: 1000 * percentile(first_token_floors(prompt, level_requests(args, streams), streams, rate), 50)
               for streams in args.streams}  # fmt: skip
     print(f"TTFT p50 floor: {', '.join(f'{floors[s]:.0f} ms at {s} streams' for s in args.streams)} "

@@ -11,6 +11,7 @@ from lmserve.kernels.quant import (
     QuantLinear,
     concat,
     dequantize_packed,
+    int8_group,
     pack_quant,
     quantize,
     quantize_activations,
@@ -115,8 +116,16 @@ def test_packed_bytes_are_a_fraction_of_bf16(mode: str) -> None:
     packed = pack_quant(quantize(torch.randn(576, 1536), mode))
     bf16 = 576 * 1536 * 2
     assert isinstance(packed, QuantLinear)
-    # int8: 1 byte + 4/32 of scale; int4: half a byte + 8/32 of scale and min
-    assert packed.nbytes == pytest.approx(bf16 * (0.5625 if mode == "int8" else 0.375), rel=1e-6)
+    # int8: 1 byte + 4/128 of scale (1536 features: groups of 128); int4: half a byte + 8/32 of scale and min
+    assert packed.nbytes == pytest.approx(bf16 * (0.515625 if mode == "int8" else 0.375), rel=1e-6)
+
+
+def test_int8_groups_are_the_largest_that_divide_the_features() -> None:
+    """Fewer groups mean fewer scales to read and to apply per multiply-add: the own int8 takes the
+    largest group of ``INT8_GROUPS`` that divides K, and 32 when none does (as before)."""
+    assert [int8_group(k) for k in (1536, 5632, 576, 96, 48)] == [128, 128, 64, 32, 32]
+    assert quantize_int8(torch.randn(8, 576)).group == 64
+    assert quantize_int8(torch.randn(8, 576), group=32).group == 32
 
 
 def test_packing_round_trips_the_grouped_form() -> None:

@@ -142,39 +142,3 @@ def test_a_prompt_that_barely_overshoots_the_budget_is_taken_whole():
     capped.add(make_request("a", 60))
     capped.add(make_request("b", 70, base=100))
     assert run_step(capped).num_new_tokens == [60, 40]  # 130 tokens would pass the step's cap
-
-
-def test_a_served_step_ends_at_the_last_prompt_it_finishes():
-    """A prompt's first token comes at the end of the step holding its last token. Once a prompt
-    finishes in a step that holds half its budget, a chunk of a prompt that cannot finish there would
-    only hold that token back: the step ends instead, and the next one starts with that prompt."""
-    from lmserve.engine.scheduler import END_AT_PROMPT_SHARE
-    from lmserve.engine.step_budget import StepBudget
-
-    assert END_AT_PROMPT_SHARE == 0.5
-
-    def scheduler(end_at_prompts: bool) -> Scheduler:
-        return Scheduler(BlockManager(400, 16), max_num_seqs=16, max_num_batched_tokens=2048,
-                         budget=StepBudget(256, 16, 2048, adaptive=False), end_at_prompts=end_at_prompts)
-
-    served, offline = scheduler(True), scheduler(False)
-    for sched in (served, offline):
-        for i in range(3):
-            sched.add(make_request(str(i), 200, base=1000 * i))
-    # 200 + 200 would overshoot the 56 left by 144, more than half a budget: no whole prompt.
-    assert run_step(offline).num_new_tokens == [200, 56]
-    steps = [run_step(served) for _ in range(3)]
-    assert [s.num_new_tokens for s in steps] == [[200], [1, 200], [1, 1, 200]]
-    assert [len(s.to_sample) for s in steps] == [1, 2, 3]  # a first token every step
-
-    # A prompt finishing in less than half a budget does not end the step: the next one's chunk joins.
-    small = scheduler(True)
-    small.add(make_request("short", 60))
-    small.add(make_request("long", 600, base=1000))
-    assert run_step(small).num_new_tokens == [60, 196]
-    # With no prompt finishing, a long prompt is chunked to the budget as always.
-    assert run_step(small).num_new_tokens == [1, 255]
-    # The rest of the long prompt finishes; the next one, 400 tokens, waits (and is not starved).
-    small.add(make_request("late", 400, base=5000))
-    assert run_step(small).num_new_tokens == [1, 149]
-    assert run_step(small).num_new_tokens == [1, 1, 254]

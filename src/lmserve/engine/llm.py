@@ -125,7 +125,7 @@ def _make_engine(config: EngineConfig) -> Any:
     from lmserve.engine.llm_engine import LLMEngine
     from lmserve.engine.step_budget import OFFLINE_TARGET_STEP_S
 
-    return LLMEngine(config, target_step_s=OFFLINE_TARGET_STEP_S, end_at_prompts=False)
+    return LLMEngine(config, target_step_s=OFFLINE_TARGET_STEP_S)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

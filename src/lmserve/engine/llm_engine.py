@@ -52,7 +52,7 @@ class LLMEngine:
     """Continuous batching over a paged KV cache for one model replica (implements ``EngineCore``)."""
 
     def __init__(self, config: EngineConfig, runner: Runner | None = None,
-                 target_step_s: float = TARGET_STEP_S, end_at_prompts: bool = True) -> None:
+                 target_step_s: float = TARGET_STEP_S) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.runner = runner or make_runner(config)
@@ -64,8 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs,
             step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type),
-            engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type, target_step_s),
-            end_at_prompts=end_at_prompts)
+            engine_step_budget(config.max_num_batched_tokens, config.max_num_seqs, device_type, target_step_s))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.structured = StructuredOutputManager(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.sampler = make_sampler(self.runner.device, config.seed, self.structured.apply_masks,

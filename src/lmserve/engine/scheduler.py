@@ -3,9 +3,7 @@
 Each step has a token budget (``budget``: ``step_budget.py`` sizes it from the measured speed)
 shared by at most ``max_num_seqs`` running requests. Running requests are served first, in admission order: a decoding request needs one token,
 a request in chunked prefill needs the rest of its prompt (capped by what is left of the budget,
-unless that rest overshoots it by at most ``WHOLE_PROMPT_SLACK`` of a budget: see ``_chunk``). A
-served step ends at the last prompt it finishes: once a prompt's last token is in a step that has
-used half its budget, a prompt that cannot finish in it waits for the next step (``end_at_prompts``).
+unless that rest overshoots it by at most ``WHOLE_PROMPT_SLACK`` of a budget: see ``_chunk``).
 Then waiting requests are admitted while budget, sequence slots and KV blocks last; a prefix-cache hit
 simply starts a request with some tokens already computed. When KV blocks run out, the most recently
 admitted running request is preempted: its blocks are freed and it waits, at the head of the queue,
@@ -34,12 +32,6 @@ from lmserve.engine.step_budget import StepBudget, budget_cap
 # prompts of 200 tokens 593 -> 554 ms and 539 -> 515 ms; of 16 prompts of 64-512 tokens 804 -> 728 ms
 # and 848 -> 744 ms, the bursts' total time unchanged or shorter. A slack of 1.0 did no better.
 WHOLE_PROMPT_SLACK = 0.5
-# A step in which a prompt finishes ends there once it holds this share of its budget: a chunk of a
-# prompt that cannot finish in it would only delay that first token (the step ends later) without
-# giving anyone else one. Two servers side by side on a 2-core EPYC, bursts of 16 prompts of 200
-# tokens, 6 alternating rounds: median first token lower in every round (621-786 against 628-951 ms,
-# medians 648 against 735), output tokens/s the same (536 against 522).
-END_AT_PROMPT_SHARE = 0.5
 
 
 def step_token_budget(max_num_batched_tokens: int | None, max_num_seqs: int, device_type: str) -> int:
@@ -70,12 +62,8 @@ class Scheduler:
     """Continuous batching over the paged KV cache."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 budget: StepBudget | None = None, end_at_prompts: bool = False) -> None:
+                 budget: StepBudget | None = None) -> None:
         self.blocks = block_manager
-        # End a step at the last prompt it finishes (``END_AT_PROMPT_SHARE``): for servers, whose
-        # clients wait for first tokens; offline generation only wants the whole batch done.
-        self.end_at_prompts = end_at_prompts
-        self._prompt_ends = False  # the step being scheduled finishes a prompt
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens  # the most any step computes
         # This step's share of it; adaptive budgets follow the measured speed (``step_budget.py``).
@@ -95,7 +83,6 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        self._prompt_ends = False
         budget = self._schedule_running(batch, self.budget.tokens)
         if not batch.preempted:  # no point admitting new work while memory is short
             self._schedule_waiting(batch, budget)
@@ -119,9 +106,6 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new == 0:  # a prompt that cannot finish in this step: the next one
-                i += 1
-                continue
             while not self.blocks.allocate(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -145,8 +129,6 @@ class Scheduler:
             prefix = self.blocks.find_cached_prefix(request) if cacheable else []
             computed = request.num_computed_tokens + len(prefix) * self.blocks.block_size
             num_new = self._chunk(request.num_tokens - computed, budget)
-            if num_new == 0:  # a prompt that cannot finish in this step (admitted in order)
-                break
             if not self.blocks.allocate(request, num_new, prefix):
                 break
             self.waiting.popleft()
@@ -160,18 +142,14 @@ class Scheduler:
             budget -= num_new
 
     def _chunk(self, remaining: int, left: int) -> int:
-        """How many of a request's ``remaining`` tokens this step computes, ``left`` of its budget
-        being unused: all of them when they fit, or when they overshoot by at most
+        """How many of a request's ``remaining`` prompt tokens this step computes, ``left`` of its
+        budget being unused: all of them when they fit, or when they overshoot by at most
         ``WHOLE_PROMPT_SLACK`` of the budget and the step stays within ``max_num_batched_tokens``;
-        else none when the step ends at a prompt (``end_at_prompts``: a prompt finishes in it and it
-        holds ``END_AT_PROMPT_SHARE`` of its budget); else a chunk of ``left``."""
+        else a chunk of ``left``."""
         used = self.budget.tokens - left
         if remaining <= left or (remaining - left <= self.budget.tokens * WHOLE_PROMPT_SLACK
                                  and used + remaining <= self.max_num_batched_tokens):
-            self._prompt_ends = self._prompt_ends or remaining > 1  # one token: a decode
             return remaining
-        if self.end_at_prompts and self._prompt_ends and used >= self.budget.tokens * END_AT_PROMPT_SHARE:
-            return 0
         return left
 
     def _preempt(self, request: Request) -> None:

@@ -100,7 +100,7 @@ class EngineClient:
         # already unlinked from it, hanging whatever code triggered the collection.
         self._output = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self._output.bind(outbox)
-        self._input = zmq.Context.instance().socket(zmq.PUSH)
+        self._input: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)  # queue, never block: sends happen on the event loop
         self._input.connect(inbox)
         spawn = multiprocessing.get_context("spawn")

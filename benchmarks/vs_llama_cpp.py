@@ -45,7 +45,7 @@ from peers.roofline import fastest_linear, first_token_floors, workload
 from lmserve.bench.datasets import random_prompts
 from lmserve.bench.dialects import Prompt, dialect
 from lmserve.bench.launch import ServeConfig, ServerProcess, free_port
-from lmserve.bench.metrics import Summary, percentile, summarize
+from lmserve.bench.metrics import Summary, failure_lines, percentile, summarize
 from lmserve.bench.runner import LoadSpec, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,10 @@ def measure(url: str, prompts: list[Prompt], warmup: Prompt, streams: int, timeo
     """One closed-loop run of ``prompts`` at ``streams`` concurrent streams, after one warm-up request."""
     spec = LoadSpec(url=url, dialect=dialect("openai"), ignore_eos=True, concurrency=streams, timeout_s=timeout_s)
     asyncio.run(run_load(LoadSpec(**{**spec.__dict__, "concurrency": 1}), [warmup]))
-    return summarize(asyncio.run(run_load(spec, prompts)).records)
+    records = asyncio.run(run_load(spec, prompts)).records
+    for line in failure_lines(records):  # a failed count alone does not say whose fault it was
+        print(f"    {line}", flush=True)
+    return summarize(records)
 
 
 def level_requests(args: argparse.Namespace, streams: int) -> int:

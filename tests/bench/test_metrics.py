@@ -9,7 +9,7 @@ import pytest
 
 from lmserve.bench import BenchUsageError
 from lmserve.bench.dialects import LMI, TGI, OpenAIChat, OpenAICompletions
-from lmserve.bench.metrics import parse_slo, percentile, summarize
+from lmserve.bench.metrics import failure_lines, parse_slo, percentile, summarize
 from lmserve.bench.records import EMPTY_STREAM, STREAM_ERROR, RequestRecord, absorb, finish
 
 
@@ -115,6 +115,18 @@ def test_error_event_after_the_stream_began() -> None:
     record = feed(OpenAIChat(), RequestRecord(0, send=0.0), lines, 0.2)
     assert record.error == STREAM_ERROR and "engine process exited" in (record.error_detail or "")
     assert summarize([record]).errors == {STREAM_ERROR: 1}
+
+
+def test_failures_are_told_by_kind_with_the_first_detail() -> None:
+    """A failed count alone does not say whose fault it was: each kind of failure gets a line with
+    its count and the first request's detail, in the order of the kinds' names."""
+    lines = [(0.1, sse({"choices": [{"delta": {"content": "hi"}}]})),
+             (0.2, sse({"error": "engine process exited", "code": 503}))]  # fmt: skip
+    broken = feed(OpenAIChat(), RequestRecord(1, send=0.0), lines, 0.2)
+    records = [three_tokens(), http_error(), broken, http_error()]
+    assert failure_lines(records) == ["2 request(s) failed with 429",  # an HTTP status without a body
+                                      f"1 request(s) failed with {STREAM_ERROR}: engine process exited"]
+    assert failure_lines([three_tokens()]) == []
 
 
 def test_tgi_placeholder_end_event_is_not_a_token() -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from lmserve.bench import BenchUsageError
 from lmserve.bench.datasets import file_prompts, parse_range, random_prompts, shared_prefix_prompts
 from lmserve.bench.dialects import Prompt, dialect
-from lmserve.bench.metrics import parse_slo, summarize
+from lmserve.bench.metrics import failure_lines, parse_slo, summarize
 from lmserve.bench.output import ProgressBar, report_json, summary_table, write_csv, write_json
 from lmserve.bench.runner import LoadSpec, run_load
 from lmserve.bench.workload_args import check_workload
@@ -63,9 +63,8 @@ def bench_main(ns: argparse.Namespace) -> int:
         write_json(Path(ns.output_json), data)
     if ns.output_csv:
         write_csv(Path(ns.output_csv), result.records)
-    for kind, count in summary.errors.items():
-        example = next(r.error_detail for r in result.records if r.error == kind)
-        print(f"{count} request(s) failed with {kind}: {example}", file=sys.stderr)
+    for line in failure_lines(result.records):
+        print(line, file=sys.stderr)
     return 0 if summary.completed else 1
 
 

@@ -111,6 +111,15 @@ class Summary:
         return asdict(self)
 
 
+def failure_lines(records: Sequence[RequestRecord]) -> list[str]:
+    """One line per kind of failure: how many requests failed that way, and the first one's detail."""
+    lines = []
+    for kind, count in sorted(Counter(r.error for r in records if r.error is not None).items()):
+        detail = next(r.error_detail for r in records if r.error == kind)
+        lines.append(f"{count} request(s) failed with {kind}" + (f": {detail}" if detail else ""))
+    return lines
+
+
 def summarize(records: Sequence[RequestRecord], slo: dict[str, float] | None = None) -> Summary:
     """Derive the summary of a run from its records (see the module docstring for definitions)."""
     slo = slo or {}

@@ -60,8 +60,9 @@ class Row:
 
     system: str
     streams: int
-    summary: Summary
+    summary: Summary  # the median round by output tokens/s
     busy: int = 0  # busy-looping processes sharing the machine during the run
+    round_ttfts: tuple[float, ...] = ()  # TTFT p50 of every round, in order (ms)
 
 
 def context_size(slots: int, prompt_len: int, new_tokens: int) -> int:
@@ -160,7 +161,7 @@ def measure_levels(system: str, url: str, levels: dict[int, list[list[Prompt]]],
                           f"{rounds[-1].output_token_throughput:.1f} tok/s, TTFT p50 {rounds[-1].ttft_ms.p50:.0f} ms",
                           flush=True)  # fmt: skip
             summary = median_round(rounds)
-            rows.append(Row(system, streams, summary, busy))
+            rows.append(Row(system, streams, summary, busy, tuple(r.ttft_ms.p50 for r in rounds)))
             expected = summary.completed * args.new_tokens
             if summary.total_output_tokens != expected:  # the comparison is only fair at equal work
                 print(f"warning: {system} at {streams} streams generated {summary.total_output_tokens} tokens, "
@@ -257,13 +258,14 @@ def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[
 
 
 def print_table(rows: list[Row], floors: dict[int, float] | None = None) -> None:
-    """One line per system and level; ratios against llama.cpp at the same level, with ``--busy``
-    the share of its own uncontended throughput each system kept, and bf16 lmserve's TTFT p50 over
-    its floor (``floors``: ms per stream level, unloaded)."""
+    """One line per system and level; the TTFT p50 of every round beside the median round's (a burst's
+    median first token moves more between rounds than its throughput); ratios against llama.cpp at
+    the same level, with ``--busy`` the share of its own uncontended throughput each system kept, and
+    bf16 lmserve's TTFT p50 over its floor (``floors``: ms per stream level, unloaded)."""
     tps = {(r.system, r.streams, r.busy): r.summary.output_token_throughput for r in rows}
-    print("\n| system | streams | busy procs | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | failed "
-          "| vs llama.cpp | kept | TTFT / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| system | streams | busy procs | output tok/s | TTFT p50 (ms) | rounds' TTFT p50 | TPOT p50 (ms) "
+          "| failed | vs llama.cpp | kept | TTFT / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r.busy, -r.streams, r.system != "llama.cpp", r.system)):
         s = r.summary
         base = tps.get(("llama.cpp", r.streams, r.busy))
@@ -272,8 +274,9 @@ def print_table(rows: list[Row], floors: dict[int, float] | None = None) -> None
         kept = f"{s.output_token_throughput / alone:.0%}" if r.busy and alone else "-"
         floor = (floors or {}).get(r.streams) if r.system == "lmserve" and not r.busy else None
         over = f"{s.ttft_ms.p50 / floor:.2f}x" if floor else "-"
+        each = "/".join(f"{t:.0f}" for t in r.round_ttfts) or "-"
         print(f"| {r.system} | {r.streams} | {r.busy} | {s.output_token_throughput:.1f} | {s.ttft_ms.p50:.0f} | "
-              f"{s.tpot_ms.p50:.1f} | {s.failed} | {ratio} | {kept} | {over} |")
+              f"{each} | {s.tpot_ms.p50:.1f} | {s.failed} | {ratio} | {kept} | {over} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -129,6 +129,15 @@ def test_table_gives_ratios_at_the_same_level_and_the_share_kept_under_load(caps
     assert "| 1.00x | 10% | - |" in lines[("llama.cpp", "16", "1")]
 
 
+def test_table_shows_every_rounds_median_first_token(capsys: pytest.CaptureFixture[str]) -> None:
+    Row = vs_llama_cpp.Row
+    vs_llama_cpp.print_table([Row("lmserve", 16, _summary(300, 1.0), round_ttfts=(547.2, 705.6, 100.0)),
+                              Row("llama.cpp", 16, _summary(100, 1.0))])  # type: ignore[arg-type]
+    lines = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| l")}
+    assert "| 100 | 547/706/100 |" in lines["lmserve"]  # the median round's, then every round's
+    assert "| 100 | - |" in lines["llama.cpp"]
+
+
 def test_only_bf16_lmserve_unloaded_is_measured_against_the_ttft_floor(capsys: pytest.CaptureFixture[str]) -> None:
     Row = vs_llama_cpp.Row  # _summary's first token comes after 100 ms
     vs_llama_cpp.print_table([Row("llama.cpp", 16, _summary(100, 1.0)), Row("lmserve", 16, _summary(300, 1.0)),

@@ -121,6 +121,71 @@ def test_zip_path_traversal_is_refused(tmp_path: Path) -> None:
         resolve_model(str(archive), progress=False)
 
 
+@pytest.fixture(params=["stdlib filter", "own rules"])
+def tar_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Python's "data" extraction filter where this Python has one, and the rules archive.py applies
+    itself where it has none (before 3.11.4, e.g. Debian 12's 3.11.2): the same refusals either way."""
+    if request.param == "own rules":
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile.data_filter")
+    return str(request.param)
+
+
+def tar_entries(path: Path, entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for info in entries:
+            body = (data or {}).get(info.name)
+            if body is not None:
+                info.size = len(body)
+            tf.addfile(info, io.BytesIO(body) if body is not None else None)
+    return path
+
+
+def entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    return info
+
+
+def test_links_inside_the_archive_are_kept_and_modes_are_tamed(tmp_path: Path, tar_rules: str) -> None:
+    """A Hub cache snapshot links its files to blobs: links that stay inside are extracted as links.
+    Set-id bits and group/other write permission are dropped; owner read/write is always granted."""
+    archive = tar_entries(tmp_path / "hub.tar.gz", [
+        entry("m", tarfile.DIRTYPE, mode=0o777),
+        entry("m/blobs/abc", mode=0o4777),
+        entry("m/config.json", tarfile.SYMTYPE, "blobs/abc"),
+        entry("m/same.json", tarfile.LNKTYPE, "m/blobs/abc"),
+        entry("m/run.sh", mode=0o500),
+    ], {"m/blobs/abc": b'{"model_type": "llama"}', "m/run.sh": b"#!/bin/sh\n"})  # fmt: skip
+
+    root = extract_archive(archive, progress=False)
+
+    assert root.name == "m" and (root / "config.json").is_symlink()
+    assert (root / "config.json").read_text() == (root / "same.json").read_text() == '{"model_type": "llama"}'
+    assert (root / "blobs" / "abc").stat().st_mode & 0o7777 == 0o755
+    assert (root / "run.sh").stat().st_mode & 0o7777 == 0o700
+
+
+@pytest.mark.parametrize("evil", [
+    [entry("m/config.json", tarfile.SYMTYPE, "/etc/passwd")],
+    [entry("m/config.json", tarfile.SYMTYPE, "../../outside")],
+    [entry("m/config.json", tarfile.LNKTYPE, "../outside")],
+    [entry("m/config.json", tarfile.LNKTYPE, "/etc/passwd")],
+    [entry("m/fifo", tarfile.FIFOTYPE)],
+    [entry("m/disk", tarfile.BLKTYPE)],
+], ids=["absolute-symlink", "symlink-up", "hardlink-up", "absolute-hardlink", "fifo", "device"])
+def test_tar_members_leaving_the_archive_or_special_are_refused(
+        tmp_path: Path, cache: Path, tar_rules: str, evil: list[tarfile.TarInfo]) -> None:  # fmt: skip
+    archive = tar_entries(tmp_path / "evil.tar.gz", [entry("m/ok.txt"), *evil])
+
+    with pytest.raises(UnsupportedModelError, match="cannot extract"):
+        extract_archive(archive, progress=False)
+
+    assert leftovers(cache) == []
+    assert not (tmp_path / "outside").exists()
+
+
 def test_tar_symlink_out_of_the_archive_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "link.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:

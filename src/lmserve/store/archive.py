@@ -14,6 +14,7 @@ that yields more than its header said is cut off too. A refused or failed extrac
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -105,21 +106,68 @@ def _extract_into(archive: Path, dest: Path, *, progress: bool, max_bytes: int) 
                 _check_members(archive, [m.name for m in members])
                 budget = _check_sizes(archive, dest, [m.size for m in members if m.isreg()], max_bytes)
                 for member in tqdm(members, **bar):
-                    # The "data" filter also refuses links that point outside ``dest`` and special files.
-                    if not member.isreg():
-                        tf.extract(member, dest, filter="data")
+                    safe = _data_member(member, dest)
+                    target = dest / safe.name
+                    if safe.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
                         continue
-                    safe = tarfile.data_filter(member, str(dest))
+                    if safe.issym() or safe.islnk():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        if target.is_symlink() or target.exists():
+                            target.unlink()
+                        if safe.issym():
+                            os.symlink(safe.linkname, target)
+                        else:  # a hard link shares its data: no copy, nothing against the budget
+                            os.link(dest / safe.linkname, target)
+                        continue
                     source = tf.extractfile(member)
                     assert source is not None, "a regular member has data"
-                    budget = _copy_within(source, dest / safe.name, budget, archive, max_bytes)
+                    budget = _copy_within(source, target, budget, archive, max_bytes)
                     if safe.mode is not None:
-                        os.chmod(dest / safe.name, safe.mode)
+                        os.chmod(target, safe.mode)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise UnsupportedModelError(
             f"cannot extract model archive {archive}: {' '.join(str(exc).split())}. Check that the file "
             f"is a complete {', '.join(ARCHIVE_SUFFIXES)} archive (re-create or re-download it)."
         ) from exc
+
+
+def _data_member(member: tarfile.TarInfo, dest: Path) -> tarfile.TarInfo:
+    """``member`` as the "data" extraction filter (PEP 706) lets it through: never outside ``dest``,
+    links only to files inside it, no special files, no owner, no set-id or group/other write bits.
+    Pythons before 3.11.4 have no such filter; the same rules are then applied here. Refusals raise
+    ``tarfile.TarError``."""
+    if hasattr(tarfile, "data_filter"):
+        return tarfile.data_filter(member, str(dest))
+    root = os.path.realpath(dest)
+
+    def inside(*parts: str) -> bool:
+        return os.path.commonpath([os.path.realpath(os.path.join(root, *parts)), root]) == root
+
+    name = member.name.lstrip("/")
+    if os.path.isabs(name) or not inside(name):
+        raise tarfile.TarError(f"member {member.name!r} would be written outside the extraction directory")
+    if member.issym() or member.islnk():
+        base = os.path.dirname(name) if member.issym() else ""
+        if os.path.isabs(member.linkname) or not inside(base, member.linkname):
+            raise tarfile.TarError(f"member {member.name!r} links outside the extraction directory "
+                                   f"({member.linkname!r})")  # fmt: skip
+    elif not (member.isreg() or member.isdir()):
+        raise tarfile.TarError(f"member {member.name!r} is a special file (device or pipe)")
+    safe = copy.copy(member)
+    safe.name, safe.uid, safe.gid, safe.uname, safe.gname = name, 0, 0, "", ""
+    if member.isreg() or member.islnk():
+        safe.mode = _data_mode(member.mode)
+    return safe
+
+
+def _data_mode(mode: int) -> int:
+    """A file's mode as the "data" filter keeps it: no set-id, sticky or group/other write bits,
+    executable only if the owner may execute it, always readable and writable by the owner."""
+    mode &= 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    return mode | 0o600
 
 
 def _check_members(archive: Path, names: list[str]) -> None:

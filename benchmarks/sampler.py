@@ -2,7 +2,8 @@
 
 The reference is the straightforward implementation: per row, ``torch.multinomial`` over the whole
 softmax, and a full ``torch.sort`` of the vocabulary for top-p. The engine's ``Sampler`` searches
-cumulative sums for all unfiltered rows at once and finds top-p candidates with ``topk``. Both run
+cumulative sums for all unfiltered rows at once and finds top-p candidates among the tokens at least
+1/1024 as likely as the most likely one (sorting only those, or the probabilities alone). Both run
 here on the same logits, in turns, single-threaded as a decode step's sampling is:
 
 - ``flat``: Gaussian logits (the top-p set holds thousands of tokens, the harder case);

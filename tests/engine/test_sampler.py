@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
 import pytest
 import torch
 
@@ -69,14 +73,32 @@ def top_p_set(probs: torch.Tensor, top_p: float) -> set[int]:
     return set(indices[:size].tolist())
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.3])  # peaked (found among the top few hundred) and flat (not)
-def test_top_p_over_a_large_vocabulary_keeps_exactly_the_smallest_set(scale: float) -> None:
-    logits = torch.randn(1, 4000, generator=torch.Generator().manual_seed(3)) * scale
+def long_tail(generator: torch.Generator) -> torch.Tensor:
+    """Ten likely tokens and 30,000 each far below 1/1024 of them, holding most of the mass together."""
+    logits = torch.randn(1, 30010, generator=generator) * 0.1 - 8.0
+    logits[0, :10] = 0.0
+    return logits
+
+
+@pytest.mark.parametrize("shape, sorts_all", [
+    (lambda g: torch.randn(1, 4000, generator=g) * 8.0, False),  # peaked: among the likely tokens
+    (lambda g: torch.randn(1, 4000, generator=g) * 0.3, False),  # flat, but a small vocabulary
+    (lambda g: torch.randn(1, 8000, generator=g) * 0.3, True),  # flat over more candidates than sorted
+    (long_tail, True),  # the likely tokens do not hold the mass
+], ids=["peaked", "flat-small", "flat-large", "long-tail"])
+def test_top_p_over_a_large_vocabulary_keeps_exactly_the_smallest_set(
+        shape: Callable[[torch.Generator], torch.Tensor], sorts_all: bool, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import lmserve.engine.sampler as sampler_module
+
+    logits = shape(torch.Generator().manual_seed(3))
     expected = top_p_set(torch.softmax(logits[0], -1), 0.6)
+    sorted_all = []
+    real = sampler_module._draw_sorted
+    monkeypatch.setattr(sampler_module, "_draw_sorted", lambda *a: sorted_all.append(1) or real(*a))
     seen = set(draws(Sampler(), logits, [req("a", temperature=1.0, top_p=0.6, seed=0)], 400)[0])
     assert seen <= expected
     assert len(seen) >= min(len(expected), 100) * 0.5  # the draws spread over the set, not one token
-    assert (len(expected) > 256) == (scale < 1)  # both paths of the sampler are exercised
+    assert bool(sorted_all) == sorts_all  # each path of the sampler is exercised
 
 
 def test_batched_unfiltered_rows_draw_from_their_own_distributions() -> None:
@@ -114,3 +136,17 @@ def test_invalid_params_name_the_field(bad: dict) -> None:
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**bad)
     assert err.value.field == next(iter(bad))
+
+
+def test_the_sorted_draw_gives_each_rank_its_mass_and_ties_their_share() -> None:
+    """The flat path draws a rank among the values sorted alone, then finds the token of that value:
+    among equal values the k-th rank is the k-th such token in vocabulary order, so tied tokens
+    share the tie's mass evenly, and a set cut inside a tie keeps the first of them."""
+    from lmserve.engine.sampler import _draw_sorted
+
+    row = np.array([1.0, 4.0, 1.0, 1.0, 1.0], dtype=np.float32)  # total 8
+    grid = [(k + 0.5) / 800 for k in range(800)]
+    everything = Counter(_draw_sorted(row, 7.9, u) for u in grid)  # all five: 4 then four ranks of 1
+    assert everything == {1: 400, 0: 100, 2: 100, 3: 100, 4: 100}
+    cut = Counter(_draw_sorted(row, 4.8, u) for u in grid)  # 4 + one tied 1 reach 4.8 of 8
+    assert cut == {1: 640, 0: 160}

@@ -24,7 +24,11 @@ from lmserve.engine.penalties import apply_penalties
 from lmserve.engine.request import Request
 
 LogitsMask = Callable[[torch.Tensor, Sequence[Request]], None]
-_TOP_P_FIRST = 256  # candidates top-p first looks among (see _sample_top_p)
+# Top-p first looks among the tokens at least this share as likely as the most likely one (see
+# _sample_top_p) ...
+_TOP_P_FLOOR = 2.0**-10
+# ... when there are at most this many; more, and it sorts the probabilities alone (np.sort).
+_TOP_P_CANDIDATES = 4096
 
 
 @dataclass
@@ -124,17 +128,42 @@ def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_top_p(weights: torch.Tensor, top_p: float, uniform: torch.Tensor) -> int:
-    """One draw from a row of softmax numerators, among the smallest set of most likely tokens whose
-    mass reaches ``top_p``: found among ``topk`` of a few hundred, which holds it for the peaked
-    distributions language models usually give, else from the sorted probabilities alone
-    (``torch.sort`` with indices of a 49k vocabulary took 4 ms a row)."""
-    total = weights.sum()
-    values, indices = weights.topk(min(_TOP_P_FIRST, weights.shape[-1]))
-    values = values / total
-    if float(values.sum()) >= top_p:
-        return _sample_candidates(values, indices, top_p, uniform)
-    probs = weights / total  # a flat distribution: the set is larger
-    return int(_draw((probs * (probs >= _top_p_threshold(probs, top_p))).unsqueeze(0), uniform))
+    """One draw from a row of softmax numerators (the most likely token's is 1), among the smallest
+    set of most likely tokens whose mass reaches ``top_p``.
+
+    When the tokens at least ``_TOP_P_FLOOR`` as likely as the most likely one hold that mass (the
+    peaked distributions language models usually give), the set is among them: a comparison finds
+    them and only they are sorted. Else the probabilities alone are sorted for the threshold
+    (``torch.sort`` with indices of a 49k vocabulary took 4 ms a row). ``topk`` of 256, which this
+    replaced, took 79 us a row of 49k, more than the whole peaked path now (2-core AMD EPYC)."""
+    row = weights.numpy()
+    need = top_p * float(row.sum(dtype=np.float64))
+    candidates = np.flatnonzero(row >= _TOP_P_FLOOR)
+    values = row[candidates]
+    if len(candidates) <= _TOP_P_CANDIDATES and float(values.sum(dtype=np.float64)) >= need:
+        order = np.argsort(-values, kind="stable")
+        ordered = values[order].astype(np.float64)
+        cumulative = np.cumsum(ordered)
+        size = max(1, int(np.count_nonzero(cumulative - ordered < need)))
+        pick = int(np.searchsorted(cumulative[:size], float(uniform) * cumulative[size - 1], side="right"))
+        return int(candidates[order[min(pick, size - 1)]])
+    return _draw_sorted(row, need, float(uniform))  # a flat distribution: the set is larger
+
+
+def _draw_sorted(row: np.ndarray, need: float, uniform: float) -> int:
+    """One draw among the smallest set of most likely tokens of ``row`` (numerators) whose mass
+    reaches ``need``, by the values sorted alone (numpy sorts values 3x faster than ``torch.sort``
+    with indices). The draw picks a rank; the token is the one of that value, the k-th of equal
+    values in vocabulary order for the k-th rank among them, so ties share their mass evenly. Drawing
+    in the sorted values instead of masking and summing the whole row again took a flat 49k-token
+    row from ~0.8 to ~0.3 ms."""
+    ordered = np.sort(row)[::-1]
+    cumulative = np.cumsum(ordered, dtype=np.float64)
+    size = max(1, int(np.count_nonzero(cumulative - ordered < need)))
+    rank = min(int(np.searchsorted(cumulative[:size], uniform * cumulative[size - 1], side="right")), size - 1)
+    value = ordered[rank]
+    first_equal = int(np.searchsorted(-ordered, -value, side="left"))  # ordered is descending
+    return int(np.flatnonzero(row == value)[rank - first_equal])
 
 
 def _sample_candidates(probs: torch.Tensor, indices: torch.Tensor, top_p: float, uniform: torch.Tensor) -> int:
@@ -145,14 +174,6 @@ def _sample_candidates(probs: torch.Tensor, indices: torch.Tensor, top_p: float,
         probs = probs[: max(1, int(((cumulative - probs) < top_p).sum()))]
     return int(indices[int(_draw(probs.unsqueeze(0), uniform))])
 
-
-
-def _top_p_threshold(probs: torch.Tensor, top_p: float) -> float:
-    """The probability of the least likely token in the smallest set of most likely ones whose
-    mass reaches ``top_p``. numpy sorts values alone 3x faster than ``torch.sort`` here."""
-    ordered = np.sort(probs.numpy())[::-1]
-    cumulative = np.cumsum(ordered, dtype=np.float64)
-    return float(ordered[max(1, int(np.count_nonzero(cumulative - ordered < top_p))) - 1])
 
 
 def _apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float) -> None:

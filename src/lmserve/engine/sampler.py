@@ -104,7 +104,8 @@ class Sampler:
         if not full:
             return
         temperatures = torch.tensor([requests[i].params.temperature for i in full])
-        weights = logits[full].div_(temperatures[:, None])
+        rows = logits if len(full) == len(requests) else logits[full]
+        weights = rows / temperatures[:, None]  # a new tensor: logprobs still read the logits
         weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
         plain = [k for k, i in enumerate(full) if requests[i].params.top_p >= 1.0]
         if plain:  # no filter: one cumulative sum and search for all these rows

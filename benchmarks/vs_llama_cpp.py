@@ -9,12 +9,12 @@ end-of-sequence ignored): at each ``--streams`` level, a closed loop of that man
 of ``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
 Each level is measured ``--rounds`` times (default 3) and its median round by output tokens/s is
 reported. Prints output tokens/s, TTFT p50 (and every round's) and TPOT p50 per system and level, the
-ratios against llama.cpp, why any request failed, and the CPU it ran on. ``TTFT / floor`` divides lmserve's (bf16) TTFT p50 by the least any server
-could reach on this machine: each level starts as one burst of equal prompts, and the one to get its
-first token k-th waits for k prompts' arithmetic at the fastest bf16 linear kernel measured here,
-before and after the servers ran (``peers/roofline.py``; ``--no-floor`` skips it). ``--busy 1``
-repeats each level beside a process spinning on one core and prints the share of its uncontended
-throughput each server kept.
+ratios against llama.cpp, why any request failed, and the CPU it ran on. ``TTFT / floor`` divides
+lmserve's (bf16) TTFT p50 by the least any server could reach on this machine: each level starts as
+one burst of equal prompts, and the one to get its first token k-th waits for k prompts' arithmetic
+at the fastest bf16 linear kernel measured here, before and after the servers ran
+(``peers/roofline.py``; ``--no-floor`` skips it). ``--busy 1`` repeats each level beside a process
+spinning on one core and prints the share of its uncontended throughput each server kept.
 
     benchmarks/peers/build_llama_server.sh                      # once (long: a C++ build)
     python benchmarks/vs_llama_cpp.py                           # 16 streams and 1, 200 + 128 tokens

@@ -112,9 +112,7 @@ def _extract_into(archive: Path, dest: Path, *, progress: bool, max_bytes: int) 
                         target.mkdir(parents=True, exist_ok=True)
                         continue
                     if safe.issym() or safe.islnk():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        if target.is_symlink() or target.exists():
-                            target.unlink()
+                        _clear(target)
                         if safe.issym():
                             os.symlink(safe.linkname, target)
                         else:  # a hard link shares its data: no copy, nothing against the budget
@@ -198,12 +196,18 @@ def _check_sizes(archive: Path, dest: Path, sizes: list[int], max_bytes: int) ->
     return total
 
 
+def _clear(target: Path) -> None:
+    """Make way for a new file or link at ``target``: its directory exists, and a link or file of the
+    same name is removed (a later member of the same name replaces the earlier one, as tar does)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+
+
 def _copy_within(source: IO[bytes], target: Path, budget: int, archive: Path, max_bytes: int) -> int:
     """Copy ``source`` into a new file ``target`` (never through a link already there) and return
     what is left of ``budget``; stop as soon as the data passes it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        target.unlink()  # a later member of the same name replaces the earlier one, as tar does
+    _clear(target)
     with target.open("xb") as out:
         while chunk := source.read(_CHUNK):
             budget -= len(chunk)

@@ -166,6 +166,17 @@ def test_dot_loop_alibi_and_threads(dot_ops: Ops, threads: int) -> None:
     check_bf16(dot_ops, b, torch.tensor([2.0 ** (-(i + 1)) for i in range(8)]))
 
 
+def test_dot_loop_decodes_of_wide_query_groups_split_along_their_keys(dot_ops: Ops) -> None:
+    # 64 query heads on one KV head make row-lane tiles of a single token (48 and 16 rows); with few
+    # of them per thread, long contexts are split along their keys and the parts merged afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_bf16(dot_ops, make_batch([1, 1], [1100, 700], num_heads=64, num_kv_heads=1))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_dot_loop_runs_only_for_a_bf16_cache_and_rounds_differently(dot_ops: Ops) -> None:
     b = make_batch([40], [40])
     dot = check_bf16(dot_ops, b)

@@ -12,13 +12,6 @@
 
 namespace lmserve {
 
-// fp32 -> bf16, round to nearest even (inputs are finite).
-inline uint32_t bf16_bits(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
-
 // Two 16-lane fp32 vectors to one vector of bf16 pairs: lo in the low half of each lane.
 LMSERVE_BF16_TARGET inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
     const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
@@ -46,20 +39,26 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
         const int rr = std::min(r, R - 1);  // pad lanes repeat the last row; their q is zero
         pos[r] = it.pos0 + rr / it.nh;
         slope[r] = row_slope(a, it, G, rr);
-        const float* src = q_row(a, it, G, rr);
-        for (int i = 0; i < D / 2; i += 16) {  // 32 features -> 16 pairs, transposed into lane r
-            alignas(64) uint32_t w[16];
-            if (D - 2 * i >= 32 && r < R) {
-                const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(src + 2 * i), qs);
-                const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(src + 2 * i + 16), qs);
-                _mm512_store_si512(w, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // words are feature pairs
-            } else {
-                for (int k = 0; k < 16; ++k)
-                    w[k] = 2 * (i + k) + 1 < D && r < R
-                               ? bf16_bits(src[2 * (i + k)] * qscale) | (bf16_bits(src[2 * (i + k) + 1] * qscale) << 16)
-                               : 0u;
+    }
+    // q as feature pairs, transposed 16 rows x 16 pairs at a time: row r's pair i goes to q2[i][r].
+    for (int v = 0; v < NV; ++v) {
+        for (int i0 = 0; i0 < D / 2; i0 += 16) {
+            const int left = D - 2 * i0;  // features of the block, 16 pairs at most
+            const __mmask16 klo = tail_mask(std::min(left, 16)), khi = tail_mask(std::min(left - 16, 16));
+            __m512 blk[16];
+            for (int l = 0; l < 16; ++l) {
+                const int r = v * 16 + l;
+                if (r >= R) {
+                    blk[l] = _mm512_setzero_ps();
+                    continue;
+                }
+                const float* src = q_row(a, it, G, r) + 2 * i0;
+                const __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(klo, src), qs);
+                const __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(khi, src + 16), qs);
+                blk[l] = (__m512)_mm512_cvtne2ps_pbh(hi, lo);  // word k: features 2k, 2k + 1 of the block
             }
-            for (int k = 0; k < 16 && i + k < D / 2; ++k) q2[(i + k) * W + r] = w[k];
+            transpose16x16(blk);
+            for (int k = 0; k < 16 && i0 + k < D / 2; ++k) _mm512_storeu_ps(reinterpret_cast<float*>(q2 + (i0 + k) * W + v * 16), blk[k]);
         }
     }
     for (int i = 0; i < D * W; ++i) ws.o[i] = 0.0f;
@@ -143,7 +142,7 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
                 for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.o + (ib + ii) * W + v * 16, acc[ii][v]);
         }
     }
-    emit_lanes<D, NV>(a, it, G, sink, ws.o, mv, lv, ws.ident);
+    emit_lanes_transposed<D, NV>(a, it, G, sink, ws.o, mv, lv);
 }
 
 }  // namespace lmserve

@@ -32,6 +32,34 @@ static inline __mmask16 tail_mask(int n) {
     return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
 }
 
+// Transposes the 16 x 16 matrix of 32-bit elements whose row i is r[i], in place: afterwards r[j]
+// holds element j of every former row. Three rounds of in-lane and cross-lane shuffles, 64 in all.
+static inline void transpose16x16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3)
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // per 128-bit lane L: u[i + k] holds element 4L + k of 4 rows
+        const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+        const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int k = 0; k < 4; ++k) {  // gather lane L of rows 0-3, 4-7, 8-11, 12-15 into element 4L + k
+        const __m512 v = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+        const __m512 x = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+        const __m512 y = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+        t[k] = _mm512_shuffle_f32x4(v, x, 0x88);
+        t[8 + k] = _mm512_shuffle_f32x4(v, x, 0xDD);
+        t[4 + k] = _mm512_shuffle_f32x4(w, y, 0x88);
+        t[12 + k] = _mm512_shuffle_f32x4(w, y, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // 2^x for x in [-126, 126] (clamped outside), relative error ~2e-7: x = n + f with n = round(x),
 // |f| <= 0.5, 2^f by its degree-6 Taylor series, then vscalefps applies 2^n without bit tricks.
 static inline __m512 exp2_ps(__m512 x) {

@@ -160,9 +160,8 @@ void attention_d(const AttentionArgs& a) {
     std::vector<float> part_ml(static_cast<size_t>(parts) * kTileRows * 2);
     // Longest first, so the dynamic schedule does not end on one long straggler.
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-    std::vector<int32_t> perm(D), ident(D);
+    std::vector<int32_t> perm(D);
     for (int i = 0; i < D; ++i) {
-        ident[i] = i;
         // bf16 chunks are widened even/odd within each 32 features (see vec.h); fp32 keep order.
         const int grp = i / 32, w = i % 32;
         perm[i] = (a.bf16 && grp * 32 + 32 <= D) ? grp * 32 + (w < 16 ? 2 * w : 2 * (w - 16) + 1) : i;
@@ -178,7 +177,7 @@ void attention_d(const AttentionArgs& a) {
         float* p = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64) / sizeof(float);
         Workspace ws{p, p + kTileRows * D, p + 2 * kTileRows * D, p + 2 * kTileRows * D + kChunk * D,
                      p + 2 * kTileRows * D + 2 * kChunk * D, p + 2 * kTileRows * D + 2 * kChunk * D + kChunk * kTileRows,
-                     perm.data(), ident.data()};
+                     perm.data()};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; ++i) {
             const Item& it = items[i];

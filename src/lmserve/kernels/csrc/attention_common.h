@@ -48,7 +48,6 @@ struct Workspace {
     float* st;  // rowdot: [R][32]; lanes: [32][48]
     float* ml;  // [48][4] row scratch
     int32_t* perm;  // buffer index -> d
-    const int32_t* ident;  // d -> d: for loops that keep features in order
 };
 
 // One cache row to fp32 in buffer d order: pairs of 16 features even/odd within each 32 (vec.h),
@@ -63,19 +62,26 @@ inline void widen_row(const uint16_t* src, float* dst) {
     if (D % 32) _mm512_store_ps(dst + D - 16, bf16x16_load(src + D - 16));
 }
 
+// One cache row to fp32 in feature order.
+template <int D>
+inline void widen_row_in_order(const uint16_t* src, float* dst) {
+    for (int i = 0; i < D; i += 16) _mm512_store_ps(dst + i, bf16x16_load(src + i));
+}
+
 template <int D>
 inline void copy_row(const float* src, float* dst) {
     for (int i = 0; i < D; i += 16) _mm512_store_ps(dst + i, _mm512_loadu_ps(src + i));
 }
 
-// Fetch keys c0 .. c0+nk of sequence s / KV head g into fp32 chunk buffers (buffer d order).
+// Fetch keys c0 .. c0+nk of sequence s / KV head g into fp32 chunk buffers (buffer d order; values
+// in feature order with ``values_in_order``, so that an output built from them needs no permutation).
 // Without vb, the value rows are left in the cache and vrows receives their addresses instead.
 // Keys before prefetch_end one chunk ahead are prefetched as these are fetched: a decode walks its
 // sequence's blocks, scattered over the cache, and stalled on each (16 decodes of ~260-token
 // contexts, default model, 2-core AMD EPYC: 200 -> 110 us a call, 10% of the whole generation).
 template <int D>
 inline void fetch_chunk(const AttentionArgs& a, int log2bs, int s, int g, int c0, int nk, float* kb, float* vb,
-                        const void** vrows = nullptr, int prefetch_end = 0) {
+                        const void** vrows = nullptr, int prefetch_end = 0, bool values_in_order = false) {
     const int32_t* bt = a.block_tables + s * a.bt_stride;
     const int64_t mask = a.block_size - 1;
     const int64_t row_bytes = a.bf16 ? 2 * D : 4 * D;
@@ -95,7 +101,12 @@ inline void fetch_chunk(const AttentionArgs& a, int log2bs, int s, int g, int c0
         if (a.bf16) {
             const uint16_t* vs = static_cast<const uint16_t*>(a.v_cache) + vo;
             widen_row<D>(static_cast<const uint16_t*>(a.k_cache) + ko, kb + j * D);
-            if (vb) widen_row<D>(vs, vb + j * D); else vrows[j] = vs;
+            if (!vb)
+                vrows[j] = vs;
+            else if (values_in_order)
+                widen_row_in_order<D>(vs, vb + j * D);
+            else
+                widen_row<D>(vs, vb + j * D);
         } else {
             const float* vs = static_cast<const float*>(a.v_cache) + vo;
             copy_row<D>(static_cast<const float*>(a.k_cache) + ko, kb + j * D);
@@ -163,24 +174,12 @@ inline __m512 chunk_max(const AttentionArgs& a, float* st, int W, int v, int nkv
     return mx;
 }
 
-// Write a row-lane tile's R rows from its output o ([D][W]) and the lanes' max and sum.
+// Write a row-lane tile's R rows from its output o ([D][W], features in order) and the lanes' max
+// and sum. 16 x 16 blocks of o are transposed in registers and each row is written 16 features at a
+// time (a scalar strided copy took a fifth of a prefill tile).
 template <int D, int NV>
 inline void emit_lanes(const AttentionArgs& a, const Item& it, int64_t G, const Sink& sink, const float* o,
-                       const __m512* mv, const __m512* lv, const int32_t* perm) {
-    constexpr int W = NV * 16;
-    alignas(64) float m[W], l[W];
-    for (int v = 0; v < NV; ++v) {
-        _mm512_store_ps(m + v * 16, mv[v]);
-        _mm512_store_ps(l + v * 16, lv[v]);
-    }
-    for (int r = 0; r < it.nt * it.nh; ++r) emit_row<D>(a, it, G, r, sink, o + r, W, m[r], l[r], perm);
-}
-
-// emit_lanes for an o whose features are in order: 16 x 16 blocks of o are transposed in registers
-// and each row is written as whole vectors (a scalar strided copy took a fifth of a prefill tile).
-template <int D, int NV>
-inline void emit_lanes_transposed(const AttentionArgs& a, const Item& it, int64_t G, const Sink& sink,
-                                  const float* o, const __m512* mv, const __m512* lv) {
+                       const __m512* mv, const __m512* lv) {
     static_assert(D % 16 == 0, "rows are written 16 features at a time");
     constexpr int W = NV * 16;
     const int R = it.nt * it.nh;

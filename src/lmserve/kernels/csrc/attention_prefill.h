@@ -22,8 +22,20 @@ void run_lanes(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, co
         const int rr = std::min(r, R - 1);  // pad lanes repeat the last row; their q is zero
         pos[r] = it.pos0 + rr / it.nh;
         slope[r] = row_slope(a, it, G, rr);
-        const float* src = q_row(a, it, G, rr);
-        for (int i = 0; i < D; ++i) ws.q[i * W + r] = r < R ? src[ws.perm[i]] * qscale : 0.0f;
+    }
+    // q in buffer order, transposed 16 rows x 16 features at a time: row r's feature perm[i] goes to q[i][r].
+    const __m512 qs = _mm512_set1_ps(qscale);
+    for (int v = 0; v < NV; ++v) {
+        for (int i0 = 0; i0 < D; i0 += 16) {
+            const __m512i from = _mm512_loadu_si512(ws.perm + i0);
+            __m512 blk[16];
+            for (int l = 0; l < 16; ++l) {
+                const int r = v * 16 + l;
+                blk[l] = r < R ? _mm512_mul_ps(_mm512_i32gather_ps(from, q_row(a, it, G, r), 4), qs) : _mm512_setzero_ps();
+            }
+            transpose16x16(blk);
+            for (int k = 0; k < 16; ++k) _mm512_storeu_ps(ws.q + (i0 + k) * W + v * 16, blk[k]);
+        }
     }
     for (int i = 0; i < D * W; ++i) ws.o[i] = 0.0f;
     __m512i posv[NV];
@@ -32,7 +44,7 @@ void run_lanes(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, co
     const int last_pos = it.pos0 + it.nt - 1;
     for (int c0 = it.kv0; c0 < it.kv1; c0 += kChunk) {
         const int nk = std::min(kChunk, it.kv1 - c0);
-        fetch_chunk<D>(a, log2bs, it.s, it.g, c0, nk, ws.kb, ws.vb);
+        fetch_chunk<D>(a, log2bs, it.s, it.g, c0, nk, ws.kb, ws.vb, nullptr, 0, true);  // o in feature order
         const int nkv = std::min(nk, last_pos - c0 + 1);
         for (int jb = 0; jb < nkv; jb += JB) {
             __m512 acc[JB][NV];
@@ -80,7 +92,7 @@ void run_lanes(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, co
                 for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.o + (ib + ii) * W + v * 16, acc[ii][v]);
         }
     }
-    emit_lanes<D, NV>(a, it, G, sink, ws.o, mv, lv, ws.perm);
+    emit_lanes<D, NV>(a, it, G, sink, ws.o, mv, lv);
 }
 
 }  // namespace lmserve

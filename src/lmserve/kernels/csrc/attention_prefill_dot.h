@@ -142,7 +142,7 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
                 for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ws.o + (ib + ii) * W + v * 16, acc[ii][v]);
         }
     }
-    emit_lanes_transposed<D, NV>(a, it, G, sink, ws.o, mv, lv);
+    emit_lanes<D, NV>(a, it, G, sink, ws.o, mv, lv);
 }
 
 }  // namespace lmserve

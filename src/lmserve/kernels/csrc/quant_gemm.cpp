@@ -157,6 +157,11 @@ using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, floa
 // vpdpbusd multiplies unsigned by signed bytes, so weights are stored + 128 and the excess removed
 // per group with the activations' integer sum: sum (q + 128) x = sum q x + 128 sum x.
 constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
+// From this many rows on, only a panel's first row tile prefetches the next K block (its other tiles
+// find it in cache): two prefetches per k-quad in every tile were an eighth of the loop's instructions,
+// and dropping them made 64-400 rows 7-20% faster (int8, 2-core AMD EPYC). Below it, at decode sizes
+// where the weights stream from memory, every tile keeps prefetching as it goes.
+constexpr int64_t kVnniFetchAllRows = 32;
 
 #define LMSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
 
@@ -237,15 +242,16 @@ LMSERVE_VNNI void vpanel_rows(const QuantLinearArgs& a, int64_t p, int64_t m0, i
             with_adds && a.bias ? a.bias + p * kPanel : nullptr};
     for (int64_t k0 = 0; k0 < a.K; k0 += kc_full) {
         const int64_t kc = std::min(kc_full, a.K - k0);
-        const NextBlock next = next_block<BITS, MIN>(a, p, k0 + kc);
+        const NextBlock next = next_block<BITS, MIN>(a, p, k0 + kc), none{nullptr, nullptr, nullptr};
         for (int64_t m = m0; m < m1; m += kVR) {
+            const NextBlock& ahead = m == m0 || m1 - m0 < kVnniFetchAllRows ? next : none;
             Tile tm = t;
             tm.c = c + (m - m0) * ldc;
             switch (std::min<int64_t>(kVR, m1 - m)) {
-                case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
-                case 2: vmicro<2, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
-                case 3: vmicro<3, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
-                default: vmicro<4, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, next); break;
+                case 1: vmicro<1, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, ahead); break;
+                case 2: vmicro<2, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, ahead); break;
+                case 3: vmicro<3, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, ahead); break;
+                default: vmicro<4, BITS, MIN>(a, p, m, k0, kc, tm, k0 == 0, ahead); break;
             }
         }
     }

@@ -31,7 +31,8 @@ void run_lanes(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, co
             __m512 blk[16];
             for (int l = 0; l < 16; ++l) {
                 const int r = v * 16 + l;
-                blk[l] = r < R ? _mm512_mul_ps(_mm512_i32gather_ps(from, q_row(a, it, G, r), 4), qs) : _mm512_setzero_ps();
+                blk[l] = r < R ? _mm512_mul_ps(_mm512_i32gather_ps(from, q_row(a, it, G, r), 4), qs)
+                               : _mm512_setzero_ps();
             }
             transpose16x16(blk);
             for (int k = 0; k < 16; ++k) _mm512_storeu_ps(ws.q + (i0 + k) * W + v * 16, blk[k]);

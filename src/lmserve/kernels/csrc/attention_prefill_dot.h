@@ -58,7 +58,8 @@ LMSERVE_BF16_TARGET void run_lanes_dot(const AttentionArgs& a, const Item& it, i
                 blk[l] = (__m512)_mm512_cvtne2ps_pbh(hi, lo);  // word k: features 2k, 2k + 1 of the block
             }
             transpose16x16(blk);
-            for (int k = 0; k < 16 && i0 + k < D / 2; ++k) _mm512_storeu_ps(reinterpret_cast<float*>(q2 + (i0 + k) * W + v * 16), blk[k]);
+            for (int k = 0; k < 16 && i0 + k < D / 2; ++k)
+                _mm512_storeu_ps(reinterpret_cast<float*>(q2 + (i0 + k) * W + v * 16), blk[k]);
         }
     }
     for (int i = 0; i < D * W; ++i) ws.o[i] = 0.0f;

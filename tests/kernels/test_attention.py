@@ -54,6 +54,18 @@ def test_head_dims(ops: Ops, head_dim: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decodes_of_wide_query_groups_split_along_their_keys(ops: Ops, dtype: torch.dtype) -> None:
+    # 64 query heads on one KV head make row-lane tiles of a single token (48 and 16 rows); with few
+    # of them per thread, long contexts are split along their keys and the parts merged afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check(ops, make_batch([1, 1], [1100, 700], num_heads=64, num_kv_heads=1, dtype=dtype))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_alibi(ops: Ops, dtype: torch.dtype) -> None:
     b = make_batch([1, 30, 5], [90, 30, 64], num_heads=8, num_kv_heads=2, dtype=dtype)
     slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(8)])

@@ -1,4 +1,4 @@
-"""RMS norm, SwiGLU and KV writes against plain torch."""
+"""RMS norm, SwiGLU, KV writes and the greedy argmax against plain torch."""
 
 from __future__ import annotations
 
@@ -34,6 +34,30 @@ def test_rms_norm_shapes_and_dtypes(ops: Ops) -> None:
     torch.testing.assert_close(normed, rms(x, w.float(), 1e-5), rtol=1e-5, atol=1e-5)
     normed16, total16 = ops.rms_norm(x.bfloat16(), w, 1e-5, x.bfloat16())
     assert normed16.dtype == total16.dtype == torch.bfloat16 and normed16.shape == (2, 3, 64)
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 49152), (16, 49152), (3, 37), (70, 1000), (2, 15)])
+def test_argmax_rows_is_torch_argmax(ops: Ops, threads: int, rows: int, vocab: int) -> None:
+    torch.manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab)
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_rows_ties_infinities_and_nans_as_torch(ops: Ops) -> None:
+    """The first of equal maxima wins, whichever vector lane holds it; NaN counts as the largest."""
+    x = torch.randn(9, 100)
+    x[0, [3, 40, 77]] = 9.0                                # a tie across lanes and vectors: 3
+    x[1, [51, 19]] = 9.0                                   # 19, in an earlier vector than 51
+    x[2] = float("-inf")                                   # nothing larger than -inf: 0
+    x[3, 98] = float("inf")
+    x[4, [60, 61]] = float("inf")
+    x[5, 70], x[5, 10] = float("nan"), 50.0                # a NaN beats everything, even a later one
+    x[6, [20, 90]] = float("nan")
+    x[7] = 0.0                                             # all equal: 0
+    x[8, 99] = 9.0                                         # the last element, in a partial vector
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    wide = torch.randn(4, 2 * 49152)[:, ::2]               # rows with a stride: copied, same answer
+    assert torch.equal(ops.argmax_rows(wide), wide.argmax(dim=-1))
 
 
 @pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (5, 33), (300, 256)])

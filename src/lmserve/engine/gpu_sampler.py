@@ -19,7 +19,7 @@ with the CPU sampler) goes to the CPU ``Sampler`` whole, logits copied to the ho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -174,9 +174,10 @@ def _needs_host(request: Request) -> bool:
 
 
 def make_sampler(device: torch.device | str, seed: int = 0,
-                 logits_mask: LogitsMask | None = None, *, eos_token_ids: Sequence[int] = ()) -> Sampler | GpuSampler:
+                 logits_mask: LogitsMask | None = None, *, eos_token_ids: Sequence[int] = (),
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Sampler | GpuSampler:
     """The sampler for logits on ``device``: batched on the device for CUDA, ``Sampler`` on the CPU;
-    ``logits_mask`` is the structured-output hook (see ``Sampler``)."""
+    ``logits_mask`` is the structured-output hook, ``argmax`` the CPU greedy rows' (see ``Sampler``)."""
     if torch.device(device).type == "cuda":
         return GpuSampler(device, seed, logits_mask, eos_token_ids=eos_token_ids)
-    return Sampler(seed, logits_mask, eos_token_ids=eos_token_ids)
+    return Sampler(seed, logits_mask, eos_token_ids=eos_token_ids, argmax=argmax)

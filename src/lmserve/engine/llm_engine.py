@@ -68,7 +68,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.structured = StructuredOutputManager(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.sampler = make_sampler(self.runner.device, config.seed, self.structured.apply_masks,
-                                    eos_token_ids=sorted(self.eos_token_ids))
+                                    eos_token_ids=sorted(self.eos_token_ids),
+                                    argmax=getattr(getattr(self.runner, "ops", None), "argmax_rows", None))
         self._compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []

@@ -41,8 +41,11 @@ class Sampler:
     """Stateless but for the per-request random generators it keeps for seeded requests."""
 
     def __init__(self, seed: int = 0, logits_mask: LogitsMask | None = None, *,
-                 eos_token_ids: Sequence[int] = ()) -> None:
+                 eos_token_ids: Sequence[int] = (), argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self._mask = logits_mask
+        # The greedy rows' argmax: the compiled kernel's where there is one (``Ops.argmax_rows``: torch's
+        # CPU argmax tracks its index element by element, a tenth of the speed of its own max).
+        self._argmax = argmax or (lambda x: x.argmax(dim=-1))
         self._eos_token_ids = tuple(eos_token_ids)
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -70,7 +73,7 @@ class Sampler:
                 _apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)
         apply_penalties(logits, requests, self._eos_token_ids)
         sampled = [i for i, req in enumerate(requests) if not req.params.greedy]
-        greedy = logits.argmax(dim=-1) if len(sampled) < len(requests) else None  # a pass over the vocabulary
+        greedy = self._argmax(logits) if len(sampled) < len(requests) else None  # a pass over the vocabulary
         token_ids = greedy.tolist() if greedy is not None else [0] * len(requests)
         if sampled:
             self._sample(logits, requests, sampled, token_ids)

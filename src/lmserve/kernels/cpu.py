@@ -90,6 +90,11 @@ class CpuOps(PanelLinearOps):
     attention_dot = False
 
     # -- elementwise -------------------------------------------------------------------------
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] == 0:
+            return super().argmax_rows(x)
+        return self.ext.argmax_rows(x, torch.get_num_threads())
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().silu_and_mul(x)

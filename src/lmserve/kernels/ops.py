@@ -22,6 +22,7 @@ class Ops(Protocol):
     - ``linear(x[..., K], w, bias=None) -> [..., N]``: ``x W^T + bias``.
     - ``linear_silu_mul(x[..., K], w) -> [..., I]``: ``silu(x G^T) * (x U^T)`` in one pass.
     - ``silu_and_mul(x[..., 2I]) -> [..., I]``.
+    - ``argmax_rows(x[M, N]) -> [M]`` int64: each row's first largest value, as ``torch.argmax``.
     - ``rms_norm(x, weight, eps, residual=None) -> (normed, x + residual)``.
     - ``rotary_embedding(positions[T], q[T, Hq, D], k[T, Hk, D], cos, sin, rotary_dim, neox_style)``:
       in place.
@@ -45,6 +46,8 @@ class Ops(Protocol):
     def linear(self, x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def linear_silu_mul(self, x: torch.Tensor, w: PackedLinear) -> torch.Tensor: ...
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -67,6 +67,10 @@ class ReferenceOps:
         return y.to(x.dtype)
 
     # -- elementwise -------------------------------------------------------------------------
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The index of each row's largest value of a 2-D ``x`` (the first on ties), as int64."""
+        return x.argmax(dim=-1)
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(x[..., :I]) * x[..., I:]``."""
         gate, up = x.chunk(2, dim=-1)

@@ -282,6 +282,19 @@ std::tuple<Tensor, Tensor> rms_norm(const Tensor& x_in, const Tensor& weight_in,
     return {out.to(dtype), sum.to(dtype)};
 }
 
+Tensor argmax_rows(const Tensor& x_in, int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() == 2, "x must be a 2-D CPU tensor");
+    TORCH_CHECK_VALUE(x_in.size(1) > 0 && x_in.size(1) <= INT32_MAX, "rows must have 1 to 2^31 - 1 elements");
+    const Tensor x = as_rows(x_in);
+    Tensor out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::argmax_rows(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<int64_t>(),
+                             static_cast<int>(nthreads));
+    }
+    return out;
+}
+
 Tensor silu_and_mul(const Tensor& x_in, int64_t nthreads) {
     TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
     TORCH_CHECK_VALUE(x_in.size(-1) % 2 == 0, "silu_and_mul needs an even last dimension");
@@ -373,6 +386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+    m.def("argmax_rows", &argmax_rows, "the index of each row's largest value (the first on ties), as torch.argmax");
     m.def("rotary_embedding", &rotary_embedding, "rotary position embedding of q and k, in place");
     m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
     m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);

@@ -62,6 +62,59 @@ void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t 
     }
 }
 
+// Four sets of 16 lanes, each keeping its largest value and where it first saw it (only a strictly
+// greater value moves it), so four compare-and-blend chains run side by side; then the sets merge
+// (the smaller index wins a tie) and the lanes holding the row's maximum give their smallest index.
+// torch's CPU argmax tracks its index element by element: 360 us for 16 rows of 49,152 logits on a
+// 2-core AMD EPYC, fifteen times its own max.
+void argmax_rows(const float* x, int64_t ldx, int64_t M, int64_t N, int64_t* out, int nthreads) {
+    constexpr int kSets = 4;
+    const int threads = M * N >= kParallelMinElements && M > 1 ? std::max(1, nthreads) : 1;
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* row = x + m * ldx;
+        __m512 best[kSets];
+        __m512i where[kSets];
+        for (int j = 0; j < kSets; ++j) {
+            best[j] = lowest;
+            where[j] = _mm512_setzero_si512();
+        }
+        int64_t nan_at = -1;
+        for (int64_t i0 = 0; i0 < N && nan_at < 0; i0 += 16 * kSets) {
+            for (int j = 0; j < kSets; ++j) {
+                const int64_t i = i0 + 16 * j;
+                if (i >= N) break;
+                const __mmask16 k = tail_mask(static_cast<int>(std::min<int64_t>(16, N - i)));
+                const __m512 v = _mm512_mask_loadu_ps(lowest, k, row + i);
+                const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                if (nan) {
+                    nan_at = i + __builtin_ctz(nan);
+                    break;
+                }
+                const __mmask16 gt = _mm512_cmp_ps_mask(v, best[j], _CMP_GT_OQ);
+                best[j] = _mm512_mask_mov_ps(best[j], gt, v);
+                const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(i)));
+                where[j] = _mm512_mask_mov_epi32(where[j], gt, at);
+            }
+        }
+        if (nan_at >= 0) {
+            out[m] = nan_at;
+            continue;
+        }
+        for (int j = 1; j < kSets; ++j) {
+            const __mmask16 take = _mm512_cmp_ps_mask(best[j], best[0], _CMP_GT_OQ) |
+                                   (_mm512_cmp_ps_mask(best[j], best[0], _CMP_EQ_OQ) &
+                                    _mm512_cmplt_epi32_mask(where[j], where[0]));
+            best[0] = _mm512_mask_mov_ps(best[0], take, best[j]);
+            where[0] = _mm512_mask_mov_epi32(where[0], take, where[j]);
+        }
+        const __mmask16 top = _mm512_cmp_ps_mask(best[0], _mm512_set1_ps(_mm512_reduce_max_ps(best[0])), _CMP_EQ_OQ);
+        out[m] = _mm512_mask_reduce_min_epi32(top, where[0]);
+    }
+}
+
 void rotary(float* x, int64_t st, int64_t sh, int64_t T, int64_t H, const int64_t* positions, const float* cos,
             const float* sin, int64_t half, bool neox, int nthreads) {
     const int threads = T * H * half * 2 >= kParallelMinElements ? std::max(1, nthreads) : 1;

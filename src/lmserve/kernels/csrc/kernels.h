@@ -105,6 +105,10 @@ void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, c
 // out[:, c] = silu(x[:, c]) * x[:, I + c] for x [M, 2I].
 void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t M, int64_t I, int nthreads);
 
+// out[m] = the index of the largest of x[m, 0..N), the first one on ties; a NaN counts as the
+// largest (its first occurrence), as torch.argmax has it.
+void argmax_rows(const float* x, int64_t ldx, int64_t M, int64_t N, int64_t* out, int nthreads);
+
 // In place: rotary embedding of the first 2*half features of each of H heads of T tokens (token stride st,
 // head stride sh); cos/sin are [positions, half] tables; neox rotates halves, otherwise adjacent pairs.
 void rotary(float* x, int64_t st, int64_t sh, int64_t T, int64_t H, const int64_t* positions, const float* cos,

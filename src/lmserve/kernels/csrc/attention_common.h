@@ -183,23 +183,23 @@ inline void emit_lanes(const AttentionArgs& a, const Item& it, int64_t G, const 
     static_assert(D % 16 == 0, "rows are written 16 features at a time");
     constexpr int W = NV * 16;
     const int R = it.nt * it.nh;
-    alignas(64) float m[W], l[W];
+    // Where each row goes and what it is scaled by: a partial result stays unnormalized.
+    alignas(64) float m[W], l[W], scale[W];
+    float* dst[W];
     for (int v = 0; v < NV; ++v) {
         _mm512_store_ps(m + v * 16, mv[v]);
         _mm512_store_ps(l + v * 16, lv[v]);
+        const __m512 one = _mm512_set1_ps(1.0f);
+        _mm512_store_ps(scale + v * 16, sink.part_o ? one : _mm512_div_ps(one, lv[v]));
     }
+    for (int r = 0; r < R; ++r) dst[r] = sink.part_o ? sink.part_o + r * D : out_row(a, it, G, r);
     for (int v = 0; v < NV && v * 16 < R; ++v) {
         for (int d0 = 0; d0 < D; d0 += 16) {
             __m512 blk[16];
             for (int i = 0; i < 16; ++i) blk[i] = _mm512_loadu_ps(o + (d0 + i) * W + v * 16);
             transpose16x16(blk);
-            for (int k = 0; k < 16 && v * 16 + k < R; ++k) {
-                const int r = v * 16 + k;
-                if (sink.part_o)
-                    _mm512_storeu_ps(sink.part_o + r * D + d0, blk[k]);
-                else
-                    _mm512_storeu_ps(out_row(a, it, G, r) + d0, _mm512_mul_ps(blk[k], _mm512_set1_ps(1.0f / l[r])));
-            }
+            for (int k = 0; k < 16 && v * 16 + k < R; ++k)
+                _mm512_storeu_ps(dst[v * 16 + k] + d0, _mm512_mul_ps(blk[k], _mm512_set1_ps(scale[v * 16 + k])));
         }
     }
     if (sink.part_o)

@@ -65,8 +65,8 @@ void silu_and_mul(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t 
 // Four sets of 16 lanes, each keeping its largest value and where it first saw it (only a strictly
 // greater value moves it), so four compare-and-blend chains run side by side; then the sets merge
 // (the smaller index wins a tie) and the lanes holding the row's maximum give their smallest index.
-// torch's CPU argmax tracks its index element by element: 360 us for 16 rows of 49,152 logits on a
-// 2-core AMD EPYC, fifteen times its own max.
+// torch's CPU argmax tracks its index element by element: 335 us for 16 rows of 49,152 logits on a
+// 2-core AMD EPYC, seventeen times its own max (this: 38 us).
 void argmax_rows(const float* x, int64_t ldx, int64_t M, int64_t N, int64_t* out, int nthreads) {
     constexpr int kSets = 4;
     const int threads = M * N >= kParallelMinElements && M > 1 ? std::max(1, nthreads) : 1;

@@ -159,7 +159,7 @@ using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, floa
 constexpr int kVR = 4;  // rows per VNNI tile: 8 int32 + 8 fp32 accumulators
 // From this many rows on, only a panel's first row tile prefetches the next K block (its other tiles
 // find it in cache): two prefetches per k-quad in every tile were an eighth of the loop's instructions,
-// and dropping them made 64-400 rows 7-20% faster (int8, 2-core AMD EPYC). Below it, at decode sizes
+// and dropping them made 64-400 rows 3-20% faster (int8, 2-core AMD EPYC). Below it, at decode sizes
 // where the weights stream from memory, every tile keeps prefetching as it goes.
 constexpr int64_t kVnniFetchAllRows = 32;
 

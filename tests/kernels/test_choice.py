@@ -33,11 +33,12 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize("name", list(CANDIDATES))
 @pytest.mark.parametrize("m", [1, 7, 130])
-def test_every_candidate_matches_the_reference_within_bf16(compiled_ops: Ops, name: str, m: int) -> None:
+@pytest.mark.parametrize("k", [576, 2100])  # one K block, and several (of 512 or 1024 features)
+def test_every_candidate_matches_the_reference_within_bf16(compiled_ops: Ops, name: str, m: int, k: int) -> None:
     if (why := candidates.unavailable(name, compiled_ops)) is not None:
         pytest.skip(why)
-    torch.manual_seed(m)
-    n, k = 100, 576
+    torch.manual_seed(m + k)
+    n = 100
     w, x, bias = torch.randn(n, k).bfloat16(), torch.randn(m, k), torch.randn(n)
     form = CANDIDATES[name].prepare(compiled_ops.pack_linear_weight(w))
     want = x.double() @ w.double().T + bias.double()

@@ -20,7 +20,7 @@ def close(actual: torch.Tensor, want: torch.Tensor, k: int) -> None:
 
 
 # M: 1, a partial 12-row tile, several tasks of 192 rows; N: panels of 32 with ragged tails;
-# K: odd sizes and more than one 512-wide K block.
+# K: odd sizes and more than one K block (512 features for one row tile, 1024 for more).
 SHAPES = [(1, 576, 576), (1, 192, 576), (3, 33, 100), (12, 64, 64), (13, 1, 7), (25, 100, 1536),
           (64, 1536, 576), (200, 31, 1100), (400, 96, 64)]
 

@@ -17,7 +17,7 @@ from lmserve.bench.records import RequestRecord
 from lmserve.bench.runner import RunResult
 
 CSV_FIELDS = ("index", "send_s", "end_s", "e2e_ms", "ttft_ms", "tpot_ms", "prompt_tokens", "output_tokens",
-              "chunks", "error", "error_detail")  # fmt: skip
+              "chunks", "error", "error_detail", "resent")  # fmt: skip
 
 
 class ProgressBar:
@@ -103,4 +103,4 @@ def write_csv(path: Path, records: list[RequestRecord]) -> None:
         for r in records:
             writer.writerow([r.index, f"{r.send:.6f}", f"{r.end:.6f}", ms(r.e2e), ms(r.ttft), ms(r.tpot),
                              r.prompt_tokens if r.prompt_tokens is not None else "", r.output_tokens,
-                             len(r.chunks), r.error or "", r.error_detail or ""])  # fmt: skip
+                             len(r.chunks), r.error or "", r.error_detail or "", int(r.resent)])  # fmt: skip

@@ -38,6 +38,7 @@ class RequestRecord:
     error: str | None = None
     error_detail: str | None = None
     server_counted: bool = False  # output_tokens came from the server, not from counting chunks
+    resent: bool = False  # sent again: the kept-alive connection was closed before any answer
 
     @property
     def ok(self) -> bool:

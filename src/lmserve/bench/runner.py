@@ -96,20 +96,29 @@ def arrival_times(n: int, rate: float, arrival: str = "poisson", burstiness: flo
     return [math.sqrt(2 * ramp_up_s * t) if t < half else t + half for t in times]
 
 
-async def _send(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, index: int, t0: float) -> RequestRecord:
-    record = RequestRecord(index, send=time.perf_counter() - t0, prompt_tokens=prompt.prompt_tokens)
+async def _send(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, record: RequestRecord, t0: float,
+                reused: bool) -> bool:
+    """Send ``prompt`` and fill ``record``. Returns False, leaving ``record`` untouched, when a kept-alive
+    connection (``reused``) turned out closed before any answer came: nothing was answered, so the
+    caller may send it again."""
     body = spec.dialect.body(prompt, spec.model, spec.ignore_eos, spec.temperature)
+    answered = False
     try:
         async with client.stream("POST", spec.dialect.path, json=body) as response:
+            answered = True
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:300]
                 record.error, record.error_detail = str(response.status_code), detail
             else:
                 await _read_stream(response, spec.dialect, record, t0)
+    except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
+        if reused and not answered:
+            return False
+        record.error, record.error_detail = TRANSPORT_ERROR, f"{type(exc).__name__}: {exc}"[:300]
     except httpx.HTTPError as exc:
         record.error, record.error_detail = TRANSPORT_ERROR, f"{type(exc).__name__}: {exc}"[:300]
     finish(record, time.perf_counter() - t0)
-    return record
+    return True
 
 
 class ClientPool:
@@ -121,27 +130,39 @@ class ClientPool:
     """
 
     def __init__(self, spec: LoadSpec) -> None:
-        self.spec, self._free, self._all = spec, list[httpx.AsyncClient](), list[httpx.AsyncClient]()
+        self.spec, self._all = spec, list[httpx.AsyncClient]()
+        self._free = list[tuple[httpx.AsyncClient, bool]]()  # and whether its connection was left open
         self._tls = ssl.create_default_context() if spec.url.startswith("https:") else None
 
-    def get(self) -> httpx.AsyncClient:
+    def get(self) -> tuple[httpx.AsyncClient, bool]:
+        """A client, and whether its last request left a kept-alive connection (which the server may
+        have closed since)."""
         if self._free:
             return self._free.pop()
         timeout = httpx.Timeout(self.spec.timeout_s, connect=min(self.spec.timeout_s, 30.0))
         client = httpx.AsyncClient(base_url=self.spec.url, timeout=timeout, headers=self.spec.headers | IDENTITY,
                                    limits=httpx.Limits(max_connections=1), verify=self._tls or False)  # fmt: skip
         self._all.append(client)
-        return client
+        return client, False
 
-    def put(self, client: httpx.AsyncClient) -> None:
-        self._free.append(client)
+    def put(self, client: httpx.AsyncClient, kept: bool) -> None:
+        self._free.append((client, kept))
 
     async def send(self, prompt: Prompt, index: int, t0: float) -> RequestRecord:
-        client = self.get()
+        """One request; sent once more, on a new connection, when the kept-alive one it went out on
+        was closed by the server before any answer (llama.cpp's server closes its connection after
+        a streamed answer, though it says keep-alive, and a request sent meanwhile found it closed
+        in one to four of eight tries). Its times still count from the first send."""
+        client, kept = self.get()
+        record = RequestRecord(index, send=time.perf_counter() - t0, prompt_tokens=prompt.prompt_tokens)
         try:
-            return await _send(client, self.spec, prompt, index, t0)
+            if not await _send(client, self.spec, prompt, record, t0, kept):
+                record.resent = True  # httpx dropped the dead connection; the client opens a new one
+                await _send(client, self.spec, prompt, record, t0, reused=False)
+            return record
         finally:
-            self.put(client)
+            # A transport error drops the connection: the next request on this client opens a new one.
+            self.put(client, record.error != TRANSPORT_ERROR)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self._all))

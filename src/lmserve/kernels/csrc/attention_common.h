@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstring>
 #include <cstdint>
 
 #include "kernels.h"
@@ -131,17 +130,17 @@ inline float row_slope(const AttentionArgs& a, const Item& it, int64_t G, int r)
 // Finish one row from its accumulator (element i of o is feature perm[i]).
 template <int D>
 inline void emit_row(const AttentionArgs& a, const Item& it, int64_t G, int r, const Sink& sink, const float* o,
-                     int64_t o_stride, float m, float l, const int32_t* perm) {
+                     float m, float l, const int32_t* perm) {
     if (sink.part_o) {
         float* po = sink.part_o + r * D;
-        for (int i = 0; i < D; ++i) po[perm[i]] = o[i * o_stride];
+        for (int i = 0; i < D; ++i) po[perm[i]] = o[i];
         sink.part_ml[2 * r] = m;
         sink.part_ml[2 * r + 1] = l;
         return;
     }
     float* dst = out_row(a, it, G, r);
     const float inv = 1.0f / l;
-    for (int i = 0; i < D; ++i) dst[perm[i]] = o[i * o_stride] * inv;
+    for (int i = 0; i < D; ++i) dst[perm[i]] = o[i] * inv;
 }
 
 // The row-lane loops (attention_prefill.h, attention_prefill_dot.h) share their per-lane state:

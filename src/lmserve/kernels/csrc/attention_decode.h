@@ -150,7 +150,7 @@ void run_rowdot(const AttentionArgs& a, const Item& it, int64_t G, int log2bs, c
     }
     for (int h = 0; h < it.ng; ++h)
         for (int r = 0; r < R; ++r)
-            emit_row<D>(a, heads[h], G, r, sink, ws.o + (h * R + r) * D, 1, m[h * R + r], l[h * R + r], ws.perm);
+            emit_row<D>(a, heads[h], G, r, sink, ws.o + (h * R + r) * D, m[h * R + r], l[h * R + r], ws.perm);
 }
 
 }  // namespace lmserve

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmserve.kernels import Ops
+from lmserve.kernels import Ops, candidates
+from lmserve.kernels.packed import PackedLinear, interleave_gate_up, pack_pairs
 
 
 def expected(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,34 @@ def test_linear_splits_work_by_thread_count(ops: Ops, threads: int) -> None:
     for m, n, k in [(1, 64, 576), (5, 1536, 576), (250, 320, 96)]:
         w, x = torch.randn(n, k).bfloat16(), torch.randn(m, k)
         close(ops.linear(x, ops.pack_linear_weight(w)), expected(x, w), k)
+
+
+def test_threads_sharing_column_blocks_give_the_same_bits(compiled_ops: Ops) -> None:
+    """From 64 rows the GEMMs deal column blocks out to the threads, and a thread done with its own
+    takes the others' last ones: each block must run exactly once, whoever runs it, so every thread
+    count gives the bits of one thread (5 threads on fewer cores take each other's blocks most)."""
+    torch.manual_seed(5)
+    w, gate, up = torch.randn(700, 200).bfloat16(), torch.randn(350, 200).bfloat16(), torch.randn(350, 200).bfloat16()
+    weights = [compiled_ops.pack_linear_weight(w), compiled_ops.pack_gate_up_weight(gate, up)]
+    if candidates.unavailable("own-dot", compiled_ops) is None:  # the dot-product kernel, where it runs
+        weights += [PackedLinear(pack_pairs(w), 700, 200, layout="pair32"),
+                    PackedLinear(pack_pairs(interleave_gate_up(gate, up)), 350, 200, layout="pair32", gate_up=True)]
+    x = torch.randn(300, 200)
+
+    def outputs() -> list[torch.Tensor]:
+        return [compiled_ops.linear_silu_mul(x, p) if p.gate_up else compiled_ops.linear(x, p) for p in weights]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = outputs()
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            for _ in range(4):
+                for got, ref in zip(outputs(), want, strict=True):
+                    assert torch.equal(got, ref), f"{n} threads"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bias(ops: Ops) -> None:

@@ -42,19 +42,25 @@ def test_linear_splits_work_by_thread_count(ops: Ops, threads: int) -> None:
 
 
 def test_threads_sharing_column_blocks_give_the_same_bits(compiled_ops: Ops) -> None:
-    """From 64 rows the GEMMs deal column blocks out to the threads, and a thread done with its own
-    takes the others' last ones: each block must run exactly once, whoever runs it, so every thread
-    count gives the bits of one thread (5 threads on fewer cores take each other's blocks most)."""
+    """From 64 rows, or from 4M weights at any row count, the GEMMs deal column blocks out to the
+    threads, and a thread done with its own takes the others' last ones: each block must run exactly
+    once, whoever runs it, so every thread count gives the bits of one thread (5 threads on fewer
+    cores take each other's blocks most)."""
     torch.manual_seed(5)
     w, gate, up = torch.randn(700, 200).bfloat16(), torch.randn(350, 200).bfloat16(), torch.randn(350, 200).bfloat16()
-    weights = [compiled_ops.pack_linear_weight(w), compiled_ops.pack_gate_up_weight(gate, up)]
+    big = torch.randn(4100, 1024).bfloat16()  # shared from one row
+    cases = [(300, compiled_ops.pack_linear_weight(w)), (300, compiled_ops.pack_gate_up_weight(gate, up)),
+             (5, compiled_ops.pack_linear_weight(big))]
     if candidates.unavailable("own-dot", compiled_ops) is None:  # the dot-product kernel, where it runs
-        weights += [PackedLinear(pack_pairs(w), 700, 200, layout="pair32"),
-                    PackedLinear(pack_pairs(interleave_gate_up(gate, up)), 350, 200, layout="pair32", gate_up=True)]
-    x = torch.randn(300, 200)
+        cases += [(300, PackedLinear(pack_pairs(w), 700, 200, layout="pair32")),
+                  (300, PackedLinear(pack_pairs(interleave_gate_up(gate, up)), 350, 200, layout="pair32",
+                                     gate_up=True)),
+                  (5, PackedLinear(pack_pairs(big), 4100, 1024, layout="pair32"))]
+    xs = {300: torch.randn(300, 200), 5: torch.randn(5, 1024)}  # by row count
 
     def outputs() -> list[torch.Tensor]:
-        return [compiled_ops.linear_silu_mul(x, p) if p.gate_up else compiled_ops.linear(x, p) for p in weights]
+        return [compiled_ops.linear_silu_mul(xs[m], p) if p.gate_up else compiled_ops.linear(xs[m], p)
+                for m, p in cases]
 
     before = torch.get_num_threads()
     try:

@@ -48,28 +48,32 @@ class TaskRanges {
     std::unique_ptr<std::atomic<uint64_t>[]> ranges_;
 };
 
-// From kSharedMinRows rows (prefill) the columns are cut into kBlocksPerThread blocks per thread,
-// and a thread done with its own blocks takes the others' last ones. When another process (the
-// frontend, a load generator, the host) takes a core for a moment, the thread on it then delays the
-// call by about half that moment instead of all of it, and a step of a few hundred such calls
-// stops paying for every moment in full. 2-core AMD EPYC, 16 prompts of 200 tokens arriving
-// together at a server, median first token over 6 bursts, 4 alternating pairs: 589-617 ms with
-// one static block per thread, 540-601 ms sharing; the linears alone unchanged within 1%, and
-// 3-8% faster at 200-416 rows beside a process busy 0.5 ms of every 2.5 ms. Decode calls (tens of
+// From kSharedMinRows rows (prefill), or from kSharedMinWeights weights at any row count (a decode
+// call that streams megabytes: TinyLlama-1.1B's layers, a large vocabulary's LM head), the columns
+// are cut into kBlocksPerThread blocks per thread, and a thread done with its own blocks takes the
+// others' last ones. When another process (the frontend, a load generator, the host) takes a core
+// for a moment, the thread on it then delays the call by about half that moment instead of all of
+// it, and a step of a few hundred such calls stops paying for every moment in full. 2-core AMD EPYC,
+// 16 prompts of 200 tokens arriving together at a server, median first token over 6 bursts, 4
+// alternating pairs: 589-617 ms with one static block per thread, 540-601 ms sharing. The linears
+// alone: unchanged within 1-3% unloaded; beside a process busy 0.5 ms of every 2.5 ms, 3-8% faster at
+// 200-416 rows and 5-13% faster (medians) for the large decode calls. Small decode calls (tens of
 // microseconds) keep one static block per thread: finer blocks cost them 8-14%.
 constexpr int64_t kSharedMinRows = 64;
+constexpr int64_t kSharedMinWeights = int64_t{4} << 20;
 constexpr int64_t kBlocksPerThread = 4;
 
 // Calls task(m0, m1, u0, u1) for row range [m0, m1) and column-unit range [u0, u1) so the tasks
 // cover M rows x `units` units. Columns are split first: each thread then streams only its share
 // of the weights, which is what bounds decode. Rows are split only when there are too few column
 // units for the threads, in multiples of MR (the micro-tile) and at most MC rows per task.
+// unit_weights: the weights of one column unit (all of K).
 // Consecutive tasks share a column range, so a thread keeps its weight slice warm; the tasks of a
 // thread's range are consecutive, and taken ones come from the other end of a range.
 template <int64_t MR, int64_t MC, typename Task>
-void for_each_panel_task(int64_t M, int64_t units, int nthreads, const Task& task) {
+void for_each_panel_task(int64_t M, int64_t units, int64_t unit_weights, int nthreads, const Task& task) {
     const int64_t threads = std::max(1, nthreads);
-    const bool shared = threads > 1 && M >= kSharedMinRows;
+    const bool shared = threads > 1 && (M >= kSharedMinRows || units * unit_weights >= kSharedMinWeights);
     const int64_t nb = std::min(units, shared ? threads * kBlocksPerThread : threads);
     int64_t mb = (M + MC - 1) / MC;
     const int64_t max_mb = (M + MR - 1) / MR;

@@ -186,7 +186,7 @@ void run_task(const LinearArgs& a, const Kernel& kn, int64_t m0, int64_t m1, int
 
 void run(const LinearArgs& a, const Kernel& kn) {
     const int64_t unit = a.epilogue == Epilogue::kSiluMul ? 2 : 1;
-    for_each_panel_task<kMR, kMC>(a.M, a.panels / unit, unit * kPanel * a.K, a.nthreads,
+    for_each_panel_task<kMR, kMC>(a.M, a.panels / unit, a.panels * kPanel * a.K, a.nthreads,
                                   [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
         run_task(a, kn, m0, m1, u0, u1);
     });

@@ -156,7 +156,7 @@ void linear_bf16(const LinearArgs& a) {
     if (a.M <= 0 || a.panels <= 0) return;
     const int64_t unit = a.epilogue == Epilogue::kSiluMul ? 2 : 1;
     const int64_t units = a.panels / unit;
-    for_each_panel_task<kMR, kMC>(a.M, units, unit * kPanel * a.K, a.nthreads,
+    for_each_panel_task<kMR, kMC>(a.M, units, a.panels * kPanel * a.K, a.nthreads,
                                   [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {
         run_task(a, m0, m1, u0, u1);
     });

@@ -67,13 +67,13 @@ constexpr int64_t kBlocksPerThread = 4;
 // cover M rows x `units` units. Columns are split first: each thread then streams only its share
 // of the weights, which is what bounds decode. Rows are split only when there are too few column
 // units for the threads, in multiples of MR (the micro-tile) and at most MC rows per task.
-// unit_weights: the weights of one column unit (all of K).
+// weights: how many the whole call streams (all its panels, all of K).
 // Consecutive tasks share a column range, so a thread keeps its weight slice warm; the tasks of a
 // thread's range are consecutive, and taken ones come from the other end of a range.
 template <int64_t MR, int64_t MC, typename Task>
-void for_each_panel_task(int64_t M, int64_t units, int64_t unit_weights, int nthreads, const Task& task) {
+void for_each_panel_task(int64_t M, int64_t units, int64_t weights, int nthreads, const Task& task) {
     const int64_t threads = std::max(1, nthreads);
-    const bool shared = threads > 1 && (M >= kSharedMinRows || units * unit_weights >= kSharedMinWeights);
+    const bool shared = threads > 1 && (M >= kSharedMinRows || weights >= kSharedMinWeights);
     const int64_t nb = std::min(units, shared ? threads * kBlocksPerThread : threads);
     int64_t mb = (M + MC - 1) / MC;
     const int64_t max_mb = (M + MR - 1) / MR;

@@ -55,13 +55,23 @@ def others_cores(before: CpuReading, after: CpuReading) -> float:
     return max(0.0, (after.busy_cpu - before.busy_cpu) - (after.own_cpu - before.own_cpu)) / wall
 
 
+def tick_error(cores: int, wall: float) -> float:
+    """How far ``others_cores`` over ``wall`` seconds may be off, in cores: the system counts CPU
+    time in whole clock ticks (1/100 s on Linux), so each core's counter and this process's may each
+    be off by a tick. Over a few milliseconds that is several cores."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (cores + 1) / (ticks * wall) if wall > 0 else float("inf")
+
+
 class OthersWatch:
     """A ``with`` block's share of other processes: ``others`` is the CPU (in cores, averaged over
-    the block) they took on this process's cores, 0 where the system does not say."""
+    the block) they took on this process's cores, 0 where the system does not say; ``error`` is how
+    far that may be off (``tick_error``: a block of a few milliseconds says next to nothing)."""
 
     def __init__(self) -> None:
         self.cores = usable_cores()
         self.others = 0.0
+        self.error = float("inf")
         self._before: CpuReading | None = None
 
     def __enter__(self) -> OthersWatch:
@@ -72,3 +82,4 @@ class OthersWatch:
         after = read_cpu(self.cores)
         if self._before is not None and after is not None:
             self.others = others_cores(self._before, after)
+            self.error = tick_error(len(self.cores), after.wall - self._before.wall)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmserve import cpu_load
+from lmserve.cpu_load import CpuReading
 from lmserve.errors import ConfigError
 from lmserve.kernels import Ops
 from lmserve.kernels import attention_choice as ac
@@ -76,6 +77,34 @@ def test_timings_beside_a_busy_process_are_used_but_not_cached(compiled_ops: Ops
     monkeypatch.setattr(cpu_load, "read_cpu", QuietThenBusy(others=1.0).read)
     assert ac.choose_attention(compiled_ops, 9, 3, 64, torch.bfloat16) is True
     assert not cache_path(ac.table_key(compiled_ops), "attention").exists()
+
+
+class TickNoise:
+    """Counters as an idle machine shows them over a measurement of a few milliseconds: a tick
+    of CPU time lands on another core within it, reading as cores' worth of other processes; the
+    longer watch after it shows what they really take (``later`` cores)."""
+
+    def __init__(self, later: float) -> None:
+        self.later, self.reads, self.wall, self.busy = later, 0, 0.0, 0.0
+
+    def read(self, cores: object) -> CpuReading:
+        self.reads += 1
+        if self.reads == 2:  # the end of the short watch: 5 ms, and two ticks counted on other cores
+            self.wall, self.busy = self.wall + 0.005, self.busy + 0.02
+        elif self.reads > 2:
+            self.wall, self.busy = self.wall + 0.25, self.busy + 0.25 * self.later
+        return CpuReading(self.wall, 0.0, self.busy)
+
+
+@pytest.mark.parametrize(("later", "cached"), [(0.0, True), (1.0, False)])
+def test_a_watch_too_short_to_tell_asks_the_counters_again(compiled_ops: Ops, timed: list[dict[str, float]],
+                                                            monkeypatch: pytest.MonkeyPatch, later: float,
+                                                            cached: bool) -> None:
+    counters = TickNoise(later)
+    monkeypatch.setattr(cpu_load, "read_cpu", counters.read)
+    assert ac.choose_attention(compiled_ops, 9, 3, 64, torch.bfloat16) is True
+    assert counters.reads == 4  # the measurement's watch, then one of BUSY_SAMPLE_S
+    assert cache_path(ac.table_key(compiled_ops), "attention").exists() is cached
 
 
 def test_the_real_measurement_times_both_loops(compiled_ops: Ops) -> None:

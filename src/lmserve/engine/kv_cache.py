@@ -10,6 +10,7 @@ quarter of available memory at the default 0.9).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -129,6 +130,16 @@ def fault_in(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], first: int, end
             ctypes.memset(part.data_ptr(), 0, part.numel() * part.element_size())
 
 
+# Private anonymous memory in transparent huge pages where the kernel has them (Linux, ``madvise``
+# mode, the common default): a fresh block's first write then costs a fault per 2 MiB of a layer's
+# keys or values instead of one per 4 KiB. In a 2-core virtual machine, where a fault costs 5-16 us,
+# bursts of 16 prompts of 200 tokens over fresh blocks ran 13% faster in one process (4.2-4.3 ->
+# 3.65-3.75 s; writing the keys 0.46 -> 0.33 s, attention 0.63 -> 0.55 s with fewer TLB misses), and a
+# server gave 10-12% more output tokens/s in two alternating pairs (405 -> 446, 337 -> 377). Not
+# inherited by a forked child, so no copy-on-write ever lands on a step's writes.
+_CACHE_ADVICE = [getattr(mmap, name) for name in ("MADV_HUGEPAGE", "MADV_DONTFORK") if hasattr(mmap, name)]
+
+
 def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor on anonymous memory the kernel zero-fills page by page as it is first touched.
 
@@ -136,5 +147,9 @@ def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
     cache may never use; these pages cost nothing until a block is written. The tensor holds the map.
     """
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    buffer = mmap.mmap(-1, max(nbytes, 1))
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+    buffer = mmap.mmap(-1, max(nbytes, 1), **private)
+    for advice in _CACHE_ADVICE:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages: 4 KiB pages
+            buffer.madvise(advice)
     return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape)

@@ -277,3 +277,21 @@ def test_the_real_probe_passes_here() -> None:
     with pytest.raises(SystemExit) as done:
         candidates.probe_main("torch-bf16")
     assert done.value.code == 0
+
+
+def test_row_counts_are_timed_in_order_of_need() -> None:
+    rows = choice.buckets(2048)
+    order = choice.measure_order(rows)
+    assert order[:3] == [1, 256, 32] and sorted(order) == rows  # decode, a prefill step, a full batch
+    assert choice.measure_order(rows, ["1", "256", "32", "2"])[:3] == [4, 8, 16]  # a second pass goes on
+    assert choice.measure_order([1, 2, 4], ["1"]) == [2, 4, 1]
+
+
+def test_a_budget_that_runs_out_still_times_decode_then_prefill(compiled_ops: Ops) -> None:
+    """A large model's share of the budget can be gone after one row count: each pass then times
+    one more, decode first, then a prefill step, never only the decode sizes."""
+    w = compiled_ops.pack_linear_weight(torch.randn(64, 96).bfloat16())
+    first = choice.measure(compiled_ops, w, choice.buckets(512), deadline=0.0, names=["own"])
+    assert list(first) == ["1"]
+    second = choice.measure(compiled_ops, w, choice.buckets(512), deadline=0.0, before=first, names=["own"])
+    assert sorted(second, key=int) == ["1", "256"] and second["1"] == first["1"]

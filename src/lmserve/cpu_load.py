@@ -65,13 +65,14 @@ def tick_error(cores: int, wall: float) -> float:
 
 class OthersWatch:
     """A ``with`` block's share of other processes: ``others`` is the CPU (in cores, averaged over
-    the block) they took on this process's cores, 0 where the system does not say; ``error`` is how
-    far that may be off (``tick_error``: a block of a few milliseconds says next to nothing)."""
+    the block) they took on this process's cores, and ``error`` how far that may be off
+    (``tick_error``: a block of a few milliseconds says next to nothing); both 0 where the system
+    does not say, as a second look could not say more."""
 
     def __init__(self) -> None:
         self.cores = usable_cores()
         self.others = 0.0
-        self.error = float("inf")
+        self.error = 0.0
         self._before: CpuReading | None = None
 
     def __enter__(self) -> OthersWatch:

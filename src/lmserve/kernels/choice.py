@@ -10,7 +10,9 @@ flags, torch and oneDNN versions, kernel build, thread count), one file per key;
 unreadable or was written under another key is ignored and measured again. Timings taken while other
 processes kept the cores busy are cached marked as contended: a later start measures them again if
 the machine is quiet then, and uses them if it is busy again (measuring once more would be just as
-contended, and cost another ``BUDGET_S``).
+contended, and cost another ``BUDGET_S``). A large model's first start can run out of budget before
+every row count is timed (a row count is timed for every candidate or not at all): later starts time
+the rest, within the same budget, until the entry is complete.
 
 The candidates, and which of them run on this machine, are in ``kernels/candidates.py``.
 
@@ -108,8 +110,8 @@ def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
     the panels) up to a threshold, then one other candidate, or that candidate alone. The threshold
     minimizes the summed slowdown against the best at each row count, so one bucket disturbed by
     other load does not flip the choice; a second candidate is taken only when it is ``MIN_GAIN``
-    faster than the base over its rows (it costs a second copy of the weight; in proportion to its
-    size), and the base other than ``own`` only when it is ``MIN_GAIN`` faster overall (a kernel
+    faster than the base over its rows (``MIN_GAIN`` squared over a single row count; it costs a
+    second copy of the weight, in proportion to its size), and the base other than ``own`` only when it is ``MIN_GAIN`` faster overall (a kernel
     that rounds activations to bf16 must earn its place)."""
     rows = sorted(int(b) for b in timings)
     if not rows:
@@ -133,7 +135,12 @@ def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
             for i, start in enumerate(rows):
                 tail = rows[i:]
                 cost = sum(t[r][base] / best_at[r] for r in rows[:i]) + sum(t[r][name] / best_at[r] for r in tail)
-                if gain(name, base, tail) >= MIN_GAIN * CANDIDATES[name].bytes_per_weight / 2 and cost < best_cost:
+                # One row count alone is one timing: it must clear a wider margin (MIN_GAIN squared).
+                # A second form must pay for its memory, and a timing of the largest row count taken
+                # in a noisy moment once chose torch from 2048 rows for 1.11x, a 692 MiB copy for a
+                # 1.1B model that never runs steps that large.
+                need = MIN_GAIN ** (1 if len(tail) > 1 or i == 0 else 2) * CANDIDATES[name].bytes_per_weight / 2
+                if gain(name, base, tail) >= need and cost < best_cost:
                     best_cost = cost
                     best_plan = [(1, name)] if i == 0 else [(1, base), (start, name)]
     return best_plan
@@ -158,7 +165,7 @@ def measure(ops: Any, w: PackedLinear, rows: Sequence[int], deadline: float,
         if i and time.perf_counter() > deadline:  # each pass times at least one row count
             break
         x = torch.randn(m, w.in_features)
-        best = out.get(str(m), {name: float("inf") for name in forms})
+        best = {name: float("inf") for name in forms} | out.get(str(m), {})  # a cached row count goes on
         reps = {name: 1 for name in forms}
         for name, form in forms.items():  # warm up (thread pools, caches), then size a call to ~1 ms
             for _ in range(2):
@@ -184,7 +191,7 @@ class ChoiceTable:
 
     shapes: dict[str, Timings]
     forced: str | None = None
-    source: str = "measured"  # "measured", "cache", "contended cache", "forced" or "none"
+    source: str = "measured"  # "measured", "cache", "completed cache", "contended cache", "forced" or "none"
     seconds: float = 0.0      # spent measuring
 
     def plan(self, w: PackedLinear) -> list[tuple[int, str]]:
@@ -306,32 +313,49 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         contended = [s for s in wanted if s not in missing and shapes[s].get("contended")]
         if contended and not busy_now():
             missing += contended  # measured beside a busy process, and this start is quiet
-        names = runnable_candidates(ops) if missing else []  # child processes, once per machine
+        # Trusted entries whose budget ran out before every row count: this start times the rest
+        # (and not again the cached ones).
+        gaps = {s: untimed(shapes[s]["timings"], wanted[s][1]) for s in wanted if s not in missing}
+        gaps = {s: rows for s, rows in gaps.items() if rows and not shapes[s].get("contended")}
+        todo = missing + list(gaps)
+        names = runnable_candidates(ops) if todo else []  # child processes, once per machine
         start = time.perf_counter()
-        timed: dict[str, Timings] = {}
-        # Each shape's share of the budget is in proportion to its work (weight size x row buckets):
-        # an equal share starves the vocabulary head, whose calls take longest.
-        work = {s: wanted[s][0].out_features * wanted[s][0].in_features * len(buckets(wanted[s][1])) for s in missing}
+        timed: dict[str, Timings] = {s: shapes[s]["timings"] for s in gaps}
+        # Each shape's share of the budget is in proportion to its work (weight size x row buckets
+        # still to time): an equal share starves the vocabulary head, whose calls take longest.
+        work = {s: wanted[s][0].out_features * wanted[s][0].in_features
+                * len(gaps.get(s) or buckets(wanted[s][1])) for s in todo}
         total = sum(work.values()) * PASSES
         done = 0
         with OthersWatch() as watch:
-            for _ in range(PASSES if missing else 0):
-                for shape in missing:
+            for _ in range(PASSES if todo else 0):
+                for shape in todo:
                     w, rows = wanted[shape]
                     done += work[shape]
                     deadline = start + BUDGET_S * done / total
-                    timed[shape] = measure(ops, w, buckets(rows), deadline, timed.get(shape), names)
-        trusted = not missing or cacheable("linear kernels", watch, "cached as contended (a quieter start "
-                                           "measures again, a busy one uses them)")
+                    timed[shape] = measure(ops, w, gaps.get(shape) or buckets(rows), deadline, timed.get(shape), names)
+        trusted = not todo or cacheable("linear kernels", watch, "cached as contended (a quieter start "
+                                        "measures again, a busy one uses them)")
         for shape in missing:
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
             if not trusted:
                 shapes[shape]["contended"] = True
+        for shape in gaps:  # added to the cache only when measured quietly, like the rest of it
+            if trusted:
+                shapes[shape] = {**shapes[shape], "timings": timed[shape]}
         spent = time.perf_counter() - start
-        if missing:
+        if todo:
             write_keyed(path, key, {"shapes": shapes})
-    source = "measured" if missing else "contended cache" if contended else "cache"
-    table = ChoiceTable({s: shapes[s]["timings"] for s in wanted}, None, source, spent)
-    log.info("linear kernels (%s%s): %s", table.source, f" in {spent:.1f} s" if missing else "",
+    source = "measured" if missing else "completed cache" if gaps else "contended cache" if contended else "cache"
+    table = ChoiceTable({s: timed.get(s, shapes[s]["timings"]) for s in wanted}, None, source, spent)
+    filled = sum(len(rows) - len(untimed(timed[s], wanted[s][1])) for s, rows in gaps.items())
+    log.info("linear kernels (%s%s): %s", table.source,
+             f" in {spent:.1f} s" + (f", {filled} row counts added" if gaps else "") if todo else "",
              "; ".join(table.describe()))
     return table
+
+
+def untimed(timings: Timings, max_rows: int) -> list[int]:
+    """The row counts up to ``max_rows`` that ``timings`` has no timing for: a start whose budget ran
+    out before them (a large model's first start) left them, and a later start times them."""
+    return [rows for rows in buckets(max_rows) if str(rows) not in timings]

@@ -37,6 +37,14 @@ def test_avx2_linear_matches_fp32_matmul(avx2_ops: PanelLinearOps, m: int, n: in
     close(avx2_ops.linear(x, avx2_ops.pack_linear_weight(w)), expected(x, w), k)
 
 
+def test_avx2_build_packs_the_reference_panels(avx2_ops: PanelLinearOps) -> None:
+    from lmserve.kernels.packed import interleave_gate_up, pack_panels
+
+    w, up = torch.randn(70, 33).bfloat16(), torch.randn(70, 33).bfloat16()
+    assert torch.equal(avx2_ops.pack_linear_weight(w).data, pack_panels(w))
+    assert torch.equal(avx2_ops.pack_gate_up_weight(w, up).data, pack_panels(interleave_gate_up(w, up)))
+
+
 def test_avx2_bias_and_silu_mul(avx2_ops: PanelLinearOps, threads: int) -> None:
     torch.manual_seed(threads)
     w, x, bias = torch.randn(70, 576).bfloat16(), torch.randn(9, 576), torch.randn(70)

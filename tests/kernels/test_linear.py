@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels import Ops, candidates
-from lmserve.kernels.packed import PackedLinear, interleave_gate_up, pack_pairs
+from lmserve.kernels.packed import PackedLinear, interleave_gate_up, pack_pairs, pack_panels
 
 
 def expected(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -145,3 +145,27 @@ def test_packed_weight_keeps_its_shape(ops: Ops) -> None:
 def test_empty_batch(ops: Ops) -> None:
     packed = ops.pack_linear_weight(torch.randn(40, 64).bfloat16())
     assert ops.linear(torch.randn(0, 64), packed).shape == (0, 40)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (33, 7), (64, 96), (700, 201)])
+def test_compiled_packing_writes_the_reference_layouts(compiled_ops: Ops, n: int, k: int, threads: int) -> None:
+    """The compiled packing (panels, pairs, gate|up pairs, panels re-laid as pairs) writes the bytes of
+    the torch layouts in kernels/packed.py, padding included, from strided rows too."""
+    ext = compiled_ops.ext  # type: ignore[attr-defined]
+    torch.manual_seed(n + k)
+    w, up = torch.randn(n, k).bfloat16(), torch.randn(n, k).bfloat16()
+    assert torch.equal(ext.pack_linear(w, False, None, threads), pack_panels(w))
+    assert torch.equal(ext.pack_linear(w, True, None, threads), pack_pairs(w))
+    assert torch.equal(ext.pack_linear(w, False, up, threads), pack_panels(interleave_gate_up(w, up)))
+    assert torch.equal(ext.pack_linear(w, True, up, threads), pack_pairs(interleave_gate_up(w, up)))
+    assert torch.equal(ext.panels_to_pairs(pack_panels(w), threads), pack_pairs(w))
+    wider = torch.randn(n, k + 5).bfloat16()
+    for view in (wider[:, :k], wider[:, 5:], torch.randn(n, 2 * k).bfloat16()[:, ::2]):  # row and column strides
+        assert torch.equal(ext.pack_linear(view, False, None, threads), pack_panels(view.contiguous()))
+    # what the layers and the dot-product candidate get
+    assert torch.equal(compiled_ops.pack_linear_weight(w).data, pack_panels(w))
+    gate_up = compiled_ops.pack_gate_up_weight(w, up)
+    assert torch.equal(gate_up.data, pack_panels(interleave_gate_up(w, up)))
+    assert torch.equal(candidates.CANDIDATES["own-dot"].prepare(gate_up).data, pack_pairs(interleave_gate_up(w, up)))
+    with pytest.raises(ValueError, match="same shape"):
+        compiled_ops.pack_gate_up_weight(w, torch.randn(n + 1, k).bfloat16())

@@ -40,8 +40,8 @@ ISA_ENV = "LMSERVE_CPU_ISA"  # auto (the best build that runs here), avx512 or a
 CSRC = Path(__file__).with_name("csrc")
 # Sources compiled into the AVX-512 extension; headers only feed the cache key.
 SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_cache.cpp",
-           "quant_gemm.cpp", "encoder_attention.cpp")
-AVX2_SOURCES = ("bindings.cpp", "gemm_avx2.cpp")
+           "quant_gemm.cpp", "encoder_attention.cpp", "pack.cpp")
+AVX2_SOURCES = ("bindings.cpp", "gemm_avx2.cpp", "pack.cpp")
 _COMMON_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
 PROBE_TIMEOUT_S = 1200.0  # the probe compiles on a fresh machine

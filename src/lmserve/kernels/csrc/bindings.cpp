@@ -101,6 +101,40 @@ Tensor linear(const Tensor& x, const Tensor& w, int64_t n, const std::optional<T
     return linear_impl(x, w, n, bias, epilogue, nthreads, false);
 }
 
+// W [N, K] (and the up half w2 of a gate|up pair) packed for `linear` (panels) or `linear_dot` (pairs).
+Tensor pack_linear(const Tensor& w, bool pairs, const std::optional<Tensor>& w2, int64_t nthreads) {
+    TORCH_CHECK_VALUE(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kBFloat16,
+                      "the weight must be a 2-D bf16 CPU tensor");
+    const Tensor rows = w.stride(1) == 1 ? w : w.contiguous();
+    Tensor rows2;
+    if (w2) {
+        TORCH_CHECK_VALUE(w2->sizes() == w.sizes() && w2->scalar_type() == at::kBFloat16 && w2->device().is_cpu(),
+                          "the up weight must be a bf16 CPU tensor shaped like the gate weight");
+        rows2 = w2->stride(1) == 1 && w2->stride(0) == rows.stride(0) ? *w2 : w2->contiguous();
+        TORCH_CHECK_VALUE(rows2.stride(0) == rows.stride(0), "gate and up weights must have the same row stride");
+    }
+    const int64_t n = w.size(0), k = w.size(1), per = (n + lmserve::kPanel - 1) / lmserve::kPanel;
+    Tensor out = torch::empty({per * (w2 ? 2 : 1), pairs ? k + (k & 1) : k, lmserve::kPanel}, w.options());
+    lmserve::PackArgs a{reinterpret_cast<const uint16_t*>(rows.data_ptr()),
+                        w2 ? reinterpret_cast<const uint16_t*>(rows2.data_ptr()) : nullptr, rows.stride(0), n, k,
+                        pairs, reinterpret_cast<uint16_t*>(out.data_ptr()), static_cast<int>(nthreads)};
+    pybind11::gil_scoped_release nogil;
+    lmserve::pack_weight(a);
+    return out;
+}
+
+Tensor panels_to_pairs(const Tensor& panels, int64_t nthreads) {
+    TORCH_CHECK_VALUE(panels.device().is_cpu() && panels.dim() == 3 && panels.size(2) == lmserve::kPanel &&
+                          panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(),
+                      "panels must be contiguous bf16 [panels, K, 32]");
+    const int64_t k = panels.size(1);
+    Tensor out = torch::empty({panels.size(0), k + (k & 1), lmserve::kPanel}, panels.options());
+    pybind11::gil_scoped_release nogil;
+    lmserve::panels_to_pairs(reinterpret_cast<const uint16_t*>(panels.data_ptr()), panels.size(0), k,
+                             reinterpret_cast<uint16_t*>(out.data_ptr()), static_cast<int>(nthreads));
+    return out;
+}
+
 // The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
 // to their pure-torch versions in Python.
 #ifndef LMSERVE_GEMM_ONLY
@@ -380,6 +414,8 @@ void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear", &linear, "y = x W^T (+ bias) with a packed bf16 weight");
+    m.def("pack_linear", &pack_linear, "bf16 W [N, K] (and an up half) in the panel or pair layout");
+    m.def("panels_to_pairs", &panels_to_pairs, "panels re-laid in the pair layout");
 #ifndef LMSERVE_GEMM_ONLY
     m.def("linear_dot", &linear_dot, "y = x W^T (+ bias) with a pair-packed bf16 weight and vdpbf16ps");
     m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");

@@ -36,6 +36,22 @@ void linear_bf16(const LinearArgs& a);
 void linear_bf16_dot(const LinearArgs& a);
 bool cpu_has_bf16_dot();
 
+// bf16 rows W [N, K] (row stride ldw) packed into the panel layout, or the pair layout when `pairs`
+// (K then rounded up to even); with w2 (same shape), panels alternate w, w2 (gate, up) for kSiluMul.
+// out holds every panel, padding included: [ceil(N / 32) * (w2 ? 2 : 1), K or K + K % 2, 32].
+struct PackArgs {
+    const uint16_t* w;
+    const uint16_t* w2;      // or null
+    int64_t ldw;
+    int64_t N, K;
+    bool pairs;
+    uint16_t* out;
+    int nthreads;
+};
+void pack_weight(const PackArgs& a);
+// Panels [panels, K, 32] re-laid in the pair layout [panels, K + K % 2, 32].
+void panels_to_pairs(const uint16_t* in, int64_t panels, int64_t K, uint16_t* out, int nthreads);
+
 struct AttentionArgs {
     const float* q;          // [T, Hq, D] with strides (q_st, q_sh), last dim contiguous
     int64_t q_st, q_sh;

@@ -112,8 +112,8 @@ def plan_for(timings: dict[str, dict[str, float]]) -> list[tuple[int, str]]:
     minimizes the summed slowdown against the best at each row count, so one bucket disturbed by
     other load does not flip the choice; a second candidate is taken only when it is ``MIN_GAIN``
     faster than the base over its rows (``MIN_GAIN`` squared over a single row count; it costs a
-    second copy of the weight, in proportion to its size), and the base other than ``own`` only when it is ``MIN_GAIN`` faster overall (a kernel
-    that rounds activations to bf16 must earn its place)."""
+    second copy of the weight, in proportion to its size), and the base other than ``own`` only when
+    it is ``MIN_GAIN`` faster overall (a kernel that rounds activations to bf16 must earn its place)."""
     rows = sorted(int(b) for b in timings)
     if not rows:
         return [(1, "own")]
@@ -351,13 +351,12 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
             shapes[shape] = {"max_rows": wanted[shape][1], "timings": timed[shape]}
             if not trusted:
                 shapes[shape]["contended"] = True
-        for shape in gaps:  # added to the cache only when measured quietly, like the rest of it
-            if trusted:
-                shapes[shape] = {**shapes[shape], "timings": timed[shape]}
-                shapes[shape].pop("unconfirmed", None)
-        for shape in todo:  # a second form measured now waits for the next start
-            if second_form_rows(timed[shape]) and shape not in confirm and trusted:
-                shapes[shape]["unconfirmed"] = True
+        if trusted:  # additions are cached only when measured quietly, like the rest
+            for shape in gaps:
+                shapes[shape] = {k: v for k, v in shapes[shape].items() if k != "unconfirmed"} | {"timings": timed[shape]}
+            for shape in todo:  # a second form measured now waits for the next start
+                if shape not in confirm and second_form_rows(timed[shape]):
+                    shapes[shape]["unconfirmed"] = True
         spent = time.perf_counter() - start
         if todo:
             write_keyed(path, key, {"shapes": shapes})

@@ -15,8 +15,9 @@ PROMPT_LENGTHS = (3, 11, 29, 50, 7)
 
 MODES = {
     "default": {},
-    # A 16-token step budget splits the longer prompts into chunks and mixes them with decodes.
-    "chunked-prefill": {"max_num_batched_tokens": 16},
+    # A 16-token step budget splits the longer prompts into chunks and mixes them with decodes (the
+    # budget is never below max_num_seqs, whose default 64 would leave most prompts whole).
+    "chunked-prefill": {"max_num_batched_tokens": 16, "max_num_seqs": 8},
     # 18 blocks of 4 tokens: the three shorter prompts are admitted, then outgrow the cache together,
     # so the most recently admitted is preempted and later recomputed.
     "preemption": {"kv_cache_tokens": 72, "block_size": 4},

@@ -26,7 +26,7 @@ from lmserve.engine.scheduler import step_token_budget
 from lmserve.kernels import get_ops
 from lmserve.kernels.attention_choice import choose_attention
 from lmserve.kernels.device import resolve_device, resolve_dtype
-from lmserve.models.layers import ForwardContext, PagedAttention
+from lmserve.models.layers import ForwardContext, PagedAttention, SampledRows
 from lmserve.models.loader import choose_linear_kernels, load_model
 from lmserve.parallel.state import SINGLE, ParallelState
 from lmserve.parallel.step import StepInputs
@@ -192,14 +192,20 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
         """One eager forward over ``kv_caches``; the logits of the sampled rows, on the device."""
         dev = self.device
+        model: Any = self.model
+        sampled = None
+        if model.finishes_sampled_rows_only:
+            sampled = SampledRows.of(inputs.logits_indices, inputs.query_start_loc, inputs.block_tables,
+                                     inputs.context_lens)
         ctx = ForwardContext(
             slot_mapping=inputs.slot_mapping.to(dev), block_tables=inputs.block_tables.to(dev),
             context_lens=inputs.context_lens.to(dev), query_start_loc=inputs.query_start_loc.to(dev),
-            kv_caches=kv_caches, ops=self.ops)
-        model: Any = self.model
+            kv_caches=kv_caches, ops=self.ops, sampled=None if sampled is None else sampled.to(dev))
         hidden = model(inputs.input_ids.to(dev), inputs.positions.to(dev), ctx)
         if inputs.logits_indices.numel() == 0:
             return None
+        if sampled is not None:  # the model finished the sampled rows only, in logits order
+            return model.compute_logits(hidden)
         return model.compute_logits(hidden.index_select(0, inputs.logits_indices.to(dev)))
 
     def _logits_out(self, logits: torch.Tensor) -> torch.Tensor | None:

@@ -30,6 +30,39 @@ class ForwardContext:
     query_start_loc: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     ops: Ops
+    sampled: SampledRows | None = None  # set when the last layer need finish only the sampled rows
+
+
+@dataclass
+class SampledRows:
+    """The rows a step samples from, when each is the last new token of its sequence (no prompt
+    logprobs): the last layer writes every row's keys and values, but its attention, output
+    projection and MLP run on these rows only. Their attention is decode-shaped: one query per
+    sequence, over that sequence's whole context."""
+
+    rows: torch.Tensor  # indices into the step's tokens, in the order the logits come out
+    block_tables: torch.Tensor  # of the rows' sequences
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor  # 0, 1, ..., len(rows)
+
+    @staticmethod
+    def of(logits_indices: torch.Tensor, query_start_loc: torch.Tensor, block_tables: torch.Tensor,
+           context_lens: torch.Tensor) -> SampledRows | None:
+        """The sampled rows of a step, or None when finishing only them saves nothing (every row is
+        sampled) or is not allowed (a sampled row that is not its sequence's last: prompt logprobs)."""
+        rows = logits_indices
+        if rows.numel() == int(query_start_loc[-1]):
+            return None
+        ends = query_start_loc[1:].to(torch.int64) - 1
+        seqs = torch.searchsorted(ends, rows)
+        if rows.numel() and (int(seqs.max()) >= ends.numel() or not torch.equal(ends[seqs], rows)):
+            return None
+        return SampledRows(rows, block_tables.index_select(0, seqs), context_lens.index_select(0, seqs),
+                           torch.arange(rows.numel() + 1, dtype=query_start_loc.dtype))
+
+    def to(self, device: torch.device) -> SampledRows:
+        return SampledRows(self.rows.to(device), self.block_tables.to(device), self.context_lens.to(device),
+                           self.query_start_loc.to(device))
 
 
 class CausalLM(Module):
@@ -41,6 +74,8 @@ class CausalLM(Module):
 
     model: nn.Module
     lm_head: nn.Module
+    # Whether ``forward`` honours ``ctx.sampled`` (returns only those rows' hidden states).
+    finishes_sampled_rows_only = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -211,11 +246,21 @@ class PagedAttention(Module):
         self.alibi_slopes: torch.Tensor | None
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)  # moves with the model
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                sampled: SampledRows | None = None) -> torch.Tensor:
+        """Attention output for every row, or with ``sampled`` for those rows only (keys and values
+        of every row are written either way)."""
         n = q.shape[0]
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         ctx.ops.write_kv(k.reshape(n, self.num_kv_heads, self.head_dim), v.reshape(n, self.num_kv_heads, self.head_dim),
                          k_cache, v_cache, ctx.slot_mapping)
-        out = ctx.ops.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache, v_cache, ctx.block_tables,
-                                      ctx.context_lens, ctx.query_start_loc, self.scale, self.alibi_slopes)
+        tables, lens, starts = ctx.block_tables, ctx.context_lens, ctx.query_start_loc
+        if sampled is not None:
+            q = q.reshape(n, -1).index_select(0, sampled.rows)
+            n = q.shape[0]
+            tables, lens, starts = sampled.block_tables, sampled.context_lens, sampled.query_start_loc
+            if n == 0:
+                return q.new_empty(0, self.num_heads * self.head_dim)
+        out = ctx.ops.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache, v_cache, tables, lens,
+                                      starts, self.scale, self.alibi_slopes)
         return out.reshape(n, self.num_heads * self.head_dim)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import CausalLM, ForwardContext, Module, PagedAttention, RMSNorm, get_rope
+from lmserve.models.layers import CausalLM, ForwardContext, Module, PagedAttention, RMSNorm, SampledRows, get_rope
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     GateUpSwiGLU,
@@ -38,12 +38,13 @@ class LlamaAttention(Module):
         self.heads, self.kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, index)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                sampled: SampledRows | None = None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                           self.kv_heads * self.head_dim], dim=-1)
         n = x.shape[0]
         q, k = self.rotary(positions, q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim))
-        return self.o_proj(self.attn(q, k, v, ctx))
+        return self.o_proj(self.attn(q, k, v, ctx, sampled))
 
 
 class LlamaMLP(Module):
@@ -68,9 +69,12 @@ class LlamaDecoderLayer(Module):
         self.mlp = LlamaMLP(cfg, state)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: ForwardContext, sampled: SampledRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``sampled``, the rows after attention are those rows only."""
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x = self.self_attn(positions, x, ctx, sampled)
+        if sampled is not None:
+            residual = residual.index_select(0, sampled.rows)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -86,13 +90,15 @@ class LlamaModel(Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids, self.act_dtype)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, ctx, ctx.sampled if i == last else None)
         return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
     weights = WEIGHTS
+    finishes_sampled_rows_only = True
     qkv_bias = False  # whether q/k/v have biases when config.json has no ``attention_bias`` to say
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:

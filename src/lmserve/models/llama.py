@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.layers import CausalLM, ForwardContext, Module, PagedAttention, RMSNorm, SampledRows, get_rope
+from lmserve.models.layers import (
+    CausalLM,
+    ForwardContext,
+    Module,
+    PagedAttention,
+    RMSNorm,
+    SampledRows,
+    get_rope,
+)
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
     GateUpSwiGLU,

@@ -13,8 +13,10 @@ from lmserve.models.layers import (
     LayerNorm,
     Module,
     PagedAttention,
+    SampledRows,
     alibi_slopes,
     get_activation,
+    take,
 )
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
@@ -50,9 +52,9 @@ class BloomAttention(Module):
         slopes = alibi_slopes(heads)[mine.start:mine.stop].contiguous()
         self.attn = PagedAttention(self.heads, self.kv_heads, d, index, alibi_slopes=slopes)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, sampled: SampledRows | None = None) -> torch.Tensor:
         q, k, v = self.query_key_value(x).chunk(3, dim=-1)
-        return self.dense(self.attn(q, k, v, ctx))
+        return self.dense(self.attn(q, k, v, ctx, sampled))
 
 
 class BloomMLP(Module):
@@ -77,9 +79,9 @@ class BloomBlock(Module):
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps, dtype=cfg.dtype)
         self.mlp = BloomMLP(cfg, state)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, sampled: SampledRows | None = None) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = (h if self.residual_after_norm else x) + self.self_attn(h, ctx)
+        x = take(h if self.residual_after_norm else x, sampled) + self.self_attn(h, ctx, sampled)
         h = self.post_attention_layernorm(x)
         return (h if self.residual_after_norm else x) + self.mlp(h)
 
@@ -96,13 +98,15 @@ class BloomModel(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids, self.act_dtype))
-        for layer in self.layers:
-            x = layer(x, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, ctx.sampled if i == last else None)
         return self.ln_f(x)
 
 
 class BloomForCausalLM(CausalLM):
     weights = WEIGHTS
+    finishes_sampled_rows_only = True
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()

@@ -14,7 +14,9 @@ from lmserve.models.layers import (
     LayerNorm,
     Module,
     PagedAttention,
+    SampledRows,
     get_activation,
+    take,
 )
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
@@ -51,9 +53,9 @@ class GPT2Attention(Module):
             scale /= index + 1
         self.attn = PagedAttention(self.heads, self.kv_heads, d, index, scale)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, sampled: SampledRows | None = None) -> torch.Tensor:
         q, k, v = self.c_attn(x).chunk(3, dim=-1)
-        return self.c_proj(self.attn(q, k, v, ctx))
+        return self.c_proj(self.attn(q, k, v, ctx, sampled))
 
 
 class GPT2MLP(Module):
@@ -77,8 +79,8 @@ class GPT2Block(Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, eps, dtype=cfg.dtype)
         self.mlp = GPT2MLP(cfg, state)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.ln_1(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, sampled: SampledRows | None = None) -> torch.Tensor:
+        x = take(x, sampled) + self.self_attn(self.ln_1(x), ctx, sampled)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -93,13 +95,15 @@ class GPT2Model(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.wte(input_ids, self.act_dtype) + self.wpe(positions).to(self.act_dtype)
-        for layer in self.layers:
-            x = layer(x, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, ctx.sampled if i == last else None)
         return self.ln_f(x)
 
 
 class GPT2LMHeadModel(CausalLM):
     weights = WEIGHTS
+    finishes_sampled_rows_only = True
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()

@@ -14,8 +14,10 @@ from lmserve.models.layers import (
     LayerNorm,
     Module,
     PagedAttention,
+    SampledRows,
     get_activation,
     get_rope,
+    take,
 )
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
@@ -58,11 +60,12 @@ class GPTNeoXAttention(Module):
         self.rotary = get_rope(d, int(d * pct), cfg.max_model_len, base, neox_style=True, scaling=scaling)
         self.attn = PagedAttention(self.heads, self.kv_heads, d, index)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                sampled: SampledRows | None = None) -> torch.Tensor:
         q, k, v = self.query_key_value(x).chunk(3, dim=-1)
         n = x.shape[0]
         q, k = self.rotary(positions, q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim))
-        return self.dense(self.attn(q, k, v, ctx))
+        return self.dense(self.attn(q, k, v, ctx, sampled))
 
 
 class GPTNeoXMLP(Module):
@@ -87,8 +90,10 @@ class GPTNeoXLayer(Module):
         self.self_attn = GPTNeoXAttention(cfg, state, index)
         self.mlp = GPTNeoXMLP(cfg, state)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        attn = self.self_attn(positions, self.input_layernorm(x), ctx)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                sampled: SampledRows | None = None) -> torch.Tensor:
+        attn = self.self_attn(positions, self.input_layernorm(x), ctx, sampled)
+        x = take(x, sampled)
         if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
@@ -106,13 +111,15 @@ class GPTNeoXModel(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_in(input_ids, self.act_dtype)
-        for layer in self.layers:
-            x = layer(positions, x, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(positions, x, ctx, ctx.sampled if i == last else None)
         return self.final_layer_norm(x)
 
 
 class GPTNeoXForCausalLM(CausalLM):
     weights = WEIGHTS
+    finishes_sampled_rows_only = True
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()

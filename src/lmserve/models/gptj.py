@@ -12,8 +12,10 @@ from lmserve.models.layers import (
     LayerNorm,
     Module,
     PagedAttention,
+    SampledRows,
     get_activation,
     get_rope,
+    take,
 )
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
@@ -45,11 +47,12 @@ class GPTJAttention(Module):
         self.rotary = get_rope(d, rotary_dim, cfg.max_model_len, 10000.0, neox_style=False)
         self.attn = PagedAttention(self.heads, self.kv_heads, d, index)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                sampled: SampledRows | None = None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
         n = x.shape[0]
         q, k = self.rotary(positions, q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim))
-        return self.out_proj(self.attn(q, k, v, ctx))
+        return self.out_proj(self.attn(q, k, v, ctx, sampled))
 
 
 class GPTJMLP(Module):
@@ -71,9 +74,11 @@ class GPTJBlock(Module):
         self.self_attn = GPTJAttention(cfg, state, index)
         self.mlp = GPTJMLP(cfg, state)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                sampled: SampledRows | None = None) -> torch.Tensor:
         h = self.ln_1(x)
-        return x + self.self_attn(positions, h, ctx) + self.mlp(h)
+        attn = self.self_attn(positions, h, ctx, sampled)
+        return take(x, sampled) + attn + self.mlp(take(h, sampled))
 
 
 class GPTJModel(Module):
@@ -86,13 +91,15 @@ class GPTJModel(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.wte(input_ids, self.act_dtype)
-        for layer in self.layers:
-            x = layer(positions, x, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(positions, x, ctx, ctx.sampled if i == last else None)
         return self.ln_f(x)
 
 
 class GPTJForCausalLM(CausalLM):
     weights = WEIGHTS
+    finishes_sampled_rows_only = True
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()

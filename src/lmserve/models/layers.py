@@ -65,6 +65,11 @@ class SampledRows:
                            self.query_start_loc.to(device))
 
 
+def take(x: torch.Tensor, sampled: SampledRows | None) -> torch.Tensor:
+    """``x``'s sampled rows, or all of them when the step finishes every row."""
+    return x if sampled is None else x.index_select(0, sampled.rows)
+
+
 class CausalLM(Module):
     """A family's top module: a decoder stack ``self.model`` and a vocabulary head ``self.lm_head``.
 

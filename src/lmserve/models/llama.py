@@ -14,6 +14,7 @@ from lmserve.models.layers import (
     RMSNorm,
     SampledRows,
     get_rope,
+    take,
 )
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
@@ -81,8 +82,7 @@ class LlamaDecoderLayer(Module):
         """With ``sampled``, the rows after attention are those rows only."""
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, ctx, sampled)
-        if sampled is not None:
-            residual = residual.index_select(0, sampled.rows)
+        residual = take(residual, sampled)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 

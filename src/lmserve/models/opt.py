@@ -14,7 +14,9 @@ from lmserve.models.layers import (
     LayerNorm,
     Module,
     PagedAttention,
+    SampledRows,
     get_activation,
+    take,
 )
 from lmserve.models.weights import WeightMap
 from lmserve.parallel.layers import (
@@ -48,9 +50,9 @@ class OPTAttention(Module):
         self.heads, self.kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.attn = PagedAttention(self.heads, self.kv_heads, d, index)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, sampled: SampledRows | None = None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        return self.out_proj(self.attn(q, k, v, ctx))
+        return self.out_proj(self.attn(q, k, v, ctx, sampled))
 
 
 class OPTDecoderLayer(Module):
@@ -67,11 +69,11 @@ class OPTDecoderLayer(Module):
         self.final_layer_norm = LayerNorm(cfg.hidden_size, elementwise_affine=affine, dtype=cfg.dtype)
         self.act = get_activation(cfg.get("activation_function", default="relu"))
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, sampled: SampledRows | None = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.self_attn(self.self_attn_layer_norm(x), ctx)
+            x = take(x, sampled) + self.self_attn(self.self_attn_layer_norm(x), ctx, sampled)
             return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        x = self.self_attn_layer_norm(x + self.self_attn(x, ctx))
+        x = self.self_attn_layer_norm(take(x, sampled) + self.self_attn(x, ctx, sampled))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
@@ -97,8 +99,9 @@ class OPTModel(Module):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET).to(self.act_dtype)
-        for layer in self.layers:
-            x = layer(x, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, ctx.sampled if i == last else None)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return x if self.project_out is None else self.project_out(x)
@@ -106,6 +109,7 @@ class OPTModel(Module):
 
 class OPTForCausalLM(CausalLM):
     weights = WEIGHTS
+    finishes_sampled_rows_only = True
 
     def __init__(self, cfg: ModelConfig, state: ParallelState) -> None:
         super().__init__()

@@ -1,9 +1,11 @@
 """The floor of an offline workload: the least time any system could take on this machine.
 
-A decoder's work is fixed by the model and the workload: every prompt token and every generated
-token but the last passes through each linear layer once (2 FLOPs per weight), the LM head runs once
-per generated token, and causal attention touches each earlier position once per layer. Two bounds
-hold for any schedule:
+A decoder's work is fixed by the model and the workload: every generated token but the last passes
+through each linear layer once (2 FLOPs per weight), and so does every prompt token but in the last
+layer, where only a prompt's last token goes on past its keys and values (the others' outputs are
+never read); the LM head runs once per generated token, and causal attention touches each earlier
+position once per layer (in the last layer, for a prompt's last token only). Two bounds hold for
+any schedule:
 
 - all of that arithmetic at the fastest linear kernel this machine runs (every candidate the engine
   chooses between, timed at a prefill shape of the model);
@@ -76,13 +78,19 @@ def workload(model_dir: str | Path, prompt_lengths: list[int], new_tokens: int, 
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     vocab, hidden = head.weight.shape
-    heads = config.num_attention_heads
-    per_pair = 4.0 * heads * (getattr(config, "head_dim", None) or hidden // heads) * config.num_hidden_layers
-    requests = len(prompt_lengths)
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layer = linear / layers  # the linear weights of one layer
+    kv = 2.0 * hidden * head_dim * (getattr(config, "num_key_value_heads", None) or heads)  # its k and v
+    per_pair = 4.0 * heads * head_dim * layers
+    requests, tokens = len(prompt_lengths), sum(prompt_lengths)
     prompt_pairs = sum(n * (n + 1) // 2 for n in prompt_lengths)  # causal (query, key) pairs scored
     all_pairs = sum((n + new_tokens - 1) * (n + new_tokens) // 2 for n in prompt_lengths)
     head_flops = 2.0 * vocab * hidden
-    prompt_flops = 2.0 * linear * sum(prompt_lengths) + head_flops * requests + per_pair * prompt_pairs
+    # The last layer: keys and values of every prompt token, the rest for each prompt's last token.
+    prompt_linear = (linear - layer + kv) * tokens + (layer - kv) * requests
+    prompt_attention = per_pair * ((layers - 1) * prompt_pairs + tokens) / layers
+    prompt_flops = 2.0 * prompt_linear + head_flops * requests + prompt_attention
     decode_flops = (2.0 * linear + head_flops) * requests * (new_tokens - 1) + per_pair * (all_pairs - prompt_pairs)
     return Work(prompt_flops + decode_flops, prompt_flops, float(bytes_per_weight * (linear + vocab * hidden)),
                 new_tokens - 1)

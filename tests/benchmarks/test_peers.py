@@ -184,8 +184,12 @@ def test_the_floor_counts_each_weight_once_per_pass_and_the_last_request_decodes
     linear = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
     head = 100 * 64
     attention = 2 * 2 * 4 * 16 * 2  # per (query, key) pair: 2 layers, QK^T and PV, 2 FLOPs per head dimension
-    # Prompts of 3 and 5 tokens, 2 new each: the prompts' passes give the first token of each...
-    prompts = 2 * linear * 8 + 2 * head * 2 + attention * (3 * 4 // 2 + 5 * 6 // 2)
+    # Prompts of 3 and 5 tokens, 2 new each: the prompts' passes give the first token of each. In the
+    # last layer every prompt token computes its key and value, and only each prompt's last token the
+    # rest of the layer and its attention...
+    layer, kv = linear // 2, 2 * 64 * 32
+    prompts = (2 * (layer + kv) * 8 + 2 * (layer - kv) * 2 + 2 * head * 2
+               + attention // 2 * (3 * 4 // 2 + 5 * 6 // 2) + attention // 2 * (3 + 5))
     # ...then one decode pass per request, over 4 and 6 positions.
     decode = 2 * (linear + head) * 2 + attention * (4 + 6)
     work = workload(tmp_path, [3, 5], 2)

@@ -75,7 +75,8 @@ def test_a_model_on_the_cuda_ops_decodes_as_on_the_reference_ops(
     make_tiny_model(tmp_path, "llama", tokenizer_dir)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [4, 3, 2, 1, 20, 21, 22]]
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    kwargs = dict(dtype="fp32", device=device, max_model_len=64, block_size=4, max_num_batched_tokens=8)
+    kwargs = dict(dtype="fp32", device=device, max_model_len=64, block_size=4, max_num_batched_tokens=8,
+                  max_num_seqs=4)  # the budget is never below max_num_seqs
     monkeypatch.setitem(ops_module._by_device_type, device, ReferenceOps(device))
     want = [o.token_ids for o in LLM(str(tmp_path), **kwargs).generate(prompts, params)]
     monkeypatch.setitem(ops_module._by_device_type, device, CudaOps(device))

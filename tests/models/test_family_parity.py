@@ -64,7 +64,7 @@ def test_greedy_matches_hugging_face(expected: dict, family: str, degree: int) -
     assert [o.token_ids for o in outputs] == want
 
 
-@pytest.mark.parametrize("mode", [{"max_num_batched_tokens": 16}, {"kv_cache_tokens": 72, "block_size": 4}],
+@pytest.mark.parametrize("mode", [{"max_num_batched_tokens": 16, "max_num_seqs": 4}, {"kv_cache_tokens": 72, "block_size": 4}],
                          ids=["chunked-prefill", "preemption"])
 def test_uneven_split_through_chunked_prefill_and_preemption(expected: dict, mode: dict) -> None:
     path, prompts, want = expected["llama-gqa-9x3"]

@@ -10,7 +10,7 @@ import torch
 from lmserve import LLM, SamplingParams
 from lmserve.models.layers import SampledRows
 from lmserve.models.llama import LlamaForCausalLM
-from tests.tiny_models import VOCAB_SIZE, make_tiny_model
+from tests.tiny_models import FAMILIES, VOCAB_SIZE, hf_greedy, make_tiny_model
 
 
 def test_sampled_rows_are_found_only_where_they_end_their_sequences() -> None:
@@ -83,3 +83,24 @@ def test_prompt_logprobs_still_score_every_prompt_row(model_path: Path) -> None:
     assert last == first == [len(prompt)]  # every row is sampled, so every row is finished
     (again,) = llm.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))
     assert again.token_ids == out.token_ids
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_finishes_only_sampled_rows_and_still_matches_hugging_face(
+        family: str, tmp_path: Path, tokenizer_dir: Path) -> None:
+    hf_model = make_tiny_model(tmp_path, family, tokenizer_dir)
+    llm = LLM(str(tmp_path), dtype="fp32")
+    layer = llm.engine.runner.model.model.layers[-1]
+    rows: list[int] = []
+    forward = layer.forward
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = forward(*args, **kwargs)
+        rows.append((out[0] if isinstance(out, tuple) else out).shape[0])
+        return out
+
+    layer.forward = counted
+    prompts = [list(range(5, 14)), list(range(20, 25))]
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert rows == [2, 2, 2]  # the prompts' step, then two decode steps: one row per sequence each
+    assert [o.token_ids for o in outputs] == [hf_greedy(hf_model, p, 3) for p in prompts]

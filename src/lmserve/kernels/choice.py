@@ -318,24 +318,24 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         contended = [s for s in wanted if s not in missing and shapes[s].get("contended")]
         if contended and not busy_now():
             missing += contended  # measured beside a busy process, and this start is quiet
-        # Trusted entries whose budget ran out before every row count: this start times the rest
-        # (and not again the cached ones).
-        gaps = {s: untimed(shapes[s]["timings"], wanted[s][1]) for s in wanted if s not in missing}
-        gaps = {s: rows for s, rows in gaps.items() if rows and not shapes[s].get("contended")}
-        # A second form measured at one start is timed again at the next (its rows, best of both):
+        # Cached shapes of which this start times some row counts only (``retime``): trusted entries
+        # whose budget ran out before every row count (the rest, not again the cached ones)...
+        retime = {s: untimed(shapes[s]["timings"], wanted[s][1]) for s in wanted if s not in missing}
+        retime = {s: rows for s, rows in retime.items() if rows and not shapes[s].get("contended")}
+        # ...and a second form measured at one start, timed again at the next (its rows, best of both):
         # a slow phase of the host that lasts through one start's measuring (the counters do not see
         # it) once chose torch at 1.11x, a copy of 184 MiB, where the two kernels were even.
         confirm = {s: second_form_rows(shapes[s]["timings"]) for s in wanted
-                   if s not in missing and s not in gaps and shapes[s].get("unconfirmed")}
-        gaps.update(confirm)
-        todo = missing + list(gaps)
+                   if s not in missing and s not in retime and shapes[s].get("unconfirmed")}
+        retime.update(confirm)
+        todo = missing + list(retime)
         names = runnable_candidates(ops) if todo else []  # child processes, once per machine
         start = time.perf_counter()
-        timed: dict[str, Timings] = {s: shapes[s]["timings"] for s in gaps}
+        timed: dict[str, Timings] = {s: shapes[s]["timings"] for s in retime}
         # Each shape's share of the budget is in proportion to its work (weight size x row buckets
         # still to time): an equal share starves the vocabulary head, whose calls take longest.
         work = {s: wanted[s][0].out_features * wanted[s][0].in_features
-                * len(gaps.get(s) or buckets(wanted[s][1])) for s in todo}
+                * len(retime.get(s) or buckets(wanted[s][1])) for s in todo}
         total = sum(work.values()) * PASSES
         done = 0
         with OthersWatch() as watch:
@@ -344,7 +344,7 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
                     w, rows = wanted[shape]
                     done += work[shape]
                     deadline = start + BUDGET_S * done / total
-                    timed[shape] = measure(ops, w, gaps.get(shape) or buckets(rows), deadline, timed.get(shape), names)
+                    timed[shape] = measure(ops, w, retime.get(shape) or buckets(rows), deadline, timed.get(shape), names)
         trusted = not todo or cacheable("linear kernels", watch, "cached as contended (a quieter start "
                                         "measures again, a busy one uses them)")
         for shape in missing:
@@ -352,7 +352,7 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
             if not trusted:
                 shapes[shape]["contended"] = True
         if trusted:  # additions are cached only when measured quietly, like the rest
-            for shape in gaps:
+            for shape in retime:
                 shapes[shape] = {k: v for k, v in shapes[shape].items() if k != "unconfirmed"} | {"timings": timed[shape]}
             for shape in todo:  # a second form measured now waits for the next start
                 if shape not in confirm and second_form_rows(timed[shape]):
@@ -360,11 +360,11 @@ def choose(ops: Any, weights: Iterable[tuple[PackedLinear | None, int]], fresh: 
         spent = time.perf_counter() - start
         if todo:
             write_keyed(path, key, {"shapes": shapes})
-    source = "measured" if missing else "completed cache" if gaps else "contended cache" if contended else "cache"
+    source = "measured" if missing else "completed cache" if retime else "contended cache" if contended else "cache"
     unconfirmed = frozenset(s for s in wanted if shapes[s].get("unconfirmed") or (s in todo and not trusted))
     table = ChoiceTable({s: timed.get(s, shapes[s]["timings"]) for s in wanted}, None, source, spent, unconfirmed)
-    filled = sum(len(rows) - len(untimed(timed[s], wanted[s][1])) for s, rows in gaps.items() if s not in confirm)
-    said = [f"{filled} row counts added"] if len(gaps) > len(confirm) else []
+    filled = sum(len(rows) - len(untimed(timed[s], wanted[s][1])) for s, rows in retime.items() if s not in confirm)
+    said = [f"{filled} row counts added"] if len(retime) > len(confirm) else []
     said += [f"{len(confirm)} second form(s) timed again"] if confirm else []
     said += [f"{len(unconfirmed)} second form(s) to confirm at the next start"] if unconfirmed else []
     log.info("linear kernels (%s%s): %s", table.source,

@@ -104,3 +104,19 @@ def test_every_family_finishes_only_sampled_rows_and_still_matches_hugging_face(
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert rows == [2, 2, 2]  # the prompts' step, then two decode steps: one row per sequence each
     assert [o.token_ids for o in outputs] == [hf_greedy(hf_model, p, 3) for p in prompts]
+
+
+def test_the_memory_profile_runs_every_row_through_the_last_layer(model_path: Path) -> None:
+    """The CUDA profiling step sizes activations for the largest step, one with prompt logprobs,
+    so it must not finish only its sampled row (one sequence, one logit row: it could)."""
+    from lmserve.engine.memory_profile import profiling_step
+
+    llm = LLM(str(model_path), dtype="fp32", max_num_seqs=1)
+    runner = llm.engine.runner
+    first, last = _mlp_rows(llm)
+    step = profiling_step(32, 64, runner.block_size, 1)
+    runner._forward(step, runner.kv_caches, every_row=True)
+    assert first == last == [32]
+    first.clear(), last.clear()
+    runner._forward(step, runner.kv_caches)
+    assert first == [32] and last == [1]

@@ -82,7 +82,10 @@ class ModelRunner:
             # Every rank takes this branch (same configuration), so the profiling forward's
             # collectives match across a tensor-parallel group.
             step = profiling_step(step_tokens, cfg.max_model_len, config.block_size, config.max_num_seqs)
-            reserve = profile_activation_bytes(self._forward, self.kv_spec, step, cfg.vocab_size, self.device)
+            # Every row through every layer: the largest step (one with prompt logprobs) is what
+            # the activations must fit.
+            reserve = profile_activation_bytes(lambda inputs, caches: self._forward(inputs, caches, every_row=True),
+                                               self.kv_spec, step, cfg.vocab_size, self.device)
         return plan_num_blocks(self.kv_spec, self.device, config.kv_cache_tokens, config.kv_cache_memory_fraction,
                                config.max_num_seqs * cfg.max_model_len, config.kv_cache_bytes, reserve)
 
@@ -189,12 +192,14 @@ class ModelRunner:
         return None if logits is None else self._logits_out(logits)
 
     @torch.inference_mode()
-    def _forward(self, inputs: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        """One eager forward over ``kv_caches``; the logits of the sampled rows, on the device."""
+    def _forward(self, inputs: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 every_row: bool = False) -> torch.Tensor | None:
+        """One eager forward over ``kv_caches``; the logits of the sampled rows, on the device. The
+        last layer finishes only the sampled rows where it can, unless ``every_row``."""
         dev = self.device
         model: Any = self.model
         sampled = None
-        if model.finishes_sampled_rows_only:
+        if model.finishes_sampled_rows_only and not every_row:
             sampled = SampledRows.of(inputs.logits_indices, inputs.query_start_loc, inputs.block_tables,
                                      inputs.context_lens)
         ctx = ForwardContext(

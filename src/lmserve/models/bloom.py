@@ -15,6 +15,7 @@ from lmserve.models.layers import (
     PagedAttention,
     SampledRows,
     alibi_slopes,
+    each_layer,
     get_activation,
     take,
 )
@@ -98,9 +99,8 @@ class BloomModel(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids, self.act_dtype))
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, ctx.sampled if i == last else None)
+        for layer, sampled in each_layer(self.layers, ctx):
+            x = layer(x, ctx, sampled)
         return self.ln_f(x)
 
 

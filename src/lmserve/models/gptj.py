@@ -13,6 +13,7 @@ from lmserve.models.layers import (
     Module,
     PagedAttention,
     SampledRows,
+    each_layer,
     get_activation,
     get_rope,
     take,
@@ -91,9 +92,8 @@ class GPTJModel(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.wte(input_ids, self.act_dtype)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(positions, x, ctx, ctx.sampled if i == last else None)
+        for layer, sampled in each_layer(self.layers, ctx):
+            x = layer(positions, x, ctx, sampled)
         return self.ln_f(x)
 
 

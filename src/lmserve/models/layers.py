@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,14 @@ class SampledRows:
     def to(self, device: torch.device) -> SampledRows:
         return SampledRows(self.rows.to(device), self.block_tables.to(device), self.context_lens.to(device),
                            self.query_start_loc.to(device))
+
+
+def each_layer(layers: nn.ModuleList, ctx: ForwardContext) -> Iterator[tuple[nn.Module, SampledRows | None]]:
+    """A decoder stack's layers, each with the rows it finishes: every row (None), but in the last
+    layer ``ctx.sampled``."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        yield layer, ctx.sampled if i == last else None
 
 
 def take(x: torch.Tensor, sampled: SampledRows | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from lmserve.models.layers import (
     PagedAttention,
     RMSNorm,
     SampledRows,
+    each_layer,
     get_rope,
     take,
 )
@@ -98,9 +99,8 @@ class LlamaModel(Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids, self.act_dtype)
         residual = None
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, ctx, ctx.sampled if i == last else None)
+        for layer, sampled in each_layer(self.layers, ctx):
+            x, residual = layer(positions, x, residual, ctx, sampled)
         return self.norm(x, residual)[0]
 
 

@@ -15,6 +15,7 @@ from lmserve.models.layers import (
     Module,
     PagedAttention,
     SampledRows,
+    each_layer,
     get_activation,
     take,
 )
@@ -99,9 +100,8 @@ class OPTModel(Module):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET).to(self.act_dtype)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, ctx.sampled if i == last else None)
+        for layer, sampled in each_layer(self.layers, ctx):
+            x = layer(x, ctx, sampled)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return x if self.project_out is None else self.project_out(x)

@@ -162,15 +162,48 @@ def test_idle_warming_maps_only_never_used_blocks_ahead_of_use(tmp_path: Path, t
     for k, v in engine.runner.kv_caches:
         k.fill_(7.0)
         v.fill_(7.0)
-    per_block = 4 * engine.runner.kv_spec.bytes_per_token
+    tensors = 2 * len(engine.runner.kv_caches)
+    assert engine.runner.num_kv_tensors == tensors
+    per_block = 4 * engine.runner.kv_spec.bytes_per_token // tensors  # of one layer's keys or values
     monkeypatch.setattr(le, "WARM_AHEAD_TOKENS", 40)  # ten blocks ahead ...
-    monkeypatch.setattr(le, "WARM_SLICE_BYTES", 3 * per_block)  # ... three per call
-    calls = 1
+    monkeypatch.setattr(le, "WARM_SLICE_BYTES", 3 * per_block)  # ... three of one tensor per call
+    assert engine.warm_idle()
+    first_keys = engine.runner.kv_caches[0][0]
+    assert (first_keys[used:used + 3] == 0.0).all() and (first_keys[used + 3:] == 7.0).all()
+    assert all((t == 7.0).all() for t in [engine.runner.kv_caches[0][1], *engine.runner.kv_caches[-1]])
+    calls = 2
     while engine.warm_idle():
         calls += 1
-    assert calls == 4 and not engine.warm_idle()  # 3 + 3 + 3 + 1 blocks, then nothing is left
+    # 3 + 3 + 3 + 1 blocks of each tensor, one tensor a call, then nothing is left
+    assert calls == 4 * tensors and not engine.warm_idle()
     for k, v in engine.runner.kv_caches:
         for cache in (k, v):
             assert (cache[:used] == 7.0).all()  # what requests wrote is untouched
             assert (cache[used:used + 10] == 0.0).all()  # the next ten blocks were written (mapped)
             assert (cache[used + 10:] == 7.0).all()  # nothing beyond
+
+
+def test_idle_warming_starts_over_above_blocks_taken_between_its_calls(tmp_path: Path, tokenizer_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmserve.engine.llm_engine as le
+
+    make_tiny_model(tmp_path, "llama", tokenizer_dir)
+    engine = LLM(str(tmp_path), dtype="fp32", kv_cache_tokens=512, block_size=4).engine
+    per_block = 4 * engine.runner.kv_spec.bytes_per_token // engine.runner.num_kv_tensors
+    monkeypatch.setattr(le, "WARM_AHEAD_TOKENS", 40)
+    monkeypatch.setattr(le, "WARM_SLICE_BYTES", 8 * per_block)
+    assert engine.warm_idle() and engine.warm_idle()  # blocks 0-7 of the first two tensors mapped
+    engine.add_request("r", list(range(5, 30)), SamplingParams(max_new_tokens=2))  # takes blocks 0-6
+    while engine.has_unfinished_requests():
+        engine.step()
+    used = engine.block_manager.high_water
+    assert 2 <= used < 8
+    for k, v in engine.runner.kv_caches:
+        k[:used] = 5.0  # stands for the keys the request wrote
+        v[:used] = 5.0
+    while engine.warm_idle():
+        pass
+    for k, v in engine.runner.kv_caches:
+        for cache in (k, v):
+            assert (cache[:used] == 5.0).all()  # never written over once held
+            assert (cache[used:used + 10] == 0.0).all()

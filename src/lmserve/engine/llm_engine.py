@@ -35,9 +35,14 @@ log = logging.getLogger(__name__)
 
 
 # warm_idle keeps this many tokens of never-used KV blocks mapped ahead of use (a burst of 16
-# prompts of 400 tokens), touching at most this many bytes per call.
+# prompts of 400 tokens), touching at most this many bytes of one cache tensor per call. Mapping
+# memory is slow in a virtual machine: a 2 MiB transparent huge page costs 3-7 ms on a 2-core EPYC.
+# When a call covered its blocks in every layer's keys and values, 8 MiB in all, it took 20-44 ms,
+# and the first one 360 ms (each of the default model's 60 cache tensors faulted a fresh huge page);
+# a request arriving meanwhile waited that long for its first step. One tensor and 1 MiB a call:
+# 5-9 ms, at most one fault in most calls.
 WARM_AHEAD_TOKENS = 8192
-WARM_SLICE_BYTES = 8 << 20
+WARM_SLICE_BYTES = 1 << 20
 
 
 @dataclass
@@ -74,7 +79,8 @@ class LLMEngine:
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
         self._generated_tokens = self._steps = 0
-        self._warmed_to = 0  # KV blocks below this id have their pages mapped (warm_idle)
+        self._warmed_to = 0  # KV blocks below this id have their pages mapped (warm_idle) ...
+        self._warming: tuple[int, int, int] | None = None  # ... and (first, end, next tensor) of those being mapped
         kv_tokens = self.runner.num_blocks * config.block_size
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); fits %.1f requests of %d tokens",
                  self.runner.num_blocks, config.block_size, kv_tokens,
@@ -127,22 +133,29 @@ class LLMEngine:
 
     def warm_idle(self) -> bool:
         """Idle-time work: map the pages of the next never-used KV blocks, up to ``WARM_AHEAD_TOKENS``
-        ahead of the highest block handed out, at most ``WARM_SLICE_BYTES`` per call (a few
-        milliseconds, so a request that arrives meanwhile barely waits). Returns whether more is left.
-        The blocks a burst of prompts takes next then cost no page faults inside its steps; the pages
-        stay mapped, so the cache's resident memory runs that far ahead of its use."""
+        ahead of the highest block handed out, one cache tensor (a layer's keys or values) and at
+        most ``WARM_SLICE_BYTES`` of it per call (a few milliseconds, so a request that arrives
+        meanwhile barely waits). Returns whether more is left. The blocks a burst of prompts takes
+        next then cost no page faults inside its steps; the pages stay mapped, so the cache's
+        resident memory runs that far ahead of its use."""
         fault_in = getattr(self.runner, "fault_in_blocks", None)
         if fault_in is None or self.runner.device.type != "cpu":  # device memory is allocated up front
             return False
         bm = self.block_manager
-        per_block = self.config.block_size * self.runner.kv_spec.bytes_per_token
+        tensors = self.runner.num_kv_tensors
+        per_block = self.config.block_size * self.runner.kv_spec.bytes_per_token // tensors
         target = min(bm.num_blocks, bm.high_water + -(-WARM_AHEAD_TOKENS // self.config.block_size))
         first = max(self._warmed_to, bm.high_water)
         if first >= target:
             return False
-        end = min(target, first + max(1, WARM_SLICE_BYTES // per_block))
-        fault_in(first, end)
-        self._warmed_to = end
+        if self._warming is None or self._warming[0] != first:  # a new range, or requests took blocks of it
+            self._warming = (first, min(target, first + max(1, WARM_SLICE_BYTES // per_block)), 0)
+        first, end, tensor = self._warming
+        fault_in(first, end, tensor)
+        if tensor + 1 < tensors:
+            self._warming = (first, end, tensor + 1)
+            return True
+        self._warming, self._warmed_to = None, end
         return end < target
 
     def has_unfinished_requests(self) -> bool:

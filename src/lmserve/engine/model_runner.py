@@ -105,9 +105,15 @@ class ModelRunner:
         with torch.inference_mode():
             self.decode_graphs.capture_all()
 
-    def fault_in_blocks(self, first: int, end: int) -> None:
-        """Map the pages of KV blocks ``first .. end - 1`` (never held by a request) ahead of use."""
-        fault_in(self.kv_caches, first, end)
+    @property
+    def num_kv_tensors(self) -> int:
+        """The KV cache's tensors: each layer's keys, then its values."""
+        return 2 * len(self.kv_caches)
+
+    def fault_in_blocks(self, first: int, end: int, tensor: int | None = None) -> None:
+        """Map the pages of KV blocks ``first .. end - 1`` (never held by a request) ahead of use, in
+        every cache tensor or only in ``tensor`` (see ``num_kv_tensors``)."""
+        fault_in(self.kv_caches, first, end, tensor)
 
     def shrink_kv_cache(self, num_blocks: int) -> None:
         """Keep only ``num_blocks`` KV-cache blocks (the ranks of a group agree on the smallest)."""

@@ -122,3 +122,36 @@ def test_partially_computed_blocks_are_not_published():
 def test_rejects_empty_geometry(bad):
     with pytest.raises(ValueError):
         BlockManager(*bad)
+
+
+def test_mapped_memory_is_handed_out_before_a_cached_prefix_is_evicted_and_unmapped_memory_last():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.mapped = 4  # blocks 0-3 mapped, 4-7 never written (the CPU maps memory on first write)
+    a = make_request("a", list(range(8)))
+    assert bm.allocate(a, 8)
+    compute_all(bm, a)
+    assert a.block_ids == [0, 1] and bm.high_water == 2
+    bm.free(a)  # blocks 0 and 1 keep a's prefix
+    b = make_request("b", list(range(100, 108)))
+    assert bm.allocate(b, 8)
+    assert b.block_ids == [2, 3]  # never-used but mapped: nothing evicted
+    c = make_request("c", list(range(200, 208)))
+    assert bm.allocate(c, 8)
+    assert sorted(c.block_ids) == [0, 1]  # a's prefix, least recently freed, rather than unmapped 4-5
+    assert bm.find_cached_prefix(make_request("a2", list(range(8)) + [9])) == []
+    d = make_request("d", list(range(300, 308)))
+    assert bm.allocate(d, 8)
+    assert d.block_ids == [4, 5] and bm.high_water == 6  # nothing used is free: unmapped memory
+    assert bm.num_free_blocks == 2
+
+
+def test_when_every_block_is_mapped_never_used_blocks_go_before_any_cached_prefix():
+    bm = BlockManager(num_blocks=8, block_size=4)  # mapped from the start (the default; a GPU cache)
+    a = make_request("a", list(range(8)))
+    assert bm.allocate(a, 8)
+    compute_all(bm, a)
+    bm.free(a)
+    b = make_request("b", list(range(100, 124)))
+    assert bm.allocate(b, 24)
+    assert b.block_ids == [2, 3, 4, 5, 6, 7]
+    assert bm.find_cached_prefix(make_request("a2", list(range(8)) + [9])) == [0, 1]

@@ -154,6 +154,7 @@ def test_idle_warming_maps_only_never_used_blocks_ahead_of_use(tmp_path: Path, t
 
     make_tiny_model(tmp_path, "llama", tokenizer_dir)
     engine = LLM(str(tmp_path), dtype="fp32", kv_cache_tokens=512, block_size=4).engine
+    assert engine.block_manager.mapped == 0  # the CPU maps the cache's memory on first write
     engine.add_request("r", list(range(5, 30)), SamplingParams(max_new_tokens=2))
     while engine.has_unfinished_requests():
         engine.step()
@@ -176,6 +177,7 @@ def test_idle_warming_maps_only_never_used_blocks_ahead_of_use(tmp_path: Path, t
         calls += 1
     # 3 + 3 + 3 + 1 blocks of each tensor, one tensor a call, then nothing is left
     assert calls == 4 * tensors and not engine.warm_idle()
+    assert engine.block_manager.mapped == used + 10  # what the block manager now hands out first
     for k, v in engine.runner.kv_caches:
         for cache in (k, v):
             assert (cache[:used] == 7.0).all()  # what requests wrote is untouched

@@ -79,8 +79,9 @@ class LLMEngine:
         self._live: dict[str, _Live] = {}
         self._aborted: list[RequestDelta] = []
         self._generated_tokens = self._steps = 0
-        self._warmed_to = 0  # KV blocks below this id have their pages mapped (warm_idle) ...
-        self._warming: tuple[int, int, int] | None = None  # ... and (first, end, next tensor) of those being mapped
+        if self._maps_on_first_write():  # the cache's pages are mapped as warm_idle or a step writes them
+            self.block_manager.mapped = 0
+        self._warming: tuple[int, int, int] | None = None  # (first, end, next tensor) of the blocks being mapped
         kv_tokens = self.runner.num_blocks * config.block_size
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); fits %.1f requests of %d tokens",
                  self.runner.num_blocks, config.block_size, kv_tokens,
@@ -138,25 +139,29 @@ class LLMEngine:
         meanwhile barely waits). Returns whether more is left. The blocks a burst of prompts takes
         next then cost no page faults inside its steps; the pages stay mapped, so the cache's
         resident memory runs that far ahead of its use."""
-        fault_in = getattr(self.runner, "fault_in_blocks", None)
-        if fault_in is None or self.runner.device.type != "cpu":  # device memory is allocated up front
+        if not self._maps_on_first_write():
             return False
         bm = self.block_manager
         tensors = self.runner.num_kv_tensors
         per_block = self.config.block_size * self.runner.kv_spec.bytes_per_token // tensors
         target = min(bm.num_blocks, bm.high_water + -(-WARM_AHEAD_TOKENS // self.config.block_size))
-        first = max(self._warmed_to, bm.high_water)
+        first = max(bm.mapped, bm.high_water)
         if first >= target:
             return False
         if self._warming is None or self._warming[0] != first:  # a new range, or requests took blocks of it
             self._warming = (first, min(target, first + max(1, WARM_SLICE_BYTES // per_block)), 0)
         first, end, tensor = self._warming
-        fault_in(first, end, tensor)
+        self.runner.fault_in_blocks(first, end, tensor)
         if tensor + 1 < tensors:
             self._warming = (first, end, tensor + 1)
             return True
-        self._warming, self._warmed_to = None, end
+        self._warming, bm.mapped = None, end
         return end < target
+
+    def _maps_on_first_write(self) -> bool:
+        """Whether the KV cache's memory is mapped on first write (the CPU), block ranges at a time
+        by ``fault_in_blocks``; device memory is allocated up front."""
+        return self.runner.device.type == "cpu" and hasattr(self.runner, "fault_in_blocks")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted or self._compiling)

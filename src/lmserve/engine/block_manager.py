@@ -17,9 +17,8 @@ tokens faulted ~200 fresh blocks (74 MiB) per burst, 0.2-0.25 s of the kernel cl
 prefix cached in the least recently freed block is evicted before unmapped memory is touched (2-core
 EPYC, six alternating pairs of 3-burst server runs: median first token 569-764 ms against 733-1269
 ms before, lower in every pair); with idle time, the mapped region runs ahead of use and nothing is
-evicted early. Where every block is mapped from the start (the
-default, and a GPU's cache) the order is the plain LRU one: blocks without content, then the least
-recently freed.
+evicted early. Where every block is mapped from the start (the default, and a GPU's cache) the order
+is the plain LRU one: blocks without content, then the least recently freed.
 """
 
 from __future__ import annotations
@@ -144,9 +143,8 @@ class BlockManager:
 
     def _take_free_block(self) -> int:
         front = next(iter(self._free), None)
-        never_used = self.high_water < self.num_blocks
-        if front is not None and (self.blocks[front].block_hash is None or not never_used
-                                  or self.high_water >= self.mapped):
+        no_mapped_never_used = self.high_water >= min(self.mapped, self.num_blocks)
+        if front is not None and (self.blocks[front].block_hash is None or no_mapped_never_used):
             block_id = front
             del self._free[front]
         else:

@@ -126,6 +126,31 @@ def test_linear_silu_mul(ops: Ops, m: int, inter: int, k: int) -> None:
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5 * k)
 
 
+def test_a_call_reads_nothing_an_earlier_larger_call_left(compiled_ops: Ops) -> None:
+    """The compiled GEMMs keep their bf16-rounded activations and SwiGLU partial sums in per-thread
+    buffers that only grow, without clearing them: a call after a larger one must read only what it
+    wrote itself. Non-finite leftovers would show: times a zero-padded weight they give NaN."""
+    layouts = [("panel32", pack_panels)]
+    if candidates.unavailable("own-dot", compiled_ops) is None:
+        layouts.append(("pair32", pack_pairs))
+    torch.manual_seed(11)
+    for layout, pack in layouts:
+        big, gate_big, up_big = (torch.randn(96, 1201).bfloat16() for _ in range(3))
+        junk = torch.full((300, 1201), float("nan"))
+        compiled_ops.linear(junk, PackedLinear(pack(big), 96, 1201, layout=layout))
+        compiled_ops.linear_silu_mul(junk, PackedLinear(pack(interleave_gate_up(gate_big, up_big)), 96, 1201,
+                                                        layout=layout, gate_up=True))
+        w, gate, up = torch.randn(33, 101).bfloat16(), torch.randn(40, 101).bfloat16(), torch.randn(40, 101).bfloat16()
+        x = torch.randn(7, 101)
+        # The dot-product kernel rounds activations to bf16 (nearest even) first, as x.bfloat16() does.
+        xr = x.bfloat16().float() if layout == "pair32" else x
+        close(compiled_ops.linear(x, PackedLinear(pack(w), 33, 101, layout=layout)), expected(xr, w), 101)
+        got = compiled_ops.linear_silu_mul(x, PackedLinear(pack(interleave_gate_up(gate, up)), 40, 101, layout=layout,
+                                                           gate_up=True))
+        want = F.silu(expected(xr, gate).double()) * expected(xr, up).double()
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5 * 101, msg=layout)
+
+
 def test_gate_up_weights_only_go_to_linear_silu_mul(ops: Ops) -> None:
     w = torch.randn(32, 16)
     with pytest.raises(ValueError, match="linear_silu_mul"):

@@ -174,8 +174,7 @@ void run_task(const LinearArgs& a, const Kernel& kn, int64_t m0, int64_t m1, int
     }
     // Gate and up panels alternate; compute a pair into scratch, then write silu(gate) * up.
     thread_local std::vector<float> scratch;
-    scratch.resize(static_cast<size_t>((m1 - m0) * 2 * kPanel));
-    float* s = scratch.data();
+    float* s = grow_only(scratch, static_cast<size_t>((m1 - m0) * 2 * kPanel));  // every row tile stores its first K block
     for (int64_t u = u0; u < u1; ++u) {
         panel_rows(a, kn, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
         panel_rows(a, kn, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);
@@ -219,14 +218,15 @@ void linear_bf16(const LinearArgs& a) {
 void linear_bf16_dot(const LinearArgs& a) {
     if (a.M <= 0 || a.panels <= 0) return;
     const int64_t pairs = (a.K + 1) / 2;
-    std::vector<uint32_t> xb(static_cast<size_t>(a.M * pairs));
+    thread_local std::vector<uint32_t> buffer;
+    uint32_t* xb = grow_only(buffer, static_cast<size_t>(a.M * pairs));  // round_rows writes every pair
     const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, a.M / 16)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-        round_rows(a, xb.data(), pairs, a.M * i / n, a.M * (i + 1) / n);
+        round_rows(a, xb, pairs, a.M * i / n, a.M * (i + 1) / n);
     }
-    run(a, Kernel{kDot, xb.data(), pairs, sizeof(uint32_t), pairs, 2});
+    run(a, Kernel{kDot, xb, pairs, sizeof(uint32_t), pairs, 2});
 }
 
 bool cpu_has_bf16_dot() { return __builtin_cpu_supports("avx512bf16"); }

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 namespace lmserve {
 
@@ -94,6 +95,17 @@ void for_each_panel_task(int64_t M, int64_t units, int64_t weights, int nthreads
     TaskRanges ranges(tasks, threads);
 #pragma omp parallel num_threads(static_cast<int>(threads))
     for (int64_t t = ranges.next(omp_get_thread_num()); t >= 0; t = ranges.next(omp_get_thread_num())) run(t);
+}
+
+// Room for n elements in a per-thread buffer that only grows; what lies beyond earlier calls' writes
+// is left as it is. A GEMM's rounded or quantized activations then cost no allocation, no page faults
+// (a freed block of a few hundred KiB goes back to the system and comes back as fresh pages) and no
+// zero-filling, once the largest call has run. The buffer lives as long as its thread: at most a
+// step's tokens x the widest input of the model.
+template <typename T>
+T* grow_only(std::vector<T>& buf, size_t n) {
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
 }
 
 }  // namespace lmserve

@@ -294,8 +294,7 @@ void run_qtask(const QuantLinearArgs& a, PanelFn panel, int64_t m0, int64_t m1, 
         return;
     }
     thread_local std::vector<float> scratch;
-    scratch.resize(static_cast<size_t>((m1 - m0) * 2 * kPanel));
-    float* s = scratch.data();
+    float* s = grow_only(scratch, static_cast<size_t>((m1 - m0) * 2 * kPanel));  // every row tile stores its first K block
     for (int64_t u = u0; u < u1; ++u) {
         panel(a, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
         panel(a, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);
@@ -309,19 +308,20 @@ void run_qtask(const QuantLinearArgs& a, PanelFn panel, int64_t m0, int64_t m1, 
 void linear_quant(const QuantLinearArgs& a_in) {
     if (a_in.M <= 0 || a_in.panels <= 0) return;
     QuantLinearArgs a = a_in;
-    std::vector<int8_t> xq;
-    std::vector<float> xscale;
-    std::vector<int32_t> xsum;
+    thread_local std::vector<int8_t> xq;  // grow_only: quantize_rows writes every element
+    thread_local std::vector<float> xscale;
+    thread_local std::vector<int32_t> xsum;
     PanelFn panel = a.bits == 4 ? (a.mins ? &qpanel_rows<4, true> : &qpanel_rows<4, false>)
                                 : (a.mins ? &qpanel_rows<8, true> : &qpanel_rows<8, false>);
     if (a.vnni) {
-        xq.resize(static_cast<size_t>(a.M * a.K));
-        xscale.resize(static_cast<size_t>(a.M * (a.K / a.group)));
-        xsum.resize(xscale.size());
-        quantize_rows(a, xq.data(), xscale.data(), xsum.data());
-        a.xq = xq.data();
-        a.xscale = xscale.data();
-        a.xsum = xsum.data();
+        const auto groups = static_cast<size_t>(a.M * (a.K / a.group));
+        int8_t* q = grow_only(xq, static_cast<size_t>(a.M * a.K));
+        float* scale = grow_only(xscale, groups);
+        int32_t* sum = grow_only(xsum, groups);
+        quantize_rows(a, q, scale, sum);
+        a.xq = q;
+        a.xscale = scale;
+        a.xsum = sum;
         panel = a.bits == 4 ? (a.mins ? &vpanel_rows<4, true> : &vpanel_rows<4, false>)
                             : (a.mins ? &vpanel_rows<8, true> : &vpanel_rows<8, false>);
     }

@@ -14,10 +14,11 @@ prints served / offline throughput.
     python benchmarks/serve_throughput.py --colocated-load   # then again beside a busy process
 
 ``--burst`` sends every request at once (concurrency = number of requests; 16 prompts of 200 tokens
-unless told otherwise) and reports TTFT p50/p95. ``--colocated-load`` runs the workload a second
-time on the same server while a busy process (``while True: pass``) pinned to one core
-(``--colocated-core``, default the last core this process may use) competes for the CPU, and reports
-throughput against the uncontended run and how many requests ran into ``predict_timeout``.
+unless told otherwise) and reports TTFT p50/p95. ``--colocated-load`` runs a workload of the same
+shape (fresh prompts, so none is in the prefix cache) on the same server while a busy process
+(``while True: pass``) pinned to one core (``--colocated-core``, default the last core this process
+may use) competes for the CPU, and reports throughput against the uncontended run and how many
+requests ran into ``predict_timeout``.
 
 Definitions: TTFT = send to first streamed token; TPOT = (e2e - TTFT) / (output tokens - 1).
 """
@@ -196,7 +197,8 @@ def offline_throughput(model_dir: str, prompts: list[list[int]], args: argparse.
     from lmserve import LLM
 
     llm = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_len + args.max_new_tokens + 8)
-    llm.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    # Warm up on the first two prompts reversed: the workload's own would stay in the prefix cache.
+    llm.generate([p[::-1] for p in prompts[:2]], SamplingParams(max_new_tokens=2, ignore_eos=True))
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
@@ -293,7 +295,8 @@ def main() -> None:
     try:
         served = run_workload(url, prompts, args, "burst" if args.burst else "workload")
         if args.colocated_load:
-            run_colocated(url, prompts, args, served)
+            # Fresh prompts of the same shape: the first run's are in the server's prefix cache.
+            run_colocated(url, make_prompts(args.num_requests, args.prompt_len, lo, hi, args.seed + 1), args, served)
     finally:
         if proc is not None:
             stop_server(proc)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from lmserve.bench import BenchUsageError
+from lmserve.bench.bench import PromptStream, build_prompts
 from lmserve.bench.datasets import file_prompts, parse_range, random_prompts, shared_prefix_prompts
 
 
@@ -48,3 +50,26 @@ def test_jsonl_file(tmp_path: Path) -> None:
 def test_bad_ranges(text: str) -> None:
     with pytest.raises(BenchUsageError, match="--input-len"):
         parse_range("--input-len", text)
+
+
+def workload_args(dataset: str, **more: object) -> argparse.Namespace:
+    return argparse.Namespace(dataset=dataset, input_len="4:12", output_len="3", seed=5, tokenizer=None,
+                              prefix_len=6, num_prefixes=2, **more)
+
+
+def test_a_prompt_stream_never_gives_a_prompt_twice() -> None:
+    """A sweep measures every load level against one server: each level must send new prompts, or
+    the server's prefix cache would spare it their prefill."""
+    stream = PromptStream(workload_args("random"))
+    parts = [stream.take(2), stream.take(5), stream.take(3)]
+    texts = [p.text for part in parts for p in part]
+    assert len(set(texts)) == 10
+    assert texts == [p.text for p in build_prompts(workload_args("random"), 10)]  # the same seeded sequence
+
+
+def test_a_prompt_stream_over_a_file_runs_on_through_its_lines(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(f'{{"prompt": "line {i}"}}\n' for i in range(1, 5)))
+    stream = PromptStream(workload_args(str(path)))
+    assert [p.text for p in stream.take(2)] == ["line 1", "line 2"]
+    assert [p.text for p in stream.take(3)] == ["line 3", "line 4", "line 1"]  # wraps once the file runs out

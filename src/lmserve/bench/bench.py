@@ -34,6 +34,23 @@ def build_prompts(ns: argparse.Namespace, n: int) -> list[Prompt]:
     return file_prompts(path, n, output_len, ns.seed)
 
 
+class PromptStream:
+    """The workload ``ns`` describes as one stream that runs on from call to call: ``take(n)`` gives
+    the next ``n`` prompts, none of which an earlier call gave (a ``--dataset`` file wraps around
+    once its lines run out). Several measurements against one server draw from it, so that none
+    finds the prompts of an earlier one in the server's prefix cache and skips their prefill."""
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        self.ns, self.taken = ns, 0
+
+    def take(self, n: int) -> list[Prompt]:
+        # The workloads are seeded sequences: the first k prompts of a longer one are those of a
+        # shorter one, so building the longer one and skipping what was taken continues the stream.
+        prompts = build_prompts(self.ns, self.taken + n)[self.taken:]
+        self.taken += n
+        return prompts
+
+
 def load_spec(ns: argparse.Namespace) -> LoadSpec:
     check_workload(ns)
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve.bench import BenchUsageError
-from lmserve.bench.bench import build_prompts
+from lmserve.bench.bench import PromptStream
 from lmserve.bench.dialects import Dialect
 from lmserve.bench.launch import ServeConfig, ServerProcess, ServerStartError
 from lmserve.bench.metrics import summarize
@@ -123,10 +123,14 @@ def measure_configuration(plan: SweepPlan, config: ServeConfig, ns: argparse.Nam
             say(f"  {config.key}: did not start: {str(exc).splitlines()[0]}")
             return entry | {"status": "failed to start", "error": str(exc)}
         api = dialect(ns.api)
-        asyncio.run(run_load(_spec(server.url, api, ns, 1), build_prompts(ns, 2)))  # warm-up
+        # Every load level sends prompts that no earlier one (nor the warm-up) sent: the server's
+        # prefix cache keeps what it computed, and a level that found its prompts there would skip
+        # their prefill and pass at a load it cannot carry with new traffic.
+        stream = PromptStream(ns)
+        asyncio.run(run_load(_spec(server.url, api, ns, 1), stream.take(2)))  # warm-up
 
         def measure(concurrency: int) -> Level:
-            prompts = build_prompts(ns, requests_for(concurrency, plan.min_requests))
+            prompts = stream.take(requests_for(concurrency, plan.min_requests))
             cpu0, t0 = server.cpu_seconds(), time.perf_counter()
             result = asyncio.run(run_load(_spec(server.url, api, ns, concurrency), prompts))
             wall = time.perf_counter() - t0

@@ -174,7 +174,8 @@ void run_task(const LinearArgs& a, const Kernel& kn, int64_t m0, int64_t m1, int
     }
     // Gate and up panels alternate; compute a pair into scratch, then write silu(gate) * up.
     thread_local std::vector<float> scratch;
-    float* s = grow_only(scratch, static_cast<size_t>((m1 - m0) * 2 * kPanel));  // every row tile stores its first K block
+    // No clearing: every row tile stores (not adds) its first K block.
+    float* s = grow_only(scratch, static_cast<size_t>((m1 - m0) * 2 * kPanel));
     for (int64_t u = u0; u < u1; ++u) {
         panel_rows(a, kn, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
         panel_rows(a, kn, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);

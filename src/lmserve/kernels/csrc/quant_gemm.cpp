@@ -294,7 +294,8 @@ void run_qtask(const QuantLinearArgs& a, PanelFn panel, int64_t m0, int64_t m1, 
         return;
     }
     thread_local std::vector<float> scratch;
-    float* s = grow_only(scratch, static_cast<size_t>((m1 - m0) * 2 * kPanel));  // every row tile stores its first K block
+    // No clearing: every row tile stores (not adds) its first K block.
+    float* s = grow_only(scratch, static_cast<size_t>((m1 - m0) * 2 * kPanel));
     for (int64_t u = u0; u < u1; ++u) {
         panel(a, 2 * u, m0, m1, s, 2 * kPanel, kPanel, false);
         panel(a, 2 * u + 1, m0, m1, s + kPanel, 2 * kPanel, kPanel, false);

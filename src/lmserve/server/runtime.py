@@ -34,6 +34,7 @@ from lmserve.errors import (
     NotAllowedError,
     ShuttingDownError,
 )
+from lmserve.gc_freeze import freeze_startup_objects
 from lmserve.handlers.launcher import HandlerLauncher
 from lmserve.handlers.output_formatter import Formatter, load_output_formatter
 from lmserve.handlers.select import HandlerChoice, choose_handler
@@ -152,6 +153,8 @@ class ModelRuntime:
             await asyncio.to_thread(_remove, self._created)
             return
         if self.state is State.LOADING:
+            # Not a full collection: the event loop may be serving other models meanwhile.
+            freeze_startup_objects(collect=False)
             self.state, self.ready_once = State.READY, True
             assert self.launcher is not None, "a loaded model has its launcher"
             if self.handler is not None:

@@ -30,6 +30,7 @@ import zmq
 
 from lmserve.engine.cpu_threads import CpuThreadGovernor, cpu_thread_governor, quiet_thread_waits
 from lmserve.engine.protocol import EngineCore
+from lmserve.gc_freeze import freeze_startup_objects
 from lmserve.workers.messages import (
     Abort,
     AddRequest,
@@ -90,6 +91,7 @@ def run_engine_process(spec_bytes: bytes, input_address: str, output_address: st
         if engine is not None:
             if heartbeat is not None:
                 heartbeat.start()
+            freeze_startup_objects(collect=True)  # no full collection of the engine's objects mid-step
             outbox.send(encode(Ready(engine.model_info, os.getpid())))
             code = 0 if EngineLoop(engine, inbox, outbox, _thread_governor(spec_bytes, engine)).run() else 1
     finally:

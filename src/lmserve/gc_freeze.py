@@ -6,11 +6,14 @@ the default model, 338,000 objects and 230-245 ms (2-core AMD EPYC), during whic
 every stream stalls. Python starts one whenever enough objects have survived since the last, so a
 long-running server pays it at random moments. ``gc.freeze`` moves every object tracked so far into
 a permanent generation that collections skip (a full collection then took under 1 ms there); objects
-made later are collected as before.
+made later are collected as before. At exit they are handed back (``gc.unfreeze``), so that the
+interpreter's last collections free them as usual: extension modules that count their objects at
+shutdown (nanobind's, in triton) would otherwise report every frozen one as leaked.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 
 _frozen = False
@@ -27,4 +30,5 @@ def freeze_startup_objects(collect: bool) -> None:
     if collect:
         gc.collect()
     gc.freeze()
+    atexit.register(gc.unfreeze)
     _frozen = True

@@ -5,7 +5,9 @@ from a ``random.Random(seed)`` of their own, so a seed reproduces a request what
 Each request holds "KV blocks" from a fixed pool (``ceil(tokens / block_size)``), freed when it
 finishes or is aborted, so ``stats().kv_blocks_free`` shows whether an abort really freed its memory.
 A request waits while the pool or ``max_num_seqs`` is exhausted; a running request that cannot grow
-is preempted (its blocks freed) and resumes later, as the real engine's recompute does.
+is preempted (its blocks freed) and resumes later, as the real engine's recompute does. A prompt
+whose first whole blocks match those of an earlier prompt reports them as served from the prefix
+cache (``num_cached_tokens``), at most all but its last token, as the real engine's cache does.
 
 Options (keyword arguments, also reachable from the engine spec): ``token_delay_s`` per step,
 ``load_delay_s`` in the constructor, ``fail_load`` to raise there (``fail_load_if_exists``: when that
@@ -52,6 +54,7 @@ class _Request:
     text: str = ""
     blocks: int = 0
     running: bool = False
+    cached: int = 0  # prompt tokens found in the "prefix cache"
     admitted: bool = False
     reply: str | None = None
 
@@ -86,7 +89,8 @@ class FakeEngine:
         self.reply_chunk, self.record_to = reply_chunk, record_to
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []
-        self._counters = {"prompt": 0, "generated": 0, "steps": 0, "preempted": 0}
+        self._counters = {"prompt": 0, "generated": 0, "steps": 0, "preempted": 0, "cached": 0}
+        self._prefixes: set[tuple[int, ...]] = set()  # whole-block prefixes of every prompt seen
 
     @property
     def model_info(self) -> ModelInfo:
@@ -100,7 +104,12 @@ class FakeEngine:
             raise InvalidRequestError("inputs", f"the prompt has {len(ids)} tokens; at most "
                                       f"{self._info.max_model_len - 1} fit")  # fmt: skip
         reply = next((text for word, text in self._replies.items() if word in ids), None)
-        self._requests[request_id] = _Request(request_id, ids, params, random.Random(params.seed), reply=reply)
+        ends = range(self.block_size, len(ids), self.block_size)  # whole blocks, never the last token
+        cached = max((end for end in ends if tuple(ids[:end]) in self._prefixes), default=0)
+        self._prefixes.update(tuple(ids[:end]) for end in ends)
+        self._counters["cached"] += cached
+        self._requests[request_id] = _Request(request_id, ids, params, random.Random(params.seed), reply=reply,
+                                              cached=cached)
         if self.record_to:
             with open(self.record_to, "a") as f:
                 f.write(json.dumps({"prompt": ids, "params": dataclasses.asdict(params)}) + "\n")
@@ -121,6 +130,7 @@ class FakeEngine:
                            prompt_tokens_total=self._counters["prompt"],
                            generation_tokens_total=self._counters["generated"],
                            num_preempted_total=self._counters["preempted"],
+                           prefix_cache_hit_tokens_total=self._counters["cached"],
                            steps_total=self._counters["steps"])  # fmt: skip
 
     def step(self) -> list[RequestDelta]:
@@ -203,7 +213,8 @@ class FakeEngine:
         prompt_lps = [TokenLogprob(t, -1.0 - k, ((t, -1.0 - k),)) for k, t in enumerate(r.prompt[1:])] \
             if i == 0 and params.prompt_logprobs is not None else None  # fmt: skip
         return RequestDelta(r.request_id, [token], text, self._logprobs(token, i, params), finish,
-                            stop_reason, len(r.prompt), len(r.generated), prompt_logprobs=prompt_lps)  # fmt: skip
+                            stop_reason, len(r.prompt), len(r.generated), r.cached,
+                            prompt_logprobs=prompt_lps)  # fmt: skip
 
     def _next_reply_piece(self, r: _Request) -> RequestDelta:
         assert r.reply is not None
@@ -215,7 +226,7 @@ class FakeEngine:
         if finish is not None:
             self._release(self._requests.pop(r.request_id))
         return RequestDelta(r.request_id, [FIRST_CONTENT_ID], piece, self._logprobs(FIRST_CONTENT_ID, 0, r.params),
-                            finish, None, len(r.prompt), len(r.generated))  # fmt: skip
+                            finish, None, len(r.prompt), len(r.generated), r.cached)  # fmt: skip
 
     @staticmethod
     def _logprobs(token: int, i: int, params: SamplingParams) -> list[TokenLogprob] | None:

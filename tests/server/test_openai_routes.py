@@ -178,3 +178,27 @@ def test_completion_echo_with_logprobs_scores_the_prompt_too(client: openai.Open
     chunks = list(client.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=2, temperature=0,
                                             echo=True, logprobs=1, stream=True))  # fmt: skip
     assert chunks[0].choices[0].logprobs.tokens == ["hello", "world", greedy_words(HELLO, 1)[0]]
+
+
+@pytest.mark.parametrize(("route", "stream"), [("completions", False), ("completions", True), ("chat", False),
+                                               ("chat", True)])  # fmt: skip
+def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(client: openai.OpenAI, route: str,
+                                                                      stream: bool) -> None:
+    """Sent twice, a prompt finds its whole blocks (4 tokens each here) in the prefix cache the second
+    time: ``usage.prompt_tokens_details.cached_tokens`` says so, as OpenAI's API does (a load test
+    that repeats its prompts can tell it measured no prefill for them)."""
+    words = " ".join(f"w{i}" for i in range(len(route) + 5 * stream, len(route) + 5 * stream + 10))  # unique
+
+    def usage() -> openai.types.CompletionUsage:
+        options = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        if route == "completions":
+            out = client.completions.create(model=MODEL_NAME, prompt=words, max_tokens=2, **options)
+        else:
+            out = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": words}],
+                                                 max_tokens=2, **options)  # fmt: skip
+        return list(out)[-1].usage if stream else out.usage
+
+    first, second = usage(), usage()
+    assert first.prompt_tokens_details.cached_tokens == 0
+    whole_blocks = (second.prompt_tokens - 1) // 4 * 4  # never the last token: it must be computed
+    assert second.prompt_tokens_details.cached_tokens == whole_blocks > 0

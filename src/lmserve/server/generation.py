@@ -40,10 +40,12 @@ class Completion:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt token i + 1's, when asked for
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def add(self, delta: RequestDelta) -> None:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = list(delta.prompt_logprobs)
+        self.num_cached_tokens = delta.num_cached_tokens
         self.token_ids.extend(delta.token_ids)
         self.text += delta.text
         self.logprobs.extend(delta.logprobs or ())

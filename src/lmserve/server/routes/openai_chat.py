@@ -92,12 +92,14 @@ async def _chunks(rt: ModelRuntime, body: ChatCompletionRequest, plan: ToolPlan,
     for i in range(len(streams)):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield sse_data(head | {"choices": [role]} | extra)
-    generated = 0
+    generated, cached = 0, 0
     held = [ToolStream(plan.parser) if plan.parser else None for _ in streams]
     async for index, delta in merged(firsts, streams):
         generated += len(delta.token_ids)
+        if index == 0:  # the prompt's cached tokens: those of its first choice
+            cached = delta.num_cached_tokens
         if continuous:
-            extra = {"usage": usage(len(prompt), generated)}
+            extra = {"usage": usage(len(prompt), generated, cached)}
         tool_stream, called = held[index], False
         pieces = tool_stream.feed(delta.text) if tool_stream else [{"content": delta.text}] if delta.text else []
         if tool_stream and delta.finished:
@@ -112,5 +114,5 @@ async def _chunks(rt: ModelRuntime, body: ChatCompletionRequest, plan: ToolPlan,
                       "finish_reason": _finish_reason(delta.finish_reason, called) if last else None}  # fmt: skip
             yield sse_data(head | {"choices": [choice]} | extra)
     if include_usage:
-        yield sse_data(head | {"choices": [], "usage": usage(len(prompt), generated)})
+        yield sse_data(head | {"choices": [], "usage": usage(len(prompt), generated, cached)})
     yield sse_data("[DONE]")

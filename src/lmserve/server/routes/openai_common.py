@@ -22,13 +22,20 @@ def fan_out(jobs: Sequence[tuple[list[int], SamplingParams]], n: int) -> list[tu
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts the prompt tokens served
+    from the prefix cache (a benchmark that finds them there did not measure their prefill)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
 
 
-def usage_of(prompts: Sequence[list[int]], results: Sequence[Completion]) -> dict[str, int]:
-    return usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in results))
+def usage_of(prompts: Sequence[list[int]], results: Sequence[Completion]) -> dict[str, Any]:
+    """``results`` hold ``n`` choices per prompt, prompt by prompt: each prompt counts once, with the
+    cached tokens of its first choice."""
+    n = len(results) // max(1, len(prompts))
+    return usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in results),
+                 sum(results[i * n].num_cached_tokens for i in range(len(prompts))) if n else 0)
 
 
 def openai_finish_reason(finish_reason: str | None) -> str | None:

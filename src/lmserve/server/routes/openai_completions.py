@@ -133,9 +133,11 @@ async def _chunks(rt: ModelRuntime, body: CompletionRequest, prompts: list[list[
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
     prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices
-    generated, offsets = 0, [len(e) for e in echoes]
+    generated, offsets, cached = 0, [len(e) for e in echoes], [0] * len(prompts)
     async for index, delta in merged(firsts, streams):
         generated += len(delta.token_ids)
+        if index % body.n == 0:  # a prompt's cached tokens: those of its first choice
+            cached[index // body.n] = delta.num_cached_tokens
         echo, echoes[index] = echoes[index], ""
         prompt = prompts[index // body.n] if body.echo and echo else None
         logprobs = _logprobs(rt, delta.logprobs or [], offsets[index], prompt, delta.prompt_logprobs) \
@@ -143,8 +145,8 @@ async def _chunks(rt: ModelRuntime, body: CompletionRequest, prompts: list[list[
         offsets[index] += len(delta.text)
         choice = {"index": index, "text": echo + delta.text, "logprobs": logprobs,
                   "finish_reason": openai_finish_reason(delta.finish_reason)}  # fmt: skip
-        so_far = {"usage": usage(prompt_tokens, generated) if continuous else None}
+        so_far = {"usage": usage(prompt_tokens, generated, sum(cached)) if continuous else None}
         yield sse_data(head | {"choices": [choice]} | (so_far if include_usage or continuous else {}))
     if include_usage:
-        yield sse_data(head | {"choices": [], "usage": usage(prompt_tokens, generated)})
+        yield sse_data(head | {"choices": [], "usage": usage(prompt_tokens, generated, sum(cached))})
     yield sse_data("[DONE]")

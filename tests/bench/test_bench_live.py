@@ -4,7 +4,9 @@ for hundreds of streams and the load generator's own CPU use."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,19 @@ def test_hundreds_of_streams_on_one_core(fake_server, tmp_path: Path) -> None:  
     assert data["summary"]["completed"] == 384 and max_in_flight(data["requests"]) == 384
     # Pinned to one core, the generator still had most of it idle: it was not the bottleneck.
     assert data["bench_cpu"]["percent_of_one_core"] < 50, data["bench_cpu"]
+
+
+def test_a_rerun_of_the_same_prompts_says_the_server_had_them_cached(fake_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same workload twice against one server: the second run's prompts come from the prefix
+    cache, and the summary says how many prompt tokens did (their prefill was not measured)."""
+    # Prompts in the fake server's own words (w0..w39): words it does not know all read as one id.
+    rng = random.Random(4242)
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": " ".join(f"w{rng.randrange(40)}" for _ in range(13))}) + "\n"
+                               for _ in range(9)))  # one for the warm-up request, eight measured
+    args = ("--concurrency", "4", "--num-requests", "8", "--output-len", "2", "--dataset", str(dataset))
+    first = bench_json(fake_server.url, tmp_path / "first.json", *args)["summary"]
+    second = bench_json(fake_server.url, tmp_path / "second.json", *args)["summary"]
+    assert first["cached_prompt_tokens"] == 0
+    # Every prompt again: all but its last token, in whole blocks of 4 (12 of 13).
+    assert second["cached_prompt_tokens"] == 8 * 12 and second["total_prompt_tokens"] == first["total_prompt_tokens"] == 8 * 13

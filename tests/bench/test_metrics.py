@@ -49,7 +49,8 @@ def multi_token_chunks() -> RequestRecord:
     lines = [(0.2, sse({"choices": [{"text": "ab"}], "usage": None})),
              (0.4, sse({"choices": [{"text": "cde"}], "usage": None})),
              (0.45, sse({"choices": [{"text": "", "finish_reason": "length"}], "usage": None})),
-             (0.45, sse({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5}})),
+             (0.45, sse({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5,
+                                                   "prompt_tokens_details": {"cached_tokens": 8}}})),
              (0.45, b"data: [DONE]")]  # fmt: skip
     return feed(OpenAICompletions(), RequestRecord(2, send=0.1), lines, 0.5)
 
@@ -67,7 +68,8 @@ def test_records_from_each_dialect() -> None:
     assert (a.output_tokens, a.chunks, a.ok) == (3, [0.1, 0.15, 0.3], True)
     assert (b.output_tokens, b.tpot, b.itls) == (1, None, [])
     assert c.chunks == [0.2, 0.4]  # the empty finish chunk is not a token
-    assert (c.output_tokens, c.prompt_tokens) == (5, 11)
+    assert (c.output_tokens, c.prompt_tokens, c.cached_tokens) == (5, 11, 8)
+    assert a.cached_tokens is None  # TGI does not say
     assert c.ttft == pytest.approx(0.1) and c.tpot == pytest.approx(0.3 / 4)  # e2e 0.4, TTFT 0.1, 5 tokens
     assert empty_stream().error == EMPTY_STREAM
 
@@ -80,6 +82,8 @@ def test_summary_by_hand() -> None:
     assert s.request_throughput == pytest.approx(3 / 0.6)
     assert s.total_output_tokens == 9 and s.output_token_throughput == pytest.approx(9 / 0.6)
     assert s.total_prompt_tokens == 7 + 11  # TGI details and OpenAI usage; LMI gave none
+    assert s.cached_prompt_tokens == 8  # only OpenAI's usage says
+    assert summarize([three_tokens()]).cached_prompt_tokens is None  # no server said: unknown, not 0
     assert s.total_token_throughput == pytest.approx((9 + 18) / 0.6)
     # TTFT 100, 200, 100 ms
     assert (s.ttft_ms.count, s.ttft_ms.mean, s.ttft_ms.p50) == (3, pytest.approx(400 / 3), pytest.approx(100))

@@ -32,6 +32,7 @@ class Chunk:
     tokens: int | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache (OpenAI usage)
     error: str | None = None
     final: bool = False  # the line that ends the answer (TGI/LMI ``generated_text``)
     empty: bool = False  # a token event whose text is empty (e.g. the end-of-sequence token)
@@ -89,8 +90,9 @@ class OpenAICompletions(Dialect):
         has_text = any(self.text_of(c) for c in choices)
         if not has_text and not usage:
             return None
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         return Chunk(carries=has_text, prompt_tokens=usage.get("prompt_tokens"),
-                     output_tokens=usage.get("completion_tokens"))  # fmt: skip
+                     output_tokens=usage.get("completion_tokens"), cached_tokens=cached)  # fmt: skip
 
 
 class OpenAIChat(OpenAICompletions):

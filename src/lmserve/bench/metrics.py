@@ -99,6 +99,9 @@ class Summary:
     total_token_throughput: float
     total_output_tokens: int
     total_prompt_tokens: int
+    # Of those, served from the server's prefix cache (None: the server did not say): their prefill
+    # was not measured.
+    cached_prompt_tokens: int | None
     ttft_ms: Stats
     tpot_ms: Stats
     itl_ms: Stats
@@ -127,6 +130,7 @@ def summarize(records: Sequence[RequestRecord], slo: dict[str, float] | None = N
     duration = (max(r.end for r in records) - min(r.send for r in records)) if records else 0.0
     output_tokens = sum(r.output_tokens for r in done)
     prompt_tokens = sum(r.prompt_tokens or 0 for r in done)
+    said = [r.cached_tokens for r in done if r.cached_tokens is not None]
     good = sum(meets_slo(r, slo) for r in done)
 
     def per_s(n: float) -> float:
@@ -137,7 +141,7 @@ def summarize(records: Sequence[RequestRecord], slo: dict[str, float] | None = N
         errors=dict(sorted(Counter(r.error for r in records if r.error is not None).items())),
         duration_s=duration, request_throughput=per_s(len(done)), output_token_throughput=per_s(output_tokens),
         total_token_throughput=per_s(output_tokens + prompt_tokens), total_output_tokens=output_tokens,
-        total_prompt_tokens=prompt_tokens,
+        total_prompt_tokens=prompt_tokens, cached_prompt_tokens=sum(said) if said else None,
         ttft_ms=Stats.of([t for r in done if (t := r.ttft) is not None]),
         tpot_ms=Stats.of([t for r in done if (t := r.tpot) is not None]),
         itl_ms=Stats.of([gap for r in done for gap in r.itls]),

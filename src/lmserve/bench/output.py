@@ -16,8 +16,8 @@ from lmserve.bench.metrics import Summary
 from lmserve.bench.records import RequestRecord
 from lmserve.bench.runner import RunResult
 
-CSV_FIELDS = ("index", "send_s", "end_s", "e2e_ms", "ttft_ms", "tpot_ms", "prompt_tokens", "output_tokens",
-              "chunks", "error", "error_detail", "resent")  # fmt: skip
+CSV_FIELDS = ("index", "send_s", "end_s", "e2e_ms", "ttft_ms", "tpot_ms", "prompt_tokens", "cached_tokens",
+              "output_tokens", "chunks", "error", "error_detail", "resent")  # fmt: skip
 
 
 class ProgressBar:
@@ -67,6 +67,10 @@ def summary_table(summary: Summary, result: RunResult, title: str) -> Table:
         ("output tokens/s", f"{summary.output_token_throughput:.1f}"),
         ("total tokens/s", f"{summary.total_token_throughput:.1f}"),
     ]  # fmt: skip
+    if summary.cached_prompt_tokens:  # a repeated prompt, or a shared prefix: no prefill measured for it
+        share = summary.cached_prompt_tokens / max(1, summary.total_prompt_tokens)
+        rows.append(("prompt tokens cached", f"{summary.cached_prompt_tokens} of {summary.total_prompt_tokens} "
+                                             f"({share:.0%}) came from the server's prefix cache"))
     if summary.slo:
         slo = ", ".join(f"{k}<={v:g}" for k, v in summary.slo.items())
         rows.append(("goodput (req/s)", f"{summary.goodput:.2f} ({summary.good}/{summary.num_requests} met {slo})"))
@@ -102,5 +106,6 @@ def write_csv(path: Path, records: list[RequestRecord]) -> None:
         writer.writerow(CSV_FIELDS)
         for r in records:
             writer.writerow([r.index, f"{r.send:.6f}", f"{r.end:.6f}", ms(r.e2e), ms(r.ttft), ms(r.tpot),
-                             r.prompt_tokens if r.prompt_tokens is not None else "", r.output_tokens,
+                             r.prompt_tokens if r.prompt_tokens is not None else "",
+                             r.cached_tokens if r.cached_tokens is not None else "", r.output_tokens,
                              len(r.chunks), r.error or "", r.error_detail or "", int(r.resent)])  # fmt: skip

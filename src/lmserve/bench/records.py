@@ -35,6 +35,7 @@ class RequestRecord:
     chunk_tokens: list[int | None] = field(default_factory=list)
     prompt_tokens: int | None = None
     output_tokens: int = 0
+    cached_tokens: int | None = None  # of the prompt, from the server's prefix cache, when it says
     error: str | None = None
     error_detail: str | None = None
     server_counted: bool = False  # output_tokens came from the server, not from counting chunks
@@ -81,6 +82,8 @@ def absorb(record: RequestRecord, chunk: Chunk, at: float) -> None:
         return
     if chunk.prompt_tokens is not None:
         record.prompt_tokens = chunk.prompt_tokens
+    if chunk.cached_tokens is not None:
+        record.cached_tokens = chunk.cached_tokens
     counted = record.output_tokens if record.server_counted else None
     if chunk.output_tokens is not None:
         record.output_tokens, record.server_counted = chunk.output_tokens, True

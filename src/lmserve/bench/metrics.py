@@ -10,6 +10,9 @@
 - Goodput: successful requests meeting every SLO given, over the duration. A request without a TPOT
   (one token) meets any TPOT objective: it has no decode phase to be slow in.
 - Errors: failed requests by kind (HTTP status, ``transport``, ``stream``, ``empty``).
+- Prompt tokens cached: of the successful requests' prompt tokens, those the server says it took
+  from its prefix cache (OpenAI ``usage.prompt_tokens_details.cached_tokens``); their prefill was not
+  measured. Shown only when a server said so and it is not zero.
 
 Percentiles interpolate linearly between the two nearest ranks (numpy's default).
 """

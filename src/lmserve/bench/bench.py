@@ -42,12 +42,16 @@ class PromptStream:
 
     def __init__(self, ns: argparse.Namespace) -> None:
         self.ns, self.taken = ns, 0
+        self._built: list[Prompt] = []
 
     def take(self, n: int) -> list[Prompt]:
+        end = self.taken + n
         # The workloads are seeded sequences: the first k prompts of a longer one are those of a
-        # shorter one, so building the longer one and skipping what was taken continues the stream.
-        prompts = build_prompts(self.ns, self.taken + n)[self.taken:]
-        self.taken += n
+        # shorter one, so a longer build continues the stream. Built at least twice as long each
+        # time, so a sweep's levels do not rebuild everything before them again and again.
+        if len(self._built) < end:
+            self._built = build_prompts(self.ns, max(end, 2 * len(self._built)))
+        prompts, self.taken = self._built[self.taken:end], end
         return prompts
 
 

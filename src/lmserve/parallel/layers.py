@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels import KernelModule, Module, Ops, PackedLinear
+from lmserve.kernels.packed import HugePageArena
 from lmserve.parallel.sharding import HeadLayout, Split, kv_heads, pad_vocab, query_heads, shard
 from lmserve.parallel.state import SINGLE, ParallelState
 
@@ -84,6 +85,23 @@ class LinearBase(KernelModule):
         (the first step starts at 1, and its form replaces the packed weight)."""
         self._packed = steps[0][1]
         self._routes = tuple(steps) if len(steps) > 1 else ()
+
+    def move_to_huge_pages(self, arena: HugePageArena) -> int:
+        """Move every form of the weight into ``arena``; returns the bytes moved."""
+        moved: dict[int, PackedLinear] = {}  # by the old form's id: a form may serve several routes
+        nbytes = 0
+
+        def move(form: PackedLinear) -> PackedLinear:
+            nonlocal nbytes
+            if id(form) not in moved:
+                moved[id(form)] = new = form.on_huge_pages(arena)
+                nbytes += new.nbytes if new is not form else 0
+            return moved[id(form)]
+
+        if self._packed is not None:
+            self._packed = move(self._packed)
+        self._routes = tuple((rows, move(form)) for rows, form in self._routes)
+        return nbytes
 
     @property
     def packed_nbytes(self) -> int:

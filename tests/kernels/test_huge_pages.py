@@ -15,6 +15,7 @@ from lmserve.config.settings import EngineConfig
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.kernels import get_ops
 from lmserve.kernels.packed import HUGE_PAGE, HugePageArena
+from lmserve.models import loader
 from lmserve.parallel.layers import LinearBase, RowParallelLinear
 from lmserve.parallel.state import SINGLE
 from tests.tiny_models import make_tiny_model
@@ -98,13 +99,30 @@ def test_a_layer_keeps_its_routes_and_its_results_when_moved() -> None:
     assert torch.equal(layer(x[:3]), before_few) and torch.equal(layer(x), before_many)
 
 
+def _runner(model_dir: Path) -> ModelRunner:
+    return ModelRunner(EngineConfig(model=str(model_dir), dtype="bf16", device="cpu", max_model_len=48,
+                                    block_size=4, kv_cache_tokens=64), progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_model(path, "llama", tokenizer_dir)
+    return path
+
+
 @needs_advice
-def test_a_cpu_engine_keeps_every_linear_weight_on_huge_pages(tmp_path: Path, tokenizer_dir: Path) -> None:
-    make_tiny_model(tmp_path, "llama", tokenizer_dir)
-    runner = ModelRunner(EngineConfig(model=str(tmp_path), dtype="bf16", device="cpu", max_model_len=48,
-                                      block_size=4, kv_cache_tokens=64), progress=False)
-    linears = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
+def test_a_cpu_engine_keeps_every_linear_weight_on_huge_pages(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader, "HUGE_PAGE_MIN_WEIGHT_BYTES", 0)  # the tiny model's few MiB count as large
+    linears = [m for m in _runner(model_dir).model.modules() if isinstance(m, LinearBase)]
     assert linears
     for layer in linears:
         assert layer.packed is not None
         assert "hg" in _vm_flags(layer.packed.data.data_ptr()), type(layer).__name__
+
+
+@needs_advice
+def test_weights_that_fit_in_cache_stay_where_they_are(model_dir: Path) -> None:
+    linears = [m for m in _runner(model_dir).model.modules() if isinstance(m, LinearBase)]
+    assert sum(m.packed_nbytes for m in linears) < loader.HUGE_PAGE_MIN_WEIGHT_BYTES
+    assert not any("hg" in _vm_flags(m.packed.data.data_ptr()) for m in linears if m.packed is not None)

@@ -56,11 +56,19 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, ops: O
     return model, info.config
 
 
+# Linear weights smaller than this stay where they are: they fit in the last-level cache of most
+# server CPUs, so decode does not stream them from memory, and moving them would only cost load time.
+HUGE_PAGE_MIN_WEIGHT_BYTES = 64 << 20
+
+
 def linear_weights_on_huge_pages(model: nn.Module) -> None:
     """Move the CPU linear weights, in their final forms, onto transparent huge pages
-    (``kernels.packed.HugePageArena``)."""
+    (``kernels.packed.HugePageArena``), when they are ``HUGE_PAGE_MIN_WEIGHT_BYTES`` or more."""
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    if sum(m.packed_nbytes for m in linears) < HUGE_PAGE_MIN_WEIGHT_BYTES:
+        return
     start, arena = time.perf_counter(), HugePageArena()
-    moved = sum(m.move_to_huge_pages(arena) for m in model.modules() if isinstance(m, LinearBase))
+    moved = sum(m.move_to_huge_pages(arena) for m in linears)
     if moved:
         log.info("%.0f MiB of linear weights on huge pages in %.2fs", moved / 2**20, time.perf_counter() - start)
 

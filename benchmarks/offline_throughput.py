@@ -22,7 +22,7 @@ Set it up once (idempotent; it borrows torch from the Python given for the expor
     PYTHON=.venv/bin/python benchmarks/peers/setup_openvino.sh
 
     python benchmarks/offline_throughput.py [--model-shape default|tinyllama-1.1b]
-        [--systems lmserve,hf-static,hf-batch,ov-genai] [--dtype bf16]
+        [--systems lmserve,hf-static,hf-batch,ov-genai] [--dtype bf16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -46,6 +46,22 @@ def make_workload(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[
     lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
     # Skip the first ids: tokenizers keep special tokens there.
     return [torch.randint(100, vocab, (length,), generator=gen).tolist() for length in lengths]
+
+
+def round_prompts(prompts: list[list[int]], vocab: int, seed: int, round_index: int) -> list[list[int]]:
+    """The workload of round ``round_index``: round 0 is ``prompts``; later rounds keep every prompt's
+    length (so the floor and the work stay the same) and draw fresh token ids, so that no system finds
+    an earlier round's prompts in a cache."""
+    if round_index == 0:
+        return prompts
+    gen = torch.Generator().manual_seed(seed * 1000 + round_index)
+    return [torch.randint(100, vocab, (len(p),), generator=gen).tolist() for p in prompts]
+
+
+def round_order(systems: list[str], round_index: int) -> list[str]:
+    """Systems in the order given in even rounds and reversed in odd ones: a host that slows down or
+    speeds up within a run then weighs on every system alike over two rounds."""
+    return list(systems) if round_index % 2 == 0 else list(reversed(systems))
 
 
 def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:
@@ -217,11 +233,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-single-stream", action="store_true")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor (benchmarks/peers/roofline.py)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every system this many times, in alternating order, on fresh prompts of the "
+                             "same lengths each round, and report each one's median (a host whose speed drifts "
+                             "within a run otherwise favours whichever system ran in its faster minutes)")
     args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds: {args.rounds} is not a positive number of rounds")
     _, workload = MODEL_SHAPES[args.model_shape]
     for field in ("num_requests", "min_prompt", "max_prompt", "new_tokens"):
         if getattr(args, field) is None:
@@ -243,19 +265,29 @@ def main() -> None:
     print(f"workload: {args.model_shape} model, {len(prompts)} requests, prompts {args.min_prompt}-"
           f"{args.max_prompt} tokens ({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, "
           f"{args.dtype}, {torch.get_num_threads()} threads")
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in args.systems}
+    for r in range(args.rounds):
+        workload = round_prompts(prompts, vocab, args.seed, r)
+        for name in round_order(args.systems, r):
+            tokens, seconds = SYSTEMS[name](args.model, workload, args.new_tokens, args)
+            runs[name].append((tokens, seconds))
+            where = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
+            print(f"  {name}{where}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s", flush=True)
     table = []
     for name in args.systems:
-        tokens, seconds = SYSTEMS[name](args.model, prompts, args.new_tokens, args)
-        table.append((name, tokens, seconds, tokens / seconds))
-        print(f"  {name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s", flush=True)
-    base = {name: tps for name, _, _, tps in table}
+        tokens, seconds = sorted(runs[name], key=lambda run: run[1])[(len(runs[name]) - 1) // 2]  # the median
+        table.append((name, tokens, seconds, tokens / seconds, "/".join(f"{s:.1f}" for _, s in runs[name])))
+    base = {name: tps for name, _, _, tps, _ in table}
     floor = None if args.no_floor else floor_for(args.model, [len(p) for p in prompts], args.new_tokens)
-    print("\n| system | output tokens | seconds | output tok/s | lmserve / system | floor / system |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, tokens, seconds, tps in table:
+    print("\n| system | output tokens | seconds | output tok/s | lmserve / system | floor / system | rounds' seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, tokens, seconds, tps, rounds in table:
         ratio = f"{base['lmserve'] / tps:.2f}x" if "lmserve" in base else "-"
         most = f"{seconds / floor.seconds:.2f}x" if floor else "-"
-        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio} | {most} |")
+        print(f"| {name} | {tokens} | {seconds:.1f} | {tps:.1f} | {ratio} | {most} | {rounds} |")
+    if args.rounds > 1:
+        print(f"\nseconds: each system's median of {args.rounds} rounds (the lower middle one when even), systems "
+              "in alternating order, every round on fresh prompts of the same lengths")
     if floor:
         print(f"\n{floor.describe()}; 'floor / system' is the most any system doing this arithmetic in this "
               "precision could gain over that one")

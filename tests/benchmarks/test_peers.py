@@ -68,6 +68,28 @@ def test_unknown_system_is_refused_with_the_choices(capsys: pytest.CaptureFixtur
     assert "openvino" in capsys.readouterr().err and "ov-genai" in offline_throughput.SYSTEMS
 
 
+def test_rounds_alternate_the_order_and_give_each_round_fresh_prompts_of_the_same_lengths(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = offline_throughput.make_workload(32000, 6, 10, 40, seed=0)
+    first = offline_throughput.round_prompts(prompts, 32000, 0, 0)
+    second = offline_throughput.round_prompts(prompts, 32000, 0, 1)
+    third = offline_throughput.round_prompts(prompts, 32000, 0, 2)
+    assert first == prompts
+    assert [len(p) for p in second] == [len(p) for p in third] == [len(p) for p in prompts]
+    # no round shares a prompt's first tokens with another: nothing for a prefix cache to find
+    heads = [tuple(p[:4]) for p in first + second + third]
+    assert len(set(heads)) == len(heads)
+    assert all(100 <= t < 32000 for p in second for t in p)
+    assert offline_throughput.round_prompts(prompts, 32000, 0, 1) == second  # reproducible
+    systems = ["lmserve", "hf-static", "ov-genai"]
+    assert offline_throughput.round_order(systems, 0) == systems
+    assert offline_throughput.round_order(systems, 1) == systems[::-1]
+    assert offline_throughput.parse_args(["--rounds", "3"]).rounds == 3
+    with pytest.raises(SystemExit):
+        offline_throughput.parse_args(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err
+
+
 def test_llama_server_gets_a_slot_per_stream_and_room_for_each_request() -> None:
     args = vs_llama_cpp.parse_args(["--streams", "16,1"])
     assert args.streams == [16, 1] and args.quantize == ["none"]

@@ -26,6 +26,13 @@ from typing import Any
 
 import torch
 
+
+def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """The workload's first two prompts reversed: a warm-up on the workload's own prompts would leave
+    their blocks in lmserve's prefix cache for the timed run."""
+    return [p[::-1] for p in prompts[:2]]
+
+
 SHAPES: dict[str, dict[str, Any]] = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
@@ -171,7 +178,7 @@ def run_hf_batch(model_dir: Path, prompts: list[list[int]], new_tokens: int, dev
                                                      else torch.float32).to(device).eval()
         config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
-        model.generate_batch(inputs=[p[::-1] for p in prompts[:2]], generation_config=config)  # warm-up
+        model.generate_batch(inputs=warmup_prompts(prompts), generation_config=config)
         _sync(device)
         start = time.perf_counter()
         # no_grad, not inference_mode: generate_batch updates its cache in place outside it.
@@ -246,9 +253,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, band
     print(f"[{shape}] Hugging Face done at {time.perf_counter() - t0:.1f}s", flush=True)
     llm = LLM(str(model_dir), device=device.type, dtype="bf16" if device.type == "cuda" else "fp32",
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_prompt + args.new_tokens + 16)
-    # Warm-up (kernels compiled; graphs were captured at load) on the first two prompts reversed: on
-    # the workload's own prompts it would leave their blocks in the prefix cache for the timed run.
-    run_lmserve(llm, [p[::-1] for p in prompts[:2]], 4)
+    run_lmserve(llm, warmup_prompts(prompts), 4)  # kernels compiled (graphs were captured at load)
     ours = run_lmserve(llm, prompts, args.new_tokens)
     single_len = min(128, args.max_prompt)
     single = run_lmserve(llm, make_workload(vocab, 1, single_len, single_len, seed=1), args.new_tokens)
@@ -261,7 +266,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, band
         llm = LLM(str(model_dir), device=device.type, dtype="bf16" if device.type == "cuda" else "fp32",
                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_prompt + args.new_tokens + 16,
                   enforce_eager=True)
-        run_lmserve(llm, [p[::-1] for p in prompts[:2]], 4)
+        run_lmserve(llm, warmup_prompts(prompts), 4)
         runs.append((f"{shape} x{len(prompts)} eager", run_lmserve(llm, prompts, args.new_tokens), None))
         single_prompt = make_workload(vocab, 1, single_len, single_len, seed=1)
         runs.append((f"{shape} batch-1 eager", run_lmserve(llm, single_prompt, args.new_tokens), None))

@@ -164,7 +164,8 @@ def run_hf_batch(model_dir: str, prompts: list[list[int]], new_tokens: int, args
 def run_ov(model_dir: str, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> tuple[int, float]:
     tokens, seconds, GENERATED["ov-genai"] = run_ov_genai(
         Path(model_dir), prompts, new_tokens, python=ov_python(args.ov_python), max_num_seqs=args.max_num_seqs,
-        max_batched_tokens=args.ov_batched_tokens, cache_gb=args.ov_cache_gb, threads=torch.get_num_threads())
+        max_batched_tokens=args.ov_batched_tokens, cache_gb=args.ov_cache_gb, threads=torch.get_num_threads(),
+        warmup=warmup_prompts(prompts))
     return tokens, seconds
 
 

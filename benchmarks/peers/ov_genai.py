@@ -56,14 +56,15 @@ def exported_model(model_dir: Path, python: Path) -> Path:
 
 
 def run_ov_genai(model_dir: Path, prompts: list[list[int]], new_tokens: int, *, python: Path,
-                 max_num_seqs: int, max_batched_tokens: int, cache_gb: int,
-                 threads: int) -> tuple[int, float, list[list[int]]]:
-    """Generate ``new_tokens`` per prompt, greedy with end-of-sequence ignored.
+                 max_num_seqs: int, max_batched_tokens: int, cache_gb: int, threads: int,
+                 warmup: list[list[int]]) -> tuple[int, float, list[list[int]]]:
+    """Generate ``new_tokens`` per prompt, greedy with end-of-sequence ignored, after two new tokens
+    for each of the ``warmup`` prompts.
 
     Returns the tokens generated, the seconds it took and each prompt's generated ids.
     """
     ir_dir = exported_model(model_dir, python)
-    job = {"prompts": prompts, "new_tokens": new_tokens, "max_num_seqs": max_num_seqs,
+    job = {"prompts": prompts, "warmup": warmup, "new_tokens": new_tokens, "max_num_seqs": max_num_seqs,
            "max_batched_tokens": max_batched_tokens, "cache_gb": cache_gb, "threads": threads}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
         json.dump(job, handle)

@@ -6,7 +6,7 @@ lmserve's dependencies. Two commands:
     python ov_genai_worker.py export HF_DIR IR_DIR     # OpenVINO IR, fp16 weights, no compression
     python ov_genai_worker.py run IR_DIR JOB.json      # prints one JSON line: tokens, seconds, ids
 
-JOB.json holds ``prompts`` (lists of token ids), ``new_tokens``, ``max_num_seqs``,
+JOB.json holds ``prompts`` and ``warmup`` (lists of token ids), ``new_tokens``, ``max_num_seqs``,
 ``max_batched_tokens``, ``cache_gb``, ``threads`` (0: OpenVINO's default).
 """
 
@@ -61,9 +61,7 @@ def run(ir_dir: str, job_path: str) -> None:
         return cfg
 
     prompts = [ov.Tensor(np.array([p], dtype=np.int64)) for p in job["prompts"]]
-    # Warm-up on the first two prompts reversed, as for lmserve (whose prefix cache would otherwise
-    # keep the workload's own blocks; this pipeline's is off).
-    warmup = [ov.Tensor(np.array([p[::-1]], dtype=np.int64)) for p in job["prompts"][:2]]
+    warmup = [ov.Tensor(np.array([p], dtype=np.int64)) for p in job["warmup"]]  # the same as every system's
     pipe.generate(warmup, [config(2)] * len(warmup))
     n = int(job["new_tokens"])
     start = time.perf_counter()

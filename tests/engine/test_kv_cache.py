@@ -46,6 +46,7 @@ def test_idle_warming_of_the_cpu_cache_runs_on_the_calling_thread_only() -> None
     """Mapping never-used blocks is idle-time work: torch's thread pool would take every core from
     whatever else runs on the machine (another server's burst), so it stays on one thread."""
     import threading
+    import time
 
     import psutil
     import torch
@@ -54,6 +55,7 @@ def test_idle_warming_of_the_cpu_cache_runs_on_the_calling_thread_only() -> None
 
     torch.set_num_threads(2)
     torch.ones(1 << 22).mul_(2.0)  # start the pool's threads, as a served model has
+    time.sleep(0.2)  # and let them stop spinning at the barrier, which would count as their work
     spec = KVCacheSpec(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype=torch.bfloat16)
     caches = allocate_kv_cache(spec, 16384, torch.device("cpu"))  # 256 MiB of never-touched pages
     me = threading.get_native_id()
@@ -65,8 +67,11 @@ def test_idle_warming_of_the_cpu_cache_runs_on_the_calling_thread_only() -> None
     fault_in(caches, 0, 16384)
     after = cpu_by_thread()
     others = sum(after[t] - before.get(t, 0.0) for t in after if t != me)
-    assert after[me] - before[me] > 0.02  # the work was done, here
-    assert others < 0.02
+    mine = after[me] - before[me]
+    assert mine > 0.02  # the work was done, here
+    # A pool sharing the work would take about half of it; a tick or two (CPU times count in 10 ms)
+    # is any other thread of the test process.
+    assert others < 0.25 * mine
     assert all(not k.any() and not v.any() for k, v in caches)
 
 

@@ -4,9 +4,7 @@ Each step has a token budget (``budget``: ``step_budget.py`` sizes it from the m
 shared by at most ``max_num_seqs`` running requests. Running requests are served first, in admission order: a decoding request needs one token,
 a request in chunked prefill needs the rest of its prompt (capped by what is left of the budget,
 unless that rest overshoots it by at most ``WHOLE_PROMPT_SLACK`` of a budget: see ``_chunk``).
-Then waiting requests are admitted while budget, sequence slots and KV blocks last, except that a
-prompt of which only a first chunk fits waits once the step holds ``PARTIAL_START_SHARE`` of its
-budget; a prefix-cache hit
+Then waiting requests are admitted while budget, sequence slots and KV blocks last; a prefix-cache hit
 simply starts a request with some tokens already computed. When KV blocks run out, the most recently
 admitted running request is preempted: its blocks are freed and it waits, at the head of the queue,
 to recompute everything later (prompt and generated tokens alike).
@@ -34,15 +32,6 @@ from lmserve.engine.step_budget import StepBudget, budget_cap
 # prompts of 200 tokens 593 -> 554 ms and 539 -> 515 ms; of 16 prompts of 64-512 tokens 804 -> 728 ms
 # and 848 -> 744 ms, the bursts' total time unchanged or shorter. A slack of 1.0 did no better.
 WHOLE_PROMPT_SLACK = 0.5
-# A waiting prompt of which only a first chunk would fit is not started in a step that already holds
-# this share of its budget: the step then ends at the last token of the prompts it finishes, whose
-# first tokens come at its end, instead of carrying a chunk that delays every one of them. The
-# prompt left waiting needs the same work before its own last token either way; it pays one more
-# step's fixed cost. On a 2-core EPYC, 16 prompts of 200 tokens arriving together: in one process,
-# bursts alternating with and without, median first token 808 -> 727 ms (8 bursts); at a server, 5
-# runs of 6 bursts each side, alternating, 784 -> 727 ms, output tokens/s 460 against 448 (the
-# host's noise is wider). Offline, 64 prompts of 64-512 tokens: 18.81 against 18.67 s (noise).
-PARTIAL_START_SHARE = 0.5
 
 
 def step_token_budget(max_num_batched_tokens: int | None, max_num_seqs: int, device_type: str) -> int:
@@ -140,9 +129,6 @@ class Scheduler:
             prefix = self.blocks.find_cached_prefix(request) if cacheable else []
             computed = request.num_computed_tokens + len(prefix) * self.blocks.block_size
             num_new = self._chunk(request.num_tokens - computed, budget)
-            if num_new < request.num_tokens - computed and self.budget.tokens - budget >= \
-                    self.budget.tokens * PARTIAL_START_SHARE:
-                break  # only a first chunk would fit, and the step is full enough to end here
             if not self.blocks.allocate(request, num_new, prefix):
                 break
             self.waiting.popleft()

@@ -3,9 +3,11 @@ refuses a build which crashes, and CPUs with no build at all (ARM)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,19 +87,38 @@ def test_a_build_that_crashes_is_refused_and_remembered(tmp_path: Path, monkeypa
     # The verdict is a fact about this machine: the next start does not run the probe again.
     monkeypatch.setattr(build, "_probe_command", lambda isa: [sys.executable, "-c", "pass"])  # would pass now
     assert build.probe(build.ISAS["avx2"]) == reason
-    assert list((tmp_path / "kernels").glob("probe-avx2.json"))
+    assert list((tmp_path / "kernels").glob("probe-avx2-*.json"))
 
 
 def test_a_probe_verdict_from_another_machine_is_not_trusted(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
     isa = build.ISAS["avx2"]
-    path = tmp_path / "kernels" / "probe-avx2.json"
+    # The file this machine's verdict would be read from, holding another key (a copied cache).
+    path = machine.probe_path("avx2", machine.machine_key(build=build.build_key(isa), isa="avx2"))
     machine.write_keyed(path, {"cpu_model": "another CPU"}, {"ok": True})
     ran = []
     monkeypatch.setattr(build, "_probe_command", lambda isa: ran.append(1) or [sys.executable, "-c", "exit(3)"])
     reason = build.probe(isa)
     assert ran and reason is not None and "avx2 probe failed" in reason
+
+
+def test_two_installs_keep_their_probe_verdicts_side_by_side(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two virtual environments or lmserve versions on one machine build different kernels: each
+    verdict stays known, so switching between them runs no probe again (nor warns of a foreign file)."""
+    monkeypatch.setenv("LMSERVE_CACHE", str(tmp_path))
+    runs = []
+    real_run = machine.subprocess.run
+
+    def counting(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        runs.append(command[-1])
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(machine.subprocess, "run", counting)
+    for build_key in ("one", "other", "one", "other"):
+        assert machine.probe_verdict("avx2", {"build": build_key}, [sys.executable, "-c", f"# {build_key}"], 60) is None
+    assert runs == ["# one", "# other"]
 
 
 def test_arm_gets_the_torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,8 +26,6 @@ form is kept.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -241,9 +239,9 @@ def cache_path(key: dict[str, Any], kind: str = "linear") -> Path:
     runs with another thread count (a tensor-parallel rank, a test) or kernel build keep their timings
     beside this one's instead of replacing them. The file also holds the key, checked on every read."""
     from lmserve.cache import cache_subdir
+    from lmserve.kernels.machine import key_digest
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_subdir("kernels") / f"{kind}-choice-{digest}.json"
+    return cache_subdir("kernels") / f"{kind}-choice-{key_digest(key)}.json"
 
 
 def cacheable(what: str, watch: OthersWatch, otherwise: str) -> bool:

@@ -92,14 +92,21 @@ def write_keyed(path: Path, key: dict[str, Any], data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps({"key": key, "data": data}, indent=1, sort_keys=True))
 
 
+def probe_path(name: str, key: dict[str, Any]) -> Path:
+    """Where the verdict of probe ``name`` under ``key`` is kept: one file per key, so that two
+    installs on one machine (another Python, another lmserve version: another kernel build) keep
+    their verdicts side by side instead of replacing each other's, and re-probing, on every switch."""
+    from lmserve.cache import cache_subdir
+
+    return cache_subdir("kernels") / f"probe-{name}-{key_digest(key)}.json"
+
+
 def probe_verdict(name: str, key: dict[str, Any], command: list[str], timeout_s: float) -> str | None:
     """Run ``command`` (a child process that tries something that may fault, e.g. an instruction set)
     and return None when it exits 0, else why not. Success, and death by a signal (an illegal
     instruction), are facts about the machine: kept in the cache under ``key`` and not tried again.
     An ordinary failure (exit code, timeout) is retried next time."""
-    from lmserve.cache import cache_subdir
-
-    path = cache_subdir("kernels") / f"probe-{name}.json"
+    path = probe_path(name, key)
     known = read_keyed(path, key)
     if known is not None and isinstance(known.get("ok"), bool):
         return None if known["ok"] else str(known.get("reason", f"an earlier {name} probe failed"))

@@ -11,11 +11,14 @@ Candidates are timed round-robin, so load from other processes hits them alike; 
 median over rounds. Ratios compare candidates measured in the same run only. Timings are warm-cache:
 each sample first runs its candidate once untimed, so weights and KV blocks sit in the last-level
 cache when they fit (a whole model's weights and KV cache usually do not; then DRAM bandwidth rules).
+Decode attention is also timed out of cache, each call on the next of enough copies of the batch's
+KV cache to pass any last-level cache, as a decode step's layers follow each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import time
@@ -174,6 +177,15 @@ def paged(new: list[int], ctx: list[int], dtype: torch.dtype, block_size: int = 
     return q, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32), starts
 
 
+COLD_BYTES = 512 << 20  # more than any last-level cache, as a model's KV cache at decode is
+
+
+def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """A call that runs the next of ``calls`` each time: data of its own each, as layers have."""
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
+
+
 def attention_flops(new: list[int], ctx: list[int]) -> float:
     """Useful FLOPs: QK^T and PV over the causal keys of every new token, 9 heads of 64."""
     return sum(4 * 9 * 64 * (n * c - n * (n - 1) / 2) for n, c in zip(new, ctx, strict=True))
@@ -204,16 +216,20 @@ def bench_attention(ops: Ops, rounds: int) -> None:
             mask = torch.ones(n, c, dtype=torch.bool).tril(c - n)
             causal = {"is_causal": True} if n == c else {"attn_mask": mask}
             candidates["sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, **causal)
-        t = race(candidates, rounds)
         kv_bytes = sum(ctx) * 3 * 64 * 2 * args[1].element_size()
+        if all(n == 1 for n in new):
+            copies = [args] + [paged(new, ctx, dtype) for _ in range(COLD_BYTES // kv_bytes)]
+            candidates["cold"] = rotating([partial(ops.paged_attention, *c, scale) for c in copies])
+        t = race(candidates, rounds)
         sdpa = f"{t['sdpa'] * 1e3:.3f}" if "sdpa" in t else "-"
+        cold = f"{kv_bytes / t['cold'] / 1e9:.1f}" if "cold" in t else "-"
         rows.append([name, f"{t['ours'] * 1e3:.3f}", f"{attention_flops(new, ctx) / t['ours'] / 1e9:.0f}",
-                     f"{kv_bytes / t['ours'] / 1e9:.1f}", f"{t['fallback'] * 1e3:.3f}", sdpa,
+                     f"{kv_bytes / t['ours'] / 1e9:.1f}", cold, f"{t['fallback'] * 1e3:.3f}", sdpa,
                      f"{t['fallback'] / t['ours']:.2f}x",
                      f"{t['ours'] / t['sdpa']:.2f}" if "sdpa" in t else "-"])
     table("paged attention (9 q heads, 3 KV heads, head_dim 64, block 16)",
-          ["case", "ours ms", "ours GF/s", "ours KV GB/s", "fallback ms", "sdpa ms", "fallback/ours",
-           "ours/sdpa"], rows)
+          ["case", "ours ms", "ours GF/s", "ours KV GB/s", "out of cache KV GB/s", "fallback ms", "sdpa ms",
+           "fallback/ours", "ours/sdpa"], rows)
 
 
 def bench_norm(ops: Ops, rounds: int) -> None:

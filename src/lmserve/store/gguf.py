@@ -24,7 +24,7 @@ import numpy as np
 
 from lmserve.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from lmserve.fsutil import staged_dir
-from lmserve.store.gguf_quant import BLOCKS_FILE, keep_blocks, write_blocks
+from lmserve.store.gguf_quant import BLOCKS_FILE, keep_blocks, to_grouped, write_blocks
 from lmserve.store.gguf_rope import plain_number as _plain_number
 from lmserve.store.gguf_rope import rope_scaling
 
@@ -297,6 +297,8 @@ def _to_torch(tensor: Any) -> Any:
         return torch.from_numpy(np.array(tensor.data))  # copy out of the read-only memory map
     if kind == Q.BF16:  # read as raw bytes; bfloat16 has no numpy dtype
         return torch.from_numpy(np.array(tensor.data).view(np.uint16)).view(torch.bfloat16)
+    if keep_blocks(tensor):  # whole-array arithmetic, equal bit for bit to gguf's row-group loop
+        return to_grouped(np.asarray(tensor.data), kind.name, int(tensor.shape[0])).dequantize()
     try:
         return torch.from_numpy(np.ascontiguousarray(dequantize(tensor.data, kind), dtype=np.float32))
     except NotImplementedError as exc:

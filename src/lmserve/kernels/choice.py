@@ -238,10 +238,9 @@ def cache_path(key: dict[str, Any], kind: str = "linear") -> Path:
     """The cache file of ``kind``'s choice (linear, attention) for ``key``: one file per key, so that
     runs with another thread count (a tensor-parallel rank, a test) or kernel build keep their timings
     beside this one's instead of replacing them. The file also holds the key, checked on every read."""
-    from lmserve.cache import cache_subdir
-    from lmserve.kernels.machine import key_digest
+    from lmserve.kernels.machine import keyed_file
 
-    return cache_subdir("kernels") / f"{kind}-choice-{key_digest(key)}.json"
+    return keyed_file(f"{kind}-choice", key)
 
 
 def cacheable(what: str, watch: OthersWatch, otherwise: str) -> bool:

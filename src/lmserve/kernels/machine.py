@@ -69,6 +69,15 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def keyed_file(stem: str, key: dict[str, Any]) -> Path:
+    """The kernel cache's file for ``stem`` under ``key``: ``<stem>-<key digest>.json``, one per key,
+    so that what was measured under another key (another install, thread count or build) stays beside
+    it instead of being replaced."""
+    from lmserve.cache import cache_subdir
+
+    return cache_subdir("kernels") / f"{stem}-{key_digest(key)}.json"
+
+
 def read_keyed(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """The ``data`` stored at ``path`` under exactly ``key``; None (logged) when the file is missing,
     unreadable, truncated, corrupt or was written for another key: such a file is never trusted."""
@@ -96,9 +105,7 @@ def probe_path(name: str, key: dict[str, Any]) -> Path:
     """Where the verdict of probe ``name`` under ``key`` is kept: one file per key, so that two
     installs on one machine (another Python, another lmserve version: another kernel build) keep
     their verdicts side by side instead of replacing each other's, and re-probing, on every switch."""
-    from lmserve.cache import cache_subdir
-
-    return cache_subdir("kernels") / f"probe-{name}-{key_digest(key)}.json"
+    return keyed_file(f"probe-{name}", key)
 
 
 def probe_verdict(name: str, key: dict[str, Any], command: list[str], timeout_s: float) -> str | None:

@@ -139,8 +139,8 @@ def vnni_oracle(x: torch.Tensor, g: Grouped, bias: torch.Tensor | None = None) -
     return oracle(quantize_activations(x, g.group), g, bias)
 
 
-# M: 13 is one whole 8-row tile (4-bit) and a tail of 5; 150 spans several row tasks, with tiles that
-# do not prefetch (32 rows or more) and a tail of 6.
+# M: 13 and 150 end in partial row tiles at both tile heights (6 rows in 8 bits, 8 in 4); 150 also
+# spans two row tasks, whose tiles from 32 rows on do not prefetch.
 @pytest.mark.parametrize("fmt", ["int8", "q6k-like", "int4"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 96), (3, 33, 512), (13, 130, 1056), (150, 40, 256)])
 def test_vnni_layout_matches_dequantize_then_matmul_of_rounded_activations(ops: Ops, fmt: str, m: int, n: int,

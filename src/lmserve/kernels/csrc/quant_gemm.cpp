@@ -157,13 +157,14 @@ using PanelFn = void (*)(const QuantLinearArgs&, int64_t, int64_t, int64_t, floa
 // linear took 66 instead of 92 us and an int8 one 59 instead of 103; the bf16 dot kernel takes 95.
 // vpdpbusd multiplies unsigned by signed bytes, so weights are stored + 128 and the excess removed
 // per group with the activations' integer sum: sum (q + 128) x = sum q x + 128 sum x.
-// Rows per VNNI tile. 8-bit: 4, with 8 int32 and 8 fp32 accumulators in registers. 4-bit: 8, with
-// 16 int32 accumulators in registers and the fp32 sums in an L1 buffer updated once per group: the
-// nibble unpacking is shared by twice the rows, and 4-bit linears of the default model's shapes ran
-// 16-31% faster at 16-400 rows (2-core AMD EPYC). The same buffer cost 8-bit ones 5-11%: their groups
-// are larger and they have no unpacking to share.
+// Rows per VNNI tile (2-core AMD EPYC, alternating builds). 8-bit: 6, with 12 int32 and 12 fp32
+// accumulators in registers; against 4 rows, linears of the default model's and TinyLlama's shapes ran
+// 1-15% faster at 16-400 rows. 4-bit: 8, with 16 int32 accumulators in registers and the fp32 sums in
+// an L1 buffer updated once per group (`kSumsInRegs`): the nibble unpacking is shared by twice the rows,
+// and against 4 rows 4-bit linears ran 15-27% faster at 16-400 rows. The buffer cost 8-bit ones 5-11%
+// at 4 rows (their groups are larger, and they have no unpacking to share).
 template <int BITS>
-constexpr int kVR = BITS == 8 ? 4 : 8;
+constexpr int kVR = BITS == 8 ? 6 : 8;
 // From this many rows on, only a panel's first row tile prefetches the next K block (its other tiles
 // find it in cache): two prefetches per k-quad in every tile were an eighth of the loop's instructions,
 // and dropping them made 64-400 rows 3-20% faster (int8, 2-core AMD EPYC). Below it, at decode sizes
@@ -202,7 +203,7 @@ LMSERVE_VNNI inline __attribute__((always_inline)) void vmicro(const QuantLinear
     const uint8_t* q = a.q + p * a.K * (BITS == 8 ? kPanel : kPanel / 2);  // [K/4][32][4] or [K/4][64]
     const float* sc = a.scales + p * groups * kPanel;
     const float* mn = MIN ? a.mins + p * groups * kPanel : nullptr;
-    constexpr bool kSumsInRegs = MR <= 4;  // else in `sums` (see kVR)
+    constexpr bool kSumsInRegs = BITS == 8 || MR <= 4;  // else in `sums` (see kVR)
     alignas(64) float sums[kSumsInRegs ? 1 : MR][kPanel];
     __m512 acc[MR][2];
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();

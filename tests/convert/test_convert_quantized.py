@@ -10,6 +10,7 @@ import torch
 from lmserve.convert import convert
 from lmserve.convert.converter import store_quantized
 from lmserve.kernels import get_ops
+from lmserve.kernels import quant as quant_module
 from lmserve.kernels.quant import QuantLinear
 from lmserve.models import loader as loader_module
 from lmserve.models.loader import load_model
@@ -67,3 +68,16 @@ def test_another_mode_does_not_take_them(converted: tuple[Path, Path]) -> None:
     assert {p.layout for name, p in packs.items() if name != "lm_head"} == {four_bit}  # type: ignore[union-attr]
     plain, _ = load_model(out, torch.float32, torch.device("cpu"), OPS)
     assert not any(isinstance(p, QuantLinear) for p in _packs(plain).values())
+
+
+def test_weights_packed_with_other_int8_groups_are_quantized_again(converted: tuple[Path, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The own groupings are part of the cache name: a build whose ``INT8_GROUPS`` differ from the one
+    that filled the cache quantizes with its own instead of serving the old ones."""
+    _, out = converted
+    stored = cache_name("int8", OPS)
+    monkeypatch.setattr(quant_module, "INT8_GROUPS", (32,))
+    assert cache_name("int8", OPS) != stored
+    model, _ = load_model(out, torch.float32, torch.device("cpu"), OPS, quantize="int8")
+    groups = {p.group for p in _packs(model).values() if isinstance(p, QuantLinear)}
+    assert groups == {32}

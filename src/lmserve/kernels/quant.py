@@ -24,7 +24,7 @@ import torch
 
 from lmserve.kernels.packed import PANEL, PackedLinear
 
-LAYOUT_VERSION = 3  # bump when a packed layout or an own grouping changes: cached packed weights of older ones are not read
+LAYOUT_VERSION = 3  # bump when a packed layout changes: cached packed weights of older ones are not read
 GROUP = 32  # own int4 group, as llama.cpp's Q4_1
 # Own int8 groups, the largest that divides K first. Each group costs its scale's bytes and, in the
 # VNNI kernel, a conversion and two multiplies per row and 16 columns: interleaved on a 2-core AMD
@@ -32,6 +32,14 @@ GROUP = 32  # own int4 group, as llama.cpp's Q4_1
 # 128 than of 32; the default model's perplexity (benchmarks/quality.py) moved from +0.36% of bf16 to
 # +0.52%.
 INT8_GROUPS = (128, 64, GROUP)
+
+
+def layout_tag(mode: str) -> str:
+    """What packed ``mode`` weights depend on besides the checkpoint: the layouts' version and the own
+    groupings, which are part of the name their cache is kept under. A change of ``INT8_GROUPS`` or
+    ``GROUP`` then reads none of the weights packed with the old ones, without a version bump."""
+    groups = {"int8": INT8_GROUPS, "int4": (GROUP,)}.get(mode, ())
+    return f"v{LAYOUT_VERSION}" + "".join(f"-g{g}" for g in groups)
 
 
 @dataclass(frozen=True)

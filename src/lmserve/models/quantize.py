@@ -21,11 +21,11 @@ from lmserve.errors import ConfigError, UnsupportedModelError
 from lmserve.kernels import Ops
 from lmserve.kernels.quant import (
     GROUP,
-    LAYOUT_VERSION,
     Grouped,
     QuantLinear,
     concat,
     kernel_groups_ok,
+    layout_tag,
     pack_quant,
     quantize,
     to_vnni,
@@ -51,10 +51,11 @@ def uses_vnni(ops: Ops) -> bool:
 
 
 def cache_name(mode: str, ops: Ops) -> str:
-    """The name packed ``mode`` weights are cached under: the layouts' version, VNNI ones apart."""
+    """The name packed ``mode`` weights are cached under: the layouts' version and own groupings
+    (``layout_tag``), VNNI ones apart."""
     if mode == "none":
         return mode
-    return f"{mode}-v{LAYOUT_VERSION}" + ("-vnni" if uses_vnni(ops) else "")
+    return f"{mode}-{layout_tag(mode)}" + ("-vnni" if uses_vnni(ops) else "")
 
 
 def quantize_model(model: nn.Module, mode: str, model_dir: Path, weight_map: WeightMap,

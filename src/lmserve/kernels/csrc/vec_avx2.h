@@ -1,0 +1,44 @@
+// AVX2 + FMA helpers shared by the kernels of the AVX2 build (gemm_avx2.cpp, quant_gemm_avx2.cpp).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lmserve {
+
+// 2^x for x in [-126, 126] (clamped outside): 2^f by the same polynomial as vec.h, 2^n by building
+// the exponent bits (AVX2 has no vscalefps).
+static inline __m256 exp2_8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5403530e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 silu_mul8(__m256 g, __m256 u) {
+    const __m256 e = exp2_8(_mm256_mul_ps(g, _mm256_set1_ps(-1.4426950408889634f)));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+// Rows of gate|up pairs (row stride 64 floats: 32 gate columns, then 32 up ones) written to y as
+// silu(gate) * up, ncols columns a row.
+static inline void store_silu_mul_rows8(const float* s, int64_t rows, float* y, int64_t ldy, int ncols) {
+    for (int64_t m = 0; m < rows; ++m, s += 64, y += ldy) {
+        alignas(32) float out[32];
+        for (int j = 0; j < 32; j += 8)
+            _mm256_store_ps(out + j, silu_mul8(_mm256_loadu_ps(s + j), _mm256_loadu_ps(s + 32 + j)));
+        std::copy(out, out + ncols, y);
+    }
+}
+
+}  // namespace lmserve

@@ -27,6 +27,17 @@ def compiled_ops() -> Ops:
     return PanelLinearOps(ext) if ISAS[ext.lmserve_isa].gemm_only else CpuOps(ext)
 
 
+@pytest.fixture
+def compiled_cache_ops(compiled_ops: Ops) -> Ops:
+    """The compiled ops where they include attention and the KV cache writes (the AVX-512 build):
+    tests of what those kernels refuse. The AVX2 build runs them in torch."""
+    from lmserve.kernels.cpu import CpuOps
+
+    if not isinstance(compiled_ops, CpuOps):
+        pytest.skip(f"the {compiled_ops.name} build runs attention and cache writes in torch")
+    return compiled_ops
+
+
 @pytest.fixture(params=["compiled", "reference"])
 def ops(request: pytest.FixtureRequest) -> Ops:
     """Every op test runs against both implementations."""

@@ -14,10 +14,14 @@ import torch
 
 from lmserve.errors import ConfigError
 from lmserve.kernels import ReferenceOps, build, get_ops, machine, ops
+from lmserve.kernels import reference as reference_module
 from lmserve.kernels.cpu import PanelLinearOps
 from lmserve.kernels.device import resolve_dtype
 
 from .test_linear import SHAPES, close, expected
+from .test_quant import FORMATS, concat, oracle, pack_quant, to_vnni
+from .test_quant import SHAPES as QUANT_SHAPES
+from .test_quant import close as close_quant
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +65,51 @@ def test_avx2_build_runs_the_rest_in_torch(avx2_ops: PanelLinearOps) -> None:
     normed, _ = avx2_ops.rms_norm(x, weight, 1e-6)
     torch.testing.assert_close(normed, ReferenceOps().rms_norm(x, weight, 1e-6)[0])
     assert avx2_ops.name == "cpu-avx2" and avx2_ops.fast_bf16
+
+
+@pytest.fixture
+def no_torch_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized products must come from the build, not from dequantizing in torch."""
+    def refuse(*args: object) -> None:
+        raise AssertionError("a quantized product fell back to the torch reference")
+
+    monkeypatch.setattr(reference_module, "reference_linear", refuse)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize(("m", "n", "k"), QUANT_SHAPES)
+@pytest.mark.usefixtures("no_torch_fallback")
+def test_avx2_quantized_linear_matches_dequantize_then_matmul(avx2_ops: PanelLinearOps, fmt: str, m: int, n: int,
+                                                              k: int) -> None:
+    torch.manual_seed(m + n + k)
+    g = FORMATS[fmt](torch.randn(n, k))
+    x, bias = torch.randn(m, k), torch.randn(n)
+    packed = pack_quant(g)
+    close_quant(avx2_ops.linear(x, packed), oracle(x, g), k)
+    close_quant(avx2_ops.linear(x, packed, bias), oracle(x, g, bias), k)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4+q6k-mixed"])
+@pytest.mark.usefixtures("no_torch_fallback")
+def test_avx2_quantized_gate_up_at_every_thread_count(avx2_ops: PanelLinearOps, fmt: str, threads: int) -> None:
+    torch.manual_seed(threads)
+    for m, n, k in [(1, 70, 96), (13, 40, 544), (100, 320, 96)]:
+        gate, up = FORMATS[fmt](torch.randn(n, k)), FORMATS[fmt](torch.randn(n, k))
+        x = torch.randn(m, k)
+        want = torch.nn.functional.silu(oracle(x, gate).double()) * oracle(x, up).double()
+        close_quant(avx2_ops.linear_silu_mul(x, pack_quant(concat([gate, up]), n, gate_up=True)), want.float(), k)
+
+
+def test_avx2_build_packs_weight_only_layouts_and_leaves_vnni_ones_to_torch(avx2_ops: PanelLinearOps) -> None:
+    """Even on a CPU with VNNI the AVX2 build has no kernel for those layouts: it never asks for them
+    (``vnni`` decides the layout weights are packed in), and one packed elsewhere is still right."""
+    from lmserve.models.quantize import uses_vnni
+
+    assert not uses_vnni(avx2_ops)
+    torch.manual_seed(3)
+    g, x = FORMATS["int8"](torch.randn(40, 64)), torch.randn(2, 64)
+    got = avx2_ops.linear(x, to_vnni(pack_quant(g)))
+    torch.testing.assert_close(got, oracle(x, g), rtol=0.02, atol=0.02 * float(oracle(x, g).abs().max()))
 
 
 def test_unknown_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,9 @@ class PanelLinearOps(ReferenceOps):
         self.name = f"cpu-{getattr(ext, 'lmserve_isa', 'avx512')}"
         # Quantized weights x int8-rounded activations with vpdpbusd: faster than the weight-only
         # kernels at every M measured (1, 8, 128; a busy 2-core EPYC). Off with LMSERVE_QUANT_VNNI=0.
-        self.vnni = "avx512_vnni" in cpu_flags() and os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0"
+        # The AVX2 build multiplies only the weight-only layouts, even where the CPU has VNNI.
+        self.vnni = (getattr(ext, "lmserve_isa", "avx512") == "avx512" and "avx512_vnni" in cpu_flags()
+                     and os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0")
 
     @property
     def fast_bf16(self) -> bool:
@@ -79,8 +81,8 @@ class PanelLinearOps(ReferenceOps):
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
 
     def _quant(self, x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
-        # The AVX2 build has no quantized kernels; VNNI layouts packed on another machine never run
-        # here, where they may fault.
+        # VNNI layouts packed on another machine (or for the AVX-512 build) never run here, where they
+        # may fault or the build has no kernel for them.
         if not hasattr(self.ext, "linear_quant") or (w.layout in ("q8v", "q4v") and not self.vnni):
             return super().linear_silu_mul(x, w) if w.gate_up else super().linear(x, w, bias)
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,

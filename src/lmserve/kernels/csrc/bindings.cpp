@@ -135,15 +135,6 @@ Tensor panels_to_pairs(const Tensor& panels, int64_t nthreads) {
     return out;
 }
 
-// The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
-// to their pure-torch versions in Python.
-#ifndef LMSERVE_GEMM_ONLY
-Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
-                  int64_t nthreads) {
-    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
-    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
-}
-
 // Quantized weight (kernels/quant.py): q [P, K, 32] int8 or [P, K, 16] uint8, scales/mins [P, K/group, 32].
 Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, const std::optional<Tensor>& mins,
                     int64_t n, int64_t group, int64_t bits, const std::optional<Tensor>& bias_in, bool silu_mul,
@@ -152,6 +143,9 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
     // bits: 8 or 4 (weight-only layouts), 0 or -4 (the VNNI layouts of 8- and 4-bit values)
     TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 0 || bits == -4, "bits must be 8, 4, 0 or -4");
     const bool vnni = bits <= 0;
+#ifdef LMSERVE_GEMM_ONLY
+    TORCH_CHECK_VALUE(!vnni, "the AVX2 build multiplies the weight-only layouts only (bits 8 or 4)");
+#endif
     const int64_t width = vnni ? (bits == 0 ? 4 : 2) * lmserve::kPanel : (bits == 8 ? lmserve::kPanel : 16);
     TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous() && q.size(2) == width && q.element_size() == 1,
                       "quantized values must be contiguous 1-byte [panels, K", vnni ? " / 4" : "", ", ", width, "]");
@@ -189,6 +183,15 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
         lmserve::linear_quant(a);
     }
     return linear_result(x_in, io.y, n);
+}
+
+// The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
+// to their pure-torch versions in Python.
+#ifndef LMSERVE_GEMM_ONLY
+Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
+                  int64_t nthreads) {
+    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
+    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
 }
 
 Tensor int32_rows(const Tensor& t) {
@@ -416,9 +419,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear", &linear, "y = x W^T (+ bias) with a packed bf16 weight");
     m.def("pack_linear", &pack_linear, "bf16 W [N, K] (and an up half) in the panel or pair layout");
     m.def("panels_to_pairs", &panels_to_pairs, "panels re-laid in the pair layout");
+    m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");
 #ifndef LMSERVE_GEMM_ONLY
     m.def("linear_dot", &linear_dot, "y = x W^T (+ bias) with a pair-packed bf16 weight and vdpbf16ps");
-    m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");

@@ -29,12 +29,12 @@ def compiled_ops() -> Ops:
 
 @pytest.fixture
 def compiled_cache_ops(compiled_ops: Ops) -> Ops:
-    """The compiled ops where they include attention and the KV cache writes (the AVX-512 build):
-    tests of what those kernels refuse. The AVX2 build runs them in torch."""
+    """The compiled ops where they include the KV cache writes (the AVX-512 build): tests of what
+    that kernel refuses. The AVX2 build runs them in torch."""
     from lmserve.kernels.cpu import CpuOps
 
     if not isinstance(compiled_ops, CpuOps):
-        pytest.skip(f"the {compiled_ops.name} build runs attention and cache writes in torch")
+        pytest.skip(f"the {compiled_ops.name} build runs cache writes in torch")
     return compiled_ops
 
 

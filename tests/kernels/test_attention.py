@@ -111,16 +111,16 @@ def test_context_shorter_than_new_tokens_is_refused(ops: Ops) -> None:
         ops.paged_attention(*b.args(), 0.1)
 
 
-def test_bad_block_ids_are_refused(compiled_cache_ops: Ops) -> None:
+def test_bad_block_ids_are_refused(compiled_ops: Ops) -> None:
     b = make_batch([1], [40])
     b.block_tables[0, 1] = b.k_cache.shape[0]
     with pytest.raises(ValueError, match="not a block"):
-        compiled_cache_ops.paged_attention(*b.args(), 0.1)
+        compiled_ops.paged_attention(*b.args(), 0.1)
     b.block_tables[0, 1] = 0
     b.context_lens[0] = 16 * b.block_tables.shape[1] + 1
     b.q = b.q[:1]
     with pytest.raises(ValueError, match="columns"):
-        compiled_cache_ops.paged_attention(*b.args(), 0.1)
+        compiled_ops.paged_attention(*b.args(), 0.1)
 
 
 def test_sequences_without_new_tokens_and_empty_batches(ops: Ops) -> None:

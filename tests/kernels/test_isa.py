@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from lmserve.errors import ConfigError
-from lmserve.kernels import ReferenceOps, build, get_ops, machine, ops
+from lmserve.kernels import ReferenceOps, build, get_ops, machine, ops, reference_attention
 from lmserve.kernels import reference as reference_module
 from lmserve.kernels.cpu import PanelLinearOps
 from lmserve.kernels.device import resolve_dtype
 
+from .paged import make_batch, naive_attention
+from .test_attention import BATCHES
 from .test_linear import SHAPES, close, expected
 from .test_quant import FORMATS, concat, oracle, pack_quant, to_vnni
 from .test_quant import SHAPES as QUANT_SHAPES
@@ -110,6 +112,38 @@ def test_avx2_build_packs_weight_only_layouts_and_leaves_vnni_ones_to_torch(avx2
     g, x = FORMATS["int8"](torch.randn(40, 64)), torch.randn(2, 64)
     got = avx2_ops.linear(x, to_vnni(pack_quant(g)))
     torch.testing.assert_close(got, oracle(x, g), rtol=0.02, atol=0.02 * float(oracle(x, g).abs().max()))
+
+
+@pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_avx2_attention_matches_the_oracle(avx2_ops: PanelLinearOps, batch: str, dtype: torch.dtype,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    new, ctx = BATCHES[batch]
+    b = make_batch(new, ctx, dtype=dtype, num_heads=9, num_kv_heads=3)
+    want = naive_attention(b, 0.125)
+    monkeypatch.setattr(reference_attention, "paged_attention", lambda *a: pytest.fail("ran in torch"))
+    torch.testing.assert_close(avx2_ops.paged_attention(*b.args(), 0.125), want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim", [8, 40, 72, 128])
+def test_avx2_attention_head_dims_alibi_and_thread_counts(avx2_ops: PanelLinearOps, head_dim: int,
+                                                          threads: int) -> None:
+    b = make_batch([1, 30, 5], [90, 30, 64], num_heads=8, num_kv_heads=2, head_dim=head_dim, seed=threads)
+    slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(8)])
+    for alibi in (None, slopes):
+        got = avx2_ops.paged_attention(*b.args(), 0.1, alibi)
+        torch.testing.assert_close(got, naive_attention(b, 0.1, alibi), rtol=1e-4, atol=2e-5)
+
+
+def test_avx2_attention_refuses_bad_metadata(avx2_ops: PanelLinearOps) -> None:
+    b = make_batch([1], [40])
+    b.block_tables[0, 1] = b.k_cache.shape[0]
+    with pytest.raises(ValueError, match="not a block"):
+        avx2_ops.paged_attention(*b.args(), 0.1)
+    b.block_tables[0, 1] = 0
+    b.context_lens[0] = 0
+    with pytest.raises(ValueError, match="smaller than"):
+        avx2_ops.paged_attention(*b.args(), 0.1)
 
 
 def test_unknown_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,7 @@ def dot_available(ops: Any) -> str | None:
     from lmserve.kernels.candidates import why_not_runnable
 
     if not hasattr(ops, "attention_dot"):
-        return "the loaded kernels have no compiled attention"
+        return "the loaded kernels have no bf16 dot-product attention loop"
     return why_not_runnable("own-dot", ops)
 
 

@@ -88,6 +88,19 @@ class PanelLinearOps(ReferenceOps):
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,
                                      w.group, w.kernel_bits, bias, w.gate_up, torch.get_num_threads())
 
+    # -- attention (the AVX2 build has its own kernel; CpuOps adds the bf16 dot loop's choice) -----
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                        scale: float, alibi_slopes: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        if (q.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES or not hasattr(self.ext, "paged_attention")
+                or not self.ext.attention_supports_head_dim(q.shape[-1])):
+            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                           scale, alibi_slopes, out)
+        return self.ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                        float(scale), alibi_slopes, out, torch.get_num_threads(),
+                                        getattr(self, "attention_dot", False))
+
 
 class CpuOps(PanelLinearOps):
     """Every op from the compiled AVX-512 extension ``ext``."""
@@ -126,14 +139,3 @@ class CpuOps(PanelLinearOps):
             return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
         self.ext.write_kv(k, v, k_cache, v_cache, slot_mapping, torch.get_num_threads())
 
-    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                        scale: float, alibi_slopes: torch.Tensor | None = None,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
-        if (q.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES
-                or not self.ext.attention_supports_head_dim(q.shape[-1])):
-            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                                           scale, alibi_slopes, out)
-        return self.ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                                        float(scale), alibi_slopes, out, torch.get_num_threads(),
-                                        self.attention_dot)

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_checks.h"
 #include "attention_decode.h"
 #include "attention_prefill.h"
 #include "attention_prefill_dot.h"
@@ -29,24 +30,8 @@ std::vector<Item> plan_items(const AttentionArgs& a, int64_t G, int threads) {
     const bool whole_decodes = decodes >= 8LL * threads;
     const int64_t heads_per_item = std::min<int64_t>(G, kTileRows);
     for (int64_t s = 0; s < a.S; ++s) {
-        const int64_t q0 = a.query_start_loc[s], q1 = a.query_start_loc[s + 1];
-        const int64_t ctx = a.context_lens[s], n_new = q1 - q0;
-        if (n_new < 0 || q0 < 0 || q1 > a.T)
-            throw std::invalid_argument("query_start_loc must be non-decreasing and end at most at the number of tokens"
-                                        " (sequence " + std::to_string(s) + ")");
+        const auto [q0, n_new, ctx] = checked_sequence(a, s);
         if (n_new == 0) continue;
-        if (ctx < n_new)
-            throw std::invalid_argument("context_lens[" + std::to_string(s) + "] = " + std::to_string(ctx) +
-                                        " is smaller than its " + std::to_string(n_new) + " new tokens");
-        const int64_t nblk = (ctx + a.block_size - 1) / a.block_size;
-        if (nblk > a.max_blocks)
-            throw std::invalid_argument("block_tables has " + std::to_string(a.max_blocks) + " columns but sequence " +
-                                        std::to_string(s) + " needs " + std::to_string(nblk));
-        const int32_t* bt = a.block_tables + s * a.bt_stride;
-        for (int64_t b = 0; b < nblk; ++b)
-            if (bt[b] < 0 || bt[b] >= a.num_blocks)
-                throw std::invalid_argument("block_tables[" + std::to_string(s) + ", " + std::to_string(b) +
-                                            "] = " + std::to_string(bt[b]) + " is not a block of the cache");
         for (int64_t h0 = 0; h0 < G; h0 += heads_per_item) {
             const int32_t nh = static_cast<int32_t>(std::min(heads_per_item, G - h0));
             const int64_t tq = std::max<int64_t>(1, kTileRows / nh);
@@ -207,11 +192,7 @@ void attention_d(const AttentionArgs& a) {
 bool attention_supports_head_dim(int64_t d) { return d == 32 || d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 
 void paged_attention(const AttentionArgs& a) {
-    if (a.Hkv <= 0 || a.Hq % a.Hkv != 0)
-        throw std::invalid_argument("query heads (" + std::to_string(a.Hq) + ") must be a multiple of KV heads (" +
-                                    std::to_string(a.Hkv) + ")");
-    if (a.block_size <= 0 || (a.block_size & (a.block_size - 1)) != 0)
-        throw std::invalid_argument("block_size must be a power of two, got " + std::to_string(a.block_size));
+    check_attention_call(a);
     switch (a.D) {
         case 32: return attention_d<32>(a);
         case 64: return attention_d<64>(a);

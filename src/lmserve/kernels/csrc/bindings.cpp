@@ -185,15 +185,6 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
     return linear_result(x_in, io.y, n);
 }
 
-// The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers only; the ops around it fall back
-// to their pure-torch versions in Python.
-#ifndef LMSERVE_GEMM_ONLY
-Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
-                  int64_t nthreads) {
-    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
-    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
-}
-
 Tensor int32_rows(const Tensor& t) {
     Tensor r = t.scalar_type() == at::kInt ? t : t.to(at::kInt);
     return r.is_contiguous() ? r : r.contiguous();
@@ -233,7 +224,11 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
     a.k_sb = k_cache.stride(0), a.k_st = k_cache.stride(1), a.k_sh = k_cache.stride(2);
     a.v_sb = v_cache.stride(0), a.v_st = v_cache.stride(1), a.v_sh = v_cache.stride(2);
     a.bf16 = cache_type == at::kBFloat16;
+#ifdef LMSERVE_GEMM_ONLY
+    TORCH_CHECK_VALUE(!dot, "the AVX2 build has no bf16 dot-product attention loop");
+#else
     TORCH_CHECK_VALUE(!dot || lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
+#endif
     a.dot = dot && a.bf16;
     a.block_tables = block_tables.data_ptr<int32_t>();
     a.bt_stride = block_tables.stride(0);
@@ -262,6 +257,16 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
     if (out && !direct) return out->copy_(o);
     return q_in.scalar_type() == at::kFloat ? o : o.to(q_in.scalar_type());
 }
+
+// The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers and attention only; the ops around
+// them fall back to their pure-torch versions in Python.
+#ifndef LMSERVE_GEMM_ONLY
+Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
+                  int64_t nthreads) {
+    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
+    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
+}
+
 
 // qkv [T, 3 * H * D] fp32 (rows may be strided), starts [S + 1] int64; returns [T, H * D] fp32.
 Tensor encoder_attention(const Tensor& qkv, const Tensor& starts_in, int64_t heads, double scale, int64_t nthreads) {
@@ -420,15 +425,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack_linear", &pack_linear, "bf16 W [N, K] (and an up half) in the panel or pair layout");
     m.def("panels_to_pairs", &panels_to_pairs, "panels re-laid in the pair layout");
     m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");
+    m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
+    m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
 #ifndef LMSERVE_GEMM_ONLY
     m.def("linear_dot", &linear_dot, "y = x W^T (+ bias) with a pair-packed bf16 weight and vdpbf16ps");
-    m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
     m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
     m.def("argmax_rows", &argmax_rows, "the index of each row's largest value (the first on ties), as torch.argmax");
     m.def("rotary_embedding", &rotary_embedding, "rotary position embedding of q and k, in place");
     m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
-    m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
     m.def("encoder_attention", &encoder_attention, "bidirectional attention within each text of a packed batch");
     m.def("encoder_attention_supports_head_dim", &lmserve::encoder_attention_supports_head_dim);
 #endif

@@ -27,22 +27,32 @@ def compiled_ops() -> Ops:
     return PanelLinearOps(ext) if ISAS[ext.lmserve_isa].gemm_only else CpuOps(ext)
 
 
-@pytest.fixture
-def compiled_cache_ops(compiled_ops: Ops) -> Ops:
-    """The compiled ops where they include the KV cache writes (the AVX-512 build): tests of what
-    that kernel refuses. The AVX2 build runs them in torch."""
-    from lmserve.kernels.cpu import CpuOps
+@pytest.fixture(scope="session")
+def avx2_ops() -> Iterator[Ops]:
+    """The AVX2 + FMA build, forced on this machine the way a user would force it."""
+    from lmserve.kernels import build
+    from lmserve.kernels.cpu import PanelLinearOps
 
-    if not isinstance(compiled_ops, CpuOps):
-        pytest.skip(f"the {compiled_ops.name} build runs cache writes in torch")
-    return compiled_ops
+    if build.isa_unavailable(build.ISAS["avx2"]) is not None:
+        pytest.skip("this CPU cannot run the AVX2 build")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(build.ISA_ENV, "avx2")
+        ext = build.load_cpu_kernels()
+    assert ext is not None and ext.lmserve_isa == "avx2"
+    yield PanelLinearOps(ext)
 
 
-@pytest.fixture(params=["compiled", "reference"])
+@pytest.fixture(params=["compiled", "avx2", "reference"])
 def ops(request: pytest.FixtureRequest) -> Ops:
-    """Every op test runs against both implementations."""
+    """Every op test runs against the best build for this CPU, the AVX2 build (where that is another
+    one) and pure torch."""
     if request.param == "compiled":
         return request.getfixturevalue("compiled_ops")
+    if request.param == "avx2":
+        compiled = request.getfixturevalue("compiled_ops")
+        if compiled.name == "cpu-avx2":
+            pytest.skip("the best build here is the AVX2 build")
+        return request.getfixturevalue("avx2_ops")
     return ReferenceOps("cpu")
 
 

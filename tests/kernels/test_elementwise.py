@@ -112,12 +112,12 @@ def test_write_kv_from_bf16_into_fp32(ops: Ops) -> None:
     assert torch.equal(cache.view(-1, 2, 32)[[11, 0, 5, 6]], k.float())
 
 
-def test_write_kv_refuses_slots_outside_the_cache(compiled_cache_ops: Ops) -> None:
+def test_write_kv_refuses_slots_outside_the_cache(compiled_ops: Ops) -> None:
     cache = torch.zeros(2, 4, 1, 16)
     k = torch.randn(1, 1, 16)
     for slot in (-1, 8):
         with pytest.raises(ValueError, match="outside the cache"):
-            compiled_cache_ops.write_kv(k, k, cache, cache, torch.tensor([slot]))
+            compiled_ops.write_kv(k, k, cache, cache, torch.tensor([slot]))
 
 
 def rope_oracle(x: torch.Tensor, pos: torch.Tensor, rot: int, neox: bool, base: float = 10000.0) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Compiling the CPU kernels once per machine type, proving they run here, and loading them.
 
 There are two builds: AVX-512 (every kernel) and AVX2 + FMA (the linear layers, with bf16 weights
-and the weight-only quantized layouts, and attention; the other ops fall back to pure torch). Each is
-built with explicit instruction-set flags, never ``-march=native``: some CPUs report features (AMX)
-whose instructions fault under virtualization, and the build cache must not depend on the machine
-that happened to compile first. A CPU's flags are not trusted alone either: before the server
+and the weight-only quantized layouts, attention, RMS norm, rotary embedding and cache writes; the
+other ops fall back to pure torch). Each is built with explicit instruction-set flags, never
+``-march=native``: some CPUs report features (AMX) whose instructions fault under virtualization,
+and the build cache must not depend on the machine that happened to compile first. A CPU's flags are not trusted alone either: before the server
 process loads a build, a child process compiles it, loads it and runs a tiny product (:func:`probe`);
 a child killed by a signal (an illegal instruction) marks that build unusable on this machine,
 remembered under the machine's key. Builds are cached under
@@ -42,7 +42,8 @@ CSRC = Path(__file__).with_name("csrc")
 # Sources compiled into the AVX-512 extension; headers only feed the cache key.
 SOURCES = ("bindings.cpp", "gemm.cpp", "attention.cpp", "elementwise.cpp", "kv_cache.cpp",
            "quant_gemm.cpp", "encoder_attention.cpp", "pack.cpp")
-AVX2_SOURCES = ("bindings.cpp", "gemm_avx2.cpp", "quant_gemm_avx2.cpp", "attention_avx2.cpp", "pack.cpp")
+AVX2_SOURCES = ("bindings.cpp", "gemm_avx2.cpp", "quant_gemm_avx2.cpp", "attention_avx2.cpp", "elementwise_avx2.cpp",
+                "pack.cpp")
 _COMMON_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
 PROBE_TIMEOUT_S = 1200.0  # the probe compiles on a fresh machine
@@ -57,7 +58,7 @@ class Isa:
     required_flags: tuple[str, ...]
     compile_flags: tuple[str, ...]
     sources: tuple[str, ...]
-    gemm_only: bool  # only the linear layers and attention; the rest is the pure-torch fallback
+    gemm_only: bool  # no argmax, SwiGLU, encoder attention or bf16 dot products: those run in torch
 
 
 ISAS = {

@@ -24,8 +24,9 @@ _CACHE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class PanelLinearOps(ReferenceOps):
-    """Linear layers on the compiled GEMM of ``ext`` (bf16 panels, fp32 compute), the other ops in
-    pure torch; threads follow ``torch.get_num_threads()``."""
+    """What every compiled build of ``ext`` has (the AVX2 build alone, ``build.py``): linear layers on
+    its GEMMs (bf16 panels or quantized weights, fp32 compute), attention, RMS norm, rotary embedding
+    and cache writes; the other ops in pure torch. Threads follow ``torch.get_num_threads()``."""
 
     name = "cpu-gemm"
 
@@ -88,12 +89,31 @@ class PanelLinearOps(ReferenceOps):
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,
                                      w.group, w.kernel_bits, bias, w.gate_up, torch.get_num_threads())
 
-    # -- attention (the AVX2 build has its own kernel; CpuOps adds the bf16 dot loop's choice) -----
+    # -- what both builds compile around the GEMMs -----------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.device.type != "cpu":
+            return super().rms_norm(x, weight, eps, residual)
+        return self.ext.rms_norm(x, weight, eps, residual, torch.get_num_threads())
+
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, rotary_dim: int, neox_style: bool) -> None:
+        if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
+            return super().rotary_embedding(positions, q, k, cos, sin, rotary_dim, neox_style)
+        self.ext.rotary_embedding(positions, q, k, cos, sin, rotary_dim, neox_style, torch.get_num_threads())
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        if k_cache.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES:
+            return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+        self.ext.write_kv(k, v, k_cache, v_cache, slot_mapping, torch.get_num_threads())
+
+    # CpuOps adds the choice of the bf16 dot-product loop for prefill tiles (``attention_dot``).
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                         scale: float, alibi_slopes: torch.Tensor | None = None,
                         out: torch.Tensor | None = None) -> torch.Tensor:
-        if (q.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES or not hasattr(self.ext, "paged_attention")
+        if (q.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES
                 or not self.ext.attention_supports_head_dim(q.shape[-1])):
             return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                            scale, alibi_slopes, out)
@@ -119,23 +139,3 @@ class CpuOps(PanelLinearOps):
         if x.device.type != "cpu":
             return super().silu_and_mul(x)
         return self.ext.silu_and_mul(x, torch.get_num_threads())
-
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.device.type != "cpu":
-            return super().rms_norm(x, weight, eps, residual)
-        return self.ext.rms_norm(x, weight, eps, residual, torch.get_num_threads())
-
-    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, rotary_dim: int, neox_style: bool) -> None:
-        if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
-            return super().rotary_embedding(positions, q, k, cos, sin, rotary_dim, neox_style)
-        self.ext.rotary_embedding(positions, q, k, cos, sin, rotary_dim, neox_style, torch.get_num_threads())
-
-    # -- attention ---------------------------------------------------------------------------
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        if k_cache.device.type != "cpu" or k_cache.dtype not in _CACHE_DTYPES:
-            return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
-        self.ext.write_kv(k, v, k_cache, v_cache, slot_mapping, torch.get_num_threads())
-

@@ -258,43 +258,6 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
     return q_in.scalar_type() == at::kFloat ? o : o.to(q_in.scalar_type());
 }
 
-// The AVX2 build (LMSERVE_GEMM_ONLY) compiles the linear layers and attention only; the ops around
-// them fall back to their pure-torch versions in Python.
-#ifndef LMSERVE_GEMM_ONLY
-Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
-                  int64_t nthreads) {
-    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
-    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
-}
-
-
-// qkv [T, 3 * H * D] fp32 (rows may be strided), starts [S + 1] int64; returns [T, H * D] fp32.
-Tensor encoder_attention(const Tensor& qkv, const Tensor& starts_in, int64_t heads, double scale, int64_t nthreads) {
-    check_rows(qkv, "qkv", at::kFloat, 2);
-    TORCH_CHECK_VALUE(heads > 0 && qkv.size(1) % (3 * heads) == 0, "qkv's width ", qkv.size(1),
-                      " is not 3 x ", heads, " heads x head_dim");
-    const Tensor starts = starts_in.to(at::kLong).contiguous();
-    TORCH_CHECK_VALUE(starts.dim() == 1 && starts.numel() >= 1, "starts must be a vector of S + 1 offsets");
-    Tensor out = torch::empty({qkv.size(0), qkv.size(1) / 3}, qkv.options());
-    lmserve::EncoderAttentionArgs a{};
-    a.qkv = qkv.data_ptr<float>();
-    a.ld = qkv.stride(0);
-    a.out = out.data_ptr<float>();
-    a.ldo = out.stride(0);
-    a.starts = starts.data_ptr<int64_t>();
-    a.S = starts.numel() - 1;
-    a.T = qkv.size(0);
-    a.H = heads;
-    a.D = qkv.size(1) / (3 * heads);
-    a.scale = static_cast<float>(scale);
-    a.nthreads = static_cast<int>(nthreads);
-    {
-        pybind11::gil_scoped_release nogil;
-        lmserve::encoder_attention(a);
-    }
-    return out;
-}
-
 // Accepts x of any leading shape and float dtype; both results have x's shape and dtype.
 std::tuple<Tensor, Tensor> rms_norm(const Tensor& x_in, const Tensor& weight_in, double eps,
                                     const std::optional<Tensor>& residual_in, int64_t nthreads) {
@@ -322,34 +285,6 @@ std::tuple<Tensor, Tensor> rms_norm(const Tensor& x_in, const Tensor& weight_in,
     sum = sum.view(x_in.sizes());
     if (dtype == at::kFloat) return {out, sum};
     return {out.to(dtype), sum.to(dtype)};
-}
-
-Tensor argmax_rows(const Tensor& x_in, int64_t nthreads) {
-    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() == 2, "x must be a 2-D CPU tensor");
-    TORCH_CHECK_VALUE(x_in.size(1) > 0 && x_in.size(1) <= INT32_MAX, "rows must have 1 to 2^31 - 1 elements");
-    const Tensor x = as_rows(x_in);
-    Tensor out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
-    {
-        pybind11::gil_scoped_release nogil;
-        lmserve::argmax_rows(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<int64_t>(),
-                             static_cast<int>(nthreads));
-    }
-    return out;
-}
-
-Tensor silu_and_mul(const Tensor& x_in, int64_t nthreads) {
-    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
-    TORCH_CHECK_VALUE(x_in.size(-1) % 2 == 0, "silu_and_mul needs an even last dimension");
-    const Tensor x = as_rows(x_in);
-    const int64_t inter = x.size(1) / 2;
-    Tensor out = torch::empty({x.size(0), inter}, x.options());
-    {
-        pybind11::gil_scoped_release nogil;
-        lmserve::silu_and_mul(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), out.stride(0), x.size(0), inter,
-                              static_cast<int>(nthreads));
-    }
-    if (x_in.dim() != 2) out = out.view(out_shape(x_in, inter));
-    return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
 void rotary_embedding(const Tensor& positions_in, Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin,
@@ -416,6 +351,72 @@ void write_kv(const Tensor& k_in, const Tensor& v_in, Tensor& k_cache, Tensor& v
     pybind11::gil_scoped_release nogil;
     lmserve::write_kv(a);
 }
+
+// The AVX2 build (LMSERVE_GEMM_ONLY) compiles everything above: linear layers, attention, RMS norm,
+// rotary embedding and cache writes. The ops below fall back to their pure-torch versions there.
+#ifndef LMSERVE_GEMM_ONLY
+Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::optional<Tensor>& bias, int64_t epilogue,
+                  int64_t nthreads) {
+    TORCH_CHECK(lmserve::cpu_has_bf16_dot(), "this CPU has no AVX512_BF16 dot-product instructions");
+    return linear_impl(x, w, n, bias, epilogue, nthreads, true);
+}
+
+
+// qkv [T, 3 * H * D] fp32 (rows may be strided), starts [S + 1] int64; returns [T, H * D] fp32.
+Tensor encoder_attention(const Tensor& qkv, const Tensor& starts_in, int64_t heads, double scale, int64_t nthreads) {
+    check_rows(qkv, "qkv", at::kFloat, 2);
+    TORCH_CHECK_VALUE(heads > 0 && qkv.size(1) % (3 * heads) == 0, "qkv's width ", qkv.size(1),
+                      " is not 3 x ", heads, " heads x head_dim");
+    const Tensor starts = starts_in.to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(starts.dim() == 1 && starts.numel() >= 1, "starts must be a vector of S + 1 offsets");
+    Tensor out = torch::empty({qkv.size(0), qkv.size(1) / 3}, qkv.options());
+    lmserve::EncoderAttentionArgs a{};
+    a.qkv = qkv.data_ptr<float>();
+    a.ld = qkv.stride(0);
+    a.out = out.data_ptr<float>();
+    a.ldo = out.stride(0);
+    a.starts = starts.data_ptr<int64_t>();
+    a.S = starts.numel() - 1;
+    a.T = qkv.size(0);
+    a.H = heads;
+    a.D = qkv.size(1) / (3 * heads);
+    a.scale = static_cast<float>(scale);
+    a.nthreads = static_cast<int>(nthreads);
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::encoder_attention(a);
+    }
+    return out;
+}
+
+Tensor argmax_rows(const Tensor& x_in, int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() == 2, "x must be a 2-D CPU tensor");
+    TORCH_CHECK_VALUE(x_in.size(1) > 0 && x_in.size(1) <= INT32_MAX, "rows must have 1 to 2^31 - 1 elements");
+    const Tensor x = as_rows(x_in);
+    Tensor out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::argmax_rows(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<int64_t>(),
+                             static_cast<int>(nthreads));
+    }
+    return out;
+}
+
+Tensor silu_and_mul(const Tensor& x_in, int64_t nthreads) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() >= 1, "x must be a CPU tensor");
+    TORCH_CHECK_VALUE(x_in.size(-1) % 2 == 0, "silu_and_mul needs an even last dimension");
+    const Tensor x = as_rows(x_in);
+    const int64_t inter = x.size(1) / 2;
+    Tensor out = torch::empty({x.size(0), inter}, x.options());
+    {
+        pybind11::gil_scoped_release nogil;
+        lmserve::silu_and_mul(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), out.stride(0), x.size(0), inter,
+                              static_cast<int>(nthreads));
+    }
+    if (x_in.dim() != 2) out = out.view(out_shape(x_in, inter));
+    return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+}
+
 #endif  // LMSERVE_GEMM_ONLY
 
 }  // namespace
@@ -427,13 +428,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear_quant", &linear_quant, "y = x W^T (+ bias) with a quantized weight (kernels/quant.py)");
     m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache");
     m.def("attention_supports_head_dim", &lmserve::attention_supports_head_dim);
-#ifndef LMSERVE_GEMM_ONLY
-    m.def("linear_dot", &linear_dot, "y = x W^T (+ bias) with a pair-packed bf16 weight and vdpbf16ps");
     m.def("rms_norm", &rms_norm, "RMS norm with an optional fused residual add");
-    m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
-    m.def("argmax_rows", &argmax_rows, "the index of each row's largest value (the first on ties), as torch.argmax");
     m.def("rotary_embedding", &rotary_embedding, "rotary position embedding of q and k, in place");
     m.def("write_kv", &write_kv, "store new keys/values at their cache slots");
+#ifndef LMSERVE_GEMM_ONLY
+    m.def("linear_dot", &linear_dot, "y = x W^T (+ bias) with a pair-packed bf16 weight and vdpbf16ps");
+    m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+    m.def("argmax_rows", &argmax_rows, "the index of each row's largest value (the first on ties), as torch.argmax");
     m.def("encoder_attention", &encoder_attention, "bidirectional attention within each text of a packed batch");
     m.def("encoder_attention_supports_head_dim", &lmserve::encoder_attention_supports_head_dim);
 #endif

@@ -2,13 +2,10 @@
 //
 // torch's index_copy_ costs tens of microseconds per call even for one token, and it runs twice
 // per layer per step; a direct row copy (with bf16 rounding where needed) takes about one.
-#include <omp.h>
-
 #include <algorithm>
-#include <stdexcept>
-#include <string>
 
 #include "kernels.h"
+#include "kv_write.h"
 #include "vec.h"
 
 namespace lmserve {
@@ -53,24 +50,6 @@ void write_row(const KVSource& src, int64_t t, int64_t h, void* dst, bool dst_bf
 
 }  // namespace
 
-void write_kv(const KVWrite& a) {
-    const int64_t capacity = a.num_blocks * a.block_size;
-    for (int64_t t = 0; t < a.T; ++t)
-        if (a.slots[t] < 0 || a.slots[t] >= capacity)
-            throw std::invalid_argument("slot_mapping[" + std::to_string(t) + "] = " + std::to_string(a.slots[t]) +
-                                        " is outside the cache's " + std::to_string(capacity) + " slots");
-    const int64_t esz = a.cache_bf16 ? 2 : 4;
-    const int threads = a.T * a.Hkv * a.D >= (1 << 16) ? std::max(1, a.nthreads) : 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t t = 0; t < a.T; ++t) {
-        const int64_t blk = a.slots[t] / a.block_size, off = a.slots[t] % a.block_size;
-        for (int64_t h = 0; h < a.Hkv; ++h) {
-            char* kd = static_cast<char*>(a.k_cache) + (blk * a.k_sb + off * a.k_st + h * a.k_sh) * esz;
-            char* vd = static_cast<char*>(a.v_cache) + (blk * a.v_sb + off * a.v_st + h * a.v_sh) * esz;
-            write_row(a.k, t, h, kd, a.cache_bf16, a.D);
-            write_row(a.v, t, h, vd, a.cache_bf16, a.D);
-        }
-    }
-}
+void write_kv(const KVWrite& a) { write_kv_rows(a, write_row); }
 
 }  // namespace lmserve

@@ -361,7 +361,6 @@ Tensor linear_dot(const Tensor& x, const Tensor& w, int64_t n, const std::option
     return linear_impl(x, w, n, bias, epilogue, nthreads, true);
 }
 
-
 // qkv [T, 3 * H * D] fp32 (rows may be strided), starts [S + 1] int64; returns [T, H * D] fp32.
 Tensor encoder_attention(const Tensor& qkv, const Tensor& starts_in, int64_t heads, double scale, int64_t nthreads) {
     check_rows(qkv, "qkv", at::kFloat, 2);

@@ -75,9 +75,10 @@ def test_weights_packed_with_other_int8_groups_are_quantized_again(converted: tu
     """The own groupings are part of the cache name: a build whose ``INT8_GROUPS`` differ from the one
     that filled the cache quantizes with its own instead of serving the old ones."""
     _, out = converted
-    stored = cache_name("int8", OPS)
+    stored, stored_int4 = cache_name("int8", OPS), cache_name("int4", OPS)
     monkeypatch.setattr(quant_module, "INT8_GROUPS", (32,))
     assert cache_name("int8", OPS) != stored
+    assert cache_name("int4", OPS) != stored_int4  # its LM head is int8
     model, _ = load_model(out, torch.float32, torch.device("cpu"), OPS, quantize="int8")
     groups = {p.group for p in _packs(model).values() if isinstance(p, QuantLinear)}
     assert groups == {32}

@@ -35,11 +35,13 @@ INT8_GROUPS = (128, 64, GROUP)
 
 
 def layout_tag(mode: str) -> str:
-    """What packed ``mode`` weights depend on besides the checkpoint: the layouts' version and the own
-    groupings, which are part of the name their cache is kept under. A change of ``INT8_GROUPS`` or
-    ``GROUP`` then reads none of the weights packed with the old ones, without a version bump."""
-    groups = {"int8": INT8_GROUPS, "int4": (GROUP,)}.get(mode, ())
-    return f"v{LAYOUT_VERSION}" + "".join(f"-g{g}" for g in groups)
+    """What packed ``mode`` weights depend on besides the checkpoint: the layouts' version and, for the
+    own modes, the own groupings (both: int4 keeps the LM head in int8), which are part of the name
+    their cache is kept under. A change of ``INT8_GROUPS`` or ``GROUP`` then reads none of the
+    weights packed with the old ones, without a version bump."""
+    if mode not in ("int8", "int4"):
+        return f"v{LAYOUT_VERSION}"
+    return f"v{LAYOUT_VERSION}-g{'.'.join(str(g) for g in INT8_GROUPS)}-g{GROUP}"
 
 
 @dataclass(frozen=True)

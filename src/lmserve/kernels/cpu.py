@@ -1,5 +1,6 @@
 """The compiled CPU kernels behind the ``Ops`` interface: every op from the AVX-512 build
-(``CpuOps``), the linear layers only from the AVX2 one (``PanelLinearOps``).
+(``CpuOps``); from the AVX2 one (``PanelLinearOps``) all but argmax, SwiGLU alone and encoder
+attention.
 
 Anything the compiled library does not cover (other devices, head sizes without a compiled kernel)
 is handed to the pure-torch ops this class inherits, so callers never need to know which path ran.

@@ -1,4 +1,5 @@
-// AVX2 + FMA helpers shared by the kernels of the AVX2 build (gemm_avx2.cpp, quant_gemm_avx2.cpp).
+// AVX2 + FMA helpers shared by the kernels of the AVX2 build (gemm_avx2.cpp, quant_gemm_avx2.cpp,
+// attention_avx2.cpp).
 #pragma once
 
 #include <immintrin.h>

@@ -10,10 +10,6 @@
 
 namespace lmserve {
 
-// Below this many elements (256 KB of fp32) a row-wise op runs on one thread: it takes a few
-// microseconds, about what waking the other threads costs.
-constexpr int64_t kParallelMinElements = 1 << 16;
-
 void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, const float* weight, float* out,
               int64_t ldo, float* sum_out, int64_t lds, int64_t M, int64_t H, float eps, int nthreads) {
     const int threads = M * H >= kParallelMinElements ? std::max(1, nthreads) : 1;

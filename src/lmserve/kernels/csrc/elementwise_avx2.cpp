@@ -11,18 +11,10 @@
 
 #include "kernels.h"
 #include "kv_write.h"
+#include "vec_avx2.h"
 
 namespace lmserve {
 namespace {
-
-// Below this many elements a row-wise op runs on one thread (as elementwise.cpp).
-constexpr int64_t kParallelMinElements = 1 << 16;
-
-inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
 
 // fp32 -> bf16 rounding to nearest even, NaN to 0xFFFF (as kv_cache.cpp, and torch's .to()).
 inline uint16_t to_bf16(float x) {
@@ -41,31 +33,20 @@ inline __m128i to_bf16x8(__m256 x) {
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-void write_row(const KVSource& src, int64_t t, int64_t h, void* dst, bool dst_bf16, int64_t D) {
-    if (src.bf16) {
-        const uint16_t* s = static_cast<const uint16_t*>(src.data) + t * src.st + h * src.sh;
-        if (dst_bf16) {
-            std::copy(s, s + D, static_cast<uint16_t*>(dst));
-            return;
-        }
-        float* d = static_cast<float*>(dst);
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8) {
-            const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-            _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-        }
-        for (; i < D; ++i) {
-            const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
-            __builtin_memcpy(d + i, &u, 4);
-        }
-        return;
+// One row of D values: bf16 widened to fp32, and fp32 rounded to bf16.
+void widen_row(const uint16_t* s, float* d, int64_t D) {
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+        _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
     }
-    const float* s = static_cast<const float*>(src.data) + t * src.st + h * src.sh;
-    if (!dst_bf16) {
-        std::copy(s, s + D, static_cast<float*>(dst));
-        return;
+    for (; i < D; ++i) {
+        const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
+        __builtin_memcpy(d + i, &u, 4);
     }
-    uint16_t* d = static_cast<uint16_t*>(dst);
+}
+
+void narrow_row(const float* s, uint16_t* d, int64_t D) {
     int64_t i = 0;
     for (; i + 8 <= D; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), to_bf16x8(_mm256_loadu_ps(s + i)));
     for (; i < D; ++i) d[i] = to_bf16(s[i]);
@@ -73,7 +54,7 @@ void write_row(const KVSource& src, int64_t t, int64_t h, void* dst, bool dst_bf
 
 }  // namespace
 
-void write_kv(const KVWrite& a) { write_kv_rows(a, write_row); }
+void write_kv(const KVWrite& a) { write_kv_rows(a, widen_row, narrow_row); }
 
 void rms_norm(const float* x, int64_t ldx, const float* residual, int64_t ldr, const float* weight, float* out,
               int64_t ldo, float* sum_out, int64_t lds, int64_t M, int64_t H, float eps, int nthreads) {

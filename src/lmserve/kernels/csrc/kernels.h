@@ -10,6 +10,10 @@ namespace lmserve {
 // (element 2j = column j, element 2j+1 = column 16 + j of the panel). Padding columns are zero.
 constexpr int kPanel = 32;
 
+// Below this many elements (256 KB of fp32) a row-wise op (norms, rotary embedding, cache writes)
+// runs on one thread: it takes a few microseconds, about what waking the other threads costs.
+constexpr int64_t kParallelMinElements = 1 << 16;
+
 enum class Epilogue : int {
     kNone = 0,     // y = x W^T + bias
     kSiluMul = 1,  // panels alternate gate/up; y[:, c] = silu(gate[:, c]) * up[:, c]

@@ -21,27 +21,16 @@ inline __m256i to_bf16(__m512 x) {
     return _mm512_cvtepi32_epi16(r);
 }
 
-void write_row(const KVSource& src, int64_t t, int64_t h, void* dst, bool dst_bf16, int64_t D) {
-    if (src.bf16) {
-        const uint16_t* s = static_cast<const uint16_t*>(src.data) + t * src.st + h * src.sh;
-        if (dst_bf16) {
-            std::copy(s, s + D, static_cast<uint16_t*>(dst));
-        } else {
-            float* d = static_cast<float*>(dst);
-            for (int64_t i = 0; i < D; i += 16) {
-                const __mmask16 m = tail_mask(static_cast<int>(std::min<int64_t>(16, D - i)));
-                const __m256i w = _mm256_maskz_loadu_epi16(m, s + i);
-                _mm512_mask_storeu_ps(d + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)));
-            }
-        }
-        return;
+// One row of D values: bf16 widened to fp32, and fp32 rounded to bf16.
+void widen_row(const uint16_t* s, float* d, int64_t D) {
+    for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = tail_mask(static_cast<int>(std::min<int64_t>(16, D - i)));
+        const __m256i w = _mm256_maskz_loadu_epi16(m, s + i);
+        _mm512_mask_storeu_ps(d + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)));
     }
-    const float* s = static_cast<const float*>(src.data) + t * src.st + h * src.sh;
-    if (!dst_bf16) {
-        std::copy(s, s + D, static_cast<float*>(dst));
-        return;
-    }
-    uint16_t* d = static_cast<uint16_t*>(dst);
+}
+
+void narrow_row(const float* s, uint16_t* d, int64_t D) {
     for (int64_t i = 0; i < D; i += 16) {
         const __mmask16 m = tail_mask(static_cast<int>(std::min<int64_t>(16, D - i)));
         _mm256_mask_storeu_epi16(d + i, m, to_bf16(_mm512_maskz_loadu_ps(m, s + i)));
@@ -50,6 +39,6 @@ void write_row(const KVSource& src, int64_t t, int64_t h, void* dst, bool dst_bf
 
 }  // namespace
 
-void write_kv(const KVWrite& a) { write_kv_rows(a, write_row); }
+void write_kv(const KVWrite& a) { write_kv_rows(a, widen_row, narrow_row); }
 
 }  // namespace lmserve

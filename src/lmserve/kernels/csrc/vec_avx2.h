@@ -1,5 +1,5 @@
 // AVX2 + FMA helpers shared by the kernels of the AVX2 build (gemm_avx2.cpp, quant_gemm_avx2.cpp,
-// attention_avx2.cpp).
+// attention_avx2.cpp, elementwise_avx2.cpp).
 #pragma once
 
 #include <immintrin.h>
@@ -29,6 +29,13 @@ static inline __m256 exp2_8(__m256 x) {
 static inline __m256 silu_mul8(__m256 g, __m256 u) {
     const __m256 e = exp2_8(_mm256_mul_ps(g, _mm256_set1_ps(-1.4426950408889634f)));
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+// The sum of the eight lanes of v.
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
 // Rows of gate|up pairs (row stride 64 floats: 32 gate columns, then 32 up ones) written to y as

@@ -73,14 +73,22 @@ struct Rows {
     }
 };
 
+// Prefetch the cache row at r: every 64-byte line of its n features.
+template <typename T>
+inline void prefetch_row(const T* r, int64_t n) {
+    const char* c = reinterpret_cast<const char*>(r);
+    for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
 // out[0, NV * 8) += sum over keys of p[j] * v_j[d0, d0 + NV * 8), then scaled by inv.
 template <int NV, typename T>
-void weighted_values(const Rows<T>& v, const float* p, int64_t nkeys, int64_t d0, float inv, float* out) {
+void weighted_values(const Rows<T>& v, const float* p, int64_t nkeys, int64_t d0, float inv, bool fetch, float* out) {
     __m256 o[NV];
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) o[c] = _mm256_setzero_ps();
     for (int64_t j = 0; j < nkeys; ++j) {
         const T* vj = v.at(j) + d0;
+        if (fetch && j + kAhead < nkeys) prefetch_row(v.at(j + kAhead) + d0, 8 * NV);
         const __m256 pj = _mm256_broadcast_ss(p + j);
 #pragma GCC unroll 8
         for (int c = 0; c < NV; ++c) o[c] = _mm256_fmadd_ps(pj, load8(vj + 8 * c), o[c]);
@@ -88,13 +96,6 @@ void weighted_values(const Rows<T>& v, const float* p, int64_t nkeys, int64_t d0
     const __m256 s = _mm256_set1_ps(inv);
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(o[c], s));
-}
-
-// Prefetch the cache row at r: every 64-byte line of its n features.
-template <typename T>
-inline void prefetch_row(const T* r, int64_t n) {
-    const char* c = reinterpret_cast<const char*>(r);
-    for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
 }
 
 // A bf16 cache's rows by pairs of features: one 256-bit load of 16 values gives the even-numbered
@@ -218,15 +219,15 @@ void attend_row(const float* q, int64_t D, const Rows<T>& k, const Rows<T>& v, i
             default: break;
         }
     } else {
-        for (; d0 + 64 <= D; d0 += 64) weighted_values<8>(v, p, nkeys, d0, inv, out);
+        for (; d0 + 64 <= D; d0 += 64) weighted_values<8>(v, p, nkeys, d0, inv, fetch, out);
         switch ((D - d0) / 8) {
-            case 1: weighted_values<1>(v, p, nkeys, d0, inv, out); break;
-            case 2: weighted_values<2>(v, p, nkeys, d0, inv, out); break;
-            case 3: weighted_values<3>(v, p, nkeys, d0, inv, out); break;
-            case 4: weighted_values<4>(v, p, nkeys, d0, inv, out); break;
-            case 5: weighted_values<5>(v, p, nkeys, d0, inv, out); break;
-            case 6: weighted_values<6>(v, p, nkeys, d0, inv, out); break;
-            case 7: weighted_values<7>(v, p, nkeys, d0, inv, out); break;
+            case 1: weighted_values<1>(v, p, nkeys, d0, inv, fetch, out); break;
+            case 2: weighted_values<2>(v, p, nkeys, d0, inv, fetch, out); break;
+            case 3: weighted_values<3>(v, p, nkeys, d0, inv, fetch, out); break;
+            case 4: weighted_values<4>(v, p, nkeys, d0, inv, fetch, out); break;
+            case 5: weighted_values<5>(v, p, nkeys, d0, inv, fetch, out); break;
+            case 6: weighted_values<6>(v, p, nkeys, d0, inv, fetch, out); break;
+            case 7: weighted_values<7>(v, p, nkeys, d0, inv, fetch, out); break;
             default: break;
         }
     }
@@ -262,7 +263,8 @@ void attention_items(const AttentionArgs& a, const std::vector<RowItem>& items) 
                 pair_order(q, a.D, qp);
                 q = qp;
             }
-            attend_row<T, Pairs>(q, a.D, k, v, pos + 1, a.scale, slope, pos, r == it.i0, p, a.out + t * a.o_st + it.h * a.o_sh);
+            attend_row<T, Pairs>(q, a.D, k, v, pos + 1, a.scale, slope, pos, r == it.i0, p,
+                                 a.out + t * a.o_st + it.h * a.o_sh);
         }
     }
 }

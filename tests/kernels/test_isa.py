@@ -40,9 +40,10 @@ def test_avx2_build_packs_the_reference_panels(avx2_ops: PanelLinearOps) -> None
     assert torch.equal(avx2_ops.pack_gate_up_weight(w, up).data, pack_panels(interleave_gate_up(w, up)))
 
 
-def test_avx2_bias_and_silu_mul(avx2_ops: PanelLinearOps, threads: int) -> None:
+@pytest.mark.parametrize("rows", [9, 20])  # 20: 6-row half tiles from 16 rows on
+def test_avx2_bias_and_silu_mul(avx2_ops: PanelLinearOps, threads: int, rows: int) -> None:
     torch.manual_seed(threads)
-    w, x, bias = torch.randn(70, 576).bfloat16(), torch.randn(9, 576), torch.randn(70)
+    w, x, bias = torch.randn(70, 576).bfloat16(), torch.randn(rows, 576), torch.randn(70)
     close(avx2_ops.linear(x, avx2_ops.pack_linear_weight(w), bias), expected(x, w) + bias, 576)
     gate, up = torch.randn(100, 576).bfloat16(), torch.randn(100, 576).bfloat16()
     want = torch.nn.functional.silu(expected(x, gate)) * expected(x, up)

@@ -151,11 +151,7 @@ inline void panel_rows(const LinearArgs& a, int64_t p, int64_t m0, int64_t m1, f
                 alignas(32) float tile[kHR * kPanel];
                 micro_half(a.x + m * a.ldx + k0, a.ldx, wp + k0 * kPanel, kc, 0, tile);
                 micro_half(a.x + m * a.ldx + k0, a.ldx, wp + k0 * kPanel, kc, 1, tile);
-                for (int r = 0; r < kHR; ++r) {
-                    float* cr = c + (m - m0 + r) * ldc;
-                    const float* add = k0 == 0 ? t.bias : cr;
-                    for (int j = 0; j < t.ncols; ++j) cr[j] = tile[r * kPanel + j] + (add ? add[j] : 0.0f);
-                }
+                add_tile_rows(tile, kHR, c + (m - m0) * ldc, ldc, t.ncols, t.bias, k0 == 0);
                 m += kHR;
                 continue;
             }

@@ -281,11 +281,7 @@ void qpanel_rows_widened(const QuantLinearArgs& a, int64_t p, int64_t m0, int64_
             } else {
                 wmicro<1>(a.x + m * a.ldx + k0, a.ldx, w, kc, tile);
             }
-            for (int r = 0; r < mr; ++r) {
-                float* cr = c + (m - m0 + r) * ldc;
-                const float* add = k0 == 0 ? bias : cr;
-                for (int j = 0; j < nc; ++j) cr[j] = tile[r * kPanel + j] + (add ? add[j] : 0.0f);
-            }
+            add_tile_rows(tile, mr, c + (m - m0) * ldc, ldc, nc, bias, k0 == 0);
             m += mr;
         }
     }
@@ -321,11 +317,7 @@ void qpanel_rows(const QuantLinearArgs& a, const float* xsums, int64_t p, int64_
             } else {
                 qmicro<1, BITS, MIN>(a.x + m * a.ldx + k0, a.ldx, xs, a, p, k0, kc, tile, pf);
             }
-            for (int r = 0; r < mr; ++r) {
-                float* cr = c + (m - m0 + r) * ldc;
-                const float* add = k0 == 0 ? bias : cr;
-                for (int j = 0; j < nc; ++j) cr[j] = tile[r * kPanel + j] + (add ? add[j] : 0.0f);
-            }
+            add_tile_rows(tile, mr, c + (m - m0) * ldc, ldc, nc, bias, k0 == 0);
             m += mr;
         }
     }

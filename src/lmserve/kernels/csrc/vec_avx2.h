@@ -38,6 +38,17 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
+// A row tile's sums (row stride 32) written to c (row stride ldc, nc columns): over the bias (or
+// nothing) in the first K block, added to what c holds in the later ones.
+static inline void add_tile_rows(const float* tile, int rows, float* c, int64_t ldc, int nc, const float* bias,
+                                 bool first) {
+    for (int r = 0; r < rows; ++r) {
+        float* cr = c + r * ldc;
+        const float* add = first ? bias : cr;
+        for (int j = 0; j < nc; ++j) cr[j] = tile[r * 32 + j] + (add ? add[j] : 0.0f);
+    }
+}
+
 // Rows of gate|up pairs (row stride 64 floats: 32 gate columns, then 32 up ones) written to y as
 // silu(gate) * up, ncols columns a row.
 static inline void store_silu_mul_rows8(const float* s, int64_t rows, float* y, int64_t ldy, int ncols) {

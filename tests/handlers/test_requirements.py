@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import multiprocessing.spawn
 import zipfile
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def probe_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("enable_venv", [False, True], ids=["shared-cache", "model-venv"])
 def test_requirements_install_from_the_wheel_folder(probe_model: Path, tmp_path: Path, enable_venv: bool) -> None:
+    interpreter = multiprocessing.spawn.get_executable()
     server = start_handler_server(probe_model, model={"enable_venv": enable_venv}, model_loading_timeout_s=300)
     try:
         with server.client() as http:
@@ -64,3 +66,5 @@ def test_requirements_install_from_the_wheel_folder(probe_model: Path, tmp_path:
     cache = tmp_path / "cache"
     assert Path(answer["module"]).is_relative_to(cache / ("venvs" if enable_venv else "pydeps"))
     assert Path(answer["python"]).is_relative_to(cache / "venvs") == enable_venv
+    # The venv was this worker's only: later spawns (tensor-parallel ranks, engines) keep lmserve's.
+    assert multiprocessing.spawn.get_executable() == interpreter

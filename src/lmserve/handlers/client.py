@@ -46,6 +46,7 @@ from lmserve.handlers.messages import (
     encode,
 )
 from lmserve.handlers.worker_process import run_handler_worker
+from lmserve.spawning import start_spawned
 from lmserve.workers.engine_client import ReplicaState
 from lmserve.workers.placement import Placement
 
@@ -124,11 +125,9 @@ class HandlerClient:
         ctx = multiprocessing.get_context("spawn")
         where = self.placement
         env, cpus = (dict(where.env), list(where.cpus) if where.cpus is not None else None) if where else ({}, None)
-        if self.python is not None:
-            ctx.set_executable(self.python)
         self._process = ctx.Process(target=run_handler_worker, args=(self.spec, address, env, cpus),
                                     name=f"lmserve-handler-{self.name}")  # fmt: skip
-        self._process.start()
+        start_spawned(self._process, self.python)  # the model's venv for this worker only
         loop.add_reader(self._process.sentinel, self._on_process_exit)
         self._tasks.append(asyncio.create_task(self._read(), name=f"{self.name}-read"))
         self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.name}-watch"))

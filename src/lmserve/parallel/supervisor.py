@@ -28,6 +28,7 @@ from lmserve.errors import EngineDeadError
 from lmserve.parallel.group import GroupSpec, ProcessGroup, join_group, open_store
 from lmserve.parallel.step import IDLE, STEP, STOP, StepInputs, send_step
 from lmserve.parallel.worker import LoadRunner, joining_key, loaded_key, worker_error, worker_main
+from lmserve.spawning import start_spawned
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def start_group(degree: int, device_type: str, load: LoadRunner) -> Supervisor:
         env = dataclasses.replace(spec, rank=rank, local_rank=rank).env()
         workers[rank] = ctx.Process(target=worker_main, args=(load, device_type, env),
                                     name=f"lmserve-tp-rank{rank}", daemon=True)
-        workers[rank].start()
+        start_spawned(workers[rank])
     try:
         _wait_for(store, [joining_key(r) for r in workers], workers, "joining the group")
         group = join_group(spec, device_type, store=store)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve.environ import env_set
+from lmserve.spawning import start_spawned
 from lmserve.store.policy import FetchPolicy
 from lmserve.workers.messages import ErrorInfo
 
@@ -45,7 +46,7 @@ async def resolve_in_child(model_id: str, revision: str | None, default_model: b
     receiver, sender = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_resolve_main, args=(sender, model_id, revision, default_model, policy),
                         name="lmserve-resolve")  # fmt: skip
-    child.start()
+    start_spawned(child)
     sender.close()
     try:
         reply: tuple[Any, ...] = await asyncio.to_thread(_receive, receiver)

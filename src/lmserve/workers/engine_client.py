@@ -29,6 +29,7 @@ from lmserve.engine.outputs import RequestDelta
 from lmserve.engine.protocol import EngineStats, ModelInfo
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.errors import EngineDeadError, EngineFailedError, ShuttingDownError
+from lmserve.spawning import start_spawned
 from lmserve.workers.engine_process import run_engine_process
 from lmserve.workers.messages import (
     Abort,
@@ -110,7 +111,7 @@ class EngineClient:
         self._process = spawn.Process(target=run_engine_process,
                                       args=(encode_spec(self.spec), inbox, outbox, env, cpus, beat),
                                       name=f"lmserve-engine-{self.name}")  # fmt: skip
-        self._process.start()
+        start_spawned(self._process)
         loop.add_reader(self._process.sentinel, self._on_process_exit)
         self._tasks.append(asyncio.create_task(self._read_output(), name=f"{self.name}-output"))
         if self.heartbeat_timeout:

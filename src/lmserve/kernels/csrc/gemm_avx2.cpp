@@ -110,28 +110,16 @@ constexpr int64_t kHalfFrom = 16;  // rows in a task from which they run (at 12 
 
 // kHR rows x 16 columns (half h of the panel): the two loads of a panel line hold columns 0-7 and
 // 8-15 as their even halves, 16-23 and 24-31 as their odd ones, so a half widens two vectors per k
-// and each serves kHR rows: 12 accumulators, 2 weights and a broadcast in 15 registers.
+// and each serves kHR rows (tile6x16).
 __attribute__((noinline)) void micro_half(const float* x, int64_t ldx, const uint16_t* w, int64_t kc, int h,
                                           float* tile) {
-    __m256 acc[kHR][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < kHR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < kc; ++k) {
+    static_assert(kHR == 6, "tile6x16 is 6 rows");
+    tile6x16(x, ldx, kc, tile + 16 * h, [&](int64_t k, __m256& w0, __m256& w1) {
         const __m256i* line = reinterpret_cast<const __m256i*>(w + k * kPanel);
         const __m256i l0 = _mm256_loadu_si256(line), l1 = _mm256_loadu_si256(line + 1);
-        const __m256 w0 = h == 0 ? even8(l0) : odd8(l0), w1 = h == 0 ? even8(l1) : odd8(l1);
-#pragma GCC unroll 8
-        for (int r = 0; r < kHR; ++r) {
-            const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
-            acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < kHR; ++r) {
-        _mm256_store_ps(tile + r * kPanel + 16 * h, acc[r][0]);
-        _mm256_store_ps(tile + r * kPanel + 16 * h + 8, acc[r][1]);
-    }
+        w0 = h == 0 ? even8(l0) : odd8(l0);
+        w1 = h == 0 ? even8(l1) : odd8(l1);
+    });
 }
 
 using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const Tile&, bool);

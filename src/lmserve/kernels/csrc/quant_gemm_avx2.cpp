@@ -239,23 +239,11 @@ __attribute__((noinline)) void wmicro(const float* x, int64_t ldx, const float* 
 
 // wmicro for kHR rows and one half (16 columns) of the block: each loaded weight serves kHR rows.
 __attribute__((noinline)) void wmicro_half(const float* x, int64_t ldx, const float* w, int64_t kc, int h, float* tile) {
-    __m256 acc[kHR][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < kHR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < kc; ++k) {
-        const __m256 w0 = _mm256_load_ps(w + k * kPanel + 16 * h), w1 = _mm256_load_ps(w + k * kPanel + 16 * h + 8);
-#pragma GCC unroll 8
-        for (int r = 0; r < kHR; ++r) {
-            const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
-            acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < kHR; ++r) {
-        _mm256_store_ps(tile + r * kPanel + 16 * h, acc[r][0]);
-        _mm256_store_ps(tile + r * kPanel + 16 * h + 8, acc[r][1]);
-    }
+    static_assert(kHR == 6, "tile6x16 is 6 rows");
+    tile6x16(x, ldx, kc, tile + 16 * h, [&](int64_t k, __m256& w0, __m256& w1) {
+        w0 = _mm256_load_ps(w + k * kPanel + 16 * h);
+        w1 = _mm256_load_ps(w + k * kPanel + 16 * h + 8);
+    });
 }
 
 // qpanel_rows for many rows: each K block of the panel widened once, then multiplied by every row, in

@@ -38,6 +38,31 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
+// A tile of 6 rows x 16 columns: tile[r][j] = sum over k < kc of x[r * ldx + k] * w_k[j], where
+// load(k, w0, w1) gives k-row k's 16 weights as two vectors. Each loaded weight serves 6 rows: 12
+// accumulators, 2 weights and a broadcast take 15 of the 16 registers. Tile rows are 32 floats apart.
+template <typename Load>
+static inline void tile6x16(const float* x, int64_t ldx, int64_t kc, float* tile, Load load) {
+    __m256 acc[6][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k) {
+        __m256 w0, w1;
+        load(k, w0, w1);
+#pragma GCC unroll 8
+        for (int r = 0; r < 6; ++r) {
+            const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
+            acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < 6; ++r) {
+        _mm256_store_ps(tile + r * 32, acc[r][0]);
+        _mm256_store_ps(tile + r * 32 + 8, acc[r][1]);
+    }
+}
+
 // A row tile's sums (row stride 32) written to c (row stride ldc, nc columns): over the bias (or
 // nothing) in the first K block, added to what c holds in the later ones.
 static inline void add_tile_rows(const float* tile, int rows, float* c, int64_t ldc, int nc, const float* bias,

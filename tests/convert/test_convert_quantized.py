@@ -14,7 +14,7 @@ from lmserve.kernels import quant as quant_module
 from lmserve.kernels.quant import QuantLinear
 from lmserve.models import loader as loader_module
 from lmserve.models.loader import load_model
-from lmserve.models.quantize import cache_name, uses_vnni
+from lmserve.models.quantize import cache_name, dot_layouts
 from lmserve.parallel.layers import LinearBase
 from tests.tiny_models import make_tiny_model
 
@@ -64,7 +64,7 @@ def test_another_mode_does_not_take_them(converted: tuple[Path, Path]) -> None:
     _, out = converted
     model, _ = load_model(out, torch.float32, torch.device("cpu"), OPS, quantize="int4")
     packs = _packs(model)
-    four_bit = "q4v" if uses_vnni(OPS) else "q4"
+    four_bit = "q4v" if "q4v" in dot_layouts(OPS) else "q4"
     assert {p.layout for name, p in packs.items() if name != "lm_head"} == {four_bit}  # type: ignore[union-attr]
     plain, _ = load_model(out, torch.float32, torch.device("cpu"), OPS)
     assert not any(isinstance(p, QuantLinear) for p in _packs(plain).values())

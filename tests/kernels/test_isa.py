@@ -20,7 +20,7 @@ from lmserve.kernels.device import resolve_dtype
 from .paged import make_batch, naive_attention
 from .test_attention import BATCHES
 from .test_linear import SHAPES, close, expected
-from .test_quant import FORMATS, concat, oracle, pack_quant, to_vnni
+from .test_quant import FORMATS, concat, oracle, pack_quant, to_vnni, vnni_oracle
 from .test_quant import SHAPES as QUANT_SHAPES
 from .test_quant import close as close_quant
 
@@ -92,16 +92,33 @@ def test_avx2_quantized_gate_up_at_every_thread_count(avx2_ops: PanelLinearOps, 
         close_quant(avx2_ops.linear_silu_mul(x, pack_quant(concat([gate, up]), n, gate_up=True)), want.float(), k)
 
 
-def test_avx2_build_packs_weight_only_layouts_and_leaves_vnni_ones_to_torch(avx2_ops: PanelLinearOps) -> None:
-    """Even on a CPU with VNNI the AVX2 build has no kernel for those layouts: it never asks for them
-    (``vnni`` decides the layout weights are packed in), and one packed elsewhere is still right."""
-    from lmserve.models.quantize import uses_vnni
+def test_avx2_build_packs_4_bit_for_its_dot_kernel_and_leaves_8_bit_vnni_to_torch(avx2_ops: PanelLinearOps) -> None:
+    """Even on a CPU with VNNI the AVX2 build has no kernel for the 8-bit int8-dot layout: it never asks
+    for it (``dot_layouts`` decides the layouts weights are packed in), and one packed elsewhere is
+    still right."""
+    from lmserve.models.quantize import dot_layouts
 
-    assert not uses_vnni(avx2_ops)
+    assert dot_layouts(avx2_ops) == ("q4v",)
     torch.manual_seed(3)
     g, x = FORMATS["int8"](torch.randn(40, 64)), torch.randn(2, 64)
     got = avx2_ops.linear(x, to_vnni(pack_quant(g)))
     torch.testing.assert_close(got, oracle(x, g), rtol=0.02, atol=0.02 * float(oracle(x, g).abs().max()))
+
+
+# M: 1 and 2 (decode, whole and partial 2-row tiles), 13 (an odd last tile) and 150 (several row tasks);
+# K: 96 (three groups), 544 (17), 1056 (33, past the kernel's prefetch distance).
+@pytest.mark.usefixtures("no_torch_fallback")
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 96), (2, 33, 544), (13, 130, 1056), (150, 40, 256)])
+def test_avx2_4_bit_dot_kernel_matches_dequantize_then_matmul_of_rounded_activations(
+        avx2_ops: PanelLinearOps, threads: int, m: int, n: int, k: int) -> None:
+    torch.manual_seed(m + n + threads)
+    g, up, x, bias = FORMATS["int4"](torch.randn(n, k)), FORMATS["int4"](torch.randn(n, k)), torch.randn(m, k), torch.randn(n)
+    packed = to_vnni(pack_quant(g), avx2_ops.dot_layouts)
+    assert packed.layout == "q4v"
+    close_quant(avx2_ops.linear(x, packed, bias), vnni_oracle(x, g, bias), k)
+    gate_up = to_vnni(pack_quant(concat([g, up]), n, gate_up=True), avx2_ops.dot_layouts)
+    want = torch.nn.functional.silu(vnni_oracle(x, g).double()) * vnni_oracle(x, up).double()
+    close_quant(avx2_ops.linear_silu_mul(x, gate_up), want.float(), k)
 
 
 @pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))

@@ -178,9 +178,11 @@ def test_vnni_results_stay_within_activation_rounding_of_weight_only(compiled_op
     assert float(err) < 0.02
 
 
-def test_vnni_layout_packed_elsewhere_runs_without_vnni(compiled_ops: Ops, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compiled_ops, "vnni", False)
-    g, x = quantize_int8(torch.randn(40, 64)), torch.randn(2, 64)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_vnni_layout_packed_elsewhere_runs_without_vnni(compiled_ops: Ops, monkeypatch: pytest.MonkeyPatch,
+                                                        mode: str) -> None:
+    monkeypatch.setattr(compiled_ops, "dot_layouts", ())
+    g, x = quantize(torch.randn(40, 64), mode), torch.randn(2, 64)
     close(compiled_ops.linear(x, to_vnni(pack_quant(g))), vnni_oracle(x, g), 64)
 
 
@@ -189,3 +191,6 @@ def test_vnni_layouts_are_taken_by_int8_without_mins_and_4_bit() -> None:
     assert to_vnni(pack_quant(quantize_int4(torch.randn(32, 64)))).layout == "q4v"
     mixed = pack_quant(concat([quantize_int4(torch.randn(32, 64)), q6k_like(32, 64)]))  # 8-bit with mins
     assert to_vnni(mixed).layout == "q8"
+    only_4_bit = ("q4v",)  # what the AVX2 build multiplies
+    assert to_vnni(pack_quant(quantize_int8(torch.randn(32, 64))), only_4_bit).layout == "q8"
+    assert to_vnni(pack_quant(quantize_int4(torch.randn(32, 64))), only_4_bit).layout == "q4v"

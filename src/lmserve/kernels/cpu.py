@@ -17,7 +17,7 @@ import torch
 
 from lmserve.kernels.build import cpu_flags
 from lmserve.kernels.packed import PackedLinear
-from lmserve.kernels.quant import QuantLinear
+from lmserve.kernels.quant import DOT_LAYOUTS, QuantLinear
 from lmserve.kernels.reference import ReferenceOps
 
 _PLAIN, _SILU_MUL = 0, 1  # lmserve::Epilogue in csrc/kernels.h
@@ -35,11 +35,16 @@ class PanelLinearOps(ReferenceOps):
         super().__init__("cpu")
         self.ext = ext
         self.name = f"cpu-{getattr(ext, 'lmserve_isa', 'avx512')}"
-        # Quantized weights x int8-rounded activations with vpdpbusd: faster than the weight-only
-        # kernels at every M measured (1, 8, 128; a busy 2-core EPYC). Off with LMSERVE_QUANT_VNNI=0.
-        # The AVX2 build multiplies only the weight-only layouts, even where the CPU has VNNI.
-        self.vnni = (getattr(ext, "lmserve_isa", "avx512") == "avx512" and "avx512_vnni" in cpu_flags()
-                     and os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0")
+        # The layouts of quantized weights this build multiplies by int8-rounded activations
+        # (``quant.to_vnni``), and so the ones weights are packed in here. AVX-512 with VNNI: both
+        # (vpdpbusd), faster than the weight-only kernels at every M measured (1, 8, 128; a busy 2-core
+        # EPYC). AVX2: 4-bit only (vpmaddubsw + vpmaddwd; 8-bit values + 128 would saturate them),
+        # 1.2x the weight-only kernel at one row and 1.0-1.6x at 2-200 rows (2-core AMD EPYC, Zen 3).
+        # None with LMSERVE_QUANT_VNNI=0.
+        isa = getattr(ext, "lmserve_isa", "avx512")
+        self.dot_layouts: tuple[str, ...] = ()
+        if os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0":
+            self.dot_layouts = ("q4v",) if isa == "avx2" else ("q8v", "q4v") if "avx512_vnni" in cpu_flags() else ()
 
     @property
     def fast_bf16(self) -> bool:
@@ -85,7 +90,7 @@ class PanelLinearOps(ReferenceOps):
     def _quant(self, x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
         # VNNI layouts packed on another machine (or for the AVX-512 build) never run here, where they
         # may fault or the build has no kernel for them.
-        if not hasattr(self.ext, "linear_quant") or (w.layout in ("q8v", "q4v") and not self.vnni):
+        if not hasattr(self.ext, "linear_quant") or (w.layout in DOT_LAYOUTS and w.layout not in self.dot_layouts):
             return super().linear_silu_mul(x, w) if w.gate_up else super().linear(x, w, bias)
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,
                                      w.group, w.kernel_bits, bias, w.gate_up, torch.get_num_threads())

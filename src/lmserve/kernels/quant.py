@@ -32,6 +32,7 @@ GROUP = 32  # own int4 group, as llama.cpp's Q4_1
 # 128 than of 32; the default model's perplexity (benchmarks/quality.py) moved from +0.36% of bf16 to
 # +0.52%.
 INT8_GROUPS = (128, 64, GROUP)
+DOT_LAYOUTS = ("q8v", "q4v")  # the layouts multiplied by int8-rounded activations (to_vnni)
 
 
 def layout_tag(mode: str) -> str:
@@ -208,13 +209,16 @@ def pack_quant(g: Grouped, out_features: int | None = None, gate_up: bool = Fals
                        scales=scales, mins=mins, group=g.group)
 
 
-def to_vnni(w: QuantLinear) -> QuantLinear:
-    """A weight in the layout of the VNNI kernel, which multiplies four unsigned weight bytes by four
-    signed activation bytes (vpdpbusd): per panel, four consecutive k of a column side by side.
-    ``"q8v"`` (int8 without mins): ``[P, K/4, 32, 4]`` holding value + 128. ``"q4v"``: ``[P, K/4, 64]``,
-    byte ``4c + j`` holding column ``c`` in its low nibble and column ``16 + c`` in its high one.
-    Anything else (int8 with mins, a layout already converted) is returned as is."""
+def to_vnni(w: QuantLinear, layouts: tuple[str, ...] = DOT_LAYOUTS) -> QuantLinear:
+    """A weight in the layout of the int8-dot kernels, which multiply four unsigned weight bytes by
+    four signed activation bytes (vpdpbusd; vpmaddubsw + vpmaddwd on AVX2): per panel, four
+    consecutive k of a column side by side. ``"q8v"`` (int8 without mins): ``[P, K/4, 32, 4]`` holding
+    value + 128. ``"q4v"``: ``[P, K/4, 64]``, byte ``4c + j`` holding column ``c`` in its low nibble
+    and column ``16 + c`` in its high one. Only into ``layouts``; anything else (int8 with mins, a
+    layout already converted) is returned as is."""
     if w.layout not in ("q8", "q4") or (w.layout == "q8" and w.mins.numel()) or w.in_features % 4:
+        return w
+    if {"q8": "q8v", "q4": "q4v"}[w.layout] not in layouts:
         return w
     p, k = int(w.data.shape[0]), w.in_features
     quads = _values(w).to(torch.int16).view(p, k // 4, 4, PANEL).transpose(2, 3)  # [P, K/4, 32, 4]

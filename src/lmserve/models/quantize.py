@@ -20,6 +20,7 @@ from lmserve.config.settings import QUANTIZE_MODES
 from lmserve.errors import ConfigError, UnsupportedModelError
 from lmserve.kernels import Ops
 from lmserve.kernels.quant import (
+    DOT_LAYOUTS,
     GROUP,
     Grouped,
     QuantLinear,
@@ -45,23 +46,26 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def uses_vnni(ops: Ops) -> bool:
-    """Whether ``ops`` multiply int8 weights in the VNNI layout (``kernels.quant.to_vnni``)."""
-    return bool(getattr(ops, "vnni", False))
+def dot_layouts(ops: Ops | None) -> tuple[str, ...]:
+    """The layouts ``ops`` multiply by int8-rounded activations, which weights are packed in for them
+    (``kernels.quant.to_vnni``): both on AVX-512 VNNI, 4-bit only on AVX2, none elsewhere."""
+    return tuple(getattr(ops, "dot_layouts", ()))
 
 
 def cache_name(mode: str, ops: Ops) -> str:
     """The name packed ``mode`` weights are cached under: the layouts' version and own groupings
-    (``layout_tag``), VNNI ones apart."""
+    (``layout_tag``), and the int8-dot layouts used (``-vnni`` for both, ``-q4v`` for 4-bit alone)."""
     if mode == "none":
         return mode
-    return f"{mode}-{layout_tag(mode)}" + ("-vnni" if uses_vnni(ops) else "")
+    layouts = dot_layouts(ops)
+    tag = "" if not layouts else "-vnni" if set(layouts) == set(DOT_LAYOUTS) else "-" + "-".join(sorted(layouts))
+    return f"{mode}-{layout_tag(mode)}{tag}"
 
 
 def quantize_model(model: nn.Module, mode: str, model_dir: Path, weight_map: WeightMap,
                    state: ParallelState, ops: Ops | None = None) -> None:
     """Replace the weight of each linear layer of ``model`` by its ``mode`` form (``restore_packed``),
-    int8 ones without mins in the VNNI layout when ``ops`` use it."""
+    in the int8-dot layouts ``ops`` multiply (``dot_layouts``)."""
     if check_mode(mode) == "none":
         return
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LinearBase) and m.packed is None}
@@ -72,10 +76,9 @@ def quantize_model(model: nn.Module, mode: str, model_dir: Path, weight_map: Wei
         grouped = gguf_layers(model_dir, weight_map, linears)
     else:
         grouped = {name: g for name, layer in linears.items() if (g := _own(layer, mode)) is not None}
-    vnni = ops is not None and uses_vnni(ops)
+    layouts = dot_layouts(ops)
     for name, g in grouped.items():
-        packed = pack_layer(linears[name], g)
-        linears[name].restore_packed(to_vnni(packed) if vnni else packed)
+        linears[name].restore_packed(to_vnni(pack_layer(linears[name], g), layouts))
     kept = sorted(set(linears) - set(grouped))
     if kept:
         log.info("quantize=%s: %d linear layers keep float weights (e.g. %s)", mode, len(kept), ", ".join(kept[:3]))

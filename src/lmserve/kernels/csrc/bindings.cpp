@@ -144,7 +144,7 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
     TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 0 || bits == -4, "bits must be 8, 4, 0 or -4");
     const bool vnni = bits <= 0;
 #ifdef LMSERVE_GEMM_ONLY
-    TORCH_CHECK_VALUE(!vnni, "the AVX2 build multiplies the weight-only layouts only (bits 8 or 4)");
+    TORCH_CHECK_VALUE(bits != 0, "the AVX2 build multiplies 8-bit weights in the weight-only layout only (bits 8)");
 #endif
     const int64_t width = vnni ? (bits == 0 ? 4 : 2) * lmserve::kPanel : (bits == 8 ? lmserve::kPanel : 16);
     TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous() && q.size(2) == width && q.element_size() == 1,

@@ -328,7 +328,7 @@ void quantize_rows(const QuantLinearArgs& a, int8_t* xq, float* xscale, int32_t*
             for (int64_t k = k0; k < k1; k += 16)
                 vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_loadu_ps(x + k), abs_mask));
             const float amax = _mm512_reduce_max_ps(vmax);
-            const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 1.0f / scale : 0.0f;  // as the reference: 1 / (amax / 127)
             const __m512 vinv = _mm512_set1_ps(inv);
             __m512i vsum = _mm512_setzero_si512();
             for (int64_t k = k0; k < k1; k += 16) {

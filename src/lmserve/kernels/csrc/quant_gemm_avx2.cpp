@@ -13,6 +13,8 @@
 // than 32 columns never writes past its row.
 // From a dozen rows (4-bit) or 48 (int8) a task takes another way: each K block of a panel is widened
 // to fp32 once, value * scale + min, and every row tile multiplies the widened block from L1.
+// 4-bit weights are packed for the int8-dot kernel below instead ("q4v", dmicro) wherever this build
+// runs; the weight-only 4-bit paths serve "q4" weights packed elsewhere or with LMSERVE_QUANT_VNNI=0.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -326,22 +328,139 @@ void group_sums(const QuantLinearArgs& a, float* out) {
     }
 }
 
+
+// -- 4-bit weights x int8 activations ("q4v", kernels/quant.py to_vnni) --------------------------
+// AVX2 has no vpdpbusd; vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and
+// adds pairs into 16 bits, vpmaddwd by ones adds those pairs into 32: four multiply-adds per lane in
+// two instructions. With values 0..15 and activations within +-127 a pair is at most 3810, so the
+// 16-bit sums never saturate. Against the fp32 widening of qmicro a k-quad of 32 columns costs 4
+// masks or shifts and 8 multiplies per row instead of 16 conversions and 16 FMAs.
+// Per k-quad 64 bytes: bytes 0..31 hold columns 0..7 (low nibbles) and 16..23 (high), bytes 32..63
+// columns 8..15 and 24..31; accumulator j holds columns 8j..8j+7.
+template <int MR, bool MIN>
+__attribute__((noinline)) void dmicro(const QuantLinearArgs& a, int64_t p, int64_t m, int64_t k0, int64_t kc,
+                                      float* tile) {
+    const int64_t groups = a.K / a.group;
+    const uint8_t* q = a.q + p * a.K * 16;  // [K/4][64]
+    const float* sc = a.scales + p * groups * kPanel;
+    const float* mn = MIN ? a.mins + p * groups * kPanel : nullptr;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
+        const int64_t gi = g0 / a.group;
+        __m256i iacc[MR][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) iacc[r][j] = _mm256_setzero_si256();
+        for (int64_t k = g0; k < g0 + a.group; k += 4) {
+            _mm_prefetch(reinterpret_cast<const char*>(q + k * 16 + 1024), _MM_HINT_T0);
+            const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * 16));
+            const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * 16 + 32));
+            const __m256i w[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
+                                  _mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
+                                  _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+#pragma GCC unroll 4
+            for (int r = 0; r < MR; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, a.xq + (m + r) * a.K + k, 4);
+                const __m256i xv = _mm256_set1_epi32(four);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j)
+                    iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], xv), ones));
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+            const int64_t xi = (m + r) * groups + gi;
+            const __m256 xs = _mm256_set1_ps(a.xscale[xi]);
+            const __m256 xsum = _mm256_set1_ps(a.xscale[xi] * static_cast<float>(a.xsum[xi]));
+            float* out = tile + r * kPanel;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]),
+                                           _mm256_mul_ps(_mm256_loadu_ps(sc + gi * kPanel + 8 * j), xs),
+                                           _mm256_load_ps(out + 8 * j));
+                if constexpr (MIN) t = _mm256_fmadd_ps(_mm256_loadu_ps(mn + gi * kPanel + 8 * j), xsum, t);
+                _mm256_store_ps(out + 8 * j, t);
+            }
+        }
+    }
+}
+
+constexpr int kDR = 2;  // rows per q4v tile
+
+template <bool MIN>
+void dpanel_rows(const QuantLinearArgs& a, const float*, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
+                 int64_t ncols, bool with_adds) {
+    const int nc = static_cast<int>(std::min<int64_t>(ncols, kPanel));
+    const float* bias = with_adds && a.bias ? a.bias + p * kPanel : nullptr;
+    for (int64_t m = m0; m < m1; m += kDR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kDR, m1 - m));
+        alignas(32) float tile[kDR * kPanel] = {};
+        if (mr == 2) dmicro<2, MIN>(a, p, m, 0, a.K, tile);
+        else dmicro<1, MIN>(a, p, m, 0, a.K, tile);
+        add_tile_rows(tile, mr, c + (m - m0) * ldc, ldc, nc, bias, true);
+    }
+}
+
+// Per row and group: scale = max|x| / 127, xq = round(x / scale) (to nearest even, as the Python
+// reference kernels/quant.py quantize_activations rounds), xsum = sum of xq.
+void quantize_rows(const QuantLinearArgs& a, int8_t* xq, float* xscale, int32_t* xsum) {
+    const int64_t groups = a.K / a.group;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t m = 0; m < a.M; ++m) {
+        const float* x = a.x + m * a.ldx;
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t k0 = g * a.group, k1 = k0 + a.group;
+            __m256 vmax = _mm256_setzero_ps();
+            for (int64_t k = k0; k < k1; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 1.0f / scale : 0.0f;  // as the reference: 1 / (amax / 127)
+            const __m256 vinv = _mm256_set1_ps(inv);
+            __m256i vsum = _mm256_setzero_si256();
+            for (int64_t k = k0; k < k1; k += 8) {
+                const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+                vsum = _mm256_add_epi32(vsum, v);
+                const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + m * a.K + k), _mm_packs_epi16(w, w));
+            }
+            alignas(32) int32_t s[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(s), vsum);
+            xscale[m * groups + g] = scale;
+            xsum[m * groups + g] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        }
+    }
+}
+
 using PanelFn = void (*)(const QuantLinearArgs&, const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
                          bool);
 
 }  // namespace
 
-void linear_quant(const QuantLinearArgs& a) {
-    if (a.M <= 0 || a.panels <= 0) return;
+void linear_quant(const QuantLinearArgs& a_in) {
+    if (a_in.M <= 0 || a_in.panels <= 0) return;
+    QuantLinearArgs a = a_in;
     thread_local std::vector<float> sums;  // grow_only: group_sums writes every element it is read at
     const float* xsums = nullptr;
-    if (a.mins) {
+    PanelFn panel = a.bits == 4 ? (a.mins ? &qpanel_rows<4, true> : &qpanel_rows<4, false>)
+                                : (a.mins ? &qpanel_rows<8, true> : &qpanel_rows<8, false>);
+    if (a.vnni) {  // "q4v" (the bindings refuse "q8v" here)
+        thread_local std::vector<int8_t> xq;  // grow_only: quantize_rows writes every element
+        thread_local std::vector<float> xscale;
+        thread_local std::vector<int32_t> xsum;
+        const auto groups = static_cast<size_t>(a.M * (a.K / a.group));
+        a.xq = grow_only(xq, static_cast<size_t>(a.M * a.K));
+        a.xscale = grow_only(xscale, groups);
+        a.xsum = grow_only(xsum, groups);
+        quantize_rows(a, const_cast<int8_t*>(a.xq), const_cast<float*>(a.xscale), const_cast<int32_t*>(a.xsum));
+        panel = a.mins ? &dpanel_rows<true> : &dpanel_rows<false>;
+    } else if (a.mins) {
         float* s = grow_only(sums, static_cast<size_t>(a.M * (a.K / a.group)));
         group_sums(a, s);
         xsums = s;
     }
-    const PanelFn panel = a.bits == 4 ? (a.mins ? &qpanel_rows<4, true> : &qpanel_rows<4, false>)
-                                      : (a.mins ? &qpanel_rows<8, true> : &qpanel_rows<8, false>);
     const int64_t unit = a.silu_mul ? 2 : 1;
     for_each_panel_task<kMR, kMC>(a.M, a.panels / unit, a.panels * kPanel * a.K, a.nthreads,
                                   [&](int64_t m0, int64_t m1, int64_t u0, int64_t u1) {

@@ -16,6 +16,7 @@ from lmserve.kernels import ReferenceOps, build, get_ops, machine, ops, referenc
 from lmserve.kernels import reference as reference_module
 from lmserve.kernels.cpu import PanelLinearOps
 from lmserve.kernels.device import resolve_dtype
+from lmserve.kernels.quant import Grouped
 
 from .paged import make_batch, naive_attention
 from .test_attention import BATCHES
@@ -92,29 +93,30 @@ def test_avx2_quantized_gate_up_at_every_thread_count(avx2_ops: PanelLinearOps, 
         close_quant(avx2_ops.linear_silu_mul(x, pack_quant(concat([gate, up]), n, gate_up=True)), want.float(), k)
 
 
-def test_avx2_build_packs_4_bit_for_its_dot_kernel_and_leaves_8_bit_vnni_to_torch(avx2_ops: PanelLinearOps) -> None:
-    """Even on a CPU with VNNI the AVX2 build has no kernel for the 8-bit int8-dot layout: it never asks
-    for it (``dot_layouts`` decides the layouts weights are packed in), and one packed elsewhere is
-    still right."""
+def test_avx2_build_packs_for_its_int8_dot_kernels_and_runs_weight_only_layouts_too(avx2_ops: PanelLinearOps) -> None:
+    """The AVX2 build asks for both int8-dot layouts (``dot_layouts`` decides the layouts weights are
+    packed in), and still multiplies weights packed in the weight-only ones (elsewhere, or with the
+    dot kernels switched off) itself."""
     from lmserve.models.quantize import dot_layouts
 
-    assert dot_layouts(avx2_ops) == ("q4v",)
+    assert dot_layouts(avx2_ops) == ("q8v", "q4v")
     torch.manual_seed(3)
-    g, x = FORMATS["int8"](torch.randn(40, 64)), torch.randn(2, 64)
-    got = avx2_ops.linear(x, to_vnni(pack_quant(g)))
-    torch.testing.assert_close(got, oracle(x, g), rtol=0.02, atol=0.02 * float(oracle(x, g).abs().max()))
+    for fmt in ("int8", "int4"):
+        g, x = FORMATS[fmt](torch.randn(40, 64)), torch.randn(2, 64)
+        close_quant(avx2_ops.linear(x, pack_quant(g)), oracle(x, g), 64)
 
 
 # M: 1 and 2 (decode, whole and partial 2-row tiles), 13 (an odd last tile) and 150 (several row tasks);
-# K: 96 (three groups), 544 (17), 1056 (33, past the kernel's prefetch distance).
+# K: 96 (three groups), 544 (17), 1056 (33, past the kernels' prefetch distance).
 @pytest.mark.usefixtures("no_torch_fallback")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 96), (2, 33, 544), (13, 130, 1056), (150, 40, 256)])
-def test_avx2_4_bit_dot_kernel_matches_dequantize_then_matmul_of_rounded_activations(
-        avx2_ops: PanelLinearOps, threads: int, m: int, n: int, k: int) -> None:
+def test_avx2_int8_dot_kernels_match_dequantize_then_matmul_of_rounded_activations(
+        avx2_ops: PanelLinearOps, threads: int, fmt: str, m: int, n: int, k: int) -> None:
     torch.manual_seed(m + n + threads)
-    g, up, x, bias = FORMATS["int4"](torch.randn(n, k)), FORMATS["int4"](torch.randn(n, k)), torch.randn(m, k), torch.randn(n)
+    g, up, x, bias = FORMATS[fmt](torch.randn(n, k)), FORMATS[fmt](torch.randn(n, k)), torch.randn(m, k), torch.randn(n)
     packed = to_vnni(pack_quant(g), avx2_ops.dot_layouts)
-    assert packed.layout == "q4v"
+    assert packed.layout == {"int8": "q8v", "int4": "q4v"}[fmt]
     close_quant(avx2_ops.linear(x, packed, bias), vnni_oracle(x, g, bias), k)
     gate_up = to_vnni(pack_quant(concat([g, up]), n, gate_up=True), avx2_ops.dot_layouts)
     want = torch.nn.functional.silu(vnni_oracle(x, g).double()) * vnni_oracle(x, up).double()
@@ -233,3 +235,16 @@ def test_forcing_avx2_gives_its_ops(avx2_ops: PanelLinearOps, monkeypatch: pytes
     chosen = get_ops("cpu")
     assert isinstance(chosen, PanelLinearOps) and chosen.name == "cpu-avx2"
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16  # bf16 panels still pay here
+
+
+@pytest.mark.usefixtures("no_torch_fallback")
+def test_avx2_int8_dot_kernel_does_not_saturate_at_the_extremes(avx2_ops: PanelLinearOps) -> None:
+    """Weights of -128 and 127 times activations of +-127 (each group's max): the largest pair sums the
+    16-bit multiply-add can see, 2 * 128 * 127, must come out exact."""
+    n, k = 40, 128
+    q = torch.where(torch.rand(n, k) < 0.5, -128, 127).to(torch.int8)
+    g = Grouped(q, torch.full((n, k // 32), 0.01), None, 8, 32)
+    x = torch.where(torch.rand(3, k) < 0.5, -127.0, 127.0)
+    packed = to_vnni(pack_quant(g), avx2_ops.dot_layouts)
+    assert packed.layout == "q8v"
+    close_quant(avx2_ops.linear(x, packed), oracle(x, g), k)

@@ -36,15 +36,15 @@ class PanelLinearOps(ReferenceOps):
         self.ext = ext
         self.name = f"cpu-{getattr(ext, 'lmserve_isa', 'avx512')}"
         # The layouts of quantized weights this build multiplies by int8-rounded activations
-        # (``quant.to_vnni``), and so the ones weights are packed in here. AVX-512 with VNNI: both
-        # (vpdpbusd), faster than the weight-only kernels at every M measured (1, 8, 128; a busy 2-core
-        # EPYC). AVX2: 4-bit only (vpmaddubsw + vpmaddwd; 8-bit values + 128 would saturate them),
-        # 1.2x the weight-only kernel at one row and 1.0-1.6x at 2-200 rows (2-core AMD EPYC, Zen 3).
-        # None with LMSERVE_QUANT_VNNI=0.
+        # (``quant.to_vnni``), and so the ones weights are packed in here: faster than the weight-only
+        # kernels at every M measured. AVX-512 with VNNI: vpdpbusd (1, 8, 128 rows; a busy 2-core
+        # EPYC). AVX2: vpmaddubsw + vpmaddwd, 4-bit 1.2x at one row and 1.0-1.6x at 2-200 rows, int8
+        # 1.05-1.4x at 1-200 rows (a 49152 x 576 vocabulary head 1.27x at one row, 1.36x at 16; 2-core
+        # AMD EPYC, Zen 3). None with LMSERVE_QUANT_VNNI=0; an AVX-512 build without VNNI has none.
         isa = getattr(ext, "lmserve_isa", "avx512")
         self.dot_layouts: tuple[str, ...] = ()
-        if os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0":
-            self.dot_layouts = ("q4v",) if isa == "avx2" else ("q8v", "q4v") if "avx512_vnni" in cpu_flags() else ()
+        if os.environ.get("LMSERVE_QUANT_VNNI", "1") != "0" and (isa == "avx2" or "avx512_vnni" in cpu_flags()):
+            self.dot_layouts = DOT_LAYOUTS
 
     @property
     def fast_bf16(self) -> bool:

@@ -48,13 +48,13 @@ def check_mode(mode: str) -> str:
 
 def dot_layouts(ops: Ops | None) -> tuple[str, ...]:
     """The layouts ``ops`` multiply by int8-rounded activations, which weights are packed in for them
-    (``kernels.quant.to_vnni``): both on AVX-512 VNNI, 4-bit only on AVX2, none elsewhere."""
+    (``kernels.quant.to_vnni``): both with the AVX2 build and on AVX-512 VNNI, none elsewhere."""
     return tuple(getattr(ops, "dot_layouts", ()))
 
 
 def cache_name(mode: str, ops: Ops) -> str:
     """The name packed ``mode`` weights are cached under: the layouts' version and own groupings
-    (``layout_tag``), and the int8-dot layouts used (``-vnni`` for both, ``-q4v`` for 4-bit alone)."""
+    (``layout_tag``), and the int8-dot layouts used (``-vnni`` for both, else their names)."""
     if mode == "none":
         return mode
     layouts = dot_layouts(ops)

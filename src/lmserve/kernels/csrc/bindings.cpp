@@ -143,9 +143,6 @@ Tensor linear_quant(const Tensor& x_in, const Tensor& q, const Tensor& scales, c
     // bits: 8 or 4 (weight-only layouts), 0 or -4 (the VNNI layouts of 8- and 4-bit values)
     TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 0 || bits == -4, "bits must be 8, 4, 0 or -4");
     const bool vnni = bits <= 0;
-#ifdef LMSERVE_GEMM_ONLY
-    TORCH_CHECK_VALUE(bits != 0, "the AVX2 build multiplies 8-bit weights in the weight-only layout only (bits 8)");
-#endif
     const int64_t width = vnni ? (bits == 0 ? 4 : 2) * lmserve::kPanel : (bits == 8 ? lmserve::kPanel : 16);
     TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous() && q.size(2) == width && q.element_size() == 1,
                       "quantized values must be contiguous 1-byte [panels, K", vnni ? " / 4" : "", ", ", width, "]");

@@ -13,8 +13,9 @@
 // than 32 columns never writes past its row.
 // From a dozen rows (4-bit) or 48 (int8) a task takes another way: each K block of a panel is widened
 // to fp32 once, value * scale + min, and every row tile multiplies the widened block from L1.
-// 4-bit weights are packed for the int8-dot kernel below instead ("q4v", dmicro) wherever this build
-// runs; the weight-only 4-bit paths serve "q4" weights packed elsewhere or with LMSERVE_QUANT_VNNI=0.
+// Weights are packed for the int8-dot kernels below instead wherever this build runs (4-bit "q4v",
+// dmicro; int8 without mins "q8v", emicro); the weight-only paths serve 8-bit weights with mins
+// (Q6_K), and weights packed elsewhere or with LMSERVE_QUANT_VNNI=0.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -387,6 +388,71 @@ __attribute__((noinline)) void dmicro(const QuantLinearArgs& a, int64_t p, int64
     }
 }
 
+// 8-bit weights x int8 activations ("q8v": [K/4][32][4] bytes, value + 128, no mins). value + 128
+// times an activation would saturate vpmaddubsw's pair sums, so the weight's sign moves to the
+// activation: |w| * (x signed as w) is at most 128 * 127 per product, 32512 per pair. A k-quad of
+// 32 columns then costs 2 shared instructions per 8 columns (back to signed, absolute value) and
+// 4 per row (sign, multiply, widen, add).
+template <int MR>
+__attribute__((noinline)) void emicro(const QuantLinearArgs& a, int64_t p, int64_t m, float* tile) {
+    const int64_t groups = a.K / a.group;
+    const uint8_t* q = a.q + p * a.K * kPanel;  // [K/4][32][4]
+    const float* sc = a.scales + p * groups * kPanel;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+    for (int64_t g0 = 0; g0 < a.K; g0 += a.group) {
+        const int64_t gi = g0 / a.group;
+        __m256i iacc[MR][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) iacc[r][j] = _mm256_setzero_si256();
+        for (int64_t k = g0; k < g0 + a.group; k += 4) {
+            const uint8_t* wk = q + k * kPanel;  // (k / 4) * 32 * 4
+            _mm_prefetch(reinterpret_cast<const char*>(wk + 2048), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wk + 2048 + 64), _MM_HINT_T0);
+            __m256i xv[MR];
+#pragma GCC unroll 4
+            for (int r = 0; r < MR; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, a.xq + (m + r) * a.K + k, 4);
+                xv[r] = _mm256_set1_epi32(four);
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * j)), flip);
+                const __m256i aw = _mm256_abs_epi8(w);
+#pragma GCC unroll 4
+                for (int r = 0; r < MR; ++r)
+                    iacc[r][j] = _mm256_add_epi32(
+                        iacc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w)), ones));
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+            const __m256 xs = _mm256_set1_ps(a.xscale[(m + r) * groups + gi]);
+            float* out = tile + r * kPanel;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j)
+                _mm256_store_ps(out + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]),
+                                                             _mm256_mul_ps(_mm256_loadu_ps(sc + gi * kPanel + 8 * j), xs),
+                                                             _mm256_load_ps(out + 8 * j)));
+        }
+    }
+}
+
+void epanel_rows(const QuantLinearArgs& a, const float*, int64_t p, int64_t m0, int64_t m1, float* c, int64_t ldc,
+                 int64_t ncols, bool with_adds) {
+    const int nc = static_cast<int>(std::min<int64_t>(ncols, kPanel));
+    const float* bias = with_adds && a.bias ? a.bias + p * kPanel : nullptr;
+    for (int64_t m = m0; m < m1; m += 2) {
+        const int mr = static_cast<int>(std::min<int64_t>(2, m1 - m));
+        alignas(32) float tile[2 * kPanel] = {};
+        if (mr == 2) emicro<2>(a, p, m, tile);
+        else emicro<1>(a, p, m, tile);
+        add_tile_rows(tile, mr, c + (m - m0) * ldc, ldc, nc, bias, true);
+    }
+}
+
 constexpr int kDR = 2;  // rows per q4v tile
 
 template <bool MIN>
@@ -446,7 +512,7 @@ void linear_quant(const QuantLinearArgs& a_in) {
     const float* xsums = nullptr;
     PanelFn panel = a.bits == 4 ? (a.mins ? &qpanel_rows<4, true> : &qpanel_rows<4, false>)
                                 : (a.mins ? &qpanel_rows<8, true> : &qpanel_rows<8, false>);
-    if (a.vnni) {  // "q4v" (the bindings refuse "q8v" here)
+    if (a.vnni) {  // "q4v" or "q8v"
         thread_local std::vector<int8_t> xq;  // grow_only: quantize_rows writes every element
         thread_local std::vector<float> xscale;
         thread_local std::vector<int32_t> xsum;
@@ -455,7 +521,7 @@ void linear_quant(const QuantLinearArgs& a_in) {
         a.xscale = grow_only(xscale, groups);
         a.xsum = grow_only(xsum, groups);
         quantize_rows(a, const_cast<int8_t*>(a.xq), const_cast<float*>(a.xscale), const_cast<int32_t*>(a.xsum));
-        panel = a.mins ? &dpanel_rows<true> : &dpanel_rows<false>;
+        panel = a.bits == 8 ? &epanel_rows : a.mins ? &dpanel_rows<true> : &dpanel_rows<false>;
     } else if (a.mins) {
         float* s = grow_only(sums, static_cast<size_t>(a.M * (a.K / a.group)));
         group_sums(a, s);

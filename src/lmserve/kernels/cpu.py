@@ -88,8 +88,8 @@ class PanelLinearOps(ReferenceOps):
         return self.ext.linear(x, w.data, w.out_features, None, _SILU_MUL, torch.get_num_threads())
 
     def _quant(self, x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
-        # VNNI layouts packed on another machine (or for the AVX-512 build) never run here, where they
-        # may fault or the build has no kernel for them.
+        # Int8-dot layouts this build does not take (packed on another machine, or switched off) go to
+        # torch: the AVX-512 build's vpdpbusd would fault on a CPU without VNNI.
         if not hasattr(self.ext, "linear_quant") or (w.layout in DOT_LAYOUTS and w.layout not in self.dot_layouts):
             return super().linear_silu_mul(x, w) if w.gate_up else super().linear(x, w, bias)
         return self.ext.linear_quant(x, w.data, w.scales, w.mins if w.mins.numel() else None, w.out_features,

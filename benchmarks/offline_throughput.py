@@ -38,6 +38,7 @@ from peers.cpuinfo import describe_cpu
 from peers.model_shapes import MODEL_SHAPES, model_dir_for
 from peers.ov_genai import ov_python, run_ov_genai
 from peers.roofline import floor_for
+from peers.rounds import round_order
 
 from lmserve.dtypes import DTYPES, torch_dtype
 
@@ -57,12 +58,6 @@ def round_prompts(prompts: list[list[int]], vocab: int, seed: int, round_index: 
         return prompts
     gen = torch.Generator().manual_seed(seed * 1000 + round_index)
     return [torch.randint(100, vocab, (len(p),), generator=gen).tolist() for p in prompts]
-
-
-def round_order(systems: list[str], round_index: int) -> list[str]:
-    """Systems in the order given in even rounds and reversed in odd ones: a host that slows down or
-    speeds up within a run then weighs on every system alike over two rounds."""
-    return list(systems) if round_index % 2 == 0 else list(reversed(systems))
 
 
 def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:

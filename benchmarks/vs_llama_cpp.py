@@ -3,12 +3,16 @@
 llama-server (built by ``benchmarks/peers/build_llama_server.sh`` from the llama.cpp vendored in the
 PyPI sdist of llama-cpp-python) serves the default model's GGUF with a slot per stream of the largest level and a
 context of slots x (prompt + new tokens + 16); lmserve serves the default model (imported from that
-same GGUF), once per ``--quantize`` value. They run one after another on loopback, each driven by
-lmserve's own load generator (``lmserve.bench``, OpenAI ``/v1/completions``, streaming, greedy,
-end-of-sequence ignored): at each ``--streams`` level, a closed loop of that many concurrent streams
-of ``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
-Each level is measured ``--rounds`` times (default 3) and its median round by output tokens/s is
-reported. Prints output tokens/s, TTFT p50 (and every round's) and TPOT p50 per system and level, the
+same GGUF), once per ``--quantize`` value. All of them are started first and serve on loopback side
+by side, one measured at a time (the idle ones wait on their sockets), each driven by lmserve's own
+load generator (``lmserve.bench``, OpenAI ``/v1/completions``, streaming, greedy, end-of-sequence
+ignored): at each ``--streams`` level, a closed loop of that many concurrent streams of
+``--prompt-len``-token prompts (exact in the model's tokenizer) and ``--new-tokens`` new tokens.
+Each level is measured ``--rounds`` times (default 3), the systems taking turns in an order that
+reverses from one round to the next, so that a host whose speed drifts within minutes weighs on all
+of them alike (run one after another, llama.cpp's one-stream TPOT moved between 9.5 and 16.4 ms from
+one run to the next on a 2-core EPYC); each system's median round by output tokens/s is reported.
+Prints output tokens/s, TTFT p50 (and every round's) and TPOT p50 per system and level, the
 ratios against llama.cpp, why any request failed, and the CPU it ran on. ``TTFT / floor`` divides
 lmserve's (bf16) TTFT p50 by the least any server could reach on this machine: each level starts as
 one burst of equal prompts, and the one to get its first token k-th waits for k prompts' arithmetic
@@ -41,6 +45,7 @@ from pathlib import Path
 import httpx
 from peers.cpuinfo import describe_cpu
 from peers.roofline import fastest_linear, first_token_floors, workload
+from peers.rounds import round_order
 
 from lmserve.bench.datasets import random_prompts
 from lmserve.bench.dialects import Prompt, dialect
@@ -143,29 +148,34 @@ def busy_processes(n: int) -> Iterator[None]:
             proc.wait()
 
 
-def measure_levels(system: str, url: str, levels: dict[int, list[list[Prompt]]], warmup: Prompt,
-                   args: argparse.Namespace) -> list[Row]:
-    """Every stream level, and with ``--busy`` each level again beside that many busy processes;
-    each measured ``--rounds`` times, keeping the median round by output tokens/s (a level is one
-    burst of requests, whose TTFT median moves by a tenth from one run to the next). Every round
-    sends prompts of its own: a repeated prompt would be served from the prefix cache."""
+def measure_all(systems: dict[str, str], levels: dict[int, list[list[Prompt]]], warmup: Prompt,
+                args: argparse.Namespace) -> list[Row]:
+    """Every system (name: URL, all serving at once, idle but for the one measured) at every stream
+    level, and with ``--busy`` each level again beside that many busy processes; each measured
+    ``--rounds`` times, the systems in alternating order from one round to the next (a host whose
+    speed drifts within minutes then weighs on all of them alike), keeping each system's median
+    round by output tokens/s (a level is one burst of requests, whose TTFT median moves by a tenth
+    from one run to the next). Every round sends prompts of its own: a repeated prompt would be
+    served from the prefix cache."""
     rows = []
     for b, busy in enumerate(sorted({0, args.busy})):
         for streams, prompt_sets in levels.items():
-            rounds = []
+            rounds: dict[str, list[Summary]] = {name: [] for name in systems}
             for r in range(args.rounds):
-                with busy_processes(busy):
-                    rounds.append(measure(url, prompt_sets[b * args.rounds + r], warmup, streams, args.timeout))
-                if args.rounds > 1:
-                    print(f"  {system}, {streams} streams, busy {busy}, round {r + 1}/{args.rounds}: "
-                          f"{rounds[-1].output_token_throughput:.1f} tok/s, TTFT p50 {rounds[-1].ttft_ms.p50:.0f} ms",
-                          flush=True)  # fmt: skip
-            summary = median_round(rounds)
-            rows.append(Row(system, streams, summary, busy, tuple(r.ttft_ms.p50 for r in rounds)))
-            expected = summary.completed * args.new_tokens
-            if summary.total_output_tokens != expected:  # the comparison is only fair at equal work
-                print(f"warning: {system} at {streams} streams generated {summary.total_output_tokens} tokens, "
-                      f"not {expected}: it did not honour max_tokens / ignore_eos", flush=True)
+                for name in round_order(list(systems), r):
+                    with busy_processes(busy):
+                        rounds[name].append(measure(systems[name], prompt_sets[b * args.rounds + r], warmup, streams,
+                                                    args.timeout))  # fmt: skip
+                    got = rounds[name][-1]
+                    print(f"  {name}, {streams} streams, busy {busy}, round {r + 1}/{args.rounds}: "
+                          f"{got.output_token_throughput:.1f} tok/s, TTFT p50 {got.ttft_ms.p50:.0f} ms", flush=True)
+            for name, kept in rounds.items():
+                summary = median_round(kept)
+                rows.append(Row(name, streams, summary, busy, tuple(k.ttft_ms.p50 for k in kept)))
+                expected = summary.completed * args.new_tokens
+                if summary.total_output_tokens != expected:  # the comparison is only fair at equal work
+                    print(f"warning: {name} at {streams} streams generated {summary.total_output_tokens} tokens, "
+                          f"not {expected}: it did not honour max_tokens / ignore_eos", flush=True)
     return rows
 
 
@@ -232,7 +242,8 @@ def workloads(args: argparse.Namespace) -> tuple[dict[int, list[list[Prompt]]], 
     return levels, warmup
 
 
-def run_llama(args: argparse.Namespace, levels: dict[int, list[list[Prompt]]], warmup: Prompt) -> list[Row]:
+def start_llama(args: argparse.Namespace, stack: contextlib.ExitStack) -> str:
+    """llama-server started (closed with ``stack``) and ready: its URL."""
     binary = Path(args.llama_server)
     if not binary.is_file():
         raise SystemExit(f"no llama-server at {binary}: run benchmarks/peers/build_llama_server.sh first")
@@ -241,20 +252,22 @@ def run_llama(args: argparse.Namespace, levels: dict[int, list[list[Prompt]]], w
     command = llama_server_command(binary, default_gguf(), port, slots=slots, threads=args.threads,
                                    ctx=context_size(slots, args.prompt_len, args.new_tokens))  # fmt: skip
     print("llama.cpp:", " ".join(command), flush=True)
-    with LlamaServer(command, f"http://127.0.0.1:{port}", BENCH_RESULTS / "logs" / "llama-server.log") as server:
-        server.wait_ready(args.load_timeout)
-        return measure_levels("llama.cpp", server.url, levels, warmup, args)
+    server = stack.enter_context(LlamaServer(command, f"http://127.0.0.1:{port}",
+                                             BENCH_RESULTS / "logs" / "llama-server.log"))  # fmt: skip
+    server.wait_ready(args.load_timeout)
+    return server.url
 
 
-def run_lmserve(args: argparse.Namespace, quantize: str, levels: dict[int, list[list[Prompt]]],
-                warmup: Prompt) -> list[Row]:
+def start_lmserve(args: argparse.Namespace, quantize: str, stack: contextlib.ExitStack) -> tuple[str, str]:
+    """lmserve serving the default model with ``quantize`` (closed with ``stack``) and ready: its
+    name in the table and its URL."""
     extra = ("--quantize", quantize) if quantize != "none" else ()
     name = "lmserve" + (f" {quantize}" if extra else "")
     log = BENCH_RESULTS / "logs" / f"lmserve-{quantize}.log"
-    with ServerProcess(None, ServeConfig(), "cpu", log, extra_args=(*extra, *args.lmserve_arg)) as server:
-        print(f"{name}:", " ".join(server.command), flush=True)
-        server.wait_ready(args.load_timeout)
-        return measure_levels(name, server.url, levels, warmup, args)
+    server = stack.enter_context(ServerProcess(None, ServeConfig(), "cpu", log, extra_args=(*extra, *args.lmserve_arg)))
+    print(f"{name}:", " ".join(server.command), flush=True)
+    server.wait_ready(args.load_timeout)
+    return name, server.url
 
 
 def print_table(rows: list[Row], floors: dict[int, float] | None = None) -> None:
@@ -325,12 +338,13 @@ def main() -> None:
     levels, warmup = workloads(args)
     floor = not args.no_floor and "lmserve" in args.systems
     rate = ttft_floors(args)[1] if floor else None  # before and after the servers, the faster rate
-    rows: list[Row] = []
-    if "llama.cpp" in args.systems:
-        rows += run_llama(args, levels, warmup)
-    if "lmserve" in args.systems:
-        for quantize in args.quantize:
-            rows += run_lmserve(args, quantize, levels, warmup)
+    with contextlib.ExitStack() as stack:  # every server up at once; rounds alternate between them
+        systems: dict[str, str] = {}
+        if "llama.cpp" in args.systems:
+            systems["llama.cpp"] = start_llama(args, stack)
+        if "lmserve" in args.systems:
+            systems.update(start_lmserve(args, quantize, stack) for quantize in args.quantize)
+        rows = measure_all(systems, levels, warmup, args)
     print_table(rows, ttft_floors(args, rate)[0] if floor else None)
 
 
